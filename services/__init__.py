@@ -1,1 +1,1 @@
-"""placeholder."""
+"""persona's five gRPC services and the runtime they share (import as persona.services)."""

@@ -1,1 +1,1 @@
-"""placeholder."""
+"""What every persona service shares: errors, settings, stores, jobs, auth, interceptors, server."""

@@ -1,0 +1,89 @@
+"""Typed Python SDK over the persona.v1 stubs: one channel with auth and request-id metadata, one
+stub per service, gRPC errors turned into PersonaClientError(code, message)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from persona.v1 import caption_pb2_grpc, common_pb2, common_pb2_grpc, subjects_pb2_grpc
+
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+
+
+class PersonaClientError(Exception):
+    """A call failed: `code` is the gRPC status name (e.g. "INVALID_ARGUMENT"), `message` the server's text."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> "PersonaClientError":
+        code = error.code() if hasattr(error, "code") else None
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(getattr(code, "name", "UNKNOWN"), details or "")
+
+
+class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]):
+        self.metadata = metadata
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata) \
+            if hasattr(details, "_replace") else _CallDetails(details, self.metadata)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, details, extra):
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = tuple(details.metadata or ()) + extra
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+def open_channel(address: str, api_key: str | None = None) -> grpc.Channel:
+    """An insecure channel to `address` that sends `api_key` (if any) with every call."""
+    channel = grpc.insecure_channel(address, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ])
+    if api_key:
+        channel = grpc.intercept_channel(channel, _MetadataInterceptor((("authorization", f"Bearer {api_key}"),)))
+    return channel
+
+
+@dataclass
+class PersonaClient:
+    """Stubs of every persona service over one channel."""
+
+    channel: grpc.Channel
+
+    def __post_init__(self):
+        self.subjects = subjects_pb2_grpc.SubjectServiceStub(self.channel)
+        self.captions = caption_pb2_grpc.CaptionServiceStub(self.channel)
+        self.jobs = common_pb2_grpc.JobServiceStub(self.channel)
+
+    @classmethod
+    def connect(cls, address: str, api_key: str | None = None) -> "PersonaClient":
+        return cls(open_channel(address, api_key))
+
+    def wait_for_job(self, job_id: str, on_event=lambda event: None, timeout_s: float | None = None) -> common_pb2.Job:
+        """Follows WatchJob until the job ends, calling `on_event` for each event; returns the final Job."""
+        for event in self.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job_id), timeout=timeout_s):
+            on_event(event)
+        return self.jobs.GetJob(common_pb2.GetJobRequest(job_id=job_id))
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,80 @@
+"""The composition root: builds stores → domain → servicers → one gRPC server hosting every service.
+
+`persona-cli serve` and the embedded CLI both call `build_app`; nothing below this module wires
+services together.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from persona.services.caption import domain as caption_domain
+from persona.services.caption.servicer import caption_service
+from persona.services.caption.settings import CaptionSettings
+from persona.services.runtime import auth, jobs
+from persona.services.runtime.artifacts import LocalArtifactStore
+from persona.services.runtime.interceptors import standard_interceptors
+from persona.services.runtime.job_service import job_service
+from persona.services.runtime.metadata import SQLiteMetadataStore
+from persona.services.runtime.server import RunningServer, create_server
+from persona.services.runtime.settings import RuntimeSettings
+from persona.services.subjects import domain as subjects_domain
+from persona.services.subjects.servicer import subject_service
+from persona.services.subjects.settings import SubjectSettings
+
+log = logging.getLogger("persona.app")
+
+MIGRATIONS = [*auth.MIGRATIONS, *jobs.MIGRATIONS, *subjects_domain.MIGRATIONS, *caption_domain.MIGRATIONS]
+
+
+@dataclass
+class PersonaApp:
+    """A running persona server and the parts it was built from (tests reach in through these)."""
+
+    settings: RuntimeSettings
+    db: SQLiteMetadataStore
+    artifacts: LocalArtifactStore
+    runner: jobs.JobRunner
+    authenticator: auth.ApiKeyAuthenticator
+    subjects: subjects_domain.SubjectRepository
+    captions: caption_domain.CaptionDomain
+    server: RunningServer
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stops serving (in-flight calls get `grace_s`), then the job workers and the store."""
+        self.server.stop(self.settings.grace_period_s if grace_s is None else grace_s)
+        self.runner.shutdown(wait=False)
+
+
+def open_metadata(settings: RuntimeSettings) -> SQLiteMetadataStore:
+    """The metadata store of `settings.data_dir`, migrated to the current schema."""
+    db = SQLiteMetadataStore(settings.data_dir / "metadata.sqlite3")
+    db.migrate(MIGRATIONS)
+    return db
+
+
+def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
+              subject_settings: SubjectSettings | None = None,
+              caption_settings: CaptionSettings | None = None) -> PersonaApp:
+    """Builds every service on `settings.data_dir`, starts serving on `address`, resumes jobs."""
+    db = open_metadata(settings)
+    artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
+    runner = jobs.JobRunner(jobs.JobStore(db), workers=settings.job_workers)
+    authenticator = auth.ApiKeyAuthenticator(db, settings.auth)
+    subjects = subjects_domain.SubjectRepository(db, artifacts, subject_settings or SubjectSettings.from_env())
+    captions = caption_domain.CaptionDomain(db, subjects, runner, caption_settings or CaptionSettings.from_env())
+    server = create_server(
+        [job_service(runner), subject_service(subjects), caption_service(captions)], address,
+        interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
+        workers=settings.rpc_workers,
+    )
+    resumed = runner.recover(resume=settings.resume_interrupted_jobs)
+    if resumed:
+        log.info("found %d job(s) left by a previous run: %s", len(resumed), ", ".join(resumed))
+    server.set_serving(True)
+    return PersonaApp(settings=settings, db=db, artifacts=artifacts, runner=runner, authenticator=authenticator,
+                      subjects=subjects, captions=captions, server=server)

@@ -1,0 +1,69 @@
+"""Content-addressed artifact store: bytes filed under their sha256, written to a temp file and
+renamed into place, so a reader never sees a half-written artifact and equal content is stored once.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from .errors import NotFound
+
+
+class ArtifactStore(ABC):
+    """Immutable blobs addressed by the sha256 of their content."""
+
+    @abstractmethod
+    def put(self, data: bytes) -> str:
+        """Stores `data` (idempotently) and returns its sha256 hex digest."""
+
+    @abstractmethod
+    def get(self, sha256: str) -> bytes:
+        """Returns the bytes stored under `sha256`; NotFound when absent."""
+
+    @abstractmethod
+    def exists(self, sha256: str) -> bool:
+        """Whether `sha256` is stored."""
+
+
+class LocalArtifactStore(ArtifactStore):
+    """Artifacts as files under `root/ab/cdef…` (first two hex digits as a fan-out folder)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise NotFound(f"artifact `{sha256}` is not a sha256 hex digest")
+        return self.root / sha256[:2] / sha256[2:]
+
+    def put(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.path_of(digest)
+        if target.exists():
+            return digest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)  # atomic on POSIX: the name appears only with full content
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return digest
+
+    def get(self, sha256: str) -> bytes:
+        path = self.path_of(sha256)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"artifact `{sha256}` is not stored") from None
+
+    def exists(self, sha256: str) -> bool:
+        return self.path_of(sha256).exists()

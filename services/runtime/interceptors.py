@@ -1,0 +1,145 @@
+"""Server interceptors: request id, access log, error mapping and auth, in that order (outermost first).
+
+Each interceptor wraps the method handler's behaviour in a scope (a context manager) that is
+entered for the whole call, streaming responses included.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from typing import Callable, ContextManager
+
+import grpc
+
+from .auth import ApiKeyAuthenticator
+from .context import CallInfo, current_call, set_call
+from .errors import PersonaError
+
+access_log = logging.getLogger("persona.access")
+log = logging.getLogger("persona.errors")
+
+# RPCs that answer without a tenant: load balancers and grpcurl must reach them keyless.
+PUBLIC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                   "/grpc.reflection.v1.ServerReflection/")
+
+Scope = Callable[[grpc.HandlerCallDetails, grpc.ServicerContext], ContextManager[None]]
+
+
+def _wrap(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails, scope: Scope) -> grpc.RpcMethodHandler:
+    """A handler like `handler` whose behaviour runs inside `scope(details, context)`."""
+
+    def unary(behaviour):
+        def call(request_or_iterator, context):
+            with scope(details, context):
+                return behaviour(request_or_iterator, context)
+        return call
+
+    def streaming(behaviour):
+        def call(request_or_iterator, context):
+            with scope(details, context):
+                yield from behaviour(request_or_iterator, context)
+        return call
+
+    kinds = {
+        "unary_unary": (grpc.unary_unary_rpc_method_handler, unary),
+        "unary_stream": (grpc.unary_stream_rpc_method_handler, streaming),
+        "stream_unary": (grpc.stream_unary_rpc_method_handler, unary),
+        "stream_stream": (grpc.stream_stream_rpc_method_handler, streaming),
+    }
+    for attribute, (make, wrap) in kinds.items():
+        behaviour = getattr(handler, attribute)
+        if behaviour is not None:
+            return make(wrap(behaviour), request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+    return handler
+
+
+class ScopedInterceptor(grpc.ServerInterceptor):
+    """Base: subclasses implement `scope`, entered around every call."""
+
+    def scope(self, details: grpc.HandlerCallDetails, context: grpc.ServicerContext) -> ContextManager[None]:
+        raise NotImplementedError
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _wrap(handler, handler_call_details, self.scope)
+
+
+def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    return {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+
+
+class RequestIdInterceptor(ScopedInterceptor):
+    """Takes the client's `x-request-id` or makes one, and sends it back as initial metadata."""
+
+    @contextlib.contextmanager
+    def scope(self, details, context):
+        request_id = _metadata(details).get("x-request-id") or uuid.uuid4().hex[:16]
+        context.send_initial_metadata((("x-request-id", request_id),))
+        previous = set_call(CallInfo(request_id=request_id, method=details.method))
+        try:
+            yield
+        finally:
+            set_call(previous)
+
+
+class AccessLogInterceptor(ScopedInterceptor):
+    """One log line per call: method, status, duration, request id, tenant."""
+
+    @contextlib.contextmanager
+    def scope(self, details, context):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            code = context.code() if hasattr(context, "code") else None
+            call = current_call()
+            access_log.info("%s %s %.1fms request_id=%s tenant=%s", details.method,
+                            getattr(code, "name", None) or "OK", (time.perf_counter() - started) * 1e3,
+                            call.request_id, call.tenant_id or "-")
+
+
+class ErrorMappingInterceptor(ScopedInterceptor):
+    """Domain errors → their status code and message; anything else → INTERNAL with the request id.
+
+    The stack trace of an unexpected error goes to the log only, never to the client.
+    """
+
+    @contextlib.contextmanager
+    def scope(self, details, context):
+        try:
+            yield
+        except PersonaError as e:
+            context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), e.message)
+        except Exception:
+            request_id = current_call().request_id
+            log.exception("unexpected error in %s request_id=%s", details.method, request_id)
+            context.abort(grpc.StatusCode.INTERNAL,
+                          f"internal error (request_id={request_id}); the server log has the details")
+
+
+class AuthInterceptor(ScopedInterceptor):
+    """Resolves the caller's tenant from `authorization: Bearer <key>` (or the local tenant)."""
+
+    def __init__(self, authenticator: ApiKeyAuthenticator):
+        self.authenticator = authenticator
+
+    @contextlib.contextmanager
+    def scope(self, details, context):
+        if details.method.startswith(PUBLIC_SERVICES):
+            yield
+            return
+        tenant = self.authenticator.tenant_for(_metadata(details).get("authorization"))
+        call = current_call()
+        # Not restored here: RequestIdInterceptor restores the outer CallInfo, after the access log
+        # has recorded the tenant.
+        set_call(CallInfo(request_id=call.request_id, method=call.method, tenant_id=tenant))
+        yield
+
+
+def standard_interceptors(authenticator: ApiKeyAuthenticator) -> list[grpc.ServerInterceptor]:
+    return [RequestIdInterceptor(), AccessLogInterceptor(), ErrorMappingInterceptor(), AuthInterceptor(authenticator)]

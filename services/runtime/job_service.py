@@ -1,0 +1,73 @@
+"""JobService: inspect, follow and cancel the caller's jobs (served by every persona server)."""
+from __future__ import annotations
+
+import grpc
+
+from persona.v1 import common_pb2, common_pb2_grpc
+
+from .context import current_tenant
+from .errors import InvalidArgument
+from .jobs import JobEventRecord, JobRecord, JobRunner
+from .paging import parse_page
+from .protoconv import struct, timestamp
+from .server import ServiceRegistration
+
+
+def job_to_proto(job: JobRecord) -> common_pb2.Job:
+    message = common_pb2.Job(
+        job_id=job.job_id, kind=job.kind, state=common_pb2.JobState.Value(f"JOB_STATE_{job.state}"),
+        progress=job.progress, params=struct(job.params), result=struct(job.result),
+        interrupted=job.interrupted, attempts=job.attempts, created_at=timestamp(job.created_at),
+        updated_at=timestamp(job.updated_at), subject_id=job.subject_id,
+    )
+    if job.error_code:
+        message.error.CopyFrom(common_pb2.JobError(code=job.error_code, message=job.error_message))
+    return message
+
+
+def event_to_proto(event: JobEventRecord) -> common_pb2.JobEvent:
+    return common_pb2.JobEvent(
+        job_id=event.job_id, sequence=event.sequence,
+        type=common_pb2.JobEventType.Value(f"JOB_EVENT_TYPE_{event.type}"),
+        state=common_pb2.JobState.Value(f"JOB_STATE_{event.state}") if event.state else 0,
+        progress=event.progress, message=event.message, data=struct(event.data),
+        created_at=timestamp(event.created_at),
+    )
+
+
+def _require_job_id(job_id: str) -> str:
+    if not job_id:
+        raise InvalidArgument("`job_id` is empty: pass the id StartCaptioning (or another Start… RPC) returned")
+    return job_id
+
+
+class JobServicer(common_pb2_grpc.JobServiceServicer):
+    def __init__(self, runner: JobRunner):
+        self.runner = runner
+        self.store = runner.store
+
+    def GetJob(self, request, context):
+        return job_to_proto(self.store.get(_require_job_id(request.job_id), current_tenant()))
+
+    def ListJobs(self, request, context):
+        page = parse_page(request.page.page_size, request.page.page_token)
+        jobs, token = self.store.list(current_tenant(), page, request.kind, request.subject_id)
+        return common_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs],
+                                           page=common_pb2.PageResponse(next_page_token=token))
+
+    def WatchJob(self, request, context: grpc.ServicerContext):
+        if request.after_sequence < 0:
+            raise InvalidArgument("`after_sequence` is negative: pass 0 to replay the whole history")
+        events = self.store.watch(current_tenant(), _require_job_id(request.job_id), request.after_sequence,
+                                  is_active=context.is_active)
+        for event in events:
+            yield event_to_proto(event)
+
+    def CancelJob(self, request, context):
+        return job_to_proto(self.runner.cancel(current_tenant(), _require_job_id(request.job_id)))
+
+
+def job_service(runner: JobRunner) -> ServiceRegistration:
+    servicer = JobServicer(runner)
+    return ServiceRegistration("persona.v1.JobService",
+                               lambda server: common_pb2_grpc.add_JobServiceServicer_to_server(servicer, server))
