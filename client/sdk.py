@@ -3,10 +3,11 @@ stub per service, gRPC errors turned into PersonaClientError(code, message)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import grpc
 
-from persona.v1 import caption_pb2_grpc, common_pb2, common_pb2_grpc, subjects_pb2_grpc
+from persona.v1 import caption_pb2_grpc, common_pb2, common_pb2_grpc, subjects_pb2, subjects_pb2_grpc
 
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
@@ -84,6 +85,37 @@ class PersonaClient:
         for event in self.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job_id), timeout=timeout_s):
             on_event(event)
         return self.jobs.GetJob(common_pb2.GetJobRequest(job_id=job_id))
+
+    def wait_until_ready(self, address: str, timeout_s: float) -> None:
+        """Waits up to `timeout_s` for the channel to connect; PersonaClientError UNAVAILABLE if it does not."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise PersonaClientError(
+                "UNAVAILABLE", f"no persona server answers at {address} (waited {timeout_s:g}s): start one with "
+                "`persona-cli serve`, or check --server / PERSONA_SERVER") from None
+
+    def all_subjects(self) -> Iterator[subjects_pb2.Subject]:
+        """Every subject of the caller, newest first, following page tokens."""
+        token = ""
+        while True:
+            response = self.subjects.ListSubjects(
+                subjects_pb2.ListSubjectsRequest(page=common_pb2.PageRequest(page_token=token)))
+            yield from response.subjects
+            token = response.page.next_page_token
+            if not token:
+                return
+
+    def all_jobs(self, kind: str = "", subject_id: str = "") -> Iterator[common_pb2.Job]:
+        """Every job of the caller (optionally of one kind or subject), newest first, following page tokens."""
+        token = ""
+        while True:
+            response = self.jobs.ListJobs(common_pb2.ListJobsRequest(
+                page=common_pb2.PageRequest(page_token=token), kind=kind, subject_id=subject_id))
+            yield from response.jobs
+            token = response.page.next_page_token
+            if not token:
+                return
 
     def close(self) -> None:
         self.channel.close()

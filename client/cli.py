@@ -1,0 +1,75 @@
+"""persona-cli: the Typer command line of persona, a gRPC client of a remote server (--server) or of the
+same services started in-process on the data dir."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from .commands import captions, jobs, keys, serve, subjects
+from .commands.session import DataDirOption, Session
+from .output import error_boundary
+
+
+class PersonaGroup(TyperGroup):
+    """The root group: every command runs inside the error boundary (one `CODE: message` line, exit 1)."""
+
+    def invoke(self, ctx: typer.Context):
+        with error_boundary():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(
+    cls=PersonaGroup,
+    name="persona-cli",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,  # never print locals (API keys) or stacks; errors are one line
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    server: Annotated[Optional[str], typer.Option(
+        envvar="PERSONA_SERVER", metavar="HOST:PORT",
+        help="Talk to the persona server at HOST:PORT (waiting up to PERSONA_CONNECT_TIMEOUT_S, default 10, for "
+             "it to answer). Without it, the services run in-process on --data-dir.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="PERSONA_API_KEY", show_default=False,
+        help="API key for --server (from `persona-cli keys create`).")] = None,
+    data_dir: DataDirOption = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print machine-readable JSON to stdout, for every command.")] = False,
+) -> None:
+    """Personalise text-to-image models on a few photos of your subject: upload, caption, train, generate.
+
+    Without --server, each command starts persona's services in-process on the data dir
+    (~/.persona or PERSONA_HOME) and stops them when it ends; with --server HOST:PORT (or
+    PERSONA_SERVER) it calls a running `persona-cli serve`. Errors print one `CODE: message` line on
+    stderr and exit 1.
+
+    Example: `persona-cli subjects add photos/bruno/ --class dog && persona-cli caption SUBJECT --case 1`
+    """
+    state = Session(server=server, api_key=api_key, data_dir=data_dir, as_json=as_json)
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+app.add_typer(subjects.app, name="subjects")
+app.command("caption")(captions.caption)
+app.add_typer(captions.app, name="captions")
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(keys.app, name="keys")
+app.command("serve")(serve.serve)
+
+
+def main() -> None:
+    """Console entry point of `persona-cli`."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""persona-cli command groups, one module each, joined to the root app in persona.client.cli."""

@@ -1,0 +1,172 @@
+"""`persona-cli serve` as a real process, driven by `persona-cli --server` processes with API keys:
+health, reflection, access logs, auth errors and a graceful stop on SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+CLI = [sys.executable, "-m", "persona.client.cli"]
+# How long a test waits for a server that never comes up before failing (not a performance bound).
+STARTUP_LIMIT_S = 120
+# Longer than the server's 10 s grace period: waiting past it means the stop hung.
+STOP_LIMIT_S = 60
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without persona settings a developer's shell may carry."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def persona_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs `persona-cli *args` as a separate process."""
+    result = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=clean_env(),
+                            timeout=STARTUP_LIMIT_S)
+    if check:
+        assert result.returncode == 0, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen
+    address: str
+    data_dir: Path
+    log: Path
+
+    def remote(self, key: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`persona-cli --server ADDRESS [--api-key KEY] *args`."""
+        auth = ("--api-key", key) if key else ()
+        return persona_cli("--server", self.address, *auth, *args, check=check)
+
+
+def wait_until_serving(process: subprocess.Popen, address: str, log: Path) -> None:
+    """Polls grpc.health.v1 until the server reports SERVING (or the process dies, or the limit passes)."""
+    deadline = time.monotonic() + STARTUP_LIMIT_S
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            assert process.poll() is None, f"server exited with {process.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"server not SERVING after {STARTUP_LIMIT_S}s:\n{log.read_text()}"
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True).status
+            except grpc.RpcError:
+                continue  # not listening yet: wait_for_ready waited up to the 1 s timeout
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+
+
+@pytest.fixture
+def served(tmp_path):
+    port = free_port()
+    data_dir, log = tmp_path / "data", tmp_path / "serve.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([*CLI, "serve", "--port", str(port), "--data-dir", str(data_dir),
+                                    "--auth", "api-key"], stdout=subprocess.DEVNULL, stderr=stderr, env=clean_env())
+    server = Served(process, f"127.0.0.1:{port}", data_dir, log)
+    try:
+        wait_until_serving(process, server.address, log)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def one_error_line(result: subprocess.CompletedProcess, code: str) -> str:
+    assert result.returncode == 1, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{code}: "), result.stderr
+    return lines[0]
+
+
+def test_serve_with_api_keys_end_to_end(served, dreambench):
+    key = persona_cli("keys", "create", "acme", "--name", "e2e", "--data-dir", served.data_dir).stdout.strip()
+    assert key.startswith("pk_")
+
+    subject = json.loads(served.remote(key, "subjects", "add", dreambench / "dog", "--class", "dog", "--json").stdout)
+    subject_id = subject["subject_id"]
+    assert len(subject["images"]) == len(list((dreambench / "dog").glob("*.jpg")))
+    listed = json.loads(served.remote(key, "--json", "subjects", "list").stdout)
+    assert [s["subject_id"] for s in listed["subjects"]] == [subject_id]
+
+    captioned = json.loads(served.remote(key, "caption", subject_id, "--case", "1", "--json").stdout)
+    assert captioned["job"]["state"] == "JOB_STATE_SUCCEEDED"
+    shown = served.remote(key, "captions", "show", subject_id).stdout
+    assert shown.count("a photo of a sks dog") == len(subject["images"])
+
+    # Another tenant's key sees none of acme's subjects, and cannot reach them by id.
+    other = persona_cli("keys", "create", "globex", "--data-dir", served.data_dir).stdout.strip()
+    assert json.loads(served.remote(other, "subjects", "list", "--json").stdout) == {"subjects": []}
+    one_error_line(served.remote(other, "subjects", "show", subject_id, check=False), "NOT_FOUND")
+
+    assert "not valid" in one_error_line(served.remote("pk_wrong", "subjects", "list", check=False),
+                                         "UNAUTHENTICATED")
+    assert "no API key" in one_error_line(served.remote(None, "subjects", "list", check=False), "UNAUTHENTICATED")
+
+    # A revoked key stops working.
+    key_ids = {k["tenant_id"]: k["key_id"] for k in
+               json.loads(persona_cli("keys", "list", "--json", "--data-dir", served.data_dir).stdout)["keys"]}
+    persona_cli("keys", "rm", key_ids["globex"], "--data-dir", served.data_dir)
+    one_error_line(served.remote(other, "subjects", "list", check=False), "UNAUTHENTICATED")
+
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=STOP_LIMIT_S) == 0
+    log = served.log.read_text()
+    assert f"listening on {served.address}" in log
+    assert "no API keys yet: create one with `persona-cli keys create" in log  # the data dir started empty
+    assert "/persona.v1.SubjectService/CreateSubject OK" in log and "tenant=acme" in log
+    assert "/persona.v1.SubjectService/ListSubjects UNAUTHENTICATED" in log
+    assert "received SIGTERM" in log
+    assert "Traceback" not in log
+
+
+def test_reflection_lists_every_service_as_grpcurl_sees_them(served):
+    with grpc.insecure_channel(served.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = list(stub.ServerReflectionInfo(iter([request]), timeout=30))
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {"persona.v1.SubjectService", "persona.v1.CaptionService", "persona.v1.JobService",
+            "grpc.health.v1.Health"} <= names
+
+
+def test_sigterm_stops_an_idle_server_with_status_0(served):
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=STOP_LIMIT_S) == 0
+    with grpc.insecure_channel(served.address) as channel, pytest.raises(grpc.RpcError) as stopped:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert stopped.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_second_server_on_the_same_port_says_so(served, tmp_path):
+    port = served.address.rsplit(":", 1)[1]
+    result = persona_cli("serve", "--port", port, "--data-dir", tmp_path / "other", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"UNAVAILABLE: cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("persona-cli")
+    assert script.exists(), f"{script} missing: pip install -e . installs the persona-cli console script"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=clean_env(),
+                            timeout=STARTUP_LIMIT_S)
+    assert result.returncode == 0 and "subjects" in result.stdout and "serve" in result.stdout
