@@ -5,14 +5,19 @@ services together.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 from persona.services.caption import domain as caption_domain
 from persona.services.caption.servicer import caption_service
 from persona.services.caption.settings import CaptionSettings
 from persona.services.runtime import auth, jobs
 from persona.services.runtime.artifacts import LocalArtifactStore
+from persona.services.runtime.errors import FailedPrecondition
 from persona.services.runtime.interceptors import standard_interceptors
 from persona.services.runtime.job_service import job_service
 from persona.services.runtime.metadata import SQLiteMetadataStore
@@ -39,15 +44,43 @@ class PersonaApp:
     subjects: subjects_domain.SubjectRepository
     captions: caption_domain.CaptionDomain
     server: RunningServer
+    lock: IO[str]
 
     @property
     def address(self) -> str:
         return self.server.address
 
-    def stop(self, grace_s: float | None = None) -> None:
-        """Stops serving (in-flight calls get `grace_s`), then the job workers and the store."""
+    def stop(self, grace_s: float | None = None, jobs_timeout_s: float = 0.0) -> int:
+        """Stops serving (in-flight calls get `grace_s`), waits up to `jobs_timeout_s` for running
+        jobs, and releases the data dir. Returns how many jobs are still running."""
         self.server.stop(self.settings.grace_period_s if grace_s is None else grace_s)
-        self.runner.shutdown(wait=False)
+        still_running = self.runner.shutdown(wait=jobs_timeout_s > 0, timeout_s=jobs_timeout_s)
+        if not still_running:  # a running job still writes to the store: keep the data dir locked
+            self.lock.close()
+        return still_running
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Takes the data dir for this process alone (released at exit, even by kill -9).
+
+    Job recovery at start assumes no other process runs this store's jobs; a second server or an
+    embedded CLI on the same folder would run them twice.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "persona.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise FailedPrecondition(
+            f"data dir {data_dir} is in use by another persona process (pid {owner}): talk to it with "
+            "--server HOST:PORT (PERSONA_SERVER), or pass another --data-dir") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def open_metadata(settings: RuntimeSettings) -> SQLiteMetadataStore:
@@ -61,6 +94,16 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
               subject_settings: SubjectSettings | None = None,
               caption_settings: CaptionSettings | None = None) -> PersonaApp:
     """Builds every service on `settings.data_dir`, starts serving on `address`, resumes jobs."""
+    lock = lock_data_dir(settings.data_dir)
+    try:
+        return _build(settings, address, lock, subject_settings, caption_settings)
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_settings: SubjectSettings | None,
+           caption_settings: CaptionSettings | None) -> PersonaApp:
     db = open_metadata(settings)
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     runner = jobs.JobRunner(jobs.JobStore(db), workers=settings.job_workers)
@@ -77,4 +120,4 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
         log.info("found %d job(s) left by a previous run: %s", len(resumed), ", ".join(resumed))
     server.set_serving(True)
     return PersonaApp(settings=settings, db=db, artifacts=artifacts, runner=runner, authenticator=authenticator,
-                      subjects=subjects, captions=captions, server=server)
+                      subjects=subjects, captions=captions, server=server, lock=lock)

@@ -54,12 +54,13 @@ def app(start_app) -> PersonaApp:
 
 
 @pytest.fixture
-def client_for(app):
-    """Factory: client_for(tenant) → PersonaClient authenticated as a fresh key of that tenant."""
+def client_for(request):
+    """Factory: client_for(tenant, target=None) → PersonaClient with a fresh key of that tenant, on
+    `target` or else the `app` fixture's server (started only when needed: one server per data dir)."""
     clients = []
 
     def make(tenant: str = "acme", target: PersonaApp | None = None) -> PersonaClient:
-        server = target or app
+        server = target or request.getfixturevalue("app")
         _, key = server.authenticator.create_key(tenant)
         client = PersonaClient.connect(server.address, key)
         clients.append(client)

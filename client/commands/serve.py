@@ -4,14 +4,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
-import time
 from enum import Enum
 from typing import Annotated
 
 import typer
 
-from ..output import fail, note
+from ..output import note
 from .session import DataDirOption, session
 
 log = logging.getLogger("persona.serve")
@@ -56,41 +54,22 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = session(ctx).settings(data_dir, auth=auth.value)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        app = build_app(settings, address)
-    except RuntimeError as e:  # grpc: "Failed to bind to address …"
-        if "bind" not in str(e):
-            raise
-        fail("UNAVAILABLE", f"cannot listen on {address}: is another server using it? Pick another --port")
+    app = build_app(settings, address)  # a busy port is UNAVAILABLE, a busy data dir FAILED_PRECONDITION
     listening = address.rsplit(":", 1)[0] + f":{app.server.port}"
     note(f"persona listening on {listening} (data dir {settings.data_dir}, auth {auth.value}); "
          "stop with Ctrl-C or SIGTERM")
     if auth is AuthMode.api_key and not app.authenticator.list_keys():
         note(f"no API keys yet: create one with `persona-cli keys create TENANT --data-dir {settings.data_dir}`, "
              "then call with --api-key KEY or PERSONA_API_KEY")
-    serve_until_signal(app.server, settings.grace_period_s, on_stop=lambda: app.runner.shutdown(wait=False))
-    exit_when_jobs_stop(time.monotonic() + settings.grace_period_s)
-    log.info("stopped")
-
-
-# Name prefix of JobRunner's worker threads (services/runtime/jobs.py).
-JOB_THREAD_PREFIX = "persona-job"
-
-
-def exit_when_jobs_stop(deadline: float) -> None:
-    """Gives jobs still running until `deadline` to finish; past it, exits anyway.
-
-    Jobs cut off this way are RUNNING in the store and are resumed (or failed, saying so) on the next
-    start, as after a crash. Without this, the interpreter would wait for them however long they take.
-    """
-    workers = [t for t in threading.enumerate() if t.name.startswith(JOB_THREAD_PREFIX)]
-    for thread in workers:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    running = [t for t in workers if t.is_alive()]
-    if running:
-        log.warning("stopping with %d job thread(s) still running; their jobs resume on the next start",
-                    len(running))
+    still_running: list[int] = []
+    serve_until_signal(app.server, settings.grace_period_s,
+                       on_stop=lambda: still_running.append(app.runner.shutdown(wait=True, timeout_s=settings.grace_period_s)))
+    if still_running and still_running[0]:
+        # Jobs cut off here stay RUNNING in the store and are resumed on the next start, as after a
+        # crash; without this exit the interpreter would wait for them however long they take.
+        log.warning("stopping with %d job(s) still running; they resume on the next start", still_running[0])
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    log.info("stopped")

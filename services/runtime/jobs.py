@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -231,6 +232,8 @@ class JobRunner:
         self.store = store
         self._kinds: dict[str, _Kind] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="persona-job")
+        self._in_flight: set[Future] = set()
+        self._in_flight_lock = threading.Lock()
 
     def register(self, kind: str, handler: JobHandler, *, resumable: bool) -> None:
         """Declares who runs jobs of `kind`; `resumable` handlers skip work already done."""
@@ -240,7 +243,7 @@ class JobRunner:
         if kind not in self._kinds:
             raise FailedPrecondition(f"no service on this server runs `{kind}` jobs")
         job = self.store.create(tenant_id, kind, params, subject_id)
-        self._pool.submit(self._execute, job.job_id)
+        self._start(job.job_id)
         return job
 
     def cancel(self, tenant_id: str, job_id: str) -> JobRecord:
@@ -272,7 +275,7 @@ class JobRunner:
                         self.store.update(row["job_id"], interrupted=1)
                         self.store.transition(row["job_id"], QUEUED,
                                               "interrupted by a server restart; resuming where it stopped")
-                self._pool.submit(self._execute, row["job_id"])
+                self._start(row["job_id"])
             elif kind is not None or was_running:
                 self.store.transition(
                     row["job_id"], FAILED, "interrupted by a server restart",
@@ -282,8 +285,28 @@ class JobRunner:
             # A QUEUED job of a kind this server does not run stays QUEUED for a server that does.
         return [r["job_id"] for r in rows]
 
-    def shutdown(self, wait: bool = False) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+    def shutdown(self, wait: bool = False, timeout_s: float | None = None) -> int:
+        """Stops taking jobs; with `wait`, waits up to `timeout_s` for running ones.
+
+        Returns how many are still running. Jobs cut off by a process exit stay RUNNING in the store
+        and are resumed (or failed, saying so) by `recover` on the next start, as after a crash.
+        """
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._in_flight_lock:
+            running = set(self._in_flight)
+        if wait and running:
+            _, running = wait_for_futures(running, timeout=timeout_s)
+        return len(running)
+
+    def _start(self, job_id: str) -> None:
+        future = self._pool.submit(self._execute, job_id)
+        with self._in_flight_lock:
+            self._in_flight.add(future)
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: Future) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(future)
 
     def _execute(self, job_id: str) -> None:
         job = self.store.get(job_id)

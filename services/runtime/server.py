@@ -13,6 +13,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .errors import Unavailable
+
 log = logging.getLogger("persona.server")
 
 
@@ -68,9 +70,12 @@ def create_server(services: Sequence[ServiceRegistration], address: str, *,
         service.add_to_server(server)
     names = [s.name for s in services]
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio ≥ 1.60 raises instead of returning 0
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}: is another server using that port?")
+        raise Unavailable(f"cannot listen on {address}: is another server using that port? Pick another --port")
     running = RunningServer(server=server, port=port, health=health_servicer, service_names=names)
     running.set_serving(False)
     server.start()

@@ -124,3 +124,18 @@ def test_a_restarted_server_serves_the_same_subjects(start_app, tmp_path, dog_ph
     image = again.subjects.GetSubjectImage(subjects_pb2.GetSubjectImageRequest(
         image=common_pb2.ImageRef(subject_id=subject.subject_id, image_id=subject.images[2].image_id)))
     assert image.data == dog_photos[2]
+
+
+def test_one_process_per_data_dir(start_app, tmp_path):
+    from persona.services.runtime.errors import FailedPrecondition, Unavailable
+
+    first = start_app(data_dir=tmp_path / "home")
+    with pytest.raises(FailedPrecondition, match=r"in use by another persona process .*--server"):
+        start_app(data_dir=tmp_path / "home")
+    first.stop(0)
+    second = start_app(data_dir=tmp_path / "home")  # released on stop
+    with pytest.raises(Unavailable, match="cannot listen on"):
+        from persona.services.app import build_app
+        from persona.services.runtime.settings import RuntimeSettings
+        build_app(RuntimeSettings(data_dir=tmp_path / "other"), second.address)
+    start_app(data_dir=tmp_path / "other")  # the failed start above released its data dir
