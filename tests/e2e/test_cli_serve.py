@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import time
 from dataclasses import dataclass
@@ -170,3 +171,67 @@ def test_console_script_is_installed():
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=clean_env(),
                             timeout=STARTUP_LIMIT_S)
     assert result.returncode == 0 and "subjects" in result.stdout and "serve" in result.stdout
+
+
+def start_server(data_dir: Path, log: Path, env: dict[str, str]) -> Served:
+    port = free_port()
+    with log.open("a") as stderr:
+        process = subprocess.Popen([*CLI, "serve", "--port", str(port), "--data-dir", str(data_dir), "--auth", "none"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    server = Served(process, f"127.0.0.1:{port}", data_dir, log)
+    wait_until_serving(process, server.address, log)
+    return server
+
+
+def test_a_job_running_at_kill_9_is_resumed_not_running_forever(tmp_path, fake_vlm, dreambench):
+    from persona.client.sdk import PersonaClient
+    from persona.v1 import caption_pb2, common_pb2, subjects_pb2
+
+    release = threading.Event()
+
+    def slow_answer(body):  # holds each call until the test lets it go, so the kill lands mid-job
+        release.wait(STARTUP_LIMIT_S)
+        return "a photo of a dog lying on a green lawn next to a red rubber ball"
+
+    fake_vlm.responder = slow_answer
+    env = {**clean_env(), "PERSONA_VLM_BASE_URL": fake_vlm.base_url, "PERSONA_VLM_MODEL": "fake-vlm",
+           "PERSONA_VLM_API_KEY": "x", "PERSONA_VLM_CONCURRENCY": "1", "PERSONA_VLM_RETRIES": "0"}
+    data_dir, log = tmp_path / "data", tmp_path / "serve.log"
+    server = start_server(data_dir, log, env)
+    try:
+        client = PersonaClient.connect(server.address)
+        photos = sorted((dreambench / "dog").glob("*.jpg"))[:3]
+        subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
+            class_name="dog", images=[subjects_pb2.ImageUpload(data=p.read_bytes()) for p in photos]))
+        job = client.captions.StartCaptioning(caption_pb2.StartCaptioningRequest(subject_id=subject.subject_id))
+        release.set()
+        seen = 0
+        for event in client.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job.job_id), timeout=STARTUP_LIMIT_S):
+            seen = event.sequence
+            if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS:  # one image done, the next one in flight
+                release.clear()
+                break
+        server.process.kill()  # SIGKILL: no handler, no cleanup
+        server.process.wait()
+        client.close()
+        asked_before_kill = len(fake_vlm.requests)
+        release.set()
+
+        server = start_server(data_dir, log, env)
+        client = PersonaClient.connect(server.address)
+        final = client.wait_for_job(job.job_id, timeout_s=STARTUP_LIMIT_S)
+        assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final
+        assert final.interrupted and final.attempts == 2
+        events = list(client.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job.job_id, after_sequence=seen)))
+        assert any("interrupted by a server restart" in e.message for e in events)
+        captions = client.captions.ListCaptions(caption_pb2.ListCaptionsRequest(subject_id=subject.subject_id))
+        assert [c.text for c in captions.captions] == [
+            "a photo of a sks dog lying on a green lawn next to a red rubber ball"] * 3
+        # At least the image captioned before the kill was not asked for again.
+        assert len(fake_vlm.requests) - asked_before_kill <= 2
+        client.close()
+    finally:
+        release.set()
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
