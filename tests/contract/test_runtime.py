@@ -7,7 +7,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from persona.client.sdk import PersonaClient
 from persona.services.runtime import errors
-from persona.v1 import common_pb2, subjects_pb2
+from persona.v1 import caption_pb2, common_pb2, subjects_pb2
 
 
 def test_health_is_serving_for_every_service(app):
@@ -110,12 +110,19 @@ def test_jobs_over_grpc_watch_get_list_cancel(client, app):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "`job_id`" in info.value.details()
 
 
-def test_a_restarted_server_serves_the_same_subjects(start_app, tmp_path, dog_photos):
+def test_a_restarted_server_serves_the_same_subjects_captions_and_jobs(start_app, tmp_path, dog_photos):
     first = start_app(data_dir=tmp_path / "home")
     _, key = first.authenticator.create_key("acme")
     client = PersonaClient.connect(first.address, key)
     subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
         class_name="dog", images=[subjects_pb2.ImageUpload(data=d) for d in dog_photos]))
+    job = client.captions.StartCaptioning(caption_pb2.StartCaptioningRequest(
+        subject_id=subject.subject_id, case=caption_pb2.DESCRIPTION_CASE_1))
+    assert client.wait_for_job(job.job_id).state == common_pb2.JOB_STATE_SUCCEEDED
+    client.captions.SetCaption(caption_pb2.SetCaptionRequest(
+        image=common_pb2.ImageRef(subject_id=subject.subject_id, image_id=subject.images[0].image_id),
+        text="a photo of a sks dog on a red sofa"))
+    captions = client.captions.ListCaptions(caption_pb2.ListCaptionsRequest(subject_id=subject.subject_id))
     first.stop(0)
 
     second = start_app(data_dir=tmp_path / "home")
@@ -124,6 +131,9 @@ def test_a_restarted_server_serves_the_same_subjects(start_app, tmp_path, dog_ph
     image = again.subjects.GetSubjectImage(subjects_pb2.GetSubjectImageRequest(
         image=common_pb2.ImageRef(subject_id=subject.subject_id, image_id=subject.images[2].image_id)))
     assert image.data == dog_photos[2]
+    assert again.captions.ListCaptions(caption_pb2.ListCaptionsRequest(subject_id=subject.subject_id)) == captions
+    assert captions.captions[0].text == "a photo of a sks dog on a red sofa" and len(captions.captions) == len(dog_photos)
+    assert again.jobs.GetJob(common_pb2.GetJobRequest(job_id=job.job_id)).state == common_pb2.JOB_STATE_SUCCEEDED
 
 
 def test_one_process_per_data_dir(start_app, tmp_path):
