@@ -67,7 +67,7 @@ class OpenAIVlm:
             raise FailedPrecondition(
                 "Cases 2–4 need a vision-language model and none is configured: set PERSONA_VLM_BASE_URL "
                 "(e.g. https://api.openai.com/v1 or http://localhost:11434/v1), PERSONA_VLM_MODEL (e.g. gpt-4o) "
-                "and PERSONA_VLM_API_KEY on the server, or use DESCRIPTION_CASE_1, which needs none")
+                "and PERSONA_VLM_API_KEY on the server, or use Case 1 (DESCRIPTION_CASE_1, `--case 1`), which needs none")
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FailedPrecondition(f"PERSONA_VLM_BASE_URL {self.base_url!r} is not an http(s) URL: set it to "
