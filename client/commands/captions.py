@@ -11,7 +11,7 @@ from persona.v1 import caption_pb2, common_pb2, subjects_pb2
 from ..output import fail, message_dict, note, table
 from ..sdk import PersonaClient
 from .jobs import follow_job, raise_unless_succeeded
-from .session import JsonOption, session
+from .session import JsonOption, SubjectArgument, session
 
 app = typer.Typer(help="Show and edit the captions (training descriptions) of a subject's photos.",
                   no_args_is_help=True, rich_markup_mode="markdown")
@@ -37,8 +37,6 @@ CASES = {Case.class_only: caption_pb2.DESCRIPTION_CASE_1, Case.with_objects: cap
 MODES = {Mode.object: caption_pb2.CAPTION_MODE_OBJECT, Mode.style: caption_pb2.CAPTION_MODE_STYLE,
          Mode.expression: caption_pb2.CAPTION_MODE_EXPRESSION}
 
-SubjectArgument = Annotated[str, typer.Argument(metavar="SUBJECT", help="Subject id, e.g. subj_51d2…",
-                                                show_default=False)]
 
 
 def get_subject(client: PersonaClient, subject_id: str) -> subjects_pb2.Subject:

@@ -13,6 +13,8 @@ from persona.services.runtime.settings import RuntimeSettings, env_float
 from ..output import Output
 from ..sdk import PersonaClient
 
+SubjectArgument = Annotated[str, typer.Argument(metavar="SUBJECT", help="Subject id, e.g. subj_51d2…",
+                                                show_default=False)]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="Print machine-readable JSON to stdout (proto field names, as the gRPC API returns them).")]
 

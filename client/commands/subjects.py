@@ -12,7 +12,7 @@ from persona.v1 import subjects_pb2
 
 from ..output import fail, fields, message_dict, note, stderr_console, table
 from ..sdk import PersonaClientError
-from .session import JsonOption, session
+from .session import JsonOption, SubjectArgument, session
 
 app = typer.Typer(
     help="Upload, list, inspect and delete subjects (the 3–7 photos of one dog, backpack, face or style).",
@@ -143,8 +143,7 @@ def list_(ctx: typer.Context, as_json: JsonOption = False) -> None:
 @app.command("show")
 def show(
     ctx: typer.Context,
-    subject_id: Annotated[str, typer.Argument(metavar="SUBJECT", help="Subject id, e.g. subj_51d2…",
-                                              show_default=False)],
+    subject_id: SubjectArgument,
     as_json: JsonOption = False,
 ) -> None:
     """Show a subject and its photos (index, id, file, size).

@@ -13,26 +13,24 @@ def default_home() -> Path:
     return Path(os.environ.get("PERSONA_HOME") or Path.home() / ".persona")
 
 
-def env_int(name: str, default: int) -> int:
-    """Reads an integer environment variable, naming it when it is not an integer."""
+def _env_number(name: str, default, parse, kind: str):
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return parse(raw)
     except ValueError:
-        raise InvalidArgument(f"`{name}` is {raw!r}, not an integer: set it to e.g. {default}") from None
+        raise InvalidArgument(f"`{name}` is {raw!r}, not {kind}: set it to e.g. {default}") from None
+
+
+def env_int(name: str, default: int) -> int:
+    """Reads an integer environment variable, naming it when it is not an integer."""
+    return _env_number(name, default, int, "an integer")
 
 
 def env_float(name: str, default: float) -> float:
     """Reads a float environment variable, naming it when it is not a number."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidArgument(f"`{name}` is {raw!r}, not a number: set it to e.g. {default}") from None
+    return _env_number(name, default, float, "a number")
 
 
 AUTH_MODES = ("none", "api-key")
