@@ -26,10 +26,12 @@ from persona.services.runtime.settings import RuntimeSettings
 from persona.services.subjects import domain as subjects_domain
 from persona.services.subjects.servicer import subject_service
 from persona.services.subjects.settings import SubjectSettings
+from persona.services.train import prior
 
 log = logging.getLogger("persona.app")
 
-MIGRATIONS = [*auth.MIGRATIONS, *jobs.MIGRATIONS, *subjects_domain.MIGRATIONS, *caption_domain.MIGRATIONS]
+MIGRATIONS = [*auth.MIGRATIONS, *jobs.MIGRATIONS, *subjects_domain.MIGRATIONS, *caption_domain.MIGRATIONS,
+              *prior.MIGRATIONS]
 
 
 @dataclass
