@@ -1,0 +1,354 @@
+"""The one training loop: DreamBooth, LoRA and textual inversion on a diffusers Stable Diffusion folder.
+
+Modelled on diffusers `examples/dreambooth/train_dreambooth_lora.py`: one typed option per knob, conflicts
+rejected up front, and a loop that reads top to bottom. Methods are plugins (`methods/`); the loop never
+branches on the method's name.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from persona.services.runtime.errors import InvalidArgument
+
+from .methods import METHODS, Components
+
+# Learning rate used when TrainConfig.learning_rate is None, per method. DreamBooth moves every UNet weight, so
+# it takes the smallest step (diffusers train_dreambooth.py: 5e-6); LoRA trains few fresh weights
+# (train_dreambooth_lora.py: 1e-4); textual inversion one embedding row (textual_inversion.py: 5e-4).
+DEFAULT_LEARNING_RATES = {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4}
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# diffusers.optimization.SchedulerType values.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
+MAX_STEPS = 100_000
+
+OnStep = Callable[[int, dict, float], None]
+ShouldStop = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run, with its default. `validate()` rejects bad values and conflicts."""
+
+    # "dreambooth" (whole UNet), "lora" (UNet attention adapters) or "ti" (one new token embedding).
+    method: str = "lora"
+    # Optimiser steps.
+    steps: int = 400
+    # None: the method's default (DEFAULT_LEARNING_RATES: dreambooth 5e-6, lora 1e-4, ti 5e-4).
+    learning_rate: float | None = None
+    # Instance images per step (and as many class images when prior preservation is on).
+    batch_size: int = 1
+    # Training image side in pixels; None: the base model's native resolution. Multiple of the VAE factor.
+    resolution: int | None = None
+    # Seeds adapter init, image order, noise and timesteps: same seed, same data -> same weights.
+    seed: int = 0
+    # DreamBooth only: also fine-tune the text encoder.
+    train_text_encoder: bool = False
+    # LoRA rank, alpha (scale = alpha / rank) and the UNet modules that get adapters.
+    lora_rank: int = 4
+    lora_alpha: int = 4
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Textual inversion: the new placeholder token and the word its embedding starts from.
+    token: str = "sks"
+    initializer_token: str = "dog"
+    # "no", "fp16" or "bf16" autocast; used only where the device supports it (else a warning, fp32).
+    mixed_precision: str = "no"
+    # Recompute activations in backward: less memory, slower.
+    gradient_checkpointing: bool = False
+    # Min-SNR loss weighting (Hang et al. 2023), e.g. 5.0; None: plain MSE.
+    min_snr_gamma: float | None = None
+    # A diffusers.optimization.get_scheduler name, and its warmup steps.
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    # bitsandbytes' 8-bit AdamW instead of torch's AdamW (needs `pip install bitsandbytes`).
+    use_8bit_adam: bool = False
+    # Weight of the prior-preservation term when class images are given.
+    prior_loss_weight: float = 1.0
+    # AdamW weight decay and gradient clipping norm (diffusers' defaults).
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    # "cpu", "cuda", "cuda:1", ...; None: cuda when available, else cpu.
+    device: str | None = None
+
+    @property
+    def lr(self) -> float:
+        """The learning rate in effect: learning_rate, or the method's default."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return DEFAULT_LEARNING_RATES.get(self.method, 1e-4)
+
+    def validate(self) -> "TrainConfig":
+        """Raises InvalidArgument naming the field (both fields for a conflict); returns self."""
+        if self.method not in METHODS:
+            raise InvalidArgument(f"`method` is {self.method!r}: use one of {', '.join(METHODS)}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise InvalidArgument(f"`steps` is {self.steps}: use 1–{MAX_STEPS}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise InvalidArgument(f"`learning_rate` is {self.learning_rate}: use a positive number, e.g. 1e-4")
+        if self.batch_size < 1:
+            raise InvalidArgument(f"`batch_size` is {self.batch_size}: use 1 or more")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise InvalidArgument(f"`resolution` is {self.resolution}: use a multiple of 8, e.g. 512")
+        if self.lora_rank < 1:
+            raise InvalidArgument(f"`lora_rank` is {self.lora_rank}: use 1 or more, e.g. 4")
+        if self.lora_alpha <= 0:
+            raise InvalidArgument(f"`lora_alpha` is {self.lora_alpha}: use a positive number, e.g. the rank")
+        if not self.lora_targets:
+            raise InvalidArgument("`lora_targets` is empty: name modules, e.g. to_q to_k to_v to_out.0")
+        if self.train_text_encoder and self.method != "dreambooth":
+            raise InvalidArgument(
+                f"`train_text_encoder` is only for `method` dreambooth, not {self.method!r}: "
+                "turn train_text_encoder off or use method dreambooth")
+        if self.method == "ti" and not self.token.strip():
+            raise InvalidArgument("`token` is empty: pass the placeholder word, e.g. sks")
+        if self.method == "ti" and not self.initializer_token.strip():
+            raise InvalidArgument("`initializer_token` is empty: pass the class word, e.g. dog")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise InvalidArgument(f"`mixed_precision` is {self.mixed_precision!r}: use one of no, fp16, bf16")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise InvalidArgument(f"`min_snr_gamma` is {self.min_snr_gamma}: use a positive number, e.g. 5.0")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise InvalidArgument(f"`lr_scheduler` is {self.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
+        if not 0 <= self.lr_warmup_steps <= self.steps:
+            raise InvalidArgument(f"`lr_warmup_steps` is {self.lr_warmup_steps}: use 0–`steps` ({self.steps})")
+        if self.prior_loss_weight < 0:
+            raise InvalidArgument(f"`prior_loss_weight` is {self.prior_loss_weight}: use 0 or more, e.g. 1.0")
+        if self.use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise InvalidArgument(
+                    "`use_8bit_adam` needs bitsandbytes, which is not installed: pip install bitsandbytes, "
+                    "or turn use_8bit_adam off") from None
+        return self
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced."""
+
+    method: str
+    # The folder written, and the artifact in it (the pipeline folder itself for dreambooth).
+    output_dir: Path
+    artifact: Path
+    # Steps actually taken (fewer than config.steps when should_stop ended the run).
+    steps: int
+    stopped: bool
+    # Total loss per step, in order.
+    losses: tuple[float, ...]
+    seconds: float
+    warnings: tuple[str, ...] = ()
+    # The trained models in memory (e.g. to sample without reloading); not part of equality or repr.
+    components: Components | None = field(default=None, repr=False, compare=False)
+
+
+def train(
+    base_model_dir: Path,
+    examples: Sequence[tuple[Any, str]],
+    config: TrainConfig,
+    output_dir: Path,
+    class_examples: Sequence[tuple[Any, str]] | None = None,
+    on_step: OnStep | None = None,
+    should_stop: ShouldStop | None = None,
+) -> TrainResult:
+    """Trains `config.method` on `examples` ((PIL image, caption) pairs) and saves it into `output_dir`.
+
+    With `class_examples` the prior-preservation loss is added (Ruiz et al.): instance and class images go
+    through the UNet in one batch, loss = instance + prior_loss_weight * prior. `on_step(step, losses,
+    it_per_s)` is called after every step with {"loss", "instance", "prior"?}; `should_stop()` ends the run
+    early (the weights so far are still saved).
+    """
+    import torch
+
+    config.validate()
+    if not examples:
+        raise InvalidArgument("`examples` is empty: pass at least one (image, caption) pair")
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Seed in a forked RNG: the run is reproducible and the caller's random stream is left alone.
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(config.seed)
+        return _train(Path(base_model_dir), list(examples), config, Path(output_dir),
+                      list(class_examples or []), on_step, should_stop, device)
+
+
+def _train(base_model_dir, examples, config, output_dir, class_examples, on_step, should_stop, device) -> TrainResult:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    started = time.perf_counter()
+    warnings: list[str] = []
+
+    # 1. Load the components; the training noise schedule is DDPM with the folder's scheduler config.
+    components = Components(
+        base_model_dir=base_model_dir,
+        tokenizer=CLIPTokenizer.from_pretrained(base_model_dir, subfolder="tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(base_model_dir, subfolder="text_encoder"),
+        vae=AutoencoderKL.from_pretrained(base_model_dir, subfolder="vae"),
+        unet=UNet2DConditionModel.from_pretrained(base_model_dir, subfolder="unet"),
+        noise_scheduler=DDPMScheduler.from_pretrained(base_model_dir, subfolder="scheduler"),
+    )
+    vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    resolution = config.resolution or components.unet.config.sample_size * vae_scale
+    if resolution % vae_scale:
+        raise InvalidArgument(f"`resolution` is {resolution}: use a multiple of {vae_scale} for this base model")
+
+    # 2. Let the method freeze, unfreeze and add its weights (adapters, new token), then move to the device.
+    method = METHODS[config.method]()
+    method.prepare(components, config)
+    for model in (components.text_encoder, components.vae, components.unet):
+        model.to(device)
+    components.vae.eval()
+    components.unet.train()
+    components.text_encoder.train(method.trains_text_encoder)
+    if config.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if method.trains_text_encoder:
+            components.text_encoder.gradient_checkpointing_enable()
+    autocast, dtype = _autocast(device, config.mixed_precision, warnings)
+
+    # 3. Encode every image once into its latent distribution (a fresh sample is drawn each step).
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    all_examples = examples + class_examples
+    with torch.no_grad():
+        pixels = torch.stack([_to_tensor(image, resolution) for image, _ in all_examples]).to(device)
+        dist = components.vae.encode(pixels).latent_dist
+        latent_mean, latent_std = dist.mean, dist.std
+    scaling = components.vae.config.scaling_factor
+
+    # 4. Tokenize captions; cache their embeddings when the text encoder does not train.
+    input_ids = components.tokenizer(
+        [caption for _, caption in all_examples], padding="max_length", truncation=True,
+        max_length=components.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+    cached_text = None
+    if not method.trains_text_encoder:
+        with torch.no_grad():
+            cached_text = components.text_encoder(input_ids)[0]
+
+    # 5. Optimiser over the method's parameters, and the learning-rate schedule.
+    params = method.trainable_parameters()
+    optimizer_cls = torch.optim.AdamW
+    if config.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    optimizer = optimizer_cls(params, lr=config.lr, weight_decay=config.adam_weight_decay)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    noise_scheduler = components.noise_scheduler
+    prediction_type = noise_scheduler.config.prediction_type
+    n_instance, n_class = len(examples), len(class_examples)
+
+    losses: list[float] = []
+    stopped = False
+    for step in range(1, config.steps + 1):
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+        step_started = time.perf_counter()
+        # Pick this step's instance images (and as many class images), in seeded order.
+        batch = torch.randint(0, n_instance, (config.batch_size,), generator=generator)
+        if n_class:
+            batch = torch.cat([batch, n_instance + torch.randint(0, n_class, (config.batch_size,), generator=generator)])
+        batch = batch.to(device)
+        # Sample latents from the cached distributions.
+        eps = torch.randn(latent_mean[batch].shape, generator=generator).to(device)
+        latents = (latent_mean[batch] + latent_std[batch] * eps) * scaling
+        # Sample noise and a timestep per image, and noise the latents (forward diffusion).
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        with autocast():
+            # Condition on the captions: cached, or encoded now so gradients reach the text encoder.
+            text = cached_text[batch] if cached_text is not None else components.text_encoder(input_ids[batch])[0]
+            # Predict the noise (or velocity) the scheduler's config asks for.
+            pred = components.unet(noisy, timesteps, text).sample
+        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        # MSE per image, min-SNR weighted when asked; instance and prior halves averaged separately.
+        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.min_snr_gamma is not None:
+            per_image = per_image * _min_snr_weights(compute_snr(noise_scheduler, timesteps), config.min_snr_gamma,
+                                                     prediction_type)
+        instance_loss = per_image[:config.batch_size].mean()
+        loss = instance_loss
+        step_losses = {"instance": instance_loss.item()}
+        if n_class:
+            prior_loss = per_image[config.batch_size:].mean()
+            loss = instance_loss + config.prior_loss_weight * prior_loss
+            step_losses["prior"] = prior_loss.item()
+        step_losses["loss"] = loss.item()
+        # Backward, clip, optimiser and schedule step; then let the method fix what must not move.
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step()
+        # Report.
+        losses.append(step_losses["loss"])
+        if on_step is not None:
+            on_step(step, step_losses, 1.0 / max(time.perf_counter() - step_started, 1e-9))
+
+    # 6. Save in the method's ecosystem format.
+    components.unet.eval()
+    components.text_encoder.eval()
+    artifact = method.save(output_dir)
+    return TrainResult(method=config.method, output_dir=output_dir, artifact=artifact, steps=len(losses),
+                       stopped=stopped, losses=tuple(losses), seconds=time.perf_counter() - started,
+                       warnings=tuple(warnings), components=components)
+
+
+def _min_snr_weights(snr, gamma: float, prediction_type: str):
+    """Hang et al. 2023: weight = min(snr, gamma) / snr for epsilon targets, / (snr + 1) for v-prediction."""
+    import torch
+
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / (snr + 1 if prediction_type == "v_prediction" else snr)
+
+
+def _to_tensor(image, resolution: int):
+    """Center-crops `image` to a square, resizes it to `resolution` and maps it to a (3, H, W) tensor in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    image = image.convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _autocast(device, mixed_precision: str, warnings: list[str]):
+    """An autocast context for `mixed_precision` where `device` supports it, else fp32 with a warning."""
+    import torch
+
+    if mixed_precision == "no":
+        return contextlib.nullcontext, None
+    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+    supported = (device.type == "cuda" and (dtype == torch.float16 or torch.cuda.is_bf16_supported())) \
+        or (device.type == "cpu" and dtype == torch.bfloat16)
+    if not supported:
+        warnings.append(f"`mixed_precision` {mixed_precision} is not supported on {device.type}: training in fp32")
+        return contextlib.nullcontext, None
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), dtype

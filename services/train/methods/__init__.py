@@ -1,0 +1,16 @@
+"""Training methods as plugins of the one training loop: what each trains, and the format it saves."""
+from __future__ import annotations
+
+from .base import Components, TrainingMethod
+from .dreambooth import DreamBoothMethod
+from .lora import LoraMethod
+from .textual_inversion import TextualInversionMethod
+
+# Method name (TrainConfig.method) -> plugin class; the loop builds a fresh instance per run.
+METHODS: dict[str, type[TrainingMethod]] = {
+    "dreambooth": DreamBoothMethod,
+    "lora": LoraMethod,
+    "ti": TextualInversionMethod,
+}
+
+__all__ = ["METHODS", "Components", "TrainingMethod", "DreamBoothMethod", "LoraMethod", "TextualInversionMethod"]

@@ -1,0 +1,65 @@
+"""What a training method plugs into the loop: which weights it trains and how it saves them."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..loop import TrainConfig
+
+
+@dataclass
+class Components:
+    """The models of a Stable Diffusion base model, as the loop loaded them (methods change them in place)."""
+
+    # The diffusers folder they came from; methods that save a whole pipeline copy the rest from it.
+    base_model_dir: Path
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+
+
+class TrainingMethod(ABC):
+    """One way to personalise a model. The loop calls prepare, then trains trainable_parameters, then save.
+
+    A method never runs its own loop: everything per step (noise, loss, optimiser) belongs to the loop, so
+    methods compose with every regulariser the same way.
+    """
+
+    # TrainConfig.method value.
+    name: str = ""
+
+    def __init__(self) -> None:
+        self.components: Components | None = None
+        self.config: TrainConfig | None = None
+
+    @abstractmethod
+    def prepare(self, components: Components, config: TrainConfig) -> None:
+        """Freezes and unfreezes weights, adds adapters or new tokens; keeps `components` for save."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimiser updates (after prepare)."""
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """True when text-encoder weights (or its token embeddings) train, so captions are re-encoded every step."""
+        return False
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimiser step; e.g. textual inversion puts back the embedding rows it must not move."""
+
+    @abstractmethod
+    def save(self, output_dir: Path) -> Path:
+        """Writes the trained weights into `output_dir` in their ecosystem format; returns the artifact's path."""
+
+    def _prepared(self) -> Components:
+        if self.components is None:
+            raise RuntimeError(f"{type(self).__name__}.prepare() was not called")
+        return self.components
