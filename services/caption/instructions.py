@@ -11,7 +11,9 @@ to write a rare nonsense token makes it "correct" or explain it; inserting it ou
 """
 from __future__ import annotations
 
-INSTRUCTION_VERSION = "sid-1"
+from persona.services.subjects.domain import indefinite_article
+
+INSTRUCTION_VERSION = "sid-2"  # sid-2: "a unicorn", "an hourglass" (article by sound, not spelling)
 
 CASES = (1, 2, 3, 4)
 DEFAULT_CASE = 3  # SID proper; Cases 1, 2 and 4 are the paper's baselines and ablation
@@ -23,22 +25,19 @@ _FORMAT = ("Reply with the caption only: one sentence of at most 60 words, no qu
            "no preface or explanation.")
 
 
-def article(noun: str) -> str:
-    return "an" if noun[:1].lower() in "aeiou" else "a"
-
 
 def opening(mode: str, class_name: str) -> str:
     """What the VLM must start its answer with (before persona inserts the identifier)."""
     if mode == "style":
-        return f"{article(class_name).capitalize()} {class_name} in the style of art,"
-    return f"a photo of {article(class_name)} {class_name}"
+        return f"{indefinite_article(class_name).capitalize()} {class_name} in the style of art,"
+    return f"a photo of {indefinite_article(class_name)} {class_name}"
 
 
 def template_caption(mode: str, class_name: str, token: str) -> str:
     """The Case 1 description, written without a VLM: the class and identifier only."""
     if mode == "style":  # App. C.1: "A painting/cartoon in the style of [v] art"
-        return f"{article(class_name).capitalize()} {class_name} in the style of {token} art"
-    return f"a photo of {article(class_name)} {token} {class_name}"
+        return f"{indefinite_article(class_name).capitalize()} {class_name} in the style of {token} art"
+    return f"a photo of {indefinite_article(class_name)} {token} {class_name}"
 
 
 def _object_directions(case: int, mode: str, c: str) -> list[str]:

@@ -76,6 +76,17 @@ def normalize_class_name(class_name: str) -> str:
     return name
 
 
+def indefinite_article(noun: str) -> str:
+    """"a" or "an" before a class noun ("a dog", "an apple", "a unicorn", "an hourglass")."""
+    word = noun.lower()
+    # Spelling, not sound, decides in most cases; these are the common nouns where the two disagree.
+    if word.startswith(("hour", "honest", "honou", "heir")):
+        return "an"
+    if word.startswith(("uni", "use", "usu", "ute", "eu", "ewe", "one", "once", "ukulele", "urinal")):
+        return "a"
+    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
+
+
 def normalize_token(token: str) -> str:
     token = token.strip() or DEFAULT_TOKEN
     if not _TOKEN_RE.match(token):

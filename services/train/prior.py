@@ -27,6 +27,7 @@ from PIL import Image
 
 from persona.services.runtime.artifacts import ArtifactStore
 from persona.services.runtime.errors import InvalidArgument
+from persona.services.subjects.domain import indefinite_article
 from persona.services.runtime.metadata import MetadataStore, Migration
 
 MIGRATIONS = [
@@ -70,17 +71,7 @@ def class_prompt_for(class_name: str) -> str:
     first = name.split(" ", 1)[0].lower()
     if first in ("a", "an", "the"):
         return f"a photo of {name}"  # the caller already chose the article
-    return f"a photo of {_article(name)} {name}"
-
-
-def _article(noun: str) -> str:
-    word = noun.lower()
-    # Spelling, not sound, decides in most cases; these are the common nouns where the two disagree.
-    if word.startswith(("hour", "honest", "honou", "heir")):
-        return "an"
-    if word.startswith(("uni", "use", "usu", "ute", "eu", "ewe", "one", "once", "ukulele", "urinal")):
-        return "a"
-    return "an" if word[0] in "aeiou" else "a"
+    return f"a photo of {indefinite_article(name)} {name}"
 
 
 def base_model_identity(base_model_dir: Path) -> str:
