@@ -33,15 +33,11 @@ class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamCli
     def __init__(self, metadata: tuple[tuple[str, str], ...]):
         self.metadata = metadata
 
-    def _details(self, details):
-        return details._replace(metadata=tuple(details.metadata or ()) + self.metadata) \
-            if hasattr(details, "_replace") else _CallDetails(details, self.metadata)
-
     def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
+        return continuation(_CallDetails(client_call_details, self.metadata), request)
 
     def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
+        return continuation(_CallDetails(client_call_details, self.metadata), request)
 
 
 class _CallDetails(grpc.ClientCallDetails):
@@ -97,25 +93,24 @@ class PersonaClient:
 
     def all_subjects(self) -> Iterator[subjects_pb2.Subject]:
         """Every subject of the caller, newest first, following page tokens."""
-        token = ""
-        while True:
-            response = self.subjects.ListSubjects(
-                subjects_pb2.ListSubjectsRequest(page=common_pb2.PageRequest(page_token=token)))
-            yield from response.subjects
-            token = response.page.next_page_token
-            if not token:
-                return
+        return _every_page(lambda page: self.subjects.ListSubjects(subjects_pb2.ListSubjectsRequest(page=page)),
+                           "subjects")
 
     def all_jobs(self, kind: str = "", subject_id: str = "") -> Iterator[common_pb2.Job]:
         """Every job of the caller (optionally of one kind or subject), newest first, following page tokens."""
-        token = ""
-        while True:
-            response = self.jobs.ListJobs(common_pb2.ListJobsRequest(
-                page=common_pb2.PageRequest(page_token=token), kind=kind, subject_id=subject_id))
-            yield from response.jobs
-            token = response.page.next_page_token
-            if not token:
-                return
+        return _every_page(lambda page: self.jobs.ListJobs(
+            common_pb2.ListJobsRequest(page=page, kind=kind, subject_id=subject_id)), "jobs")
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _every_page(list_page, field: str) -> Iterator:
+    """Items of `field` across every page of a List… RPC (`list_page(PageRequest)` → response)."""
+    token = ""
+    while True:
+        response = list_page(common_pb2.PageRequest(page_token=token))
+        yield from getattr(response, field)
+        token = response.page.next_page_token
+        if not token:
+            return
