@@ -7,12 +7,15 @@ branches on the method's name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from persona.services.runtime.errors import InvalidArgument
+from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .methods import METHODS, Components
 
@@ -28,6 +31,10 @@ MAX_STEPS = 100_000
 
 OnStep = Callable[[int, dict, float], None]
 ShouldStop = Callable[[], bool]
+# on_validation(step, [(prompt, PIL image), ...]) after the validation images of `step` are drawn.
+OnValidation = Callable[[int, list], None]
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,13 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # "cpu", "cuda", "cuda:1", ...; None: cuda when available, else cpu.
     device: str | None = None
+    # Write a resumable checkpoint every N steps (0: never); needs train(checkpoint_dir=...).
+    checkpoint_every: int = 0
+    # Draw validation images every N steps and at the end (0: never), from these prompts, with this many
+    # DDIM steps; needs train(on_validation=...).
+    validation_every: int = 0
+    validation_prompts: tuple[str, ...] = ()
+    validation_steps: int = 20
 
     @property
     def lr(self) -> float:
@@ -117,6 +131,15 @@ class TrainConfig:
             raise InvalidArgument(f"`lr_warmup_steps` is {self.lr_warmup_steps}: use 0–`steps` ({self.steps})")
         if self.prior_loss_weight < 0:
             raise InvalidArgument(f"`prior_loss_weight` is {self.prior_loss_weight}: use 0 or more, e.g. 1.0")
+        if self.checkpoint_every < 0:
+            raise InvalidArgument(f"`checkpoint_every` is {self.checkpoint_every}: use 0 (never) or a step count")
+        if self.validation_every < 0:
+            raise InvalidArgument(f"`validation_every` is {self.validation_every}: use 0 (never) or a step count")
+        if self.validation_every and not self.validation_prompts:
+            raise InvalidArgument("`validation_every` is set but `validation_prompts` is empty: give a prompt, "
+                                  "e.g. 'a sks dog on the beach'")
+        if not 1 <= self.validation_steps <= 200:
+            raise InvalidArgument(f"`validation_steps` is {self.validation_steps}: use 1–200")
         if self.use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
@@ -142,6 +165,8 @@ class TrainResult:
     losses: tuple[float, ...]
     seconds: float
     warnings: tuple[str, ...] = ()
+    # The step the run resumed from (0: a fresh start).
+    resumed_from: int = 0
     # The trained models in memory (e.g. to sample without reloading); not part of equality or repr.
     components: Components | None = field(default=None, repr=False, compare=False)
 
@@ -154,6 +179,8 @@ def train(
     class_examples: Sequence[tuple[Any, str]] | None = None,
     on_step: OnStep | None = None,
     should_stop: ShouldStop | None = None,
+    checkpoint_dir: Path | None = None,
+    on_validation: OnValidation | None = None,
 ) -> TrainResult:
     """Trains `config.method` on `examples` ((PIL image, caption) pairs) and saves it into `output_dir`.
 
@@ -161,6 +188,10 @@ def train(
     through the UNet in one batch, loss = instance + prior_loss_weight * prior. `on_step(step, losses,
     it_per_s)` is called after every step with {"loss", "instance", "prior"?}; `should_stop()` ends the run
     early (the weights so far are still saved).
+
+    With `checkpoint_dir`, the full training state (trainable weights, optimiser, LR schedule, RNG, step) is
+    written there atomically every `config.checkpoint_every` steps and when the run stops early; a later call
+    with the same arguments resumes from it, and ends with the weights an uninterrupted run would have.
     """
     import torch
 
@@ -173,10 +204,12 @@ def train(
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
         return _train(Path(base_model_dir), list(examples), config, Path(output_dir),
-                      list(class_examples or []), on_step, should_stop, device)
+                      list(class_examples or []), on_step, should_stop, device,
+                      Path(checkpoint_dir) if checkpoint_dir is not None else None, on_validation)
 
 
-def _train(base_model_dir, examples, config, output_dir, class_examples, on_step, should_stop, device) -> TrainResult:
+def _train(base_model_dir, examples, config, output_dir, class_examples, on_step, should_stop, device,
+           checkpoint_dir, on_validation) -> TrainResult:
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -235,12 +268,15 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
 
     # 5. Optimiser over the method's parameters, and the learning-rate schedule.
     params = method.trainable_parameters()
-    optimizer_cls = torch.optim.AdamW
     if config.use_8bit_adam:
         import bitsandbytes as bnb
 
-        optimizer_cls = bnb.optim.AdamW8bit
-    optimizer = optimizer_cls(params, lr=config.lr, weight_decay=config.adam_weight_decay)
+        optimizer = bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.adam_weight_decay)
+    else:
+        # The fused CUDA kernel updates every tensor in one launch instead of several per tensor.
+        fused = device.type == "cuda" and all(p.dtype == torch.float32 for p in params)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.adam_weight_decay,
+                                      **({"fused": True} if fused else {}))
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.steps)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -248,11 +284,29 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
     prediction_type = noise_scheduler.config.prediction_type
     n_instance, n_class = len(examples), len(class_examples)
 
+    # 6. Resume from the checkpoint a previous (interrupted) call left, if any.
+    fingerprint = _fingerprint(config, all_examples, n_instance)
+    state = _TrainingState(params, optimizer, lr_scheduler, scaler, generator)
     losses: list[float] = []
+    start_step = 0
+    if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_FILE).exists():
+        start_step, losses = state.load(checkpoint_dir / CHECKPOINT_FILE, fingerprint)
+    resumed_from = start_step
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_dir is not None:
+            state.save(checkpoint_dir / CHECKPOINT_FILE, fingerprint, step, losses)
+
+    def validate(step: int) -> None:
+        if on_validation is not None and config.validation_every:
+            on_validation(step, _validation_images(components, config, resolution, device, autocast))
+
     stopped = False
-    for step in range(1, config.steps + 1):
+    for step in range(start_step + 1, config.steps + 1):
         if should_stop is not None and should_stop():
             stopped = True
+            if step - 1 > resumed_from:
+                checkpoint(step - 1)
             break
         step_started = time.perf_counter()
         # Pick this step's instance images (and as many class images), in seeded order.
@@ -307,14 +361,20 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         losses.append(step_losses["loss"])
         if on_step is not None:
             on_step(step, step_losses, 1.0 / max(time.perf_counter() - step_started, 1e-9))
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            checkpoint(step)
+        if config.validation_every and step % config.validation_every == 0 and step < config.steps:
+            validate(step)
 
-    # 6. Save in the method's ecosystem format.
+    # 7. Final validation images, then save in the method's ecosystem format.
+    if not stopped and len(losses) == config.steps and config.steps > resumed_from:
+        validate(config.steps)
     components.unet.eval()
     components.text_encoder.eval()
     artifact = method.save(output_dir)
     return TrainResult(method=config.method, output_dir=output_dir, artifact=artifact, steps=len(losses),
                        stopped=stopped, losses=tuple(losses), seconds=time.perf_counter() - started,
-                       warnings=tuple(warnings), components=components)
+                       warnings=tuple(warnings), resumed_from=resumed_from, components=components)
 
 
 def _min_snr_weights(snr, gamma: float, prediction_type: str):
@@ -352,3 +412,97 @@ def _autocast(device, mixed_precision: str, warnings: list[str]):
         warnings.append(f"`mixed_precision` {mixed_precision} is not supported on {device.type}: training in fp32")
         return contextlib.nullcontext, None
     return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), dtype
+
+
+class _TrainingState:
+    """Everything a resumed run needs to continue exactly where the interrupted one stopped."""
+
+    def __init__(self, params, optimizer, lr_scheduler, scaler, generator):
+        self.params, self.optimizer, self.lr_scheduler = params, optimizer, lr_scheduler
+        self.scaler, self.generator = scaler, generator
+
+    def save(self, path: Path, fingerprint: str, step: int, losses: list[float]) -> None:
+        """Writes the state to a temporary file and renames it over `path`: a crash leaves the old or the new."""
+        import torch
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        payload = {
+            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "step": step, "losses": list(losses),
+            "params": [p.detach().cpu().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "generator": self.generator.get_state(),
+        }
+        with open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def load(self, path: Path, fingerprint: str) -> tuple[int, list[float]]:
+        """Restores the state from `path`; returns (step, losses so far)."""
+        import torch
+
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if payload.get("format") != CHECKPOINT_FORMAT or payload.get("fingerprint") != fingerprint:
+            raise FailedPrecondition(
+                f"checkpoint {path} was written by a run with other settings or images: delete it to start over")
+        with torch.no_grad():
+            for param, saved in zip(self.params, payload["params"], strict=True):
+                param.copy_(saved.to(param.device, param.dtype))
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.lr_scheduler.load_state_dict(payload["lr_scheduler"])
+        if self.scaler is not None and payload["scaler"] is not None:
+            self.scaler.load_state_dict(payload["scaler"])
+        self.generator.set_state(payload["generator"])
+        return payload["step"], list(payload["losses"])
+
+
+def _fingerprint(config: TrainConfig, examples: list, n_instance: int) -> str:
+    """Identifies a run's settings and data, so a checkpoint is only resumed by the run that wrote it."""
+    from dataclasses import asdict
+
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("device", "checkpoint_every", "validation_every", "validation_prompts", "validation_steps")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(str(n_instance).encode())
+    for image, caption in examples:
+        digest.update(caption.encode())
+        digest.update(image.convert("RGB").tobytes())
+    return digest.hexdigest()
+
+
+def _validation_images(components: Components, config: TrainConfig, resolution: int, device, autocast) -> list:
+    """Draws one image per validation prompt with the weights as they are now (DDIM, guidance 7.5, fixed seed).
+
+    Uses its own seeded generator, so drawing validation images never changes the training run.
+    """
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=DDIMScheduler.from_config(components.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = components.unet.training, components.text_encoder.training
+    components.unet.eval()
+    components.text_encoder.eval()
+    images = []
+    try:
+        with torch.no_grad(), autocast():
+            for prompt in config.validation_prompts:
+                generator = torch.Generator(device="cpu").manual_seed(config.seed)
+                image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=config.validation_steps,
+                             generator=generator).images[0]
+                images.append((prompt, image))
+    finally:
+        components.unet.train(was_training[0])
+        components.text_encoder.train(was_training[1])
+    return images

@@ -181,3 +181,78 @@ def test_default_learning_rates():
     assert TrainConfig(method="lora").lr == 1e-4
     assert TrainConfig(method="ti").lr == 5e-4
     assert TrainConfig(method="ti", learning_rate=1e-3).lr == 1e-3
+
+
+def _lora_tensors(result) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(result.artifact)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_then_resume_equals_uninterrupted_run(base, dogs, tmp_path):
+    config = TrainConfig(method="lora", steps=6, resolution=RESOLUTION, learning_rate=1e-2, checkpoint_every=2)
+    uninterrupted = train(base, dogs[:2], config, tmp_path / "straight")
+
+    def crash_at_5(step, losses, it_per_s):
+        if step == 5:
+            raise _Crash()
+    with pytest.raises(_Crash):
+        train(base, dogs[:2], config, tmp_path / "resumed", on_step=crash_at_5, checkpoint_dir=tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "checkpoint.pt").exists()
+    resumed = train(base, dogs[:2], config, tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt")
+
+    assert resumed.resumed_from == 4 and resumed.steps == 6
+    assert resumed.losses == pytest.approx(uninterrupted.losses, abs=1e-6)
+    expected, actual = _lora_tensors(uninterrupted), _lora_tensors(resumed)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-6, rtol=0)
+
+
+def test_stop_writes_a_checkpoint_that_resumes(base, dogs, tmp_path):
+    config = TrainConfig(method="ti", steps=5, resolution=RESOLUTION, learning_rate=1e-1)
+    uninterrupted = train(base, dogs[:2], config, tmp_path / "straight")
+    calls = []
+
+    def stop_after_two():
+        calls.append(1)
+        return len(calls) > 2
+    stopped = train(base, dogs[:2], config, tmp_path / "stopped", should_stop=stop_after_two,
+                    checkpoint_dir=tmp_path / "ckpt")
+    assert stopped.stopped and stopped.steps == 2 and stopped.artifact.exists()
+    resumed = train(base, dogs[:2], config, tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt")
+    assert resumed.resumed_from == 2
+    from safetensors.torch import load_file
+    torch.testing.assert_close(load_file(resumed.artifact)["sks"], load_file(uninterrupted.artifact)["sks"],
+                               atol=1e-6, rtol=0)
+
+
+def test_checkpoint_of_other_settings_is_refused(base, dogs, tmp_path):
+    from persona.services.runtime.errors import FailedPrecondition
+
+    config = TrainConfig(method="lora", steps=3, resolution=RESOLUTION, checkpoint_every=1)
+    with pytest.raises(_Crash):
+        train(base, dogs[:1], config, tmp_path / "a", checkpoint_dir=tmp_path / "ckpt",
+              on_step=lambda step, losses, speed: (_ for _ in ()).throw(_Crash()) if step == 2 else None)
+    with pytest.raises(FailedPrecondition, match="other settings"):
+        train(base, dogs[:1], TrainConfig(method="lora", steps=3, resolution=RESOLUTION, seed=1),
+              tmp_path / "b", checkpoint_dir=tmp_path / "ckpt")
+
+
+def test_validation_images_every_n_steps_do_not_change_training(base, dogs, tmp_path):
+    plain = TrainConfig(method="lora", steps=4, resolution=RESOLUTION, learning_rate=1e-2)
+    with_validation = TrainConfig(method="lora", steps=4, resolution=RESOLUTION, learning_rate=1e-2,
+                                  validation_every=2, validation_prompts=("a sks dog on the beach",),
+                                  validation_steps=2)
+    drawn = []
+    a = train(base, dogs[:2], plain, tmp_path / "a")
+    b = train(base, dogs[:2], with_validation, tmp_path / "b", on_validation=lambda step, images: drawn.append(
+        (step, images)))
+    assert [step for step, _ in drawn] == [2, 4]
+    prompt, image = drawn[0][1][0]
+    assert prompt == "a sks dog on the beach" and image.size == (RESOLUTION, RESOLUTION)
+    assert a.losses == b.losses
