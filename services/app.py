@@ -26,12 +26,16 @@ from persona.services.runtime.settings import RuntimeSettings
 from persona.services.subjects import domain as subjects_domain
 from persona.services.subjects.servicer import subject_service
 from persona.services.subjects.settings import SubjectSettings
+from persona.services.train import concepts as train_concepts
+from persona.services.train import domain as train_domain
 from persona.services.train import prior
+from persona.services.train.servicer import train_service
+from persona.services.train.settings import TrainSettings
 
 log = logging.getLogger("persona.app")
 
 MIGRATIONS = [*auth.MIGRATIONS, *jobs.MIGRATIONS, *subjects_domain.MIGRATIONS, *caption_domain.MIGRATIONS,
-              *prior.MIGRATIONS]
+              *prior.MIGRATIONS, *train_concepts.MIGRATIONS]
 
 
 @dataclass
@@ -45,6 +49,7 @@ class PersonaApp:
     authenticator: auth.ApiKeyAuthenticator
     subjects: subjects_domain.SubjectRepository
     captions: caption_domain.CaptionDomain
+    train: train_domain.TrainDomain
     server: RunningServer
     lock: IO[str]
 
@@ -94,26 +99,29 @@ def open_metadata(settings: RuntimeSettings) -> SQLiteMetadataStore:
 
 def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
               subject_settings: SubjectSettings | None = None,
-              caption_settings: CaptionSettings | None = None) -> PersonaApp:
+              caption_settings: CaptionSettings | None = None,
+              train_settings: TrainSettings | None = None) -> PersonaApp:
     """Builds every service on `settings.data_dir`, starts serving on `address`, resumes jobs."""
     lock = lock_data_dir(settings.data_dir)
     try:
-        return _build(settings, address, lock, subject_settings, caption_settings)
+        return _build(settings, address, lock, subject_settings, caption_settings, train_settings)
     except BaseException:
         lock.close()
         raise
 
 
 def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_settings: SubjectSettings | None,
-           caption_settings: CaptionSettings | None) -> PersonaApp:
+           caption_settings: CaptionSettings | None, train_settings: TrainSettings | None) -> PersonaApp:
     db = open_metadata(settings)
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     runner = jobs.JobRunner(jobs.JobStore(db), workers=settings.job_workers)
     authenticator = auth.ApiKeyAuthenticator(db, settings.auth)
     subjects = subjects_domain.SubjectRepository(db, artifacts, subject_settings or SubjectSettings.from_env())
     captions = caption_domain.CaptionDomain(db, subjects, runner, caption_settings or CaptionSettings.from_env())
+    train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner,
+                                     train_settings or TrainSettings.from_env(), settings.data_dir / "train")
     server = create_server(
-        [job_service(runner), subject_service(subjects), caption_service(captions)], address,
+        [job_service(runner), subject_service(subjects), caption_service(captions), train_service(train)], address,
         interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
         workers=settings.rpc_workers,
     )
@@ -122,4 +130,4 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_setti
         log.info("found %d job(s) left by a previous run: %s", len(resumed), ", ".join(resumed))
     server.set_serving(True)
     return PersonaApp(settings=settings, db=db, artifacts=artifacts, runner=runner, authenticator=authenticator,
-                      subjects=subjects, captions=captions, server=server, lock=lock)
+                      subjects=subjects, captions=captions, train=train, server=server, lock=lock)

@@ -10,6 +10,7 @@ from persona.client.sdk import PersonaClient
 from persona.services.app import PersonaApp, build_app
 from persona.services.caption.settings import CaptionSettings
 from persona.services.runtime.settings import RuntimeSettings
+from persona.services.train.settings import TrainSettings
 
 pytest_plugins = ["fakevlm"]
 
@@ -30,15 +31,23 @@ def dog_photos(dreambench) -> list[bytes]:
     return [p.read_bytes() for p in sorted((dreambench / "dog").glob("*.jpg"))[:4]]
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One PERSONA_MODEL_CACHE for the session: the built-in `tiny` base model is built once."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
 @pytest.fixture
-def start_app(tmp_path):
-    """Factory: start_app(data_dir=None, auth="api-key", caption_settings=None) → a running PersonaApp."""
+def start_app(tmp_path, model_cache):
+    """Factory: start_app(data_dir=None, auth="api-key", caption_settings=None, train_settings=None) → a running
+    PersonaApp (training on CPU, base models cached in the session's model cache)."""
     apps: list[PersonaApp] = []
 
     def start(data_dir: Path | None = None, auth: str = "api-key", caption_settings: CaptionSettings | None = None,
-              **runtime) -> PersonaApp:
+              train_settings: TrainSettings | None = None, **runtime) -> PersonaApp:
         settings = RuntimeSettings(data_dir=data_dir or tmp_path / "data", auth=auth, **runtime)
-        app = build_app(settings, caption_settings=caption_settings or CaptionSettings())
+        app = build_app(settings, caption_settings=caption_settings or CaptionSettings(),
+                        train_settings=train_settings or TrainSettings(base_model_cache_dir=model_cache, device="cpu"))
         apps.append(app)
         return app
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .errors import NotFound
 
+_CHUNK = 1 << 20
+
 
 class ArtifactStore(ABC):
     """Immutable blobs addressed by the sha256 of their content."""
@@ -20,8 +22,16 @@ class ArtifactStore(ABC):
         """Stores `data` (idempotently) and returns its sha256 hex digest."""
 
     @abstractmethod
+    def put_file(self, path: Path) -> str:
+        """Stores the file at `path` without reading it into memory (model weights are gigabytes)."""
+
+    @abstractmethod
     def get(self, sha256: str) -> bytes:
         """Returns the bytes stored under `sha256`; NotFound when absent."""
+
+    @abstractmethod
+    def open(self, sha256: str):
+        """A binary file object reading the artifact; NotFound when absent."""
 
     @abstractmethod
     def exists(self, sha256: str) -> bool:
@@ -57,6 +67,35 @@ class LocalArtifactStore(ArtifactStore):
             Path(tmp).unlink(missing_ok=True)
             raise
         return digest
+
+    def put_file(self, path: Path) -> str:
+        hasher = hashlib.sha256()
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
+                while chunk := source.read(_CHUNK):
+                    hasher.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            digest = hasher.hexdigest()
+            target = self.path_of(digest)
+            if target.exists():
+                Path(tmp).unlink()
+                return digest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return digest
+
+    def open(self, sha256: str):
+        try:
+            return open(self.path_of(sha256), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"artifact `{sha256}` is not stored") from None
 
     def get(self, sha256: str) -> bytes:
         path = self.path_of(sha256)

@@ -57,7 +57,7 @@ class TrainConfig:
     train_text_encoder: bool = False
     # LoRA rank, alpha (scale = alpha / rank) and the UNet modules that get adapters.
     lora_rank: int = 4
-    lora_alpha: int = 4
+    lora_alpha: float = 4
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     # Textual inversion: the new placeholder token and the word its embedding starts from.
     token: str = "sks"

@@ -8,6 +8,9 @@ from pathlib import Path
 from persona.services.runtime.settings import default_home
 
 
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
 def _default_model_cache() -> Path:
     return default_home() / "models"
 
@@ -21,6 +24,10 @@ class TrainSettings:
     # (PERSONA_TRAIN_DOWNLOAD_BASE_MODELS=1). Off by default: a server should not pull gigabytes
     # during a request; HF_HUB_OFFLINE=1 forbids it regardless.
     download_base_models: bool = False
+    # Base model when a request names none (PERSONA_BASE_MODEL).
+    default_base_model: str = DEFAULT_BASE_MODEL
+    # Training device, e.g. "cuda:1" or "cpu" (PERSONA_TRAIN_DEVICE); None: cuda when available, else cpu.
+    device: str | None = None
 
     @classmethod
     def from_env(cls) -> "TrainSettings":
@@ -28,4 +35,6 @@ class TrainSettings:
         return cls(
             base_model_cache_dir=Path(cache) if cache else _default_model_cache(),
             download_base_models=os.environ.get("PERSONA_TRAIN_DOWNLOAD_BASE_MODELS", "") in ("1", "true", "yes"),
+            default_base_model=os.environ.get("PERSONA_BASE_MODEL", "").strip() or DEFAULT_BASE_MODEL,
+            device=os.environ.get("PERSONA_TRAIN_DEVICE", "").strip() or None,
         )

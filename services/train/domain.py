@@ -1,0 +1,486 @@
+"""Train use cases: validate a request, run it as a resumable "train" job, keep and export the concept.
+
+Everything a request can get wrong is checked in `start`, before anything is stored or queued: the
+subject, the base model (available offline?), the method, the regularisers and each option. The job
+then loads the photos and the captions recorded at start, draws (or reuses) the class images for
+prior preservation, and runs the one training loop with checkpoints in the concept's work folder; a
+job resumed after a crash continues from the last checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, fields as dataclass_fields
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+
+from persona.services.runtime.artifacts import LocalArtifactStore
+from persona.services.runtime.errors import (Cancelled, FailedPrecondition, InvalidArgument, PersonaError,
+                                             ResourceExhausted)
+from persona.services.runtime.jobs import TERMINAL, JobContext, JobRecord, JobRunner
+from persona.services.runtime.metadata import MetadataStore
+from persona.services.runtime.paging import Page
+
+from ..caption import instructions
+from ..caption.domain import CaptionDomain
+from ..subjects.domain import Subject, SubjectRepository
+from . import concepts as concept_store
+from .base_models import ResolvedBaseModel, resolve_base_model
+from .concepts import Concept, ConceptFile, ConceptStore, TrainingCaption
+from .loop import DEFAULT_LEARNING_RATES, TrainConfig, train
+from .methods import METHODS
+from .prior import MAX_CLASS_IMAGES, ClassImageCache, base_model_identity, class_prompt_for
+from .settings import TrainSettings
+
+log = logging.getLogger("persona.train")
+
+JOB_KIND = "train"
+DEFAULT_METHOD = "lora"
+# Regularisers each method can use. Textual inversion learns one embedding from the photos alone, so
+# prior preservation (a UNet-side term) has nothing to protect there.
+REGULARIZERS = {"prior": ("dreambooth", "lora")}
+NO_REGULARIZERS = "none"
+CAPTION_SOURCES = ("sid", "class")
+EXPORT_FORMATS = {"diffusers": None, "lora": ("lora",), "kohya": ("lora",), "ti": ("ti",)}
+DEFAULT_OPTIONS = {
+    "steps": 400, "batch_size": 1, "seed": 0, "train_text_encoder": False, "lora_rank": 4,
+    "lora_targets": ["to_q", "to_k", "to_v", "to_out.0"], "gradient_checkpointing": False, "min_snr_gamma": None,
+    "lr_scheduler": "constant", "lr_warmup_steps": 0, "use_8bit_adam": False, "prior_loss_weight": 1.0,
+    "num_class_images": 100, "checkpoint_every": 100, "validation_every": 0, "max_grad_norm": 1.0,
+}
+# Options that are not TrainConfig fields (they shape the data, not the loop).
+_DATA_OPTIONS = ("num_class_images", "class_prompt")
+# Progress events are written at most this often (plus the first and last step): a fast GPU run
+# should not spend its time in SQLite.
+EVENT_INTERVAL_S = 0.5
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """StartTraining's fields, as plain values; `options` holds only what the caller set."""
+
+    subject_id: str
+    base_model: str = ""
+    method: str = ""
+    regularizers: tuple[str, ...] = ()
+    captions: str = ""
+    options: dict | None = None
+    display_name: str = ""
+
+
+class TrainDomain:
+    """Concepts of every tenant; training runs as resumable "train" jobs, one per device at a time."""
+
+    def __init__(self, db: MetadataStore, artifacts: LocalArtifactStore, subjects: SubjectRepository,
+                 captions: CaptionDomain, runner: JobRunner, settings: TrainSettings, work_dir: Path):
+        self.db, self.artifacts, self.subjects, self.captions = db, artifacts, subjects, captions
+        self.runner, self.settings, self.work_dir = runner, settings, work_dir
+        self.concepts = ConceptStore(db)
+        self.class_images = ClassImageCache(db, artifacts)
+        # One training run per process at a time: two runs on one GPU would both run out of memory.
+        self._device_lock = threading.Lock()
+        runner.register(JOB_KIND, self._run, resumable=True)
+
+    # Requests -----------------------------------------------------------------------------------
+
+    def start(self, tenant_id: str, request: TrainRequest) -> JobRecord:
+        """Checks everything, records the concept (TRAINING) with its captions, and queues its job."""
+        subject = self.subjects.get(tenant_id, request.subject_id)
+        if not subject.images:
+            raise FailedPrecondition(f"subject {subject.subject_id} has no images: add photos with "
+                                     "`persona-cli subjects add PHOTOS… --class …` and train that subject")
+        method = (request.method or DEFAULT_METHOD).strip().lower()
+        if method not in METHODS:
+            raise InvalidArgument(f"`method` is {request.method!r}: use one of {', '.join(METHODS)}")
+        regularizers = _regularizers(request.regularizers, method)
+        captions = (request.captions or "sid").strip().lower()
+        if captions not in CAPTION_SOURCES:
+            raise InvalidArgument(f"`captions` is {request.captions!r}: use sid (the stored SID captions) or "
+                                  "class (the template 'a photo of a sks dog')")
+        base = resolve_base_model(request.base_model or self.settings.default_base_model, self.settings)
+        options, config = self._options(request.options or {}, method, subject, base)
+        if "prior" in regularizers:
+            self._check_prior_options(options)
+        training_captions = self._training_captions(tenant_id, subject, captions)
+        display_name = request.display_name.strip() or f"{method} of {subject.display_name or subject.subject_id}"
+        if len(display_name) > 200:
+            raise InvalidArgument(f"`display_name` is {len(display_name)} characters; at most 200")
+        concept = self.concepts.create(
+            tenant_id=tenant_id, subject_id=subject.subject_id, display_name=display_name, token=subject.token,
+            class_name=subject.class_name, base_model=base.ref, base_model_sha256=base_model_identity(base.path),
+            base_model_family=base.family, method=method, regularizers=regularizers, captions=captions,
+            options=options, training_captions=training_captions, resolution=config.resolution,
+            persona_version=_persona_version())
+        try:
+            job = self.runner.submit(tenant_id, JOB_KIND, {"concept_id": concept.concept_id}, subject.subject_id)
+        except BaseException:
+            self.concepts.delete(concept.concept_id)
+            raise
+        self.concepts.update(concept.concept_id, job_id=job.job_id)
+        return job
+
+    def get(self, tenant_id: str, concept_id: str) -> Concept:
+        return self._reconciled(self.concepts.get(concept_id, tenant_id))
+
+    def list(self, tenant_id: str, page: Page, subject_id: str = "") -> tuple[list[Concept], str]:
+        concepts, token = self.concepts.list(tenant_id, page, subject_id)
+        return [self._reconciled(c) for c in concepts], token
+
+    def delete(self, tenant_id: str, concept_id: str) -> None:
+        concept = self.get(tenant_id, concept_id)
+        if concept.state == concept_store.TRAINING:
+            raise FailedPrecondition(f"concept {concept_id} is still training: cancel job {concept.job_id} first "
+                                     f"(`persona-cli jobs cancel {concept.job_id}`)")
+        self.concepts.delete(concept_id)
+        shutil.rmtree(self._work_dir(concept_id), ignore_errors=True)
+
+    def export(self, tenant_id: str, concept_id: str, format_name: str) -> list[ConceptFile]:
+        """The files of `concept_id` in `format_name`, converted once and kept (a second call reuses them)."""
+        if format_name not in EXPORT_FORMATS:
+            raise InvalidArgument(f"`format` is {format_name!r}: use one of {', '.join(EXPORT_FORMATS)}")
+        concept = self.get(tenant_id, concept_id)
+        weights = concept.files_of(concept_store.WEIGHTS)
+        if not weights:
+            raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights yet: "
+                                     + ("wait for its training job to finish" if concept.state == "TRAINING"
+                                        else "train it again"))
+        methods = EXPORT_FORMATS[format_name]
+        if methods is not None and concept.method not in methods:
+            raise FailedPrecondition(
+                f"`format` {format_name} needs a {' or '.join(methods)} concept; {concept_id} was trained with "
+                f"{concept.method}: use format diffusers" + (" or lora/kohya" if concept.method == "lora" else "")
+                + (" or ti" if concept.method == "ti" else ""))
+        role = concept_store.export_role(format_name)
+        cached = concept.files_of(role)
+        if cached and all(self.artifacts.exists(f.artifact_id) for f in cached):
+            return cached
+        with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:
+            out_dir = Path(scratch) / "export"
+            self._convert(concept, format_name, Path(scratch), out_dir)
+            files = self._store_folder(out_dir, role)
+        self.concepts.replace_files(concept_id, role, files)
+        return files
+
+    def read_file(self, tenant_id: str, concept_id: str, artifact_id: str) -> Iterator[tuple[int, bytes, int]]:
+        """Chunks (offset, data, total size) of one file of the concept."""
+        concept = self.get(tenant_id, concept_id)
+        if not any(f.artifact_id == artifact_id for f in concept.files):
+            raise InvalidArgument(f"`artifact_id` {artifact_id!r} is not a file of concept {concept_id}: see its "
+                                  "files with GetConcept, or export it with ExportConcept")
+        handle = self.artifacts.open(artifact_id)
+
+        def chunks():
+            with handle:
+                total = handle.seek(0, 2)
+                handle.seek(0)
+                offset = 0
+                while data := handle.read(_CHUNK):
+                    yield offset, data, total
+                    offset += len(data)
+        return chunks()
+
+    # Validation of a request -----------------------------------------------------------------------
+
+    def _options(self, given: dict, method: str, subject: Subject, base: ResolvedBaseModel) -> tuple[dict, TrainConfig]:
+        """Every option with its default filled in, and the TrainConfig they make (validated)."""
+        unknown = set(given) - set(_OPTION_NAMES)
+        if unknown:
+            raise InvalidArgument(f"unknown option(s) {', '.join(sorted(unknown))}: see TrainingOptions")
+        options = {**DEFAULT_OPTIONS, **{k: v for k, v in given.items() if v is not None or k == "min_snr_gamma"}}
+        options.setdefault("learning_rate", DEFAULT_LEARNING_RATES[method])
+        options.setdefault("resolution", base.native_resolution)
+        options.setdefault("lora_alpha", options["lora_rank"])
+        options["lora_targets"] = list(options.get("lora_targets") or DEFAULT_OPTIONS["lora_targets"])
+        options["initializer_token"] = options.get("initializer_token") or subject.class_name.split()[-1]
+        options["mixed_precision"] = options.get("mixed_precision") or ("fp16" if self._on_cuda() else "no")
+        options["class_prompt"] = options.get("class_prompt") or class_prompt_for(subject.class_name)
+        options["validation_prompts"] = list(options.get("validation_prompts") or
+                                             [f"a {subject.token} {subject.class_name} on the beach"])
+        config = self._config(options, method, subject.token)
+        config.validate()
+        return options, config
+
+    def _config(self, options: dict, method: str, token: str) -> TrainConfig:
+        values = {k: v for k, v in options.items() if k not in _DATA_OPTIONS}
+        values["lora_targets"] = tuple(values["lora_targets"])
+        values["validation_prompts"] = tuple(values["validation_prompts"])
+        return TrainConfig(method=method, token=token, device=self.settings.device, **values)
+
+    @staticmethod
+    def _check_prior_options(options: dict) -> None:
+        count = options["num_class_images"]
+        if not 1 <= count <= MAX_CLASS_IMAGES:
+            raise InvalidArgument(f"`num_class_images` is {count}: use 1–{MAX_CLASS_IMAGES} (DreamBooth uses 100–200)")
+        if not options["class_prompt"].strip():
+            raise InvalidArgument("`class_prompt` is empty: e.g. 'a photo of a dog'")
+
+    def _training_captions(self, tenant_id: str, subject: Subject, source: str) -> list[TrainingCaption]:
+        """The text each image trains with, recorded now so the run does not change when captions do."""
+        template = instructions.template_caption("object", subject.class_name, subject.token)
+        stored = {c.image_id: c for c in self.captions.list(tenant_id, subject.subject_id)} if source == "sid" else {}
+        result = []
+        for image in subject.images:
+            caption = stored.get(image.image_id)
+            if caption is not None and caption.text and not caption.failure:
+                result.append(TrainingCaption(image.image_id, caption.text, caption.source))
+            else:
+                result.append(TrainingCaption(image.image_id, template, "class"))
+        return result
+
+    def _on_cuda(self) -> bool:
+        device = self.settings.device
+        if device:
+            return device.startswith("cuda")
+        try:
+            import torch
+        except ImportError:
+            return False
+        return torch.cuda.is_available()
+
+    # The job ------------------------------------------------------------------------------------------
+
+    def _run(self, ctx: JobContext) -> dict:
+        concept = self.concepts.get(ctx.job.params["concept_id"])
+        try:
+            return self._train(ctx, concept)
+        except Cancelled:
+            self.concepts.update(concept.concept_id, state=concept_store.CANCELLED)
+            raise
+        except Exception as error:
+            self.concepts.update(concept.concept_id, state=concept_store.FAILED)
+            mapped = _resource_error(error)
+            if mapped is error:
+                raise
+            raise mapped from error
+
+    def _train(self, ctx: JobContext, concept: Concept) -> dict:
+        base = resolve_base_model(concept.base_model, self.settings)
+        if base_model_identity(base.path) != concept.base_model_sha256:
+            raise FailedPrecondition(f"base model {concept.base_model!r} changed on disk since the job started: "
+                                     "start the training again")
+        config = self._config({k: v for k, v in concept.options.items() if k in _OPTION_NAMES},
+                              concept.method, concept.token)
+        examples = [(self._image(concept, c.image_id), c.text) for c in concept.training_captions]
+        how = "resumed" if ctx.job.attempts > 1 else "started"
+        ctx.log(f"training {how}: {concept.method} on {len(examples)} image(s), {config.steps} steps",
+                concept_id=concept.concept_id)
+
+        with self._device(ctx):
+            class_examples, prior_stats = self._class_examples(ctx, concept, base, config)
+            work = self._work_dir(concept.concept_id)
+            output_dir = work / "output"
+            shutil.rmtree(output_dir, ignore_errors=True)
+            progress = _Progress(ctx, config.steps)
+            result = train(
+                base.path, examples, config, output_dir, class_examples=class_examples,
+                on_step=progress.step, should_stop=lambda: ctx.cancel_requested,
+                checkpoint_dir=work / "checkpoint",
+                on_validation=lambda step, images: self._store_validation(ctx, concept, step, images, progress))
+        for warning in result.warnings:
+            ctx.warn(warning)
+
+        files = self._store_folder(output_dir, concept_store.WEIGHTS)
+        self.concepts.replace_files(concept.concept_id, concept_store.WEIGHTS, files)
+        final_loss = result.losses[-1] if result.losses else 0.0
+        self.concepts.update(concept.concept_id, steps_done=result.steps, final_loss=final_loss,
+                             state=concept_store.CANCELLED if result.stopped else concept_store.READY)
+        shutil.rmtree(work, ignore_errors=True)  # the checkpoint is only for resuming this job
+        if result.stopped:
+            raise Cancelled(f"training of {concept.concept_id} cancelled after step {result.steps}; the weights "
+                            "of that step are kept")
+        return {"concept_id": concept.concept_id, "steps": result.steps, "final_loss": final_loss,
+                "resumed_from_step": result.resumed_from, **prior_stats}
+
+    @contextlib.contextmanager
+    def _device(self, ctx: JobContext):
+        """Waits (cancellably) until no other training run holds the device."""
+        told = False
+        while not self._device_lock.acquire(timeout=0.5):
+            if not told:
+                ctx.log("waiting for another training job to finish with the device")
+                told = True
+            ctx.check_cancelled()
+        try:
+            yield
+        finally:
+            self._device_lock.release()
+
+    def _class_examples(self, ctx: JobContext, concept: Concept, base: ResolvedBaseModel, config: TrainConfig):
+        if "prior" not in concept.regularizers:
+            return [], {}
+        count, prompt = concept.options["num_class_images"], concept.options["class_prompt"]
+        seen: list[int] = []
+
+        def on_progress(done: int, total: int) -> None:
+            if not seen:
+                seen.append(done)  # the first call reports what was already stored
+            ctx.check_cancelled()
+            ctx.progress(0.0, f"class images {done}/{total}", stage="class_images", done=done, total=total)
+        images = self.class_images.get_or_generate(base.path, prompt, count, config.seed, config.resolution,
+                                                   on_progress=on_progress)
+        reused = seen[0] if seen else count
+        return [(image, prompt) for image in images], {"class_images_generated": count - reused,
+                                                       "class_images_reused": reused}
+
+    def _store_validation(self, ctx: JobContext, concept: Concept, step: int, images: list, progress) -> None:
+        ids = []
+        for index, (prompt, image) in enumerate(images):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            data = buffer.getvalue()
+            digest = self.artifacts.put(data)
+            self.concepts.put_file(concept.concept_id, ConceptFile(
+                concept_store.VALIDATION, f"validation/step-{step:06d}-{index}.png", digest, len(data), step, prompt))
+            ids.append(digest)
+        progress.validation(step, ids)
+
+    def _image(self, concept: Concept, image_id: str) -> Image.Image:
+        try:
+            _, data = self.subjects.image_bytes(concept.tenant_id, concept.subject_id, image_id)
+        except PersonaError:
+            raise FailedPrecondition(f"image {image_id} of subject {concept.subject_id} was deleted after training "
+                                     "was requested: start the training again") from None
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+
+    # Files ----------------------------------------------------------------------------------------------
+
+    def _store_folder(self, folder: Path, role: str) -> list[ConceptFile]:
+        files = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest = self.artifacts.put_file(path)
+            files.append(ConceptFile(role, path.relative_to(folder).as_posix(), digest, path.stat().st_size))
+        return files
+
+    def _materialize(self, files: list[ConceptFile], folder: Path) -> Path:
+        """Copies stored files back into a folder with their relative paths."""
+        for file in files:
+            target = folder / file.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.artifacts.path_of(file.artifact_id), target)
+        return folder
+
+    def _convert(self, concept: Concept, format_name: str, scratch: Path, out_dir: Path) -> None:
+        weights_dir = self._materialize(concept.files_of(concept_store.WEIGHTS), scratch / "weights")
+        out_dir.mkdir(parents=True)
+        if format_name in ("lora", "ti") or (format_name == "diffusers" and concept.method == "dreambooth"):
+            self._materialize(concept.files_of(concept_store.WEIGHTS), out_dir)
+        elif format_name == "kohya":
+            from .kohya import export_kohya_lora
+
+            source = weights_dir / "pytorch_lora_weights.safetensors"
+            family = "sd21" if concept.base_model_family.startswith("sd2") else "sd15"
+            export_kohya_lora(source, out_dir / f"{concept.token}_{concept.class_name.replace(' ', '_')}.safetensors",
+                              base_model_family=family)
+        else:  # diffusers from an adapter: the base pipeline with the adapter merged in
+            from diffusers import StableDiffusionPipeline
+
+            base = resolve_base_model(concept.base_model, self.settings)
+            pipe = StableDiffusionPipeline.from_pretrained(base.path, safety_checker=None,
+                                                           requires_safety_checker=False)
+            if concept.method == "lora":
+                pipe.load_lora_weights(weights_dir, weight_name="pytorch_lora_weights.safetensors")
+                pipe.fuse_lora()
+                pipe.unload_lora_weights()
+            else:
+                pipe.load_textual_inversion(str(weights_dir / "learned_embeds.safetensors"), token=concept.token)
+            pipe.save_pretrained(out_dir, safe_serialization=True)
+
+    def _work_dir(self, concept_id: str) -> Path:
+        return self.work_dir / concept_id
+
+    def _scratch(self) -> Path:
+        path = self.work_dir / ".scratch"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _reconciled(self, concept: Concept) -> Concept:
+        """A TRAINING concept whose job ended without saying so (server stopped with resume off) takes its state."""
+        if concept.state != concept_store.TRAINING or not concept.job_id:
+            return concept
+        job = self.runner.store.get(concept.job_id)
+        if job.state not in TERMINAL:
+            return concept
+        state = {"CANCELLED": concept_store.CANCELLED, "SUCCEEDED": concept_store.READY}.get(job.state,
+                                                                                               concept_store.FAILED)
+        self.concepts.update(concept.concept_id, state=state)
+        return self.concepts.get(concept.concept_id)
+
+
+class _Progress:
+    """Turns loop callbacks into job PROGRESS events: step, each loss term, it/s, ETA, validation images."""
+
+    def __init__(self, ctx: JobContext, steps: int):
+        self.ctx, self.steps = ctx, steps
+        self.started = time.perf_counter()
+        self.first_step: int | None = None
+        self.last_event = 0.0
+
+    def step(self, step: int, losses: dict, it_per_s: float) -> None:
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step, self.started = step, now - 1.0 / max(it_per_s, 1e-9)
+        if step not in (self.first_step, self.steps) and now - self.last_event < EVENT_INTERVAL_S:
+            return
+        self.last_event = now
+        rate = (step - self.first_step + 1) / max(now - self.started, 1e-9)
+        eta = (self.steps - step) / rate
+        self.ctx.progress(step / self.steps, f"step {step}/{self.steps} loss {losses['loss']:.4f}",
+                          stage="train", step=step, steps=self.steps, it_per_s=round(rate, 3), eta_s=round(eta, 1),
+                          **{k: round(v, 6) for k, v in losses.items()})
+
+    def validation(self, step: int, artifact_ids: list[str]) -> None:
+        self.ctx.progress(step / self.steps, f"validation images at step {step}", stage="validation", step=step,
+                          steps=self.steps, validation_image_ids=artifact_ids)
+
+
+def _regularizers(requested, method: str) -> list[str]:
+    names = [r.strip().lower() for r in requested if r.strip()]
+    if not names:
+        return [name for name, methods in REGULARIZERS.items() if method in methods]  # on by default where it applies
+    if names == [NO_REGULARIZERS]:
+        return []
+    for name in names:
+        if name not in REGULARIZERS:
+            raise InvalidArgument(f"`regularizers` has {name!r}: use {', '.join(REGULARIZERS)} or none")
+        if method not in REGULARIZERS[name]:
+            raise InvalidArgument(f"`regularizers` {name!r} cannot be used with `method` {method!r}: it works with "
+                                  f"{', '.join(REGULARIZERS[name])}; drop it (regularizers: none) or change the method")
+    return list(dict.fromkeys(names))
+
+
+def _resource_error(error: BaseException) -> BaseException:
+    """Out-of-memory and busy-GPU errors become RESOURCE_EXHAUSTED with advice; others pass through."""
+    text = str(error)
+    is_oom = type(error).__name__ == "OutOfMemoryError" or "out of memory" in text.lower()
+    if is_oom:
+        return ResourceExhausted(
+            "the device ran out of memory while training: lower `resolution` or `batch_size`, turn on "
+            "`gradient_checkpointing` and `mixed_precision` fp16, or use method lora (full DreamBooth at 512 px "
+            "needs ~24 GB; LoRA with fp16 and checkpointing fits in 8 GB)")
+    if "busy or unavailable" in text:
+        return ResourceExhausted("the GPU is busy or unavailable (another process holds it): try again when it "
+                                 "is free, or set PERSONA_TRAIN_DEVICE to another device")
+    return error
+
+
+def _persona_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("persona")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+_OPTION_NAMES = tuple(f.name for f in dataclass_fields(TrainConfig)
+                      if f.name not in ("method", "token", "device")) + _DATA_OPTIONS

@@ -1,0 +1,129 @@
+"""TrainService over gRPC: proto ↔ domain only."""
+from __future__ import annotations
+
+from persona.v1 import common_pb2, train_pb2, train_pb2_grpc
+from persona.services.runtime.context import current_tenant
+from persona.services.runtime.errors import InvalidArgument
+from persona.services.runtime.job_service import job_to_proto
+from persona.services.runtime.paging import parse_page
+from persona.services.runtime.protoconv import timestamp
+from persona.services.runtime.server import ServiceRegistration
+
+from .concepts import VALIDATION, WEIGHTS, Concept
+from .domain import TrainDomain, TrainRequest
+
+STATES = {"TRAINING": train_pb2.CONCEPT_STATE_TRAINING, "READY": train_pb2.CONCEPT_STATE_READY,
+          "FAILED": train_pb2.CONCEPT_STATE_FAILED, "CANCELLED": train_pb2.CONCEPT_STATE_CANCELLED}
+FORMATS = {train_pb2.EXPORT_FORMAT_DIFFUSERS: "diffusers", train_pb2.EXPORT_FORMAT_LORA: "lora",
+           train_pb2.EXPORT_FORMAT_KOHYA: "kohya", train_pb2.EXPORT_FORMAT_TI: "ti"}
+# TrainingOptions fields that are lists or plain (non-optional) values; the rest are proto3 `optional`.
+_REPEATED = ("lora_targets", "validation_prompts")
+_PLAIN = ("train_text_encoder", "initializer_token", "mixed_precision", "gradient_checkpointing", "lr_scheduler",
+          "use_8bit_adam", "class_prompt")
+
+
+def options_from_proto(options: train_pb2.TrainingOptions) -> dict:
+    """Only the options the caller set: unset `optional` fields, empty strings and lists take server defaults."""
+    result: dict = {}
+    for field in options.DESCRIPTOR.fields:
+        name = field.name
+        value = getattr(options, name)
+        if name in _REPEATED:
+            if value:
+                result[name] = list(value)
+        elif name in _PLAIN:
+            if value:
+                result[name] = value
+        elif options.HasField(name):
+            result[name] = value
+    return result
+
+
+def options_to_proto(options: dict) -> train_pb2.TrainingOptions:
+    message = train_pb2.TrainingOptions()
+    known = {f.name for f in message.DESCRIPTOR.fields}
+    for name, value in options.items():
+        if name not in known or value is None:
+            continue
+        if name in _REPEATED:
+            getattr(message, name).extend(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def _file(file) -> train_pb2.ConceptFile:
+    return train_pb2.ConceptFile(path=file.path, artifact_id=file.artifact_id, size_bytes=file.size_bytes)
+
+
+def concept_to_proto(concept: Concept) -> train_pb2.Concept:
+    return train_pb2.Concept(
+        concept_id=concept.concept_id, subject_id=concept.subject_id, token=concept.token,
+        class_name=concept.class_name, display_name=concept.display_name, state=STATES[concept.state],
+        job_id=concept.job_id, base_model=concept.base_model, base_model_sha256=concept.base_model_sha256,
+        base_model_family=concept.base_model_family, method=concept.method, regularizers=concept.regularizers,
+        captions=concept.captions, options=options_to_proto(concept.options),
+        training_captions=[train_pb2.TrainingCaption(
+            image=common_pb2.ImageRef(subject_id=concept.subject_id, image_id=c.image_id), text=c.text,
+            source=c.source) for c in concept.training_captions],
+        steps_done=concept.steps_done, final_loss=concept.final_loss,
+        files=[_file(f) for f in concept.files_of(WEIGHTS)],
+        validation_images=[train_pb2.ValidationImage(step=f.step, prompt=f.prompt, artifact_id=f.artifact_id)
+                           for f in concept.files_of(VALIDATION)],
+        parent_concept_id=concept.parent_concept_id, persona_version=concept.persona_version,
+        resolution=concept.resolution, created_at=timestamp(concept.created_at),
+        updated_at=timestamp(concept.updated_at),
+    )
+
+
+def _concept_id(concept_id: str) -> str:
+    if not concept_id:
+        raise InvalidArgument("`concept_id` is empty: pass an id from ListConcepts (`persona-cli concepts list`)")
+    return concept_id
+
+
+class TrainServicer(train_pb2_grpc.TrainServiceServicer):
+    def __init__(self, domain: TrainDomain):
+        self.domain = domain
+
+    def StartTraining(self, request, context):
+        if not request.subject_id:
+            raise InvalidArgument("`subject_id` is empty: pass an id from `persona-cli subjects list`")
+        job = self.domain.start(current_tenant(), TrainRequest(
+            subject_id=request.subject_id, base_model=request.base_model, method=request.method,
+            regularizers=tuple(request.regularizers), captions=request.captions,
+            options=options_from_proto(request.options), display_name=request.display_name))
+        return job_to_proto(job)
+
+    def GetConcept(self, request, context):
+        return concept_to_proto(self.domain.get(current_tenant(), _concept_id(request.concept_id)))
+
+    def ListConcepts(self, request, context):
+        page = parse_page(request.page.page_size, request.page.page_token)
+        concepts, token = self.domain.list(current_tenant(), page, request.subject_id)
+        return train_pb2.ListConceptsResponse(concepts=[concept_to_proto(c) for c in concepts],
+                                              page=common_pb2.PageResponse(next_page_token=token))
+
+    def DeleteConcept(self, request, context):
+        self.domain.delete(current_tenant(), _concept_id(request.concept_id))
+        return train_pb2.DeleteConceptResponse()
+
+    def ExportConcept(self, request, context):
+        if request.format not in FORMATS:
+            raise InvalidArgument(f"`format` is {request.format}: use EXPORT_FORMAT_DIFFUSERS, _LORA, _KOHYA or _TI")
+        files = self.domain.export(current_tenant(), _concept_id(request.concept_id), FORMATS[request.format])
+        return train_pb2.ConceptExport(concept_id=request.concept_id, format=request.format,
+                                       files=[_file(f) for f in files])
+
+    def ReadConceptFile(self, request, context):
+        if not request.artifact_id:
+            raise InvalidArgument("`artifact_id` is empty: pass one from GetConcept's files or ExportConcept")
+        chunks = self.domain.read_file(current_tenant(), _concept_id(request.concept_id), request.artifact_id)
+        for offset, data, total in chunks:
+            yield train_pb2.FileChunk(offset=offset, data=data, total_size=total)
+
+
+def train_service(domain: TrainDomain) -> ServiceRegistration:
+    servicer = TrainServicer(domain)
+    return ServiceRegistration("persona.v1.TrainService",
+                               lambda server: train_pb2_grpc.add_TrainServiceServicer_to_server(servicer, server))
