@@ -1,0 +1,131 @@
+"""`persona-cli bench train`: persona's training loop beside a plain diffusers-example loop, same process
+and device; runs locally (no server)."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..output import note, table
+from .session import JsonOption, session
+
+app = typer.Typer(help="Measure persona's speed against reference implementations, on this machine.",
+                  no_args_is_help=True, rich_markup_mode="markdown")
+
+
+@app.callback()
+def bench() -> None:
+    """Measure persona's speed against reference implementations, on this machine."""
+
+
+class BenchMethod(str, Enum):
+    lora = "lora"
+    dreambooth = "dreambooth"
+
+
+class Precision(str, Enum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+@app.command("train")
+def train(
+    ctx: typer.Context,
+    base_model: Annotated[str, typer.Option(
+        metavar="tiny|sd15|sd21-base|PATH",
+        help="`tiny` (the built-in 64 px random model, seconds on a CPU); `sd15` or `sd21-base` (real-size "
+             "random weights built once from the configs under --config-root into the model cache); or a local "
+             "diffusers folder.")] = "tiny",
+    method: Annotated[Optional[list[BenchMethod]], typer.Option(
+        "--method", show_default="lora and dreambooth",
+        help="Method to time; repeat for several. lora: rank-4 adapters on to_q/to_k/to_v/to_out.0 "
+             "(train_dreambooth_lora.py); dreambooth: the whole UNet (train_dreambooth.py).")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Steps timed per run, after the warmup.")] = 20,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed steps first (allocator, kernels, caches).")] = 3,
+    resolution: Annotated[Optional[int], typer.Option(
+        min=8, show_default="the model's native one", help="Training image side in pixels, a multiple of 8.")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        metavar="cpu|cuda|cuda:N", show_default="cuda when available, else cpu",
+        help="Where both loops run.")] = None,
+    mixed_precision: Annotated[Precision, typer.Option(
+        help="On CUDA: autocast in fp16/bf16, and the reference loop keeps its frozen weights in that type as the "
+             "diffusers examples do. Ignored on CPU (both loops fp32).")] = Precision.no,
+    images: Annotated[Optional[Path], typer.Option(
+        file_okay=False, exists=True, show_default="random-noise images",
+        help="Folder of photos (jpg/png/webp) to train on; the first --num-images, sorted by name.")] = None,
+    num_images: Annotated[int, typer.Option(min=1, help="Instance images (and as many noise class images).")] = 4,
+    config_root: Annotated[Optional[Path], typer.Option(
+        file_okay=False, envvar="PERSONA_MODEL_CONFIGS", show_default="../shared/models/configs",
+        help="Folder holding sd15/ and sd21-base/ diffusers configs, for --base-model sd15|sd21-base.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Time persona's training loop against the diffusers DreamBooth example loop, in one process on one device.
+
+    The reference is the inner loop of diffusers `examples/dreambooth/train_dreambooth_lora.py` and
+    `train_dreambooth.py` with prior preservation (1 instance + 1 class image a step): every step it
+    preprocesses and tokenizes the batch, VAE-encodes the images, text-encodes the prompts, noises, runs the UNet,
+    takes MSE + prior loss, backward, clips, steps AdamW and the LR schedule. persona's loop encodes images and
+    prompts once and reuses them. Both train the same images from the same seed, with the examples' settings.
+
+    Prints it/s over the timed steps (and from the median step, steadier on a busy machine), peak GPU memory
+    and ours / reference. Runs locally; --server is not used.
+
+    Example: `persona-cli bench train --base-model sd15 --device cuda --mixed-precision fp16 --steps 50`
+    """
+    from persona.services.train.base_models import read_model_configs
+    from persona.services.train.bench import BENCH_METHODS, bench_base_model, device_name, resolve_device, \
+        run_train_benchmark
+    from persona.services.train.settings import TrainSettings
+
+    s = session(ctx)
+    _quiet_libraries()
+    cache = TrainSettings.from_env().base_model_cache_dir
+    if s.data_dir is not None and not os.environ.get("PERSONA_MODEL_CACHE"):
+        cache = s.data_dir / "models"
+    methods = [m.value for m in method] if method else list(BENCH_METHODS)
+    methods = list(dict.fromkeys(methods))
+    dev = resolve_device(device)
+    precision = mixed_precision.value if dev.type == "cuda" else "no"
+    if mixed_precision.value != precision:
+        note(f"--mixed-precision {mixed_precision.value} applies on CUDA only: both loops train in fp32 on {dev}")
+    note(f"preparing base model {base_model}")
+    folder = bench_base_model(base_model, cache, config_root)
+    size = resolution or read_model_configs(folder).native_resolution
+    rows = run_train_benchmark(folder, methods=methods, steps=steps, warmup_steps=warmup, resolution=size,
+                               device=str(dev), mixed_precision=precision, num_images=num_images,
+                               images_dir=images,
+                               on_run=lambda m, loop: note(f"{m}: {loop} loop, {warmup} + {steps} steps"))
+    name = device_name(dev)
+    data = {"device": name, "base_model": base_model, "base_model_dir": str(folder), "resolution": size,
+            "steps": steps, "warmup_steps": warmup, "mixed_precision": precision,
+            "images": str(images) if images else "noise", "rows": [asdict(r) for r in rows]}
+
+    def render() -> str:
+        header = (f"device {name}; base model {base_model}; {size} px; {steps} steps timed after {warmup}; "
+                  f"mixed precision {precision}; reference: diffusers DreamBooth example loop")
+        body = table(
+            ["METHOD", "LOOP", "IT/S", "IT/S (MEDIAN STEP)", "PEAK GPU MEM", "VS REFERENCE"],
+            [(r.method, r.loop, f"{r.it_per_s:.2f}", f"{r.median_it_per_s:.2f}", _gib(r.peak_gpu_mem_bytes),
+              f"{r.vs_reference:.2f}x" if r.vs_reference is not None else "n/a") for r in rows])
+        return header + "\n" + body
+
+    s.output(as_json).emit(data, render)
+
+
+def _gib(size: int | None) -> str:
+    return "n/a" if size is None else f"{size / 2**30:.2f} GiB"
+
+
+def _quiet_libraries() -> None:
+    """No per-model loading bars or cast warnings from diffusers/transformers between the lines we print."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()

@@ -1,0 +1,63 @@
+"""The training benchmark on the tiny base model, CPU: both loops run, rows and ratios are filled; `bench train --json`."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from persona.client.commands import bench as bench_cli
+from persona.services.runtime.errors import InvalidArgument
+from persona.services.train.base_models import tiny_base_model
+from persona.services.train.bench import BENCH_METHODS, OURS, REFERENCE, run_train_benchmark
+
+# 32 px (half the tiny model's native 64) keeps a step near 0.2 s on two CPU cores; one timed step per run, as
+# each run's fixed cost (loading, our loop's saving) dominates at this size.
+RESOLUTION = 32
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def tiny(model_cache) -> Path:
+    return tiny_base_model(model_cache)
+
+
+def test_benchmark_runs_both_loops_for_each_method(tiny):
+    runs = []
+    rows = run_train_benchmark(tiny, methods=BENCH_METHODS, steps=1, warmup_steps=1, resolution=RESOLUTION,
+                               device="cpu", num_images=1, on_run=lambda method, loop: runs.append((method, loop)))
+    assert runs == [(m, loop) for m in BENCH_METHODS for loop in (OURS, REFERENCE)]
+    assert [(r.method, r.loop) for r in rows] == runs
+    by_key = {(r.method, r.loop): r for r in rows}
+    for row in rows:
+        assert row.steps == 1
+        assert row.seconds > 0 and row.it_per_s > 0 and row.median_it_per_s > 0
+        assert row.peak_gpu_mem_bytes is None  # CPU
+        assert math.isfinite(row.mean_loss) and row.mean_loss > 0
+        reference = by_key[(row.method, REFERENCE)]
+        assert row.vs_reference == pytest.approx(row.it_per_s / reference.it_per_s)
+    assert all(by_key[(m, REFERENCE)].vs_reference == pytest.approx(1.0) for m in BENCH_METHODS)
+
+
+def test_benchmark_rejects_unknown_method(tiny):
+    with pytest.raises(InvalidArgument, match="`method`"):
+        run_train_benchmark(tiny, methods=("ti",), steps=1, device="cpu")
+
+
+def test_cli_prints_json(model_cache, tiny, monkeypatch):
+    monkeypatch.setenv("PERSONA_MODEL_CACHE", str(model_cache))
+    result = CliRunner().invoke(bench_cli.app, [
+        "train", "--base-model", "tiny", "--method", "lora", "--steps", "1", "--warmup", "0",
+        "--resolution", str(RESOLUTION), "--device", "cpu", "--num-images", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["device"].startswith("cpu") and data["resolution"] == RESOLUTION
+    assert [(r["method"], r["loop"]) for r in data["rows"]] == [("lora", OURS), ("lora", REFERENCE)]
+    assert all(r["it_per_s"] > 0 and r["peak_gpu_mem_bytes"] is None for r in data["rows"])
+    assert data["rows"][1]["vs_reference"] == pytest.approx(1.0)
