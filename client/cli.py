@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .commands import captions, jobs, keys, serve, subjects
+from .commands import captions, concepts, export, jobs, keys, serve, subjects, train
 from .commands.session import DataDirOption, Session
 from .output import error_boundary
 
@@ -51,7 +51,8 @@ def root(
     PERSONA_SERVER) it calls a running `persona-cli serve`. Errors print one `CODE: message` line on
     stderr and exit 1.
 
-    Example: `persona-cli subjects add photos/bruno/ --class dog && persona-cli caption SUBJECT --case 1`
+    Example: `persona-cli subjects add photos/bruno/ --class dog && persona-cli caption SUBJECT --case 1`,
+    or all in one: `persona-cli train photos/bruno/ --class dog`
     """
     state = Session(server=server, api_key=api_key, data_dir=data_dir, as_json=as_json)
     ctx.obj = state
@@ -61,6 +62,9 @@ def root(
 app.add_typer(subjects.app, name="subjects")
 app.command("caption")(captions.caption)
 app.add_typer(captions.app, name="captions")
+app.command("train")(train.train)
+app.add_typer(concepts.app, name="concepts")
+app.command("export")(export.export)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(keys.app, name="keys")
 app.command("serve")(serve.serve)

@@ -3,11 +3,15 @@ stub per service, gRPC errors turned into PersonaClientError(code, message)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
+import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import grpc
 
-from persona.v1 import caption_pb2_grpc, common_pb2, common_pb2_grpc, subjects_pb2, subjects_pb2_grpc
+from persona.v1 import (caption_pb2_grpc, common_pb2, common_pb2_grpc, subjects_pb2, subjects_pb2_grpc, train_pb2,
+                        train_pb2_grpc)
 
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
@@ -71,6 +75,7 @@ class PersonaClient:
         self.subjects = subjects_pb2_grpc.SubjectServiceStub(self.channel)
         self.captions = caption_pb2_grpc.CaptionServiceStub(self.channel)
         self.jobs = common_pb2_grpc.JobServiceStub(self.channel)
+        self.train = train_pb2_grpc.TrainServiceStub(self.channel)
 
     @classmethod
     def connect(cls, address: str, api_key: str | None = None) -> "PersonaClient":
@@ -100,6 +105,43 @@ class PersonaClient:
         """Every job of the caller (optionally of one kind or subject), newest first, following page tokens."""
         return _every_page(lambda page: self.jobs.ListJobs(
             common_pb2.ListJobsRequest(page=page, kind=kind, subject_id=subject_id)), "jobs")
+
+    def all_concepts(self, subject_id: str = "") -> Iterator[train_pb2.Concept]:
+        """Every concept of the caller (optionally of one subject), newest first, following page tokens."""
+        return _every_page(lambda page: self.train.ListConcepts(
+            train_pb2.ListConceptsRequest(page=page, subject_id=subject_id)), "concepts")
+
+    def read_concept_file(self, concept_id: str, artifact_id: str, out_path: str | os.PathLike) -> int:
+        """Streams one file of a concept into `out_path` (a temporary file beside it, renamed when complete,
+        so a broken download never leaves a partial file under the final name); returns its size in bytes.
+
+        Raises PersonaClientError DATA_LOSS when the chunks do not add up to the size the server announced.
+        """
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+        try:
+            written, total = 0, None
+            with os.fdopen(fd, "wb") as handle:
+                request = train_pb2.ReadConceptFileRequest(concept_id=concept_id, artifact_id=artifact_id)
+                for chunk in self.train.ReadConceptFile(request):
+                    if chunk.offset != written:
+                        raise PersonaClientError("DATA_LOSS", f"file {artifact_id} of {concept_id}: chunk at offset "
+                                                              f"{chunk.offset} where {written} was expected")
+                    handle.write(chunk.data)
+                    written += len(chunk.data)
+                    total = chunk.total_size
+            if total is not None and written != total:
+                raise PersonaClientError("DATA_LOSS", f"file {artifact_id} of {concept_id}: received {written} of "
+                                                      f"{total} bytes")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+            os.replace(tmp_name, out)
+            return written
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
 
     def close(self) -> None:
         self.channel.close()

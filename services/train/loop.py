@@ -247,14 +247,21 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         if method.trains_text_encoder:
             components.text_encoder.gradient_checkpointing_enable()
     autocast, dtype = _autocast(device, config.mixed_precision, warnings)
+    if dtype is not None and device.type == "cuda":
+        # As the diffusers examples: frozen weights are stored in half precision (half the memory, no cast per
+        # forward); what trains stays fp32 so small updates are not rounded away.
+        for model in (components.text_encoder, components.vae, components.unet):
+            model.to(dtype=dtype)
+        for param in method.trainable_parameters():
+            param.data = param.data.float()
 
     # 3. Encode every image once into its latent distribution (a fresh sample is drawn each step).
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     all_examples = examples + class_examples
     with torch.no_grad():
-        pixels = torch.stack([_to_tensor(image, resolution) for image, _ in all_examples]).to(device)
-        dist = components.vae.encode(pixels).latent_dist
-        latent_mean, latent_std = dist.mean, dist.std
+        pixels = torch.stack([_to_tensor(image, resolution) for image, _ in all_examples])
+        dist = components.vae.encode(pixels.to(device, components.vae.dtype)).latent_dist
+        latent_mean, latent_std = dist.mean.float(), dist.std.float()
     scaling = components.vae.config.scaling_factor
 
     # 4. Tokenize captions; cache their embeddings when the text encoder does not train.
@@ -334,13 +341,14 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
             per_image = per_image * _min_snr_weights(compute_snr(noise_scheduler, timesteps), config.min_snr_gamma,
                                                      prediction_type)
         instance_loss = per_image[:config.batch_size].mean()
+        terms = {"instance": instance_loss}
         loss = instance_loss
-        step_losses = {"instance": instance_loss.item()}
         if n_class:
-            prior_loss = per_image[config.batch_size:].mean()
-            loss = instance_loss + config.prior_loss_weight * prior_loss
-            step_losses["prior"] = prior_loss.item()
-        step_losses["loss"] = loss.item()
+            terms["prior"] = per_image[config.batch_size:].mean()
+            loss = instance_loss + config.prior_loss_weight * terms["prior"]
+        terms["loss"] = loss
+        # One device-to-host copy for every term: each .item() would be a GPU sync of its own.
+        step_losses = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist()))
         # Backward, clip, optimiser and schedule step; then let the method fix what must not move.
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -371,6 +379,9 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         validate(config.steps)
     components.unet.eval()
     components.text_encoder.eval()
+    if dtype is not None and device.type == "cuda":  # saved files stay fp32, as the base model's
+        for model in (components.text_encoder, components.vae, components.unet):
+            model.to(dtype=torch.float32)
     artifact = method.save(output_dir)
     return TrainResult(method=config.method, output_dir=output_dir, artifact=artifact, steps=len(losses),
                        stopped=stopped, losses=tuple(losses), seconds=time.perf_counter() - started,
