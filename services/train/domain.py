@@ -56,7 +56,7 @@ DEFAULT_OPTIONS = {
     "num_class_images": 100, "checkpoint_every": 100, "validation_every": 0, "max_grad_norm": 1.0,
 }
 # Options that are not TrainConfig fields (they shape the data, not the loop).
-_DATA_OPTIONS = ("num_class_images", "class_prompt")
+_DATA_OPTIONS = ("num_class_images", "class_prompt", "epochs")
 # Progress events are written at most this often (plus the first and last step): a fast GPU run
 # should not spend its time in SQLite.
 EVENT_INTERVAL_S = 0.5
@@ -195,6 +195,13 @@ class TrainDomain:
         if unknown:
             raise InvalidArgument(f"unknown option(s) {', '.join(sorted(unknown))}: see TrainingOptions")
         options = {**DEFAULT_OPTIONS, **{k: v for k, v in given.items() if v is not None or k == "min_snr_gamma"}}
+        if "epochs" in given:
+            if "steps" in given:
+                raise InvalidArgument("`steps` and `epochs` are both set: give one of them")
+            if not given["epochs"] >= 1:
+                raise InvalidArgument(f"`epochs` is {given['epochs']}: use 1 or more")
+            per_epoch = -(-len(subject.images) // max(1, options["batch_size"]))
+            options["steps"] = given["epochs"] * per_epoch
         options.setdefault("learning_rate", DEFAULT_LEARNING_RATES[method])
         options.setdefault("resolution", base.native_resolution)
         options.setdefault("lora_alpha", options["lora_rank"])

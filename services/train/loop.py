@@ -53,7 +53,7 @@ class TrainConfig:
     resolution: int | None = None
     # Seeds adapter init, image order, noise and timesteps: same seed, same data -> same weights.
     seed: int = 0
-    # DreamBooth only: also fine-tune the text encoder.
+    # Also train the text encoder: all of it (dreambooth) or LoRA adapters on its attention (lora).
     train_text_encoder: bool = False
     # LoRA rank, alpha (scale = alpha / rank) and the UNet modules that get adapters.
     lora_rank: int = 4
@@ -113,10 +113,10 @@ class TrainConfig:
             raise InvalidArgument(f"`lora_alpha` is {self.lora_alpha}: use a positive number, e.g. the rank")
         if not self.lora_targets:
             raise InvalidArgument("`lora_targets` is empty: name modules, e.g. to_q to_k to_v to_out.0")
-        if self.train_text_encoder and self.method != "dreambooth":
+        if self.train_text_encoder and self.method not in ("dreambooth", "lora"):
             raise InvalidArgument(
-                f"`train_text_encoder` is only for `method` dreambooth, not {self.method!r}: "
-                "turn train_text_encoder off or use method dreambooth")
+                f"`train_text_encoder` is for `method` dreambooth or lora, not {self.method!r}: "
+                "turn train_text_encoder off or change the method")
         if self.method == "ti" and not self.token.strip():
             raise InvalidArgument("`token` is empty: pass the placeholder word, e.g. sks")
         if self.method == "ti" and not self.initializer_token.strip():

@@ -279,3 +279,13 @@ def test_a_subject_without_images_is_failed_precondition(app, client, subject):
     app.db.execute("DELETE FROM subject_images WHERE subject_id = :s", {"s": subject.subject_id})
     error = _error(lambda: start(client, subject.subject_id, steps=2))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "no images" in error.details()
+
+
+def test_epochs_set_the_steps_from_the_number_of_photos(client, subject):
+    job = start(client, subject.subject_id, epochs=2, batch_size=2)
+    concept = _stub(client).GetConcept(train_pb2.GetConceptRequest(concept_id=job.params["concept_id"]))
+    assert concept.options.steps == 4 and concept.options.epochs == 2  # 4 photos, 2 per step, twice
+    client.jobs.CancelJob(common_pb2.CancelJobRequest(job_id=job.job_id))
+    finish(client, job)
+    both = _error(lambda: start(client, subject.subject_id, epochs=2, steps=10))
+    assert both.code() == grpc.StatusCode.INVALID_ARGUMENT and "`epochs`" in both.details()

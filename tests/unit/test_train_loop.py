@@ -171,9 +171,23 @@ def test_validate_names_the_field(changes, field):
 
 def test_train_text_encoder_conflict_names_both_options():
     with pytest.raises(InvalidArgument) as e:
-        TrainConfig(method="lora", train_text_encoder=True).validate()
+        TrainConfig(method="ti", train_text_encoder=True).validate()
     assert "`train_text_encoder`" in e.value.message and "`method`" in e.value.message
     TrainConfig(method="dreambooth", train_text_encoder=True).validate()
+    TrainConfig(method="lora", train_text_encoder=True).validate()
+
+
+def test_lora_on_the_text_encoder_loads_in_diffusers_and_matches_in_memory(base, dogs, tmp_path):
+    from safetensors.torch import load_file
+
+    config = TrainConfig(method="lora", steps=3, resolution=RESOLUTION, learning_rate=1e-2, train_text_encoder=True)
+    result = train(base, dogs[:2], config, tmp_path / "lora")
+    keys = load_file(result.artifact).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    loaded = _pipe(base)
+    loaded.load_lora_weights(result.artifact.parent, weight_name=result.artifact.name)
+    in_memory = _pipe(base, unet=result.components.unet, text_encoder=result.components.text_encoder)
+    assert np.abs(_sample(loaded) - _sample(in_memory)).max() < 1e-5
 
 
 def test_default_learning_rates():
