@@ -61,3 +61,19 @@ def test_cli_prints_json(model_cache, tiny, monkeypatch):
     assert [(r["method"], r["loop"]) for r in data["rows"]] == [("lora", OURS), ("lora", REFERENCE)]
     assert all(r["it_per_s"] > 0 and r["peak_gpu_mem_bytes"] is None for r in data["rows"])
     assert data["rows"][1]["vs_reference"] == pytest.approx(1.0)
+
+
+def test_bench_flow_times_every_stage_from_photos_to_an_exported_lora(tmp_path, dreambench):
+    import json
+
+
+    from persona.client.commands import bench
+
+    result = CliRunner().invoke(bench.app, [
+        "flow", str(dreambench / "dog"), "--steps", "2", "--resolution", "32", "--num-class-images", "1", "--json"],
+        env={"PERSONA_HOME": str(tmp_path / "home"), "PERSONA_VLM_BASE_URL": "", "PERSONA_TRAIN_DEVICE": "cpu"})
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    assert list(data["seconds"]) == ["upload", "captions", "train", "export"]
+    assert data["caption_case"] == 1 and data["steps"] == 2 and data["concept_id"].startswith("cpt_")
+    assert data["total_seconds"] == pytest.approx(sum(data["seconds"].values()))
