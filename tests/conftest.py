@@ -33,8 +33,16 @@ def dog_photos(dreambench) -> list[bytes]:
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    """One PERSONA_MODEL_CACHE for the session: the built-in `tiny` base model is built once."""
+    """One PERSONA_MODEL_CACHE for the session, so the built-in `tiny` base model is built once."""
     return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache) -> Path:
+    """The built-in `tiny` base model, built once per session; tests only read it."""
+    from persona.services.train.base_models import tiny_base_model
+
+    return tiny_base_model(model_cache)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from persona.services.runtime.errors import InvalidArgument, NotFound
-from persona.services.train.base_models import tiny_base_model
 from persona.services.train.kohya import export_kohya_lora, to_kohya_state_dict
 
 # Different rank/alpha per model, so a mixed-up alpha shows in the scale.
@@ -20,8 +19,8 @@ KOHYA_KEY = re.compile(r"^(lora_unet|lora_te)_[A-Za-z0-9_]+\.(lora_down\.weight|
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return tiny_base_model(tmp_path_factory.mktemp("models"))
+def base(tiny_model) -> Path:
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

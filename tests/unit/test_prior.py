@@ -13,7 +13,6 @@ from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.metadata import SQLiteMetadataStore
 from persona.services.train import prior
-from persona.services.train.base_models import tiny_base_model
 from persona.services.train.prior import ClassImageCache, base_model_identity, class_prompt_for
 
 PROMPT = "a photo of a dog"
@@ -54,8 +53,8 @@ def pixels(images) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
-    return tiny_base_model(tmp_path_factory.mktemp("models"))
+def tiny(tiny_model) -> Path:
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from persona.client.commands import bench as bench_cli
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.base_models import tiny_base_model
 from persona.services.train.bench import BENCH_METHODS, OURS, REFERENCE, run_train_benchmark
 
 # 32 px (half the tiny model's native 64) keeps a step near 0.2 s on two CPU cores; one timed step per run, as
@@ -19,13 +18,8 @@ RESOLUTION = 32
 
 
 @pytest.fixture(scope="module")
-def model_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("models")
-
-
-@pytest.fixture(scope="module")
-def tiny(model_cache) -> Path:
-    return tiny_base_model(model_cache)
+def tiny(tiny_model) -> Path:
+    return tiny_model
 
 
 def test_benchmark_runs_both_loops_for_each_method(tiny):

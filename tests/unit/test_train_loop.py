@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.base_models import tiny_base_model
 from persona.services.train.loop import TrainConfig, train
 
 DOGS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dreambench" / "dog"
@@ -22,8 +21,8 @@ LEARNING_RATES = {"dreambooth": 5e-4, "lora": 1e-2, "ti": 1e-1}
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return tiny_base_model(tmp_path_factory.mktemp("models"))
+def base(tiny_model) -> Path:
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
