@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .commands import captions, concepts, export, jobs, keys, serve, subjects, train
+from .commands import bench, captions, concepts, export, jobs, keys, serve, subjects, train
 from .commands.session import DataDirOption, Session
 from .output import error_boundary
 
@@ -68,6 +68,7 @@ app.command("export")(export.export)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(keys.app, name="keys")
 app.command("serve")(serve.serve)
+app.add_typer(bench.app, name="bench")
 
 
 def main() -> None:

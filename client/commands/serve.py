@@ -41,7 +41,7 @@ def serve(
     log_level: Annotated[LogLevel, typer.Option(
         envvar="PERSONA_LOG_LEVEL", help="Log level on stderr; info logs one line per call.")] = LogLevel.info,
 ) -> None:
-    """Serve every persona service (subjects, captions, jobs), with gRPC health and reflection, in one process.
+    """Serve every persona service (subjects, captions, training, jobs), with gRPC health and reflection, in one process.
 
     Logs go to stderr; SIGTERM or Ctrl-C stops it gracefully, letting calls in flight finish.
 

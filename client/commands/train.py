@@ -1,0 +1,399 @@
+"""`persona-cli train`: learn a concept from a subject (or straight from a folder of photos), following
+the training job with a progress bar; Ctrl-C asks whether to cancel it."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import grpc
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from persona.v1 import caption_pb2, common_pb2, subjects_pb2, train_pb2
+
+from ..output import EXIT_INTERRUPTED, fail, message_dict, note, stderr_console
+from ..sdk import PersonaClient, PersonaClientError
+from .concepts import concept_state
+from .jobs import follow_job, raise_unless_succeeded, state_name
+from .session import JsonOption, Session, session
+from .subjects import name_the_file, photo_paths, read_uploads
+
+METHODS = ("dreambooth", "lora", "ti")
+REGULARIZERS = ("prior", "none")
+CAPTIONS = ("sid", "class")
+PRECISIONS = ("no", "fp16", "bf16")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def _choice(field: str, value: str | None, choices: tuple[str, ...]) -> None:
+    """The server checks every option too; choices are checked here first so that a typo fails before a
+    photo folder is uploaded and captioned."""
+    if value is not None and value not in choices:
+        fail("INVALID_ARGUMENT", f"`{field}` must be one of {', '.join(choices)}, not {value!r}")
+
+
+def training_options(**given) -> train_pb2.TrainingOptions:
+    """TrainingOptions holding only what the user gave (None = unset, so the server's default applies)."""
+    options = train_pb2.TrainingOptions()
+    for name, value in given.items():
+        if value is None or value is False:
+            continue
+        if isinstance(value, list):
+            getattr(options, name).extend(value)
+        else:
+            setattr(options, name, value)
+    return options
+
+
+def vlm_configured_here() -> bool:
+    """Whether the in-process caption service has a VLM (it reads the same variable)."""
+    return bool(os.environ.get("PERSONA_VLM_BASE_URL", "").strip())
+
+
+CASE1_NOTE = ("note: the captions are the Case 1 template (\"a photo of a {token} {cls}\"), not SID descriptions: "
+              "no vision-language model is configured. For SID captions, which keep backgrounds and nearby objects "
+              "out of the concept, set PERSONA_VLM_BASE_URL (e.g. https://api.openai.com/v1 or "
+              "http://localhost:11434/v1), PERSONA_VLM_MODEL (e.g. gpt-4o) and PERSONA_VLM_API_KEY{where}, then "
+              "run `persona-cli caption {subject}` and train again with `persona-cli train {subject} …`")
+
+
+def subject_from_folder(s: Session, client: PersonaClient, folder: Path, class_name: str | None, token: str | None,
+                        name: str | None) -> subjects_pb2.Subject:
+    """Uploads the folder's photos as a new subject."""
+    if not class_name:
+        fail("INVALID_ARGUMENT", f"`--class` is required when training from a photo folder ({folder}): the class "
+                                 "noun of the subject, e.g. --class dog")
+    photos = photo_paths([folder])
+    uploads = read_uploads(photos)
+    request = subjects_pb2.CreateSubjectRequest(class_name=class_name, token=token or "sks", display_name=name or "",
+                                                images=uploads)
+    with stderr_console().status(f"uploading {len(uploads)} photos…"):
+        try:
+            subject = client.subjects.CreateSubject(request)
+        except grpc.RpcError as e:
+            raise name_the_file(PersonaClientError.from_rpc_error(e), photos) from None
+    note(f"created subject {subject.subject_id} from {len(subject.images)} photos in {folder}")
+    return subject
+
+
+def caption_subject(s: Session, client: PersonaClient, subject: subjects_pb2.Subject) -> None:
+    """SID captions (Case 3) when a VLM is configured, else the Case 1 template with a note saying so."""
+    def start(case: int) -> common_pb2.Job:
+        return client.captions.StartCaptioning(caption_pb2.StartCaptioningRequest(
+            subject_id=subject.subject_id, case=case, mode=caption_pb2.CAPTION_MODE_OBJECT))
+
+    job = None
+    if not s.embedded or vlm_configured_here():
+        try:
+            job = start(caption_pb2.DESCRIPTION_CASE_3)
+            description = "SID captions (case 3)"
+        except grpc.RpcError as e:
+            error = PersonaClientError.from_rpc_error(e)
+            # A remote server without a VLM says so; anything else (a bad endpoint) is the user's to fix.
+            if s.embedded or error.code != "FAILED_PRECONDITION" or "none is configured" not in error.message:
+                raise error from None
+    if job is None:
+        job = start(caption_pb2.DESCRIPTION_CASE_1)
+        description = "captions (case 1)"
+        note(CASE1_NOTE.format(token=subject.token, cls=subject.class_name, subject=subject.subject_id,
+                               where=" on the server" if not s.embedded else ""))
+    note(f"captioning {len(subject.images)} photos of {subject.subject_id}: job {job.job_id}")
+    raise_unless_succeeded(follow_job(client, job, description, embedded=s.embedded))
+
+
+class TrainingProgress:
+    """A rich progress bar on stderr (TTY only) fed by the job's events: stage messages while class images
+    are drawn, then step/total, loss, it/s and ETA; warnings printed above it. Without a TTY, stages and
+    about every tenth of the steps are written as plain lines."""
+
+    def __init__(self, total_steps: int | None):
+        self.console = stderr_console()
+        self.tty = self.console.is_terminal
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counter]}"),
+                   TextColumn("{task.fields[stats]}"), TimeElapsedColumn())
+        self.progress = Progress(*columns, console=self.console, transient=True, disable=not self.tty)
+        self.task = self.progress.add_task("starting", total=1.0, counter="", stats="")
+        self.total_steps = total_steps
+        self.last_message = ""
+        self.last_logged_step = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def print(self, text: str) -> None:
+        if self.tty:
+            self.progress.console.print(Text(text))
+        else:
+            note(text)
+
+    def stage(self, message: str) -> None:
+        if message and message != self.last_message:
+            self.last_message = message
+            if not self.tty:
+                note(message)
+
+    def __call__(self, event: common_pb2.JobEvent) -> None:
+        data = dict(event.data.items()) if event.HasField("data") else {}
+        if event.type == common_pb2.JOB_EVENT_TYPE_WARNING:
+            self.print(f"warning: {event.message}")
+            return
+        if event.type == common_pb2.JOB_EVENT_TYPE_STATE:
+            self.progress.update(self.task, description=state_name(event.state).lower())
+            self.stage(event.message or state_name(event.state).lower())
+            return
+        if event.type != common_pb2.JOB_EVENT_TYPE_PROGRESS:
+            return
+        if "step" in data:
+            self._step(data)
+        elif "done" in data and "total" in data:
+            total = max(float(data["total"]), 1.0)
+            self.progress.update(self.task, description=event.message or "working", total=total,
+                                 completed=float(data["done"]), counter=f"{int(data['done'])}/{int(total)}",
+                                 stats="")
+            self.stage(event.message)
+        else:
+            self.progress.update(self.task, description=event.message or "working", total=1.0,
+                                 completed=event.progress, counter=f"{event.progress:.0%}", stats="")
+            self.stage(event.message)
+
+    def _step(self, data: dict) -> None:
+        step = int(data["step"])
+        total = int(data.get("steps") or self.total_steps or 0)
+        stats = []
+        if "loss" in data:
+            stats.append(f"loss {data['loss']:.4f}")
+        if "prior" in data:
+            stats.append(f"(instance {data.get('instance', 0):.4f}, prior {data['prior']:.4f})")
+        if data.get("it_per_s"):
+            stats.append(f"{data['it_per_s']:.2f} it/s")
+        if "eta_s" in data:
+            stats.append(f"ETA {format_seconds(data['eta_s'])}")
+        counter = f"step {step}/{total}" if total else f"step {step}"
+        self.progress.update(self.task, description="training", total=total or None, completed=step,
+                             counter=counter, stats="  ".join(stats))
+        ids = data.get("validation_image_ids")
+        if ids:
+            self.print(f"step {step}: validation images {', '.join(str(i) for i in ids)} "
+                       f"(`persona-cli concepts show` lists them)")
+        if not self.tty and total and (step == total or step - self.last_logged_step >= max(1, total // 10)):
+            self.last_logged_step = step
+            note(f"{counter}  {'  '.join(stats)}".rstrip())
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def ask_to_cancel() -> bool:
+    """Whether the person at the terminal wants the job cancelled (no terminal, or Ctrl-C again: no)."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return typer.confirm("\nCancel the training job?", default=False, err=True)
+    except (KeyboardInterrupt, EOFError, typer.Abort):
+        return False
+
+
+def follow_training(s: Session, client: PersonaClient, job: common_pb2.Job, concept_id: str,
+                    total_steps: int | None) -> common_pb2.Job:
+    """Follows the job to its end; on Ctrl-C asks whether to cancel it, else detaches (remote) or leaves it
+    to resume on the next start (embedded)."""
+    try:
+        with TrainingProgress(total_steps) as progress:
+            return client.wait_for_job(job.job_id, on_event=progress)
+    except KeyboardInterrupt:
+        pass
+    if ask_to_cancel():
+        note(f"cancelling {job.job_id}: it stops after the step in progress and keeps the weights of the last "
+             f"step in {concept_id}…")
+        with contextlib.suppress(grpc.RpcError):  # it may have finished meanwhile
+            client.jobs.CancelJob(common_pb2.CancelJobRequest(job_id=job.job_id))
+        try:
+            return client.wait_for_job(job.job_id)
+        except KeyboardInterrupt:
+            note(f"stopped waiting; {job.job_id} is being cancelled")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    if s.embedded:
+        data_dir = s.settings().data_dir
+        note(f"left {job.job_id} unfinished: without --server the job runs inside this process and stops with it. "
+             f"Train jobs resume from their last checkpoint (--checkpoint-every) the next time persona-cli starts "
+             f"on {data_dir}: continue it with `persona-cli --data-dir {data_dir} jobs watch {job.job_id}`, or "
+             f"drop it with `persona-cli --data-dir {data_dir} jobs cancel {job.job_id}`. Concept: {concept_id}")
+        # The job's worker thread would keep the interpreter alive until training ends; stop the server and
+        # leave now, as a crash would: the job stays RUNNING in the store and is resumed on the next start.
+        with contextlib.suppress(Exception):
+            s.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    note(f"detached: {job.job_id} goes on on the server. Re-attach with `persona-cli jobs watch {job.job_id}`, "
+         f"stop it with `persona-cli jobs cancel {job.job_id}`. Concept: {concept_id}")
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def train(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(
+        metavar="SUBJECT_OR_PHOTO_DIR", show_default=False,
+        help="A subject id (subj_…), or a folder of 3–7 photos (.jpg/.jpeg/.png/.webp) that becomes a new subject "
+             "first (then --class is required) and is captioned: SID (Case 3) when a VLM is configured, else the "
+             "Case 1 template.")],
+    class_name: Annotated[Optional[str], typer.Option(
+        "--class", show_default=False,
+        help="Class noun of the subject (dog, backpack, stuffed animal; painting for a style). Required with a "
+             "photo folder; with a subject id it must match the subject's.")] = None,
+    token: Annotated[Optional[str], typer.Option(
+        help="Identifier the concept learns, the [v] of the papers (photo folder only; default sks).",
+        show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Display name of the concept (and of the subject made from a photo folder). Default: "
+             "\"METHOD of SUBJECT\".", show_default=False)] = None,
+    method: Annotated[Optional[str], typer.Option(
+        help="lora: low-rank adapters on the UNet attention — small files (MBs), fast, the default. dreambooth: "
+             "fine-tunes the whole UNet — the most faithful, a full model (GBs). ti: Textual Inversion, learns "
+             "only one new word embedding — tiny, least faithful.", show_default="lora")] = None,
+    regularizers: Annotated[Optional[list[str]], typer.Option(
+        "--reg", show_default="prior for dreambooth and lora, none for ti",
+        help="Regulariser; repeat for several. prior: prior preservation — the base model draws "
+             "--num-class-images images of the class (cached, reused) and training keeps drawing them, so "
+             "\"a dog\" still means any dog. none: no regulariser (faster, may drift).")] = None,
+    captions: Annotated[Optional[str], typer.Option(
+        help="Training text per photo. sid: each photo's stored caption (SID: the subject named only by "
+             "\"TOKEN CLASS\", everything else described), the class template where a photo has none. "
+             "class: \"a photo of a TOKEN CLASS\" for every photo (the DreamBooth baseline).",
+        show_default="sid")] = None,
+    base_model: Annotated[Optional[str], typer.Option(
+        help="tiny (built-in, random weights: tries the flow in seconds, draws noise), a diffusers hub id from "
+             "the local Hugging Face cache (stable-diffusion-v1-5/stable-diffusion-v1-5), or a local diffusers "
+             "folder.", show_default="the server's PERSONA_BASE_MODEL, else SD 1.5")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps, 1–100000.", show_default="400")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        "--lr", help="Learning rate, > 0.", show_default="dreambooth 5e-6, lora 1e-4, ti 5e-4")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="lora: adapter rank, ≥ 1.", show_default="4")] = None,
+    alpha: Annotated[Optional[float], typer.Option(
+        help="lora: alpha; the adapter's scale is alpha / rank.", show_default="the rank")] = None,
+    resolution: Annotated[Optional[int], typer.Option(
+        help="Training image side in pixels, a multiple of 8.",
+        show_default="the base model's: 512 for SD 1.5, 64 for tiny")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Seed of initialisation, image order, noise and timesteps.", show_default="0")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Subject photos per step (as many class images are added with --reg prior).", show_default="1")] = None,
+    num_class_images: Annotated[Optional[int], typer.Option(
+        help="--reg prior: class images drawn by the base model, 1–1000.", show_default="100")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        help="Write a resumable checkpoint every N steps; 0: only when cancelled.", show_default="100")] = None,
+    validation_every: Annotated[Optional[int], typer.Option(
+        help="Draw validation images every N steps and at the end; 0: never.", show_default="0")] = None,
+    validation_prompts: Annotated[Optional[list[str]], typer.Option(
+        "--validation-prompt", help="Prompt of the validation images; repeat for several.",
+        show_default="\"a TOKEN CLASS on the beach\"")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(
+        help="no, fp16 or bf16 autocast where the device supports it (else fp32, with a warning).",
+        show_default="fp16 on CUDA, no elsewhere")] = None,
+    train_text_encoder: Annotated[bool, typer.Option(
+        "--train-text-encoder", help="Also train the text encoder (all of it for dreambooth, LoRA adapters for "
+                                     "lora; not for ti).")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, slower.")] = False,
+    min_snr_gamma: Annotated[Optional[float], typer.Option(
+        help="Min-SNR loss weighting gamma (Hang et al. 2023), e.g. 5.0.", show_default="off")] = None,
+    lr_scheduler: Annotated[Optional[str], typer.Option(
+        help=f"Learning-rate schedule: {', '.join(SCHEDULERS)}.", show_default="constant")] = None,
+    detach: Annotated[bool, typer.Option(
+        "--detach", help="Print the concept and return once the job is queued; follow it later with "
+                         "`persona-cli jobs watch JOB`. Needs --server (an embedded job would stop with this "
+                         "process).")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Train a concept on a subject's photos and their captions, following the job; print the concept id.
+
+    Ctrl-C asks whether to cancel the job (it keeps the last step's weights); otherwise it goes on on the
+    server (`persona-cli jobs watch JOB` re-attaches) or, without --server, resumes from its last
+    checkpoint the next time persona-cli starts on the same data dir.
+
+    Examples: `persona-cli train photos/bruno/ --class dog` (upload, caption, LoRA with prior preservation);
+    `persona-cli train subj_51d2… --method dreambooth --steps 800 --validation-every 200`;
+    `persona-cli train photos/bruno/ --class dog --base-model tiny --steps 4 --reg none` (a quick try).
+    """
+    s = session(ctx)
+    if detach and s.embedded:
+        fail("FAILED_PRECONDITION", "--detach needs --server: without it the job runs inside this process and "
+                                    "would stop with it. Start a server with `persona-cli serve` and pass "
+                                    "--server HOST:PORT (or PERSONA_SERVER), or train without --detach")
+    _choice("method", method, METHODS)
+    _choice("captions", captions, CAPTIONS)
+    _choice("mixed_precision", mixed_precision, PRECISIONS)
+    for reg in regularizers or []:
+        _choice("regularizers", reg, REGULARIZERS)
+    if regularizers and "none" in regularizers and len(regularizers) > 1:
+        fail("INVALID_ARGUMENT", "`regularizers`: `--reg none` cannot be combined with other regularisers")
+    options = training_options(
+        steps=steps, learning_rate=lr, batch_size=batch_size, resolution=resolution, seed=seed,
+        train_text_encoder=train_text_encoder, lora_rank=rank, lora_alpha=alpha, mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma, lr_scheduler=lr_scheduler,
+        num_class_images=num_class_images, checkpoint_every=checkpoint_every, validation_every=validation_every,
+        validation_prompts=validation_prompts)
+
+    client = s.client()
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        subject = subject_from_folder(s, client, folder, class_name, token, name)
+        if captions != "class":  # `--captions class` trains on the template whatever is stored
+            caption_subject(s, client, subject)
+    else:
+        if folder.exists():
+            fail("INVALID_ARGUMENT", f"{source} is not a folder: pass a folder of photos or a subject id")
+        if os.sep in source or source.startswith("."):
+            fail("INVALID_ARGUMENT", f"{source} does not exist: pass a folder of photos or a subject id")
+        subject = client.subjects.GetSubject(subjects_pb2.GetSubjectRequest(subject_id=source))
+        if class_name and class_name != subject.class_name:
+            fail("INVALID_ARGUMENT", f"--class {class_name} differs from {subject.subject_id}'s class "
+                                     f"{subject.class_name!r}: --class only names the class of a new photo folder")
+        if token and token != subject.token:
+            fail("INVALID_ARGUMENT", f"--token {token} differs from {subject.subject_id}'s token {subject.token!r}: "
+                                     "a subject's token is set when it is added")
+
+    request = train_pb2.StartTrainingRequest(
+        subject_id=subject.subject_id, base_model=base_model or "", method=method or "",
+        regularizers=regularizers or [], captions=captions or "", options=options, display_name=name or "")
+    try:
+        job = client.train.StartTraining(request)
+    except grpc.RpcError as e:
+        if folder.is_dir():
+            note(f"the subject {subject.subject_id} was created from {folder}: fix the option and train it with "
+                 f"`persona-cli train {subject.subject_id} …` (no need to upload again)")
+        raise PersonaClientError.from_rpc_error(e) from None
+    concept_id = job.params.fields["concept_id"].string_value if "concept_id" in job.params.fields else ""
+    note(f"training {concept_id or 'a concept'} ({method or 'default method'}) on {subject.subject_id}: "
+         f"job {job.job_id}")
+
+    if not detach:
+        job = follow_training(s, client, job, concept_id, steps)
+    concept = (client.train.GetConcept(train_pb2.GetConceptRequest(concept_id=concept_id)) if concept_id else None)
+    if concept is not None:
+        s.output(as_json).emit(message_dict(concept), lambda: concept.concept_id)
+    if detach:
+        note(f"detached: follow it with `persona-cli jobs watch {job.job_id}`, stop it with "
+             f"`persona-cli jobs cancel {job.job_id}`")
+        return
+    if job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None:
+        loss = f", final loss {concept.final_loss:.4g}" if concept.steps_done else ""
+        fmt = {"lora": "lora", "ti": "ti"}.get(concept.method, "diffusers")
+        out = f"{concept.token}-{concept.class_name}".replace(" ", "-") + (".safetensors" if fmt != "diffusers" else "")
+        note(f"trained {concept.concept_id}: {concept.method}, {concept.steps_done} steps{loss}; "
+             f"export it with `persona-cli export {concept.concept_id} --format {fmt} --out {out}`")
+    elif concept is not None and concept.state != train_pb2.CONCEPT_STATE_READY:
+        note(f"{concept.concept_id} is {concept_state(concept.state)}")
+    raise_unless_succeeded(job)

@@ -1,0 +1,273 @@
+"""persona-cli train, concepts and export in the embedded default, on the built-in `tiny` base model with
+a few steps at 32 px (seconds on CPU): a photo folder → subject → Case 1 captions → LoRA → exports."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from google.protobuf import struct_pb2
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from persona.client.cli import app
+from persona.client.commands import train as train_command
+from persona.client.commands.session import Session
+from persona.v1 import common_pb2
+
+CLEARED_ENV = ("PERSONA_SERVER", "PERSONA_API_KEY", "PERSONA_HOME", "PERSONA_AUTH", "PERSONA_VLM_BASE_URL",
+               "PERSONA_VLM_MODEL", "PERSONA_VLM_API_KEY", "PERSONA_BASE_MODEL")
+TINY = ("--base-model", "tiny", "--steps", "4", "--resolution", "32")
+COMPLIANT = "a photo of a sks dog lying on a green lawn next to a red rubber ball"
+
+
+def ok(result) -> str:
+    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result.stdout
+
+
+def ok_json(result):
+    return json.loads(ok(result))
+
+
+def failed(result, code: str) -> str:
+    """The last stderr line of a command that must have failed with `code`, exit 1, no traceback."""
+    assert result.exit_code == 1, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith(f"{code}: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[-1]
+
+
+class Cli:
+    """`persona-cli --data-dir <data_dir> …` run in-process through CliRunner."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.runner = CliRunner()
+
+    def __call__(self, *args, env: dict | None = None):
+        return self.runner.invoke(app, ["--data-dir", str(self.data_dir), *map(str, args)], env=env)
+
+
+def photo_folder(dreambench: Path, folder: Path, count: int = 3) -> Path:
+    folder.mkdir(parents=True)
+    for photo in sorted((dreambench / "dog").glob("*.jpg"))[:count]:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clean_env():
+    with pytest.MonkeyPatch.context() as mp:
+        for name in CLEARED_ENV:
+            mp.delenv(name, raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(clean_env, dreambench, tmp_path_factory):
+    """One LoRA trained from a photo folder (no VLM: Case 1 captions), shared by the tests that read it."""
+    root = tmp_path_factory.mktemp("train")
+    cli = Cli(root / "home")
+    photos = photo_folder(dreambench, root / "bruno")
+    result = cli("train", photos, "--class", "dog", "--method", "lora", "--reg", "none", *TINY)
+    return cli, photos, result
+
+
+@pytest.fixture
+def concept_id(trained) -> str:
+    _, _, result = trained
+    return ok(result).strip()
+
+
+def test_train_from_a_photo_folder_captions_with_case_1_and_prints_the_concept(trained, concept_id):
+    _, _, result = trained
+    assert concept_id.startswith("cpt_") and result.stdout.strip() == concept_id  # stdout is only the id
+    assert "Case 1" in result.stderr and "PERSONA_VLM_BASE_URL" in result.stderr  # the note about captions
+    assert "created subject subj_" in result.stderr
+    assert "step 4/4" in result.stderr  # progress lines without a TTY
+    assert f"persona-cli export {concept_id}" in result.stderr
+
+
+def test_concepts_list_and_show_the_concept_with_its_training_captions(trained, concept_id):
+    cli, photos, _ = trained
+    listed = ok_json(cli("concepts", "list", "--json"))["concepts"]
+    assert [c["concept_id"] for c in listed] == [concept_id]
+    table = ok(cli("concepts", "list"))
+    assert concept_id in table and "READY" in table and "lora" in table and "4/4" in table
+
+    concept = ok_json(cli("concepts", "show", concept_id, "--json"))
+    assert concept["state"] == "CONCEPT_STATE_READY"
+    assert (concept["method"], concept["base_model"], concept["steps_done"]) == ("lora", "tiny", 4)
+    assert concept["regularizers"] in ([], ["none"])
+    assert concept["options"]["steps"] == 4 and concept["options"]["resolution"] == 32
+    captions = concept["training_captions"]
+    assert len(captions) == len(list(photos.iterdir()))
+    assert {c["text"] for c in captions} == {"a photo of a sks dog"}
+    assert {c["source"] for c in captions} == {"template"}
+    assert concept["files"] and all(int(f["size_bytes"]) > 0 for f in concept["files"])
+    subject_id = concept["subject_id"]
+    assert [c["concept_id"] for c in ok_json(cli("concepts", "list", "--subject", subject_id, "--json"))["concepts"]] \
+        == [concept_id]
+    assert ok_json(cli("concepts", "list", "--subject", "subj_none", "--json")) == {"concepts": []}
+
+    human = ok(cli("concepts", "show", concept_id))
+    assert "training captions" in human and "a photo of a sks dog" in human and "files" in human
+
+
+def _tensors(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def test_export_lora_and_kohya_write_safetensors(trained, concept_id, tmp_path):
+    cli, _, _ = trained
+    named = tmp_path / "bruno-lora.safetensors"
+    written = ok_json(cli("export", concept_id, "--format", "lora", "--out", named, "--json"))["written"]
+    assert [w["path"] for w in written] == [str(named)]
+    assert named.stat().st_size == written[0]["size_bytes"] > 0 and _tensors(named)
+
+    folder = tmp_path / "kohya"
+    result = cli("export", concept_id, "--format", "kohya", "--out", folder)
+    files = list(folder.glob("*.safetensors"))
+    assert len(files) == 1 and files[0].stat().st_size > 0 and str(files[0]) in ok(result)
+    assert any(key.startswith("lora_unet_") for key in _tensors(files[0]))  # kohya key layout
+    assert not list(folder.glob(".*.part"))  # downloads are renamed into place
+
+
+def test_export_diffusers_writes_a_model_folder(trained, concept_id, tmp_path):
+    cli, _, _ = trained
+    out = tmp_path / "model"
+    ok(cli("export", concept_id, "--format", "diffusers", "--out", out))
+    assert json.loads((out / "model_index.json").read_text())
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > 0
+
+
+def test_bad_options_exit_1_with_one_line_naming_the_field(trained, concept_id):
+    cli, _, _ = trained
+    subject_id = ok_json(cli("concepts", "show", concept_id, "--json"))["subject_id"]
+    assert "`steps`" in failed(cli("train", subject_id, "--base-model", "tiny", "--steps", "0"), "INVALID_ARGUMENT")
+    assert "`method`" in failed(cli("train", subject_id, "--method", "nope"), "INVALID_ARGUMENT")
+    assert "`resolution`" in failed(cli("train", subject_id, *TINY[:2], "--resolution", "33"), "INVALID_ARGUMENT")
+    assert "--server" in failed(cli("train", subject_id, "--detach"), "FAILED_PRECONDITION")
+    failed(cli("train", "subj_missing", "--base-model", "tiny"), "NOT_FOUND")
+    failed(cli("export", "cpt_missing", "--format", "lora", "--out", "x.safetensors"), "NOT_FOUND")
+    assert ok_json(cli("concepts", "list", "--json"))["concepts"][0]["concept_id"] == concept_id  # nothing started
+
+
+def test_train_from_a_folder_needs_a_class(clean_env, dreambench, tmp_path):
+    cli = Cli(tmp_path / "home")
+    photos = photo_folder(dreambench, tmp_path / "photos")
+    assert "--class" in failed(cli("train", photos, *TINY), "INVALID_ARGUMENT")
+    assert ok_json(cli("subjects", "list", "--json")) == {"subjects": []}  # checked before any upload
+
+
+def test_prior_preservation_run_with_json_and_class_captions(clean_env, dreambench, tmp_path):
+    cli = Cli(tmp_path / "home")
+    photos = photo_folder(dreambench, tmp_path / "photos", count=2)
+    result = cli("train", photos, "--class", "dog", "--reg", "prior", "--num-class-images", "2",
+                 "--captions", "class", "--rank", "2", "--seed", "7", *TINY, "--json")
+    concept = ok_json(result)
+    assert concept["state"] == "CONCEPT_STATE_READY" and concept["regularizers"] == ["prior"]
+    assert concept["captions"] == "class" and concept["steps_done"] == 4
+    assert (concept["options"]["num_class_images"], concept["options"]["lora_rank"]) == (2, 2)
+    assert int(concept["options"]["seed"]) == 7
+    assert {c["source"] for c in concept["training_captions"]} == {"class"}
+    assert "Case 1" not in result.stderr  # --captions class: nothing is captioned
+
+    ok(cli("concepts", "rm", concept["concept_id"]))
+    failed(cli("concepts", "show", concept["concept_id"]), "NOT_FOUND")
+
+
+def test_train_through_a_vlm_uses_sid_captions(clean_env, dreambench, tmp_path, fake_vlm):
+    fake_vlm.script(COMPLIANT)
+    env = {"PERSONA_VLM_BASE_URL": fake_vlm.base_url, "PERSONA_VLM_MODEL": "fake-vlm", "PERSONA_VLM_API_KEY": "x",
+           "PERSONA_VLM_RETRIES": "0"}
+    cli = Cli(tmp_path / "home")
+    photos = photo_folder(dreambench, tmp_path / "photos", count=2)
+    result = cli("train", photos, "--class", "dog", "--reg", "none", *TINY, "--json", env=env)
+    concept = ok_json(result)
+    assert "Case 1" not in result.stderr
+    assert [c["text"] for c in concept["training_captions"]] == [COMPLIANT] * 2
+    assert {c["source"] for c in concept["training_captions"]} == {"vlm"}
+
+
+@pytest.mark.parametrize("command", [["train"], ["concepts", "list"], ["concepts", "show"], ["concepts", "rm"],
+                                     ["export"]])
+def test_help_teaches_with_an_example(command):
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.stdout and "persona-cli" in result.stdout
+
+
+# --- following a training job, without a server: events → progress lines, Ctrl-C → cancel or detach ---
+
+def event(kind, message="", state=0, progress=0.0, **data) -> common_pb2.JobEvent:
+    fields = struct_pb2.Struct()
+    fields.update(data)
+    return common_pb2.JobEvent(job_id="job_1", type=kind, state=state, progress=progress, message=message,
+                               data=fields if data else None)
+
+
+def test_progress_shows_stages_steps_losses_and_warnings(capsys):
+    progress = train_command.TrainingProgress(total_steps=None)
+    with progress:
+        for e in [
+            event(common_pb2.JOB_EVENT_TYPE_STATE, "attempt 1 started", state=common_pb2.JOB_STATE_RUNNING),
+            event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "class images 1/2", done=1, total=2),
+            event(common_pb2.JOB_EVENT_TYPE_WARNING, "fp16 is not supported on cpu: training in fp32"),
+            event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "step 1", step=1, steps=2, loss=0.5, instance=0.3, prior=0.2,
+                  it_per_s=2.0, eta_s=65),
+            event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "step 2", step=2, steps=2, loss=0.25, it_per_s=2.0, eta_s=0,
+                  validation_image_ids=["val_1"]),
+        ]:
+            progress(e)
+    err = capsys.readouterr().err
+    assert "attempt 1 started" in err and "class images 1/2" in err
+    assert "warning: fp16 is not supported on cpu" in err
+    assert "step 1/2  loss 0.5000  (instance 0.3000, prior 0.2000)  2.00 it/s  ETA 1:05" in err
+    assert "step 2/2" in err and "val_1" in err
+
+
+class FakeClient:
+    """Stands in for PersonaClient: the first wait is interrupted by Ctrl-C, the next one ends the job."""
+
+    def __init__(self):
+        self.cancelled = []
+        self.waits = 0
+        outer = self
+
+        class Jobs:
+            def CancelJob(self, request):
+                outer.cancelled.append(request.job_id)
+                return common_pb2.Job(job_id=request.job_id, state=common_pb2.JOB_STATE_RUNNING)
+
+        self.jobs = Jobs()
+
+    def wait_for_job(self, job_id, on_event=lambda e: None):
+        self.waits += 1
+        if self.waits == 1:
+            raise KeyboardInterrupt
+        return common_pb2.Job(job_id=job_id, state=common_pb2.JOB_STATE_CANCELLED)
+
+
+def test_ctrl_c_then_yes_cancels_the_job_and_waits_for_it(monkeypatch, capsys):
+    monkeypatch.setattr(train_command, "ask_to_cancel", lambda: True)
+    client = FakeClient()
+    job = train_command.follow_training(Session(server="gpu1:50051"), client, common_pb2.Job(job_id="job_1"),
+                                        "cpt_1", 4)
+    assert client.cancelled == ["job_1"] and job.state == common_pb2.JOB_STATE_CANCELLED
+    assert "cancelling job_1" in capsys.readouterr().err
+
+
+def test_ctrl_c_without_a_terminal_detaches_from_a_server(monkeypatch, capsys):
+    monkeypatch.setattr(train_command.sys, "stdin", io.StringIO())  # not a TTY: no question asked
+    client = FakeClient()
+    with pytest.raises(typer.Exit) as exit_:
+        train_command.follow_training(Session(server="gpu1:50051"), client, common_pb2.Job(job_id="job_1"),
+                                      "cpt_1", 4)
+    assert exit_.value.exit_code == 130 and client.cancelled == []
+    assert "persona-cli jobs watch job_1" in capsys.readouterr().err
