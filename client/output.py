@@ -131,3 +131,14 @@ def _exit_with(code: str, message: str) -> NoReturn:
     # One line whatever the message holds: a multi-line server detail would break `CODE: message`.
     sys.stderr.write(f"{code}: {' '.join(message.split())}\n")
     raise typer.Exit(EXIT_FAILED)
+
+
+def quiet_libraries() -> None:
+    """No per-model loading bars or info/warning lines from diffusers/transformers between the lines we print
+    (the embedded server and benchmarks load models in this process)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()

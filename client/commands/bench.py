@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..output import note, table
+from ..output import note, quiet_libraries, table
 from .session import JsonOption, session
 
 app = typer.Typer(help="Measure persona's speed against reference implementations, on this machine.",
@@ -83,7 +83,7 @@ def train(
     from persona.services.train.settings import TrainSettings
 
     s = session(ctx)
-    _quiet_libraries()
+    quiet_libraries()
     cache = TrainSettings.from_env().base_model_cache_dir
     if s.data_dir is not None and not os.environ.get("PERSONA_MODEL_CACHE"):
         cache = s.data_dir / "models"
@@ -121,16 +121,6 @@ def _gib(size: int | None) -> str:
     return "n/a" if size is None else f"{size / 2**30:.2f} GiB"
 
 
-def _quiet_libraries() -> None:
-    """No per-model loading bars or cast warnings from diffusers/transformers between the lines we print."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for logging in (diffusers_logging, transformers_logging):
-        logging.disable_progress_bar()
-        logging.set_verbosity_error()
-
-
 @app.command("flow")
 def flow(
     ctx: typer.Context,
@@ -161,7 +151,7 @@ def flow(
     from persona.v1 import caption_pb2, common_pb2, subjects_pb2, train_pb2, train_pb2_grpc
 
     s = session(ctx)
-    _quiet_libraries()
+    quiet_libraries()
     files = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
     if not files:
         from ..output import fail

@@ -10,7 +10,7 @@ import typer
 
 from persona.services.runtime.settings import RuntimeSettings, env_float
 
-from ..output import Output
+from ..output import Output, quiet_libraries
 from ..sdk import PersonaClient
 
 SubjectArgument = Annotated[str, typer.Argument(metavar="SUBJECT", help="Subject id, e.g. subj_51d2…",
@@ -50,6 +50,8 @@ class Session:
                 client.wait_until_ready(self.server, env_float("PERSONA_CONNECT_TIMEOUT_S", 10.0))
             else:
                 from persona.services.app import build_app  # the embedded server only: remote calls skip its imports
+
+                quiet_libraries()
 
                 self._app = build_app(self.settings(auth="none"), "127.0.0.1:0")
                 client = PersonaClient.connect(self._app.address)

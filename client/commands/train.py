@@ -292,6 +292,10 @@ def train(
         help="Subject photos per step (as many class images are added with --reg prior).", show_default="1")] = None,
     num_class_images: Annotated[Optional[int], typer.Option(
         help="--reg prior: class images drawn by the base model, 1–1000.", show_default="100")] = None,
+    class_image_steps: Annotated[Optional[int], typer.Option(
+        help="--reg prior: sampling steps per class image, 1–200.", show_default="30")] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        help="Passes over the photos instead of --steps (steps = epochs × photos / batch size).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(
         help="Write a resumable checkpoint every N steps; 0: only when cancelled.", show_default="100")] = None,
     validation_every: Annotated[Optional[int], typer.Option(
@@ -344,7 +348,7 @@ def train(
         train_text_encoder=train_text_encoder, lora_rank=rank, lora_alpha=alpha, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma, lr_scheduler=lr_scheduler,
         num_class_images=num_class_images, checkpoint_every=checkpoint_every, validation_every=validation_every,
-        validation_prompts=validation_prompts)
+        validation_prompts=validation_prompts, class_image_steps=class_image_steps, epochs=epochs)
 
     client = s.client()
     folder = Path(source).expanduser()

@@ -53,10 +53,10 @@ DEFAULT_OPTIONS = {
     "steps": 400, "batch_size": 1, "seed": 0, "train_text_encoder": False, "lora_rank": 4,
     "lora_targets": ["to_q", "to_k", "to_v", "to_out.0"], "gradient_checkpointing": False, "min_snr_gamma": None,
     "lr_scheduler": "constant", "lr_warmup_steps": 0, "use_8bit_adam": False, "prior_loss_weight": 1.0,
-    "num_class_images": 100, "checkpoint_every": 100, "validation_every": 0, "max_grad_norm": 1.0,
+    "num_class_images": 100, "class_image_steps": 30, "checkpoint_every": 100, "validation_every": 0, "max_grad_norm": 1.0,
 }
 # Options that are not TrainConfig fields (they shape the data, not the loop).
-_DATA_OPTIONS = ("num_class_images", "class_prompt", "epochs")
+_DATA_OPTIONS = ("num_class_images", "class_prompt", "epochs", "class_image_steps")
 # Progress events are written at most this often (plus the first and last step): a fast GPU run
 # should not spend its time in SQLite.
 EVENT_INTERVAL_S = 0.5
@@ -226,6 +226,8 @@ class TrainDomain:
         count = options["num_class_images"]
         if not 1 <= count <= MAX_CLASS_IMAGES:
             raise InvalidArgument(f"`num_class_images` is {count}: use 1–{MAX_CLASS_IMAGES} (DreamBooth uses 100–200)")
+        if not 1 <= options["class_image_steps"] <= 200:
+            raise InvalidArgument(f"`class_image_steps` is {options['class_image_steps']}: use 1–200 (default 30)")
         if not options["class_prompt"].strip():
             raise InvalidArgument("`class_prompt` is empty: e.g. 'a photo of a dog'")
 
@@ -332,6 +334,7 @@ class TrainDomain:
             ctx.check_cancelled()
             ctx.progress(0.0, f"class images {done}/{total}", stage="class_images", done=done, total=total)
         images = self.class_images.get_or_generate(base.path, prompt, count, config.seed, config.resolution,
+                                                   steps=concept.options.get("class_image_steps", 30),
                                                    on_progress=on_progress)
         reused = seen[0] if seen else count
         return [(image, prompt) for image in images], {"class_images_generated": count - reused,

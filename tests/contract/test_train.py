@@ -15,7 +15,7 @@ from persona.v1 import caption_pb2, common_pb2, subjects_pb2, train_pb2, train_p
 from persona.services.train import domain as train_domain
 
 # 32 px keeps a step near 0.2 s on two CPU cores; learning rates at which a few steps visibly move the output.
-SMALL = dict(resolution=32, checkpoint_every=0)
+SMALL = dict(resolution=32, checkpoint_every=0, class_image_steps=2)
 PROMPT = "a photo of sks dog"
 
 

@@ -168,7 +168,7 @@ def test_train_from_a_folder_needs_a_class(clean_env, dreambench, tmp_path):
 def test_prior_preservation_run_with_json_and_class_captions(clean_env, dreambench, tmp_path):
     cli = Cli(tmp_path / "home")
     photos = photo_folder(dreambench, tmp_path / "photos", count=2)
-    result = cli("train", photos, "--class", "dog", "--reg", "prior", "--num-class-images", "2",
+    result = cli("train", photos, "--class", "dog", "--reg", "prior", "--num-class-images", "2", "--class-image-steps", "2",
                  "--captions", "class", "--rank", "2", "--seed", "7", *TINY, "--json")
     concept = ok_json(result)
     assert concept["state"] == "CONCEPT_STATE_READY" and concept["regularizers"] == ["prior"]

@@ -26,47 +26,47 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from persona.v1 import common_pb2 as persona_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16persona/v1/train.proto\x12\npersona.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17persona/v1/common.proto\"\xfc\x06\n\x0fTrainingOptions\x12\x12\n\x05steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nbatch_size\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nresolution\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x1a\n\x12train_text_encoder\x18\x06 \x01(\x08\x12\x16\n\tlora_rank\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nlora_alpha\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x14\n\x0clora_targets\x18\t \x03(\t\x12\x19\n\x11initializer_token\x18\n \x01(\t\x12\x17\n\x0fmixed_precision\x18\x0b \x01(\t\x12\x1e\n\x16gradient_checkpointing\x18\x0c \x01(\x08\x12\x1a\n\rmin_snr_gamma\x18\r \x01(\x01H\x07\x88\x01\x01\x12\x14\n\x0clr_scheduler\x18\x0e \x01(\t\x12\x1c\n\x0flr_warmup_steps\x18\x0f \x01(\x05H\x08\x88\x01\x01\x12\x15\n\ruse_8bit_adam\x18\x10 \x01(\x08\x12\x1e\n\x11prior_loss_weight\x18\x11 \x01(\x01H\t\x88\x01\x01\x12\x1d\n\x10num_class_images\x18\x12 \x01(\x05H\n\x88\x01\x01\x12\x14\n\x0c\x63lass_prompt\x18\x13 \x01(\t\x12\x1d\n\x10\x63heckpoint_every\x18\x14 \x01(\x05H\x0b\x88\x01\x01\x12\x1d\n\x10validation_every\x18\x15 \x01(\x05H\x0c\x88\x01\x01\x12\x1a\n\x12validation_prompts\x18\x16 \x03(\t\x12\x1a\n\rmax_grad_norm\x18\x17 \x01(\x01H\r\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\x18 \x01(\x05H\x0e\x88\x01\x01\x42\x08\n\x06_stepsB\x10\n\x0e_learning_rateB\r\n\x0b_batch_sizeB\r\n\x0b_resolutionB\x07\n\x05_seedB\x0c\n\n_lora_rankB\r\n\x0b_lora_alphaB\x10\n\x0e_min_snr_gammaB\x12\n\x10_lr_warmup_stepsB\x14\n\x12_prior_loss_weightB\x13\n\x11_num_class_imagesB\x13\n\x11_checkpoint_everyB\x13\n\x11_validation_everyB\x10\n\x0e_max_grad_normB\t\n\x07_epochs\"\xba\x01\n\x14StartTrainingRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x14\n\x0cregularizers\x18\x04 \x03(\t\x12\x10\n\x08\x63\x61ptions\x18\x05 \x01(\t\x12,\n\x07options\x18\x06 \x01(\x0b\x32\x1b.persona.v1.TrainingOptions\x12\x14\n\x0c\x64isplay_name\x18\x07 \x01(\t\"T\n\x0fTrainingCaption\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.persona.v1.ImageRef\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"D\n\x0b\x43onceptFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"D\n\x0fValidationImage\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x03 \x01(\t\"\xbb\x05\n\x07\x43oncept\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x05 \x01(\t\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.persona.v1.ConceptState\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x12\n\nbase_model\x18\x08 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\t \x01(\t\x12\x19\n\x11\x62\x61se_model_family\x18\n \x01(\t\x12\x0e\n\x06method\x18\x0b \x01(\t\x12\x14\n\x0cregularizers\x18\x0c \x03(\t\x12\x10\n\x08\x63\x61ptions\x18\r \x01(\t\x12,\n\x07options\x18\x0e \x01(\x0b\x32\x1b.persona.v1.TrainingOptions\x12\x36\n\x11training_captions\x18\x0f \x03(\x0b\x32\x1b.persona.v1.TrainingCaption\x12\x12\n\nsteps_done\x18\x10 \x01(\x05\x12\x12\n\nfinal_loss\x18\x11 \x01(\x01\x12&\n\x05\x66iles\x18\x12 \x03(\x0b\x32\x17.persona.v1.ConceptFile\x12\x36\n\x11validation_images\x18\x13 \x03(\x0b\x32\x1b.persona.v1.ValidationImage\x12\x19\n\x11parent_concept_id\x18\x14 \x01(\t\x12\x17\n\x0fpersona_version\x18\x15 \x01(\t\x12\x12\n\nresolution\x18\x16 \x01(\x05\x12.\n\ncreated_at\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x11GetConceptRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\"P\n\x13ListConceptsRequest\x12%\n\x04page\x18\x01 \x01(\x0b\x32\x17.persona.v1.PageRequest\x12\x12\n\nsubject_id\x18\x02 \x01(\t\"e\n\x14ListConceptsResponse\x12%\n\x08\x63oncepts\x18\x01 \x03(\x0b\x32\x13.persona.v1.Concept\x12&\n\x04page\x18\x02 \x01(\x0b\x32\x18.persona.v1.PageResponse\"*\n\x14\x44\x65leteConceptRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteConceptResponse\"T\n\x14\x45xportConceptRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.persona.v1.ExportFormat\"u\n\rConceptExport\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.persona.v1.ExportFormat\x12&\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x17.persona.v1.ConceptFile\"A\n\x16ReadConceptFileRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\"=\n\tFileChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03*\x99\x01\n\x0c\x43onceptState\x12\x1d\n\x19\x43ONCEPT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONCEPT_STATE_TRAINING\x10\x01\x12\x17\n\x13\x43ONCEPT_STATE_READY\x10\x02\x12\x18\n\x14\x43ONCEPT_STATE_FAILED\x10\x03\x12\x1b\n\x17\x43ONCEPT_STATE_CANCELLED\x10\x04*\x91\x01\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XPORT_FORMAT_DIFFUSERS\x10\x01\x12\x16\n\x12\x45XPORT_FORMAT_LORA\x10\x02\x12\x17\n\x13\x45XPORT_FORMAT_KOHYA\x10\x03\x12\x14\n\x10\x45XPORT_FORMAT_TI\x10\x04\x32\xdb\x03\n\x0cTrainService\x12\x42\n\rStartTraining\x12 .persona.v1.StartTrainingRequest\x1a\x0f.persona.v1.Job\x12@\n\nGetConcept\x12\x1d.persona.v1.GetConceptRequest\x1a\x13.persona.v1.Concept\x12Q\n\x0cListConcepts\x12\x1f.persona.v1.ListConceptsRequest\x1a .persona.v1.ListConceptsResponse\x12T\n\rDeleteConcept\x12 .persona.v1.DeleteConceptRequest\x1a!.persona.v1.DeleteConceptResponse\x12L\n\rExportConcept\x12 .persona.v1.ExportConceptRequest\x1a\x19.persona.v1.ConceptExport\x12N\n\x0fReadConceptFile\x12\".persona.v1.ReadConceptFileRequest\x1a\x15.persona.v1.FileChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16persona/v1/train.proto\x12\npersona.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17persona/v1/common.proto\"\xb2\x07\n\x0fTrainingOptions\x12\x12\n\x05steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nbatch_size\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nresolution\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x1a\n\x12train_text_encoder\x18\x06 \x01(\x08\x12\x16\n\tlora_rank\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nlora_alpha\x18\x08 \x01(\x01H\x06\x88\x01\x01\x12\x14\n\x0clora_targets\x18\t \x03(\t\x12\x19\n\x11initializer_token\x18\n \x01(\t\x12\x17\n\x0fmixed_precision\x18\x0b \x01(\t\x12\x1e\n\x16gradient_checkpointing\x18\x0c \x01(\x08\x12\x1a\n\rmin_snr_gamma\x18\r \x01(\x01H\x07\x88\x01\x01\x12\x14\n\x0clr_scheduler\x18\x0e \x01(\t\x12\x1c\n\x0flr_warmup_steps\x18\x0f \x01(\x05H\x08\x88\x01\x01\x12\x15\n\ruse_8bit_adam\x18\x10 \x01(\x08\x12\x1e\n\x11prior_loss_weight\x18\x11 \x01(\x01H\t\x88\x01\x01\x12\x1d\n\x10num_class_images\x18\x12 \x01(\x05H\n\x88\x01\x01\x12\x14\n\x0c\x63lass_prompt\x18\x13 \x01(\t\x12\x1d\n\x10\x63heckpoint_every\x18\x14 \x01(\x05H\x0b\x88\x01\x01\x12\x1d\n\x10validation_every\x18\x15 \x01(\x05H\x0c\x88\x01\x01\x12\x1a\n\x12validation_prompts\x18\x16 \x03(\t\x12\x1a\n\rmax_grad_norm\x18\x17 \x01(\x01H\r\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\x18 \x01(\x05H\x0e\x88\x01\x01\x12\x1e\n\x11\x63lass_image_steps\x18\x19 \x01(\x05H\x0f\x88\x01\x01\x42\x08\n\x06_stepsB\x10\n\x0e_learning_rateB\r\n\x0b_batch_sizeB\r\n\x0b_resolutionB\x07\n\x05_seedB\x0c\n\n_lora_rankB\r\n\x0b_lora_alphaB\x10\n\x0e_min_snr_gammaB\x12\n\x10_lr_warmup_stepsB\x14\n\x12_prior_loss_weightB\x13\n\x11_num_class_imagesB\x13\n\x11_checkpoint_everyB\x13\n\x11_validation_everyB\x10\n\x0e_max_grad_normB\t\n\x07_epochsB\x14\n\x12_class_image_steps\"\xba\x01\n\x14StartTrainingRequest\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x14\n\x0cregularizers\x18\x04 \x03(\t\x12\x10\n\x08\x63\x61ptions\x18\x05 \x01(\t\x12,\n\x07options\x18\x06 \x01(\x0b\x32\x1b.persona.v1.TrainingOptions\x12\x14\n\x0c\x64isplay_name\x18\x07 \x01(\t\"T\n\x0fTrainingCaption\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.persona.v1.ImageRef\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\"D\n\x0b\x43onceptFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"D\n\x0fValidationImage\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x03 \x01(\t\"\xbb\x05\n\x07\x43oncept\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x12\n\nsubject_id\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x12\n\nclass_name\x18\x04 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x05 \x01(\t\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.persona.v1.ConceptState\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x12\n\nbase_model\x18\x08 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\t \x01(\t\x12\x19\n\x11\x62\x61se_model_family\x18\n \x01(\t\x12\x0e\n\x06method\x18\x0b \x01(\t\x12\x14\n\x0cregularizers\x18\x0c \x03(\t\x12\x10\n\x08\x63\x61ptions\x18\r \x01(\t\x12,\n\x07options\x18\x0e \x01(\x0b\x32\x1b.persona.v1.TrainingOptions\x12\x36\n\x11training_captions\x18\x0f \x03(\x0b\x32\x1b.persona.v1.TrainingCaption\x12\x12\n\nsteps_done\x18\x10 \x01(\x05\x12\x12\n\nfinal_loss\x18\x11 \x01(\x01\x12&\n\x05\x66iles\x18\x12 \x03(\x0b\x32\x17.persona.v1.ConceptFile\x12\x36\n\x11validation_images\x18\x13 \x03(\x0b\x32\x1b.persona.v1.ValidationImage\x12\x19\n\x11parent_concept_id\x18\x14 \x01(\t\x12\x17\n\x0fpersona_version\x18\x15 \x01(\t\x12\x12\n\nresolution\x18\x16 \x01(\x05\x12.\n\ncreated_at\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x11GetConceptRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\"P\n\x13ListConceptsRequest\x12%\n\x04page\x18\x01 \x01(\x0b\x32\x17.persona.v1.PageRequest\x12\x12\n\nsubject_id\x18\x02 \x01(\t\"e\n\x14ListConceptsResponse\x12%\n\x08\x63oncepts\x18\x01 \x03(\x0b\x32\x13.persona.v1.Concept\x12&\n\x04page\x18\x02 \x01(\x0b\x32\x18.persona.v1.PageResponse\"*\n\x14\x44\x65leteConceptRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteConceptResponse\"T\n\x14\x45xportConceptRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.persona.v1.ExportFormat\"u\n\rConceptExport\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.persona.v1.ExportFormat\x12&\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x17.persona.v1.ConceptFile\"A\n\x16ReadConceptFileRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\"=\n\tFileChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03*\x99\x01\n\x0c\x43onceptState\x12\x1d\n\x19\x43ONCEPT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONCEPT_STATE_TRAINING\x10\x01\x12\x17\n\x13\x43ONCEPT_STATE_READY\x10\x02\x12\x18\n\x14\x43ONCEPT_STATE_FAILED\x10\x03\x12\x1b\n\x17\x43ONCEPT_STATE_CANCELLED\x10\x04*\x91\x01\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XPORT_FORMAT_DIFFUSERS\x10\x01\x12\x16\n\x12\x45XPORT_FORMAT_LORA\x10\x02\x12\x17\n\x13\x45XPORT_FORMAT_KOHYA\x10\x03\x12\x14\n\x10\x45XPORT_FORMAT_TI\x10\x04\x32\xdb\x03\n\x0cTrainService\x12\x42\n\rStartTraining\x12 .persona.v1.StartTrainingRequest\x1a\x0f.persona.v1.Job\x12@\n\nGetConcept\x12\x1d.persona.v1.GetConceptRequest\x1a\x13.persona.v1.Concept\x12Q\n\x0cListConcepts\x12\x1f.persona.v1.ListConceptsRequest\x1a .persona.v1.ListConceptsResponse\x12T\n\rDeleteConcept\x12 .persona.v1.DeleteConceptRequest\x1a!.persona.v1.DeleteConceptResponse\x12L\n\rExportConcept\x12 .persona.v1.ExportConceptRequest\x1a\x19.persona.v1.ConceptExport\x12N\n\x0fReadConceptFile\x12\".persona.v1.ReadConceptFileRequest\x1a\x15.persona.v1.FileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'persona.v1.train_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONCEPTSTATE']._serialized_start=2739
-  _globals['_CONCEPTSTATE']._serialized_end=2892
-  _globals['_EXPORTFORMAT']._serialized_start=2895
-  _globals['_EXPORTFORMAT']._serialized_end=3040
+  _globals['_CONCEPTSTATE']._serialized_start=2793
+  _globals['_CONCEPTSTATE']._serialized_end=2946
+  _globals['_EXPORTFORMAT']._serialized_start=2949
+  _globals['_EXPORTFORMAT']._serialized_end=3094
   _globals['_TRAININGOPTIONS']._serialized_start=97
-  _globals['_TRAININGOPTIONS']._serialized_end=989
-  _globals['_STARTTRAININGREQUEST']._serialized_start=992
-  _globals['_STARTTRAININGREQUEST']._serialized_end=1178
-  _globals['_TRAININGCAPTION']._serialized_start=1180
-  _globals['_TRAININGCAPTION']._serialized_end=1264
-  _globals['_CONCEPTFILE']._serialized_start=1266
-  _globals['_CONCEPTFILE']._serialized_end=1334
-  _globals['_VALIDATIONIMAGE']._serialized_start=1336
-  _globals['_VALIDATIONIMAGE']._serialized_end=1404
-  _globals['_CONCEPT']._serialized_start=1407
-  _globals['_CONCEPT']._serialized_end=2106
-  _globals['_GETCONCEPTREQUEST']._serialized_start=2108
-  _globals['_GETCONCEPTREQUEST']._serialized_end=2147
-  _globals['_LISTCONCEPTSREQUEST']._serialized_start=2149
-  _globals['_LISTCONCEPTSREQUEST']._serialized_end=2229
-  _globals['_LISTCONCEPTSRESPONSE']._serialized_start=2231
-  _globals['_LISTCONCEPTSRESPONSE']._serialized_end=2332
-  _globals['_DELETECONCEPTREQUEST']._serialized_start=2334
-  _globals['_DELETECONCEPTREQUEST']._serialized_end=2376
-  _globals['_DELETECONCEPTRESPONSE']._serialized_start=2378
-  _globals['_DELETECONCEPTRESPONSE']._serialized_end=2401
-  _globals['_EXPORTCONCEPTREQUEST']._serialized_start=2403
-  _globals['_EXPORTCONCEPTREQUEST']._serialized_end=2487
-  _globals['_CONCEPTEXPORT']._serialized_start=2489
-  _globals['_CONCEPTEXPORT']._serialized_end=2606
-  _globals['_READCONCEPTFILEREQUEST']._serialized_start=2608
-  _globals['_READCONCEPTFILEREQUEST']._serialized_end=2673
-  _globals['_FILECHUNK']._serialized_start=2675
-  _globals['_FILECHUNK']._serialized_end=2736
-  _globals['_TRAINSERVICE']._serialized_start=3043
-  _globals['_TRAINSERVICE']._serialized_end=3518
+  _globals['_TRAININGOPTIONS']._serialized_end=1043
+  _globals['_STARTTRAININGREQUEST']._serialized_start=1046
+  _globals['_STARTTRAININGREQUEST']._serialized_end=1232
+  _globals['_TRAININGCAPTION']._serialized_start=1234
+  _globals['_TRAININGCAPTION']._serialized_end=1318
+  _globals['_CONCEPTFILE']._serialized_start=1320
+  _globals['_CONCEPTFILE']._serialized_end=1388
+  _globals['_VALIDATIONIMAGE']._serialized_start=1390
+  _globals['_VALIDATIONIMAGE']._serialized_end=1458
+  _globals['_CONCEPT']._serialized_start=1461
+  _globals['_CONCEPT']._serialized_end=2160
+  _globals['_GETCONCEPTREQUEST']._serialized_start=2162
+  _globals['_GETCONCEPTREQUEST']._serialized_end=2201
+  _globals['_LISTCONCEPTSREQUEST']._serialized_start=2203
+  _globals['_LISTCONCEPTSREQUEST']._serialized_end=2283
+  _globals['_LISTCONCEPTSRESPONSE']._serialized_start=2285
+  _globals['_LISTCONCEPTSRESPONSE']._serialized_end=2386
+  _globals['_DELETECONCEPTREQUEST']._serialized_start=2388
+  _globals['_DELETECONCEPTREQUEST']._serialized_end=2430
+  _globals['_DELETECONCEPTRESPONSE']._serialized_start=2432
+  _globals['_DELETECONCEPTRESPONSE']._serialized_end=2455
+  _globals['_EXPORTCONCEPTREQUEST']._serialized_start=2457
+  _globals['_EXPORTCONCEPTREQUEST']._serialized_end=2541
+  _globals['_CONCEPTEXPORT']._serialized_start=2543
+  _globals['_CONCEPTEXPORT']._serialized_end=2660
+  _globals['_READCONCEPTFILEREQUEST']._serialized_start=2662
+  _globals['_READCONCEPTFILEREQUEST']._serialized_end=2727
+  _globals['_FILECHUNK']._serialized_start=2729
+  _globals['_FILECHUNK']._serialized_end=2790
+  _globals['_TRAINSERVICE']._serialized_start=3097
+  _globals['_TRAINSERVICE']._serialized_end=3572
 # @@protoc_insertion_point(module_scope)
