@@ -61,6 +61,8 @@ _DATA_OPTIONS = ("num_class_images", "class_prompt", "epochs", "class_image_step
 # should not spend its time in SQLite.
 EVENT_INTERVAL_S = 0.5
 _CHUNK = 1 << 20
+# The job result keeps the loss of every step up to this many, else of every k-th step.
+MAX_CURVE_POINTS = 1000
 
 
 @dataclass(frozen=True)
@@ -305,8 +307,10 @@ class TrainDomain:
         if result.stopped:
             raise Cancelled(f"training of {concept.concept_id} cancelled after step {result.steps}; the weights "
                             "of that step are kept")
+        every = max(1, -(-len(result.losses) // MAX_CURVE_POINTS))
         return {"concept_id": concept.concept_id, "steps": result.steps, "final_loss": final_loss,
-                "resumed_from_step": result.resumed_from, **prior_stats}
+                "resumed_from_step": result.resumed_from, "loss_curve_every": every,
+                "loss_curve": [round(v, 6) for v in result.losses[::every]], **prior_stats}
 
     @contextlib.contextmanager
     def _device(self, ctx: JobContext):

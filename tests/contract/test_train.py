@@ -165,6 +165,16 @@ def test_dreambooth_and_textual_inversion_export_what_diffusers_loads(app, clien
     assert wrong.code() == grpc.StatusCode.FAILED_PRECONDITION and "lora" in wrong.details()
 
 
+@pytest.mark.parametrize("method, learning_rate", [("dreambooth", 5e-4), ("lora", 1e-2)])
+def test_loss_goes_down_over_30_steps_on_4_photos(client, subject, method, learning_rate):
+    final, concept = finish(client, start(client, subject.subject_id, method=method, steps=30,
+                                          learning_rate=learning_rate))
+    curve = list(final.result["loss_curve"])
+    assert len(curve) == 30 and final.result["loss_curve_every"] == 1
+    assert np.mean(curve[-5:]) < 0.9 * np.mean(curve[:5]), curve
+    assert concept.final_loss == pytest.approx(curve[-1], abs=1e-5)
+
+
 def test_prior_class_images_are_generated_once_and_reused(client, subject):
     first, concept = finish(client, start(client, subject.subject_id, regularizers=("prior",), steps=2,
                                           num_class_images=2))
