@@ -1,0 +1,1 @@
+"""GenerateService: samples images from concepts (in-process engine, or Triton)."""
