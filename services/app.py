@@ -15,6 +15,9 @@ from typing import IO
 from persona.services.caption import domain as caption_domain
 from persona.services.caption.servicer import caption_service
 from persona.services.caption.settings import CaptionSettings
+from persona.services.generate.domain import EmbeddedEngine, GenerateDomain
+from persona.services.generate.servicer import generate_service
+from persona.services.generate.settings import GenerateSettings
 from persona.services.runtime import auth, jobs
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import FailedPrecondition
@@ -50,6 +53,7 @@ class PersonaApp:
     subjects: subjects_domain.SubjectRepository
     captions: caption_domain.CaptionDomain
     train: train_domain.TrainDomain
+    generate: GenerateDomain
     server: RunningServer
     lock: IO[str]
 
@@ -100,18 +104,21 @@ def open_metadata(settings: RuntimeSettings) -> SQLiteMetadataStore:
 def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
               subject_settings: SubjectSettings | None = None,
               caption_settings: CaptionSettings | None = None,
-              train_settings: TrainSettings | None = None) -> PersonaApp:
+              train_settings: TrainSettings | None = None,
+              generate_settings: GenerateSettings | None = None) -> PersonaApp:
     """Builds every service on `settings.data_dir`, starts serving on `address`, resumes jobs."""
     lock = lock_data_dir(settings.data_dir)
     try:
-        return _build(settings, address, lock, subject_settings, caption_settings, train_settings)
+        return _build(settings, address, lock, subject_settings, caption_settings, train_settings,
+                      generate_settings or GenerateSettings.from_env())
     except BaseException:
         lock.close()
         raise
 
 
 def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_settings: SubjectSettings | None,
-           caption_settings: CaptionSettings | None, train_settings: TrainSettings | None) -> PersonaApp:
+           caption_settings: CaptionSettings | None, train_settings: TrainSettings | None,
+           generate_settings: GenerateSettings) -> PersonaApp:
     db = open_metadata(settings)
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     runner = jobs.JobRunner(jobs.JobStore(db), workers=settings.job_workers)
@@ -120,8 +127,11 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_setti
     captions = caption_domain.CaptionDomain(db, subjects, runner, caption_settings or CaptionSettings.from_env())
     train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner,
                                      train_settings or TrainSettings.from_env(), settings.data_dir / "train")
+    generate = GenerateDomain(train, EmbeddedEngine(generate_settings), generate_settings,
+                              settings.data_dir / "generate")
     server = create_server(
-        [job_service(runner), subject_service(subjects), caption_service(captions), train_service(train)], address,
+        [job_service(runner), subject_service(subjects), caption_service(captions), train_service(train),
+         generate_service(generate)], address,
         interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
         workers=settings.rpc_workers,
     )
@@ -130,4 +140,5 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_setti
         log.info("found %d job(s) left by a previous run: %s", len(resumed), ", ".join(resumed))
     server.set_serving(True)
     return PersonaApp(settings=settings, db=db, artifacts=artifacts, runner=runner, authenticator=authenticator,
-                      subjects=subjects, captions=captions, train=train, server=server, lock=lock)
+                      subjects=subjects, captions=captions, train=train, generate=generate, server=server,
+                      lock=lock)

@@ -10,6 +10,7 @@ from persona.client.sdk import PersonaClient
 from persona.services.app import PersonaApp, build_app
 from persona.services.caption.settings import CaptionSettings
 from persona.services.runtime.settings import RuntimeSettings
+from persona.services.generate.settings import GenerateSettings
 from persona.services.train.settings import TrainSettings
 
 pytest_plugins = ["fakevlm"]
@@ -55,7 +56,8 @@ def start_app(tmp_path, model_cache):
               train_settings: TrainSettings | None = None, **runtime) -> PersonaApp:
         settings = RuntimeSettings(data_dir=data_dir or tmp_path / "data", auth=auth, **runtime)
         app = build_app(settings, caption_settings=caption_settings or CaptionSettings(),
-                        train_settings=train_settings or TrainSettings(base_model_cache_dir=model_cache, device="cpu"))
+                        train_settings=train_settings or TrainSettings(base_model_cache_dir=model_cache, device="cpu"),
+                        generate_settings=GenerateSettings(device="cpu"))
         apps.append(app)
         return app
 

@@ -171,6 +171,20 @@ class TrainDomain:
         self.concepts.replace_files(concept_id, role, files)
         return files
 
+    def diffusers_folder(self, tenant_id: str, concept_id: str, target: Path) -> Path:
+        """The concept as a full diffusers folder at `target` (the cached diffusers export, copied out once)."""
+        files = self.export(tenant_id, concept_id, "diffusers")
+        marker = target / ".complete"
+        if marker.exists() and marker.read_text() == ",".join(f.artifact_id for f in files):
+            return target
+        partial = target.with_name(f".{target.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        self._materialize(files, partial)
+        (partial / ".complete").write_text(",".join(f.artifact_id for f in files))
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)  # whole folder or nothing
+        return target
+
     def read_file(self, tenant_id: str, concept_id: str, artifact_id: str) -> Iterator[tuple[int, bytes, int]]:
         """Chunks (offset, data, total size) of one file of the concept."""
         concept = self.get(tenant_id, concept_id)

@@ -1,0 +1,232 @@
+"""Generate use cases: validate a request, find the model (a concept's diffusers folder or a base model), draw.
+
+The engine is what holds models and runs the sampling loop: `EmbeddedEngine` in this process (torch, the
+laptop default); a Triton engine serves the same interface from a Triton model repository.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+
+from ..train.base_models import read_model_configs, resolve_base_model
+from ..train.domain import TrainDomain
+from . import sampling
+from .sampling import SamplingSettings
+from .settings import GenerateSettings
+
+MAX_IMAGES_PER_PROMPT = 16
+MAX_IMAGES_PER_REQUEST = 64
+MAX_PROMPT_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Generate's fields as plain values; None = unset (the default applies)."""
+
+    prompts: tuple[str, ...]
+    concept_id: str = ""
+    base_model: str = ""
+    negative_prompt: str = ""
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str = ""
+    width: int | None = None
+    height: int | None = None
+    images_per_prompt: int | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    prompt_index: int
+    image_index: int
+    settings: SamplingSettings
+    concept_id: str
+    base_model: str
+    png: bytes
+    seconds: float
+    engine: str
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    key: str
+    resolution: int
+    load_seconds: float
+
+
+class Engine(Protocol):
+    name: str
+
+    def load(self, key: str, folder: Path) -> LoadedModel: ...
+
+    def unload(self, key: str) -> bool: ...
+
+    def loaded(self) -> list[LoadedModel]: ...
+
+    def draw(self, key: str, settings: SamplingSettings): ...
+
+
+class EmbeddedEngine:
+    """Models in this process (torch), the `max_loaded` most recently used kept; one image at a time."""
+
+    name = "embedded"
+
+    def __init__(self, settings: GenerateSettings):
+        self.settings = settings
+        self._models: OrderedDict[str, tuple] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def load(self, key: str, folder: Path) -> LoadedModel:
+        import torch
+        from transformers import CLIPTokenizer
+
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return replace(self._models[key][3], load_seconds=0.0)
+            started = time.perf_counter()
+            device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = torch.float16 if device.startswith("cuda") else torch.float32
+            models = sampling.TorchModels.from_folder(folder, device=device, dtype=dtype)
+            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+            info = LoadedModel(key, read_model_configs(folder).native_resolution, time.perf_counter() - started)
+            self._models[key] = (models, tokenizer, _scheduler_config(folder), info)
+            while len(self._models) > self.settings.max_loaded:
+                self._models.popitem(last=False)
+            return info
+
+    def unload(self, key: str) -> bool:
+        with self._lock:
+            return self._models.pop(key, None) is not None
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._lock:
+            return [entry[3] for entry in self._models.values()]
+
+    def draw(self, key: str, settings: SamplingSettings):
+        with self._lock:
+            models, tokenizer, scheduler_config, _ = self._models[key]
+            return sampling.sample(models, tokenizer, scheduler_config, settings)
+
+
+class GenerateDomain:
+    """Draws images of the caller's concepts (or of base models) on one engine."""
+
+    def __init__(self, train: TrainDomain, engine: Engine, settings: GenerateSettings, cache_dir: Path):
+        self.train, self.engine, self.settings, self.cache_dir = train, engine, settings, cache_dir
+        # Which tenant loaded which concept (the engine is shared; keys are concept ids or base:<ref>).
+        self._owners: dict[str, str] = {}
+        self._owners_lock = threading.Lock()
+
+    def generate(self, tenant_id: str, request: GenerateRequest) -> Iterator[GeneratedImage]:
+        """Validates everything, loads the model if needed, then yields each image as it is drawn."""
+        prompts = _prompts(request.prompts)
+        if bool(request.concept_id) == bool(request.base_model):
+            raise InvalidArgument("give exactly one of `concept_id` and `base_model`: e.g. concept_id from "
+                                  "`persona-cli concepts list`, or base_model tiny")
+        per_prompt = _in_range("images_per_prompt", request.images_per_prompt, 1, 1, MAX_IMAGES_PER_PROMPT)
+        if per_prompt * len(prompts) > MAX_IMAGES_PER_REQUEST:
+            raise InvalidArgument(f"`prompts` × `images_per_prompt` is {per_prompt * len(prompts)} images; at most "
+                                  f"{MAX_IMAGES_PER_REQUEST} per request: split it")
+        steps = _in_range("steps", request.steps, sampling.DEFAULT_STEPS, 1, sampling.MAX_STEPS)
+        guidance = sampling.DEFAULT_GUIDANCE if request.guidance_scale is None else request.guidance_scale
+        if not 0 <= guidance <= 50:
+            raise InvalidArgument(f"`guidance_scale` is {guidance}: use 0–50 (7.5 is usual; ≤ 1 turns guidance off)")
+        scheduler = request.scheduler or sampling.DEFAULT_SCHEDULER
+        if scheduler not in sampling.SCHEDULERS:
+            raise InvalidArgument(f"`scheduler` is {scheduler!r}: use one of {', '.join(sampling.SCHEDULERS)}")
+        if len(request.negative_prompt) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"`negative_prompt` is {len(request.negative_prompt)} characters; at most "
+                                  f"{MAX_PROMPT_CHARS}")
+        loaded = self._load(tenant_id, request.concept_id, request.base_model)
+        width = _side("width", request.width, loaded.resolution)
+        height = _side("height", request.height, loaded.resolution)
+        seed = 0 if request.seed is None else request.seed
+        if not 0 <= seed < 2**63 - MAX_IMAGES_PER_REQUEST:
+            raise InvalidArgument(f"`seed` is {seed}: use a non-negative 63-bit integer")
+
+        def images() -> Iterator[GeneratedImage]:
+            number = 0
+            for prompt_index, prompt in enumerate(prompts):
+                for image_index in range(per_prompt):
+                    settings = SamplingSettings(prompt=prompt, negative_prompt=request.negative_prompt,
+                                                seed=seed + number, steps=steps, guidance_scale=guidance,
+                                                scheduler=scheduler, height=height, width=width)
+                    started = time.perf_counter()
+                    image = self.engine.draw(loaded.key, settings)
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="PNG")
+                    yield GeneratedImage(prompt_index, image_index, settings, request.concept_id, request.base_model,
+                                         buffer.getvalue(), time.perf_counter() - started, self.engine.name)
+                    number += 1
+        return images()
+
+    def load(self, tenant_id: str, concept_id: str) -> LoadedModel:
+        if not concept_id:
+            raise InvalidArgument("`concept_id` is empty: pass an id from `persona-cli concepts list`")
+        return self._load(tenant_id, concept_id, "")
+
+    def unload(self, tenant_id: str, concept_id: str) -> None:
+        self.train.get(tenant_id, concept_id)  # NOT_FOUND for another tenant's concept
+        with self._owners_lock:
+            self._owners.pop(concept_id, None)
+        if not self.engine.unload(concept_id):
+            raise NotFound(f"concept {concept_id} is not loaded: see ListLoadedConcepts")
+
+    def loaded(self, tenant_id: str) -> list[LoadedModel]:
+        with self._owners_lock:
+            mine = {key for key, owner in self._owners.items() if owner == tenant_id}
+        return [m for m in self.engine.loaded() if m.key in mine]
+
+    def _load(self, tenant_id: str, concept_id: str, base_model: str) -> LoadedModel:
+        if concept_id:
+            concept = self.train.get(tenant_id, concept_id)
+            if not concept.files_of("weights"):
+                raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights yet: wait for "
+                                         f"job {concept.job_id} (`persona-cli jobs watch {concept.job_id}`)")
+            folder = self.train.diffusers_folder(tenant_id, concept_id, self.cache_dir / concept_id)
+            loaded = self.engine.load(concept_id, folder)
+            with self._owners_lock:
+                self._owners[concept_id] = tenant_id
+            return replace(loaded, resolution=concept.resolution or loaded.resolution)
+        base = resolve_base_model(base_model, self.train.settings)
+        return self.engine.load(f"base:{base.path}", base.path)
+
+
+def _prompts(prompts) -> list[str]:
+    cleaned = [" ".join(p.split()) for p in prompts]
+    if not cleaned or not all(cleaned):
+        raise InvalidArgument("`prompts` is empty or has an empty prompt: e.g. 'a sks dog on the beach'")
+    for index, prompt in enumerate(cleaned):
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"`prompts[{index}]` is {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+    return cleaned
+
+
+def _in_range(name: str, value: int | None, default: int, low: int, high: int) -> int:
+    value = default if value is None else value
+    if not low <= value <= high:
+        raise InvalidArgument(f"`{name}` is {value}: use {low}–{high} (default {default})")
+    return value
+
+
+def _side(name: str, value: int | None, default: int) -> int:
+    value = default if value is None else value
+    if not 8 <= value <= sampling.MAX_SIDE or value % 8:
+        raise InvalidArgument(f"`{name}` is {value}: use a multiple of 8 from 8 to {sampling.MAX_SIDE} "
+                              f"(default: the model's {default})")
+    return value
+
+
+def _scheduler_config(folder: Path) -> dict:
+    import json
+
+    return json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
