@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .commands import bench, captions, concepts, export, jobs, keys, serve, subjects, train
+from .commands import bench, captions, concepts, export, generate, jobs, keys, serve, subjects, train
 from .commands.session import DataDirOption, Session
 from .output import error_boundary
 
@@ -65,6 +65,7 @@ app.add_typer(captions.app, name="captions")
 app.command("train")(train.train)
 app.add_typer(concepts.app, name="concepts")
 app.command("export")(export.export)
+app.command("generate")(generate.generate)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(keys.app, name="keys")
 app.command("serve")(serve.serve)

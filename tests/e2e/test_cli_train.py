@@ -271,3 +271,18 @@ def test_ctrl_c_without_a_terminal_detaches_from_a_server(monkeypatch, capsys):
                                       "cpt_1", 4)
     assert exit_.value.exit_code == 130 and client.cancelled == []
     assert "persona-cli jobs watch job_1" in capsys.readouterr().err
+
+
+def test_generate_draws_the_trained_concept_into_png_files(trained, concept_id, tmp_path):
+    from PIL import Image
+
+    cli, _, _ = trained
+    out = tmp_path / "shots"
+    images = ok_json(cli("generate", concept_id, "a sks dog on the beach", "a sks dog in the snow", "-n", "2",
+                         "--steps", "2", "--seed", "10", "--scheduler", "ddim", "--out", out, "--json"))
+    assert [(i["prompt_index"], i["image_index"], int(i["seed"])) for i in images] == [
+        (0, 0, 10), (0, 1, 11), (1, 0, 12), (1, 1, 13)]
+    for image in images:
+        assert Image.open(image["path"]).size == (32, 32)  # the concept's training resolution
+        assert image["concept_id"] == concept_id and image["scheduler"] == "SCHEDULER_DDIM"
+    failed(cli("generate", concept_id, "a sks dog", "--width", "30", "--out", out), "INVALID_ARGUMENT")

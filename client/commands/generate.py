@@ -1,0 +1,90 @@
+"""`persona-cli generate`: draw images of a concept (or a base model) and write them as PNG files."""
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from persona.v1 import generate_pb2
+
+from ..output import message_dict, note, stderr_console, table
+from .session import JsonOption, session
+
+
+class SchedulerChoice(str, Enum):
+    dpmpp = "dpmpp"
+    ddim = "ddim"
+    euler = "euler"
+
+
+SCHEDULERS = {SchedulerChoice.dpmpp: generate_pb2.SCHEDULER_DPMPP, SchedulerChoice.ddim: generate_pb2.SCHEDULER_DDIM,
+              SchedulerChoice.euler: generate_pb2.SCHEDULER_EULER}
+
+
+def file_name(image: generate_pb2.GeneratedImage) -> str:
+    """`<prompt words>-<seed>.png`, readable in a file browser and unique within one request."""
+    words = re.sub(r"[^a-z0-9]+", "-", image.prompt.lower()).strip("-")[:60] or "image"
+    return f"{words}-{image.seed}.png"
+
+
+def generate(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(
+        metavar="CONCEPT", show_default=False,
+        help="Concept id (cpt_…) from `persona-cli concepts list`; with --base-model, omit it.")] = "",
+    prompts: Annotated[Optional[list[str]], typer.Argument(
+        metavar="PROMPT…", show_default=False,
+        help="One or more prompts, with the concept's identifier and class: \"a sks dog on the beach\".")] = None,
+    base_model: Annotated[str, typer.Option(
+        metavar="ID|PATH|tiny", help="Draw with a base model instead of a concept.")] = "",
+    number: Annotated[Optional[int], typer.Option("-n", "--num-images", help="Images per prompt, 1–16.",
+                                                  show_default="1")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image k uses seed + k.",
+                                                show_default="0")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps, 1–500.", show_default="25")] = None,
+    guidance: Annotated[Optional[float], typer.Option(
+        help="Classifier-free guidance scale; ≤ 1 turns guidance off.", show_default="7.5")] = None,
+    scheduler: Annotated[SchedulerChoice, typer.Option(
+        case_sensitive=False, help="dpmpp (DPM-Solver++ 2M, good in 20–25 steps), ddim or euler.")]
+    = SchedulerChoice.dpmpp,
+    negative: Annotated[str, typer.Option(help="Negative prompt, for every prompt.")] = "",
+    width: Annotated[Optional[int], typer.Option(help="Pixels, a multiple of 8.",
+                                                 show_default="the concept's native size")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Pixels, a multiple of 8.",
+                                                  show_default="the concept's native size")] = None,
+    out: Annotated[Path, typer.Option(file_okay=False, help="Folder the PNG files are written to (created).")]
+    = Path("."),
+    as_json: JsonOption = False,
+) -> None:
+    """Draw images of a concept and write them as PNGs, each as soon as the server finishes it.
+
+    Every file is named after its prompt and seed; `--json` lists each image's full settings (enough to draw
+    it again). Examples: `persona-cli generate cpt_5b0e… "a sks dog on the beach" -n 4 --out shots/`,
+    `persona-cli generate --base-model tiny "a dog"`.
+    """
+    if base_model and model and not prompts:  # `generate --base-model tiny "a dog"`: the one argument is a prompt
+        model, prompts = "", [model]
+    request = generate_pb2.GenerateRequest(concept_id=model, base_model=base_model, prompts=prompts or [],
+                                           negative_prompt=negative, scheduler=SCHEDULERS[scheduler])
+    for name, value in (("seed", seed), ("steps", steps), ("guidance_scale", guidance), ("width", width),
+                        ("height", height), ("images_per_prompt", number)):
+        if value is not None:
+            setattr(request, name, value)
+    s = session(ctx)
+    client = s.client()
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with stderr_console().status("drawing…") as status:
+        for image in client.generate.Generate(request):
+            path = out / file_name(image)
+            path.write_bytes(image.png)
+            written.append((image, path))
+            status.update(f"drawing… {len(written)} done, last in {image.seconds:.1f}s")
+    data = [{**{k: v for k, v in message_dict(image).items() if k != "png"}, "path": str(path)}
+            for image, path in written]
+    s.output(as_json).emit(data, lambda: table(
+        ["PATH", "SEED", "STEPS", "SECONDS"], [(str(p), i.seed, i.steps, f"{i.seconds:.1f}") for i, p in written]))
+    note(f"wrote {len(written)} image{'s' if len(written) != 1 else ''} to {out}")
