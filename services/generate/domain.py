@@ -5,7 +5,6 @@ laptop default); a Triton engine serves the same interface from a Triton model r
 """
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections import OrderedDict
@@ -15,6 +14,7 @@ from typing import Iterator, Protocol
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
+from ..subjects.images import png_bytes
 from ..train.base_models import read_model_configs, resolve_base_model
 from ..train.domain import TrainDomain
 from . import sampling
@@ -162,10 +162,8 @@ class GenerateDomain:
                                                 scheduler=scheduler, height=height, width=width)
                     started = time.perf_counter()
                     image = self.engine.draw(loaded.key, settings)
-                    buffer = io.BytesIO()
-                    image.save(buffer, format="PNG")
                     yield GeneratedImage(prompt_index, image_index, settings, request.concept_id, request.base_model,
-                                         buffer.getvalue(), time.perf_counter() - started, self.engine.name)
+                                         png_bytes(image), time.perf_counter() - started, self.engine.name)
                     number += 1
         return images()
 

@@ -124,8 +124,6 @@ def export_pipeline_to_onnx(model_dir: Path, out_dir: Path, *, fp16: bool = Fals
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_arguments(model_dir, out_dir, opset, overwrite)
     onnx, ort = _import_onnx()
-    import torch
-
     torch_device = _torch_device(device)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_ensure_parent(out_dir)))
     try:

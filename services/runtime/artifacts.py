@@ -8,6 +8,7 @@ import os
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Iterator
 
 from .errors import NotFound
 
@@ -30,8 +31,9 @@ class ArtifactStore(ABC):
         """Returns the bytes stored under `sha256`; NotFound when absent."""
 
     @abstractmethod
-    def open(self, sha256: str):
-        """A binary file object reading the artifact; NotFound when absent."""
+    def read_chunks(self, sha256: str) -> Iterator[tuple[int, bytes, int]]:
+        """(offset, data, total size) pieces of the artifact, in order, for streaming it; NotFound (at once,
+        before the first piece) when absent."""
 
     @abstractmethod
     def exists(self, sha256: str) -> bool:
@@ -91,11 +93,21 @@ class LocalArtifactStore(ArtifactStore):
             raise
         return digest
 
-    def open(self, sha256: str):
+    def read_chunks(self, sha256: str) -> Iterator[tuple[int, bytes, int]]:
         try:
-            return open(self.path_of(sha256), "rb")
+            handle = open(self.path_of(sha256), "rb")
         except FileNotFoundError:
             raise NotFound(f"artifact `{sha256}` is not stored") from None
+
+        def chunks():
+            with handle:
+                total = handle.seek(0, 2)
+                handle.seek(0)
+                offset = 0
+                while data := handle.read(_CHUNK):
+                    yield offset, data, total
+                    offset += len(data)
+        return chunks()
 
     def get(self, sha256: str) -> bytes:
         path = self.path_of(sha256)

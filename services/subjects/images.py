@@ -70,3 +70,11 @@ def validate_image(field: str, data: bytes, filename: str, limits: SubjectSettin
         stored = buffer.getvalue()
     return ValidatedImage(data=stored, width=oriented.width, height=oriented.height,
                           media_type=FORMATS[fmt], filename=filename[:255])
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` as RGB PNG bytes with no metadata: equal pixels give equal bytes, so a content-addressed
+    store keeps one copy."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -31,6 +31,7 @@ from persona.services.runtime.paging import Page
 from ..caption import instructions
 from ..caption.domain import CaptionDomain
 from ..subjects.domain import Subject, SubjectRepository
+from ..subjects.images import png_bytes
 from . import concepts as concept_store
 from .base_models import ResolvedBaseModel, resolve_base_model
 from .concepts import Concept, ConceptFile, ConceptStore, TrainingCaption
@@ -60,7 +61,6 @@ _DATA_OPTIONS = ("num_class_images", "class_prompt", "epochs", "class_image_step
 # Progress events are written at most this often (plus the first and last step): a fast GPU run
 # should not spend its time in SQLite.
 EVENT_INTERVAL_S = 0.5
-_CHUNK = 1 << 20
 # The job result keeps the loss of every step up to this many, else of every k-th step.
 MAX_CURVE_POINTS = 1000
 
@@ -191,17 +191,7 @@ class TrainDomain:
         if not any(f.artifact_id == artifact_id for f in concept.files):
             raise InvalidArgument(f"`artifact_id` {artifact_id!r} is not a file of concept {concept_id}: see its "
                                   "files with GetConcept, or export it with ExportConcept")
-        handle = self.artifacts.open(artifact_id)
-
-        def chunks():
-            with handle:
-                total = handle.seek(0, 2)
-                handle.seek(0)
-                offset = 0
-                while data := handle.read(_CHUNK):
-                    yield offset, data, total
-                    offset += len(data)
-        return chunks()
+        return self.artifacts.read_chunks(artifact_id)
 
     # Validation of a request -----------------------------------------------------------------------
 
@@ -361,9 +351,7 @@ class TrainDomain:
     def _store_validation(self, ctx: JobContext, concept: Concept, step: int, images: list, progress) -> None:
         ids = []
         for index, (prompt, image) in enumerate(images):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            data = buffer.getvalue()
+            data = png_bytes(image)
             digest = self.artifacts.put(data)
             self.concepts.put_file(concept.concept_id, ConceptFile(
                 concept_store.VALIDATION, f"validation/step-{step:06d}-{index}.png", digest, len(data), step, prompt))

@@ -28,6 +28,7 @@ from PIL import Image
 from persona.services.runtime.artifacts import ArtifactStore
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.subjects.domain import indefinite_article
+from persona.services.subjects.images import png_bytes
 from persona.services.runtime.metadata import MetadataStore, Migration
 
 MIGRATIONS = [
@@ -215,7 +216,7 @@ class ClassImageCache:
                 Path(base_model_dir), class_prompt, [seed + i for i in missing], resolution, steps, guidance_scale)
             produced = 0
             for index, image in zip(missing, images):
-                digest = self.artifacts.put(_png(image))
+                digest = self.artifacts.put(png_bytes(image))
                 digests[index] = digest
                 # Journal each image as soon as it is stored, so an interrupted run continues from here.
                 self.db.execute(
@@ -261,10 +262,3 @@ def _validate(class_prompt: str, count: int, resolution: int, steps: int, guidan
         raise InvalidArgument(f"`class_steps` is {steps!r}: pass at least 1 inference step, e.g. 30")
     if not guidance_scale >= 0:
         raise InvalidArgument(f"`class_guidance_scale` is {guidance_scale!r}: pass 0 or more, e.g. 7.5")
-
-
-def _png(image: Image.Image) -> bytes:
-    # No metadata: equal pixels give equal bytes, so the artifact store keeps one copy.
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
-    return buf.getvalue()

@@ -2,7 +2,6 @@
 load in plain diffusers, cancel, isolation, out-of-memory, and every bad input with its code and field."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import grpc

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from persona.services.generate import triton_server as ts
+from persona.services.generate.triton_config import TensorSpec, python_model_config
 from persona.services.runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
@@ -61,7 +62,7 @@ class TritonPythonModel:
         return []
 '''
 
-TOY_IO = dict(inputs=[("A", "FP32", [-1]), ("B", np.float32, [-1])], outputs=[ts.TensorSpec("OUT", "TYPE_FP32")])
+TOY_IO = dict(inputs=[("A", "FP32", [-1]), ("B", np.float32, [-1])], outputs=[TensorSpec("OUT", "TYPE_FP32")])
 
 
 @pytest.fixture(autouse=True)
@@ -83,13 +84,14 @@ def install() -> ts.TritonInstall:
     try:
         return ts.find_tritonserver()
     except FailedPrecondition as e:
-        pytest.skip(f"no tritonserver here: {e.message}")
+        pytest.fail(f"no tritonserver: {e.message} (nvidia-pytriton is a dependency: reinstall with "
+                    "pip install -e '.[dev]')")
 
 
 def write_model(repo: Path, name: str, version: int, source: str, **config) -> Path:
     folder = repo / name
     (folder / str(version)).mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(ts.python_model_config(name, **config))
+    (folder / "config.pbtxt").write_text(python_model_config(name, **config))
     (folder / str(version) / "model.py").write_text(source)
     return folder
 
@@ -161,14 +163,14 @@ def test_python_stub_preparation_is_idempotent_under_a_race(install, tmp_path):
 
 def test_python_model_config_rejects_what_triton_would():
     with pytest.raises(InvalidArgument, match="dynamic_batching"):
-        ts.python_model_config("m", **TOY_IO, dynamic_batching=True)
+        python_model_config("m", **TOY_IO, dynamic_batching=True)
     with pytest.raises(InvalidArgument, match=r"input\[0\].dtype"):
-        ts.python_model_config("m", inputs=[("A", "FLOAT")], outputs=[("OUT", "FP32")])
+        python_model_config("m", inputs=[("A", "FLOAT")], outputs=[("OUT", "FP32")])
     with pytest.raises(InvalidArgument, match="used twice"):
-        ts.python_model_config("m", inputs=[("A", "FP32"), ("A", "FP32")], outputs=[("OUT", "FP32")])
+        python_model_config("m", inputs=[("A", "FP32"), ("A", "FP32")], outputs=[("OUT", "FP32")])
     with pytest.raises(InvalidArgument, match="instance_kind"):
-        ts.python_model_config("m", **TOY_IO, instance_kind="KIND_TPU")
-    text = ts.python_model_config("m", inputs=[("PROMPT", "BYTES", [1])], outputs=[("IMAGE", "UINT8", [-1, -1, 3])],
+        python_model_config("m", **TOY_IO, instance_kind="KIND_TPU")
+    text = python_model_config("m", inputs=[("PROMPT", "BYTES", [1])], outputs=[("IMAGE", "UINT8", [-1, -1, 3])],
                                   instance_kind="gpu", parameters={"EXECUTION_ENV_PATH": "$$TRITON_MODEL_DIRECTORY/env"})
     assert 'backend: "python"' in text and "TYPE_STRING" in text and "dims: [ -1, -1, 3 ]" in text
     assert "kind: KIND_GPU" in text and 'key: "EXECUTION_ENV_PATH"' in text

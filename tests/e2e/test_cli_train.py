@@ -12,6 +12,8 @@ from google.protobuf import struct_pb2
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from test_cli import failed, ok, ok_json
+
 from persona.client.cli import app
 from persona.client.commands import train as train_command
 from persona.client.commands.session import Session
@@ -21,24 +23,6 @@ CLEARED_ENV = ("PERSONA_SERVER", "PERSONA_API_KEY", "PERSONA_HOME", "PERSONA_AUT
                "PERSONA_VLM_MODEL", "PERSONA_VLM_API_KEY", "PERSONA_BASE_MODEL")
 TINY = ("--base-model", "tiny", "--steps", "4", "--resolution", "32")
 COMPLIANT = "a photo of a sks dog lying on a green lawn next to a red rubber ball"
-
-
-def ok(result) -> str:
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    return result.stdout
-
-
-def ok_json(result):
-    return json.loads(ok(result))
-
-
-def failed(result, code: str) -> str:
-    """The last stderr line of a command that must have failed with `code`, exit 1, no traceback."""
-    assert result.exit_code == 1, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith(f"{code}: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[-1]
 
 
 class Cli:
