@@ -9,7 +9,7 @@ the same weights, seed, scheduler, steps and guidance the images equal the pipel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 # Scheduler names of the API → diffusers classes (configured from the model's scheduler_config.json).
 SCHEDULERS = {
@@ -69,22 +69,40 @@ def make_scheduler(name: str, scheduler_config: dict):
 def sample(models: SamplerModels, tokenizer, scheduler_config: dict, settings: SamplingSettings,
            on_step: Callable[[int, int], None] | None = None):
     """Draws one image for `settings`; returns it as a PIL image."""
+    return sample_batch(models, tokenizer, scheduler_config, [settings], on_step)[0]
+
+
+def sample_batch(models: SamplerModels, tokenizer, scheduler_config: dict, batch: Sequence[SamplingSettings],
+                 on_step: Callable[[int, int], None] | None = None) -> list:
+    """Draws one image per entry of `batch` in one pass of the loop (one UNet call per step for all of them);
+    returns PIL images in order. Entries may differ in prompt, negative prompt and seed; steps, guidance,
+    scheduler and size must be equal (`batch_key` says which settings can share a batch). Image k equals what
+    `sample` draws for `batch[k]` alone, as diffusers' pipeline with one generator per image does."""
     import torch
 
+    batch = list(batch)
+    if not batch:
+        return []
+    first = batch[0]
+    if any(batch_key(s) != batch_key(first) for s in batch):
+        raise ValueError("settings in one batch must share steps, guidance_scale, scheduler, height and width")
     with torch.inference_mode():
-        scheduler = make_scheduler(settings.scheduler, scheduler_config)
-        do_guidance = settings.guidance_scale > 1.0
-        embeddings = _encode(models, tokenizer, settings.prompt)
+        scheduler = make_scheduler(first.scheduler, scheduler_config)
+        do_guidance = first.guidance_scale > 1.0
+        embeddings = _encode(models, tokenizer, [s.prompt for s in batch])
         if do_guidance:  # the unconditional half first, as diffusers orders the CFG batch
-            embeddings = torch.cat([_encode(models, tokenizer, settings.negative_prompt), embeddings])
+            embeddings = torch.cat([_encode(models, tokenizer, [s.negative_prompt for s in batch]), embeddings])
 
-        # Starting noise from a CPU generator: the same seed gives the same image on any device.
-        shape = (1, models.latent_channels, settings.height // models.vae_scale_factor,
-                 settings.width // models.vae_scale_factor)
-        generator = torch.Generator("cpu").manual_seed(settings.seed)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(models.device)
-        scheduler.set_timesteps(settings.steps, device=models.device)
+        # Starting noise from one CPU generator per image: the same seed gives the same image on any device and
+        # in any batch.
+        shape = (1, models.latent_channels, first.height // models.vae_scale_factor,
+                 first.width // models.vae_scale_factor)
+        generators = [torch.Generator("cpu").manual_seed(s.seed) for s in batch]
+        latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        latents = latents.to(models.device)
+        scheduler.set_timesteps(first.steps, device=models.device)
         latents = latents * scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(scheduler, generators if len(generators) > 1 else generators[0])
 
         timesteps = scheduler.timesteps
         for index, t in enumerate(timesteps):
@@ -93,17 +111,22 @@ def sample(models: SamplerModels, tokenizer, scheduler_config: dict, settings: S
             noise = models.predict_noise(model_input, t, embeddings).float()
             if do_guidance:
                 uncond, text = noise.chunk(2)
-                noise = uncond + settings.guidance_scale * (text - uncond)
-            latents = scheduler.step(noise, t, latents, **_step_kwargs(scheduler, generator)).prev_sample
+                noise = uncond + first.guidance_scale * (text - uncond)
+            latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
             if on_step is not None:
                 on_step(index + 1, len(timesteps))
 
-        image = models.decode(latents / models.scaling_factor).float()
-        return to_pil(image)[0]
+        images = models.decode(latents / models.scaling_factor).float()
+        return to_pil(images)
 
 
-def _encode(models: SamplerModels, tokenizer, text: str):
-    ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+def batch_key(settings: SamplingSettings) -> tuple:
+    """Settings with equal keys can be drawn in one batch."""
+    return (settings.steps, settings.guidance_scale, settings.scheduler, settings.height, settings.width)
+
+
+def _encode(models: SamplerModels, tokenizer, texts: list[str]):
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return models.encode_text(ids.to(models.device)).float()
 

@@ -45,3 +45,31 @@ def test_seed_decides_the_image(pipe):
 def test_unknown_scheduler_is_named():
     with pytest.raises(ValueError, match="heun"):
         make_scheduler("heun", {})
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_a_batch_equals_its_images_drawn_alone_and_the_pipeline_with_a_generator_list(pipe, scheduler):
+    from persona.services.generate.sampling import sample_batch
+
+    models = TorchModels(pipe.text_encoder, pipe.unet, pipe.vae, device=torch.device("cpu"))
+    config = dict(pipe.scheduler.config)
+    batch = [SamplingSettings("a sks dog on the beach", negative_prompt="blurry", seed=4, steps=3, height=32,
+                              width=32, scheduler=scheduler),
+             SamplingSettings("a sks dog in the snow", seed=9, steps=3, height=32, width=32, scheduler=scheduler)]
+    together = [np.asarray(i, dtype=np.int16) for i in sample_batch(models, pipe.tokenizer, config, batch)]
+    alone = [np.asarray(sample(models, pipe.tokenizer, config, s), dtype=np.int16) for s in batch]
+    assert all(np.abs(t - a).max() <= 1 for t, a in zip(together, alone))
+
+    pipe.scheduler = make_scheduler(scheduler, config)
+    theirs = pipe([s.prompt for s in batch], negative_prompt=[s.negative_prompt for s in batch], num_inference_steps=3,
+                  height=32, width=32, generator=[torch.Generator("cpu").manual_seed(s.seed) for s in batch]).images
+    assert all(np.abs(t - np.asarray(p, dtype=np.int16)).max() <= 1 for t, p in zip(together, theirs))
+
+
+def test_a_batch_must_share_steps_and_size(pipe):
+    from persona.services.generate.sampling import sample_batch
+
+    models = TorchModels(pipe.text_encoder, pipe.unet, pipe.vae, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="share"):
+        sample_batch(models, pipe.tokenizer, dict(pipe.scheduler.config),
+                     [SamplingSettings("a", steps=2), SamplingSettings("b", steps=3)])
