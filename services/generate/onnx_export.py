@@ -518,6 +518,8 @@ def _manifest(model_dir: Path, modules: dict, components: dict[str, OnnxComponen
         "io_dtype": "float32 (int64 input_ids); fp16 graphs cast at their edges",
         "scaling_factor": scaling_factor,
         "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+        # What the model was trained at (UNet sample size × VAE factor): the default image size.
+        "native_resolution": _first(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1),
         "latent_channels": unet.config.in_channels,
         "cross_attention_dim": unet.config.cross_attention_dim,
         "max_text_length": text_encoder.config.max_position_embeddings,
@@ -543,3 +545,8 @@ def _manifest(model_dir: Path, modules: dict, components: dict[str, OnnxComponen
             for name, c in components.items()
         },
     }
+
+
+def _first(size) -> int:
+    """sample_size is an int, or (height, width) in some configs."""
+    return int(size[0] if isinstance(size, (list, tuple)) else size)

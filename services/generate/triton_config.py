@@ -1,4 +1,5 @@
-"""config.pbtxt text for Triton python-backend models, checked the way Triton would check it."""
+"""config.pbtxt text for Triton models (python backend, or a native platform such as onnxruntime_onnx or
+tensorrt_plan), checked the way Triton would check it."""
 from __future__ import annotations
 
 import re
@@ -76,11 +77,25 @@ def _tensor_block(kind: str, tensors: Iterable[object]) -> list[str]:
     return [f"{kind} ["] + lines + ["]"]
 
 
+PLATFORMS = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}  # platform → its model file
+
+
 def python_model_config(name: str, inputs: Sequence[object], outputs: Sequence[object], max_batch_size: int = 0,
                         instance_kind: str = "KIND_CPU", dynamic_batching: bool = False, instance_count: int = 1,
                         parameters: Mapping[str, str] | None = None) -> str:
     """config.pbtxt text for a python-backend model. `inputs`/`outputs`: TensorSpec, dicts or
     (name, dtype[, dims]) tuples. `parameters` become string parameters (e.g. EXECUTION_ENV_PATH)."""
+    return model_config(name, inputs, outputs, max_batch_size=max_batch_size, instance_kind=instance_kind,
+                        dynamic_batching=dynamic_batching, instance_count=instance_count, parameters=parameters)
+
+
+def model_config(name: str, inputs: Sequence[object], outputs: Sequence[object], *, platform: str | None = None,
+                 max_batch_size: int = 0, instance_kind: str = "KIND_CPU", dynamic_batching: bool = False,
+                 instance_count: int = 1, parameters: Mapping[str, str] | None = None) -> str:
+    """config.pbtxt text for a model served by the python backend (`platform` None: `<version>/model.py`) or by
+    a native platform of `PLATFORMS` (`<version>/model.onnx`, `<version>/model.plan`)."""
+    if platform is not None and platform not in PLATFORMS:
+        raise InvalidArgument(f"`platform` is {platform!r}: use one of {', '.join(PLATFORMS)} (or None: python)")
     if not _NAME.match(name or ""):
         raise InvalidArgument(f"`name` is {name!r}: use letters, digits, _ . -")
     if not isinstance(max_batch_size, int) or max_batch_size < 0:
@@ -92,7 +107,8 @@ def python_model_config(name: str, inputs: Sequence[object], outputs: Sequence[o
         raise InvalidArgument(f"`instance_kind` is {instance_kind!r}: use one of {', '.join(sorted(_KINDS))}")
     if not isinstance(instance_count, int) or instance_count < 1:
         raise InvalidArgument(f"`instance_count` is {instance_count!r}: use 1 or more")
-    lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch_size}"]
+    serve = f'platform: "{platform}"' if platform else 'backend: "python"'
+    lines = [f'name: "{name}"', serve, f"max_batch_size: {max_batch_size}"]
     lines += _tensor_block("input", inputs)
     lines += _tensor_block("output", outputs)
     lines += ["instance_group [", f"  {{ kind: {kind} count: {instance_count} }}", "]"]
