@@ -65,6 +65,7 @@ class PersonaApp:
         """Stops serving (in-flight calls get `grace_s`), waits up to `jobs_timeout_s` for running
         jobs, and releases the data dir. Returns how many jobs are still running."""
         self.server.stop(self.settings.grace_period_s if grace_s is None else grace_s)
+        self.generate.engine.close()
         still_running = self.runner.shutdown(wait=jobs_timeout_s > 0, timeout_s=jobs_timeout_s)
         if not still_running:  # a running job still writes to the store: keep the data dir locked
             self.lock.close()
@@ -116,6 +117,15 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
         raise
 
 
+def _generate_engine(settings: GenerateSettings, data_dir: Path):
+    """In-process torch by default; Triton when PERSONA_GENERATE_ENGINE=triton."""
+    if settings.engine == "triton":
+        from persona.services.generate.triton_engine import triton_engine_from_settings
+
+        return triton_engine_from_settings(settings, data_dir)
+    return EmbeddedEngine(settings)
+
+
 def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_settings: SubjectSettings | None,
            caption_settings: CaptionSettings | None, train_settings: TrainSettings | None,
            generate_settings: GenerateSettings) -> PersonaApp:
@@ -127,7 +137,7 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_setti
     captions = caption_domain.CaptionDomain(db, subjects, runner, caption_settings or CaptionSettings.from_env())
     train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner,
                                      train_settings or TrainSettings.from_env(), settings.data_dir / "train")
-    generate = GenerateDomain(train, EmbeddedEngine(generate_settings), generate_settings,
+    generate = GenerateDomain(train, _generate_engine(generate_settings, settings.data_dir), generate_settings,
                               settings.data_dir / "generate")
     server = create_server(
         [job_service(runner), subject_service(subjects), caption_service(captions), train_service(train),

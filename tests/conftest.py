@@ -48,16 +48,18 @@ def tiny_model(model_cache) -> Path:
 
 @pytest.fixture
 def start_app(tmp_path, model_cache):
-    """Factory: start_app(data_dir=None, auth="api-key", caption_settings=None, train_settings=None) → a running
-    PersonaApp (training on CPU, base models cached in the session's model cache)."""
+    """Factory: start_app(data_dir=None, auth="api-key", caption_settings=None, train_settings=None,
+    generate_settings=None) → a running PersonaApp (training and the embedded engine on CPU, base models cached
+    in the session's model cache)."""
     apps: list[PersonaApp] = []
 
     def start(data_dir: Path | None = None, auth: str = "api-key", caption_settings: CaptionSettings | None = None,
-              train_settings: TrainSettings | None = None, **runtime) -> PersonaApp:
+              train_settings: TrainSettings | None = None, generate_settings: GenerateSettings | None = None,
+              **runtime) -> PersonaApp:
         settings = RuntimeSettings(data_dir=data_dir or tmp_path / "data", auth=auth, **runtime)
         app = build_app(settings, caption_settings=caption_settings or CaptionSettings(),
                         train_settings=train_settings or TrainSettings(base_model_cache_dir=model_cache, device="cpu"),
-                        generate_settings=GenerateSettings(device="cpu"))
+                        generate_settings=generate_settings or GenerateSettings(device="cpu"))
         apps.append(app)
         return app
 

@@ -1,20 +1,79 @@
-"""Settings of the generate service, env PERSONA_GENERATE_*."""
+"""Settings of the generate service, env PERSONA_GENERATE_* and PERSONA_TRITON_*."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from persona.services.runtime.settings import env_int
+from persona.services.runtime.errors import InvalidArgument
+from persona.services.runtime.settings import env_float, env_int
+
+ENGINES = ("embedded", "triton")
+
+
+def _env_bool(name: str) -> bool | None:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no"):
+        return False
+    raise InvalidArgument(f"`{name}` is {raw!r}: use 1, 0 or auto")
 
 
 @dataclass(frozen=True)
 class GenerateSettings:
+    # Who draws (PERSONA_GENERATE_ENGINE): "embedded" = torch in this process (the laptop default); "triton" =
+    # a Triton server on the concepts' ONNX exports (PERSONA_TRITON_URL, or one persona starts itself).
+    engine: str = "embedded"
     # Where the embedded engine runs (PERSONA_GENERATE_DEVICE); None: cuda when available (fp16), else cpu.
     device: str | None = None
     # Models the embedded engine keeps loaded, least recently used dropped first (PERSONA_GENERATE_MAX_LOADED).
     max_loaded: int = 2
+    # Images drawn in one pass of the sampling loop (PERSONA_GENERATE_BATCH): more is faster per image on a GPU,
+    # but each image is streamed only when its batch is done.
+    batch_size: int = 1
+    # gRPC address of a Triton someone else runs (PERSONA_TRITON_URL, e.g. triton:8001); None with engine
+    # "triton": persona starts `tritonserver` itself on `triton_repository`.
+    triton_url: str | None = None
+    # The model repository persona writes and Triton serves (PERSONA_TRITON_REPOSITORY); None:
+    # <data dir>/triton/models. With an external Triton it must be the folder that server reads.
+    triton_repository: Path | None = None
+    # How component graphs are served (PERSONA_TRITON_COMPONENT_BACKEND): "python" (ONNX Runtime in a python
+    # model; what the tritonserver bundled in nvidia-pytriton can do) or "onnxruntime" (Triton's native backend,
+    # NVIDIA's image). None: onnxruntime when the server persona starts has that backend, else python.
+    triton_component_backend: str | None = None
+    # Triton instance kind for the models (PERSONA_TRITON_GPU=1: KIND_GPU); None: GPU when torch sees CUDA.
+    triton_gpu: bool | None = None
+    # ONNX precision (PERSONA_GENERATE_ONNX_FP16); None: fp16 where CUDA is available, else fp32.
+    onnx_fp16: bool | None = None
+    # Seconds a Triton health/readiness call may take before Triton counts as down (PERSONA_TRITON_RPC_TIMEOUT_S).
+    triton_rpc_timeout_s: float = 10.0
+    # Seconds a model load may take (PERSONA_TRITON_LOAD_TIMEOUT_S).
+    triton_load_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise InvalidArgument(f"`PERSONA_GENERATE_ENGINE` is {self.engine!r}: use one of {', '.join(ENGINES)}")
+        if self.batch_size < 1:
+            raise InvalidArgument(f"`PERSONA_GENERATE_BATCH` is {self.batch_size}: use 1 or more")
 
     @classmethod
-    def from_env(cls) -> "GenerateSettings":
-        return cls(device=os.environ.get("PERSONA_GENERATE_DEVICE", "").strip() or None,
-                   max_loaded=max(1, env_int("PERSONA_GENERATE_MAX_LOADED", 2)))
+    def from_env(cls, **overrides) -> "GenerateSettings":
+        repository = os.environ.get("PERSONA_TRITON_REPOSITORY", "").strip()
+        values = dict(
+            engine=os.environ.get("PERSONA_GENERATE_ENGINE", "").strip() or "embedded",
+            device=os.environ.get("PERSONA_GENERATE_DEVICE", "").strip() or None,
+            max_loaded=max(1, env_int("PERSONA_GENERATE_MAX_LOADED", 2)),
+            batch_size=env_int("PERSONA_GENERATE_BATCH", 1),
+            triton_url=os.environ.get("PERSONA_TRITON_URL", "").strip() or None,
+            triton_repository=Path(repository).expanduser() if repository else None,
+            triton_component_backend=os.environ.get("PERSONA_TRITON_COMPONENT_BACKEND", "").strip() or None,
+            triton_gpu=_env_bool("PERSONA_TRITON_GPU"),
+            onnx_fp16=_env_bool("PERSONA_GENERATE_ONNX_FP16"),
+            triton_rpc_timeout_s=env_float("PERSONA_TRITON_RPC_TIMEOUT_S", 10.0),
+            triton_load_timeout_s=env_float("PERSONA_TRITON_LOAD_TIMEOUT_S", 600.0),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

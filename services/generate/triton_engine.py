@@ -1,0 +1,254 @@
+"""`TritonEngine`: the generate engine over a Triton server, through `tritonclient` (gRPC).
+
+A model is loaded by writing its ONNX export into the model repository (`TritonRepository`: shared component
+models, one `sd_pipeline` model, a folder per concept) and asking Triton to load what is not READY yet; drawing
+is one inference request to `sd_pipeline` per batch of images. Nothing restarts: new concepts arrive by Triton's
+explicit model control while others keep serving.
+
+Where Triton lives (`TritonEndpoint`): a server persona starts itself on the repository (`ManagedTriton`: the
+`tritonserver` bundled in nvidia-pytriton, or NVIDIA's), or one someone else runs (`ExternalTriton`: a URL, e.g.
+a Kubernetes Service, with the repository on a shared volume). A Triton that is down is UNAVAILABLE within
+`rpc_timeout_s`; one that comes back (restarted, so with nothing loaded) is loaded again on the next call. A
+managed server that died is started again by that call.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from persona.services.runtime.errors import FailedPrecondition, NotFound, PersonaError, Unavailable
+
+from .domain import LoadedModel
+from .sampling import SamplingSettings
+from .triton_models import PIPELINE_MODEL
+from .triton_repository import RepositoryEntry, TritonRepository, model_name
+from .triton_server import TritonServer, load_model, to_persona_error, unload_model
+
+log = logging.getLogger("persona.generate.triton")
+
+
+class TritonEndpoint(Protocol):
+    url: str
+
+    def ensure_running(self) -> None:
+        """Raises Unavailable when the server cannot be reached (a managed one is started if it died)."""
+
+
+class ExternalTriton:
+    """A Triton someone else runs (`persona-cli up`, a Kubernetes Deployment): only its gRPC address."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def ensure_running(self) -> None:
+        pass  # calls fail fast with UNAVAILABLE when it is down; nothing here can bring it back
+
+
+class ManagedTriton:
+    """A tritonserver child process on the repository, started on first use and again if it died."""
+
+    def __init__(self, repository: Path, log_file: Path, start_timeout_s: float = 120.0):
+        self.server = TritonServer(repository, log_file=log_file, http_port=None, metrics_port=None)
+        self.start_timeout_s = start_timeout_s
+        self._lock = threading.Lock()
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        self.ensure_running()
+        return self.server.grpc_url
+
+    def ensure_running(self) -> None:
+        with self._lock:
+            if self.server.is_running():
+                return
+            if self.server.process is not None:
+                self.restarts += 1
+                log.warning("tritonserver (pid %s) exited with %s; starting it again (log %s)", self.server.pid,
+                            self.server.process.returncode, self.server.log_file)
+                self.server.stop()
+            self.server.start(timeout_s=self.start_timeout_s)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.server.stop()
+
+
+class TritonEngine:
+    """Draws on Triton; holds which engine keys (concept ids, base:<path>) are loaded as which repository entry."""
+
+    name = "triton"
+    model_format = "onnx"
+
+    def __init__(self, repository: TritonRepository, endpoint: TritonEndpoint, *, rpc_timeout_s: float = 10.0,
+                 load_timeout_s: float = 600.0, infer_timeout_s: float = 3600.0):
+        self.repository = repository
+        self.endpoint = endpoint
+        self.rpc_timeout_s = rpc_timeout_s
+        self.load_timeout_s = load_timeout_s
+        self.infer_timeout_s = infer_timeout_s
+        self._loaded: dict[str, tuple[RepositoryEntry, LoadedModel]] = {}
+        self._lock = threading.RLock()
+
+    # -- Engine
+
+    def load(self, key: str, folder: Path) -> LoadedModel:
+        with self._lock:
+            if key in self._loaded:
+                entry, info = self._loaded[key]
+                self._ensure_ready(entry)
+                return LoadedModel(key, info.resolution, 0.0)
+            started = time.perf_counter()
+            entry = self.repository.add(model_name(key), folder)
+            self._ensure_ready(entry)
+            info = LoadedModel(key, entry.native_resolution, time.perf_counter() - started)
+            self._loaded[key] = (entry, info)
+            return info
+
+    def unload(self, key: str) -> bool:
+        with self._lock:
+            found = self._loaded.pop(key, None)
+            if found is None:
+                return False
+            in_use = {m for entry, _ in self._loaded.values() for m in entry.components.values()}
+            with self._client() as client:
+                for model in found[0].components.values():
+                    if model not in in_use:
+                        unload_model(client, model, timeout_s=self.rpc_timeout_s * 3, wait=False)
+            return True
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._lock:
+            return [info for _, info in self._loaded.values()]
+
+    def close(self) -> None:
+        """Stops the tritonserver persona started (an external one keeps running, models and all)."""
+        stop = getattr(self.endpoint, "stop", None)
+        if stop is not None:
+            stop()
+
+    def draw(self, key: str, settings: SamplingSettings):
+        return self.draw_batch(key, [settings])[0]
+
+    def draw_batch(self, key: str, batch: Sequence[SamplingSettings]) -> list:
+        """One `sd_pipeline` request for the whole batch; a Triton that lost its models (restarted) gets them
+        loaded again and the request is sent once more."""
+        from PIL import Image
+
+        with self._lock:
+            entry, _ = self._loaded[key]
+        try:
+            pixels = self._infer(entry, batch)
+        except (FailedPrecondition, NotFound, Unavailable) as error:
+            self.endpoint.ensure_running()  # a managed server that died is started again here
+            if not self._reload_if_lost(entry):
+                raise error
+            pixels = self._infer(entry, batch)
+        return [Image.fromarray(image) for image in pixels]
+
+    # -- Triton calls
+
+    def _client(self):
+        import tritonclient.grpc as grpcclient
+
+        self.endpoint.ensure_running()
+        return grpcclient.InferenceServerClient(self.endpoint.url)
+
+    def _ensure_ready(self, entry: RepositoryEntry) -> None:
+        """Loads `sd_pipeline` and the entry's components unless READY (in parallel: each is a process)."""
+        with self._client() as client:
+            wanted = [PIPELINE_MODEL, *entry.components.values()]
+            missing = [m for m in wanted if not self._ready(client, m)]
+        if not missing:
+            return
+
+        def load(model: str) -> float:
+            with self._client() as client:
+                return load_model(client, model, timeout_s=self.load_timeout_s)
+
+        with ThreadPoolExecutor(max_workers=len(missing)) as pool:
+            futures = [pool.submit(load, m) for m in missing]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+
+    def _ready(self, client, model: str) -> bool:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return client.is_model_ready(model, client_timeout=self.rpc_timeout_s)
+        except InferenceServerException as error:
+            raise to_persona_error(error, f"asking Triton whether `{model}` is ready") from error
+
+    def _reload_if_lost(self, entry: RepositoryEntry) -> bool:
+        """True when something of `entry` was not READY and has been loaded again."""
+        with self._client() as client:
+            lost = [m for m in (PIPELINE_MODEL, *entry.components.values()) if not self._ready(client, m)]
+        if not lost:
+            return False
+        log.warning("Triton lost %s (restarted?); loading again", ", ".join(lost))
+        self._ensure_ready(entry)
+        return True
+
+    def _infer(self, entry: RepositoryEntry, batch: Sequence[SamplingSettings]):
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        first = batch[0]
+        columns = [
+            ("CONCEPT", np.array([entry.name.encode()], dtype=object), "BYTES"),
+            ("PROMPTS", np.array([s.prompt.encode() for s in batch], dtype=object), "BYTES"),
+            ("NEGATIVE_PROMPTS", np.array([s.negative_prompt.encode() for s in batch], dtype=object), "BYTES"),
+            ("SEEDS", np.array([s.seed for s in batch], dtype=np.int64), "INT64"),
+            ("STEPS", np.array([first.steps], dtype=np.int32), "INT32"),
+            ("GUIDANCE_SCALE", np.array([first.guidance_scale], dtype=np.float64), "FP64"),
+            ("SCHEDULER", np.array([first.scheduler.encode()], dtype=object), "BYTES"),
+            ("HEIGHT", np.array([first.height], dtype=np.int32), "INT32"),
+            ("WIDTH", np.array([first.width], dtype=np.int32), "INT32"),
+        ]
+        inputs = []
+        for name, array, dtype in columns:
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        try:
+            with self._client() as client:
+                result = client.infer(PIPELINE_MODEL, inputs, client_timeout=self.infer_timeout_s)
+        except InferenceServerException as error:
+            raise to_persona_error(error, f"drawing on Triton ({entry.name})") from error
+        except PersonaError:
+            raise
+        return result.as_numpy("IMAGES")
+
+
+def triton_engine_from_settings(settings, data_dir: Path) -> TritonEngine:
+    """The Triton engine `settings` (GenerateSettings) describe, on `data_dir` unless they name a repository."""
+    root = settings.triton_repository or data_dir / "triton" / "models"
+    if settings.triton_url:
+        endpoint: TritonEndpoint = ExternalTriton(settings.triton_url)
+        native_onnxruntime = False
+    else:
+        endpoint = ManagedTriton(root, log_file=data_dir / "triton" / "tritonserver.log")
+        endpoint.server.install = endpoint.server.install or _find_install()
+        backends = endpoint.server.install.backend_dir
+        native_onnxruntime = backends is not None and (backends / "onnxruntime").is_dir()
+    gpu = settings.triton_gpu
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    backend = settings.triton_component_backend or ("onnxruntime" if native_onnxruntime else "python")
+    repository = TritonRepository(root, component_backend=backend, instance_kind="KIND_GPU" if gpu else "KIND_CPU")
+    return TritonEngine(repository, endpoint, rpc_timeout_s=settings.triton_rpc_timeout_s,
+                        load_timeout_s=settings.triton_load_timeout_s)
+
+
+def _find_install():
+    from .triton_server import find_tritonserver
+
+    return find_tritonserver()
