@@ -1,7 +1,8 @@
 """Generate use cases: validate a request, find the model (a concept's diffusers folder or a base model), draw.
 
 The engine is what holds models and runs the sampling loop: `EmbeddedEngine` in this process (torch, the
-laptop default); a Triton engine serves the same interface from a Triton model repository.
+laptop default) on a model's diffusers folder; `TritonEngine` (triton_engine.py) on its ONNX export, served from a
+Triton model repository. Both run the same loop (sampling.py).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -64,6 +65,8 @@ class LoadedModel:
 
 class Engine(Protocol):
     name: str
+    # What `load` takes: "diffusers" (a diffusers folder) or "onnx" (an onnx_export folder).
+    model_format: str
 
     def load(self, key: str, folder: Path) -> LoadedModel: ...
 
@@ -71,13 +74,17 @@ class Engine(Protocol):
 
     def loaded(self) -> list[LoadedModel]: ...
 
-    def draw(self, key: str, settings: SamplingSettings): ...
+    def draw_batch(self, key: str, batch: Sequence[SamplingSettings]) -> list:
+        """PIL images, one per entry; entries share `sampling.batch_key`."""
+
+    def close(self) -> None: ...
 
 
 class EmbeddedEngine:
     """Models in this process (torch), the `max_loaded` most recently used kept; one image at a time."""
 
     name = "embedded"
+    model_format = "diffusers"
 
     def __init__(self, settings: GenerateSettings):
         self.settings = settings
@@ -111,10 +118,14 @@ class EmbeddedEngine:
         with self._lock:
             return [entry[3] for entry in self._models.values()]
 
-    def draw(self, key: str, settings: SamplingSettings):
+    def close(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+    def draw_batch(self, key: str, batch: Sequence[SamplingSettings]) -> list:
         with self._lock:
             models, tokenizer, scheduler_config, _ = self._models[key]
-            return sampling.sample(models, tokenizer, scheduler_config, settings)
+            return sampling.sample_batch(models, tokenizer, scheduler_config, batch)
 
 
 class GenerateDomain:
@@ -125,6 +136,7 @@ class GenerateDomain:
         # Which tenant loaded which concept (the engine is shared; keys are concept ids or base:<ref>).
         self._owners: dict[str, str] = {}
         self._owners_lock = threading.Lock()
+        self._export_lock = threading.Lock()
 
     def generate(self, tenant_id: str, request: GenerateRequest) -> Iterator[GeneratedImage]:
         """Validates everything, loads the model if needed, then yields each image as it is drawn."""
@@ -153,18 +165,22 @@ class GenerateDomain:
         if not 0 <= seed < 2**63 - MAX_IMAGES_PER_REQUEST:
             raise InvalidArgument(f"`seed` is {seed}: use a non-negative 63-bit integer")
 
+        planned = [(prompt_index, image_index, SamplingSettings(
+                        prompt=prompt, negative_prompt=request.negative_prompt, seed=seed + prompt_index * per_prompt
+                        + image_index, steps=steps, guidance_scale=guidance, scheduler=scheduler, height=height,
+                        width=width))
+                   for prompt_index, prompt in enumerate(prompts) for image_index in range(per_prompt)]
+
         def images() -> Iterator[GeneratedImage]:
-            number = 0
-            for prompt_index, prompt in enumerate(prompts):
-                for image_index in range(per_prompt):
-                    settings = SamplingSettings(prompt=prompt, negative_prompt=request.negative_prompt,
-                                                seed=seed + number, steps=steps, guidance_scale=guidance,
-                                                scheduler=scheduler, height=height, width=width)
-                    started = time.perf_counter()
-                    image = self.engine.draw(loaded.key, settings)
+            # `batch_size` images per engine call (one UNet pass for all); each is streamed when its batch ends.
+            for start in range(0, len(planned), self.settings.batch_size):
+                chunk = planned[start:start + self.settings.batch_size]
+                started = time.perf_counter()
+                drawn = self.engine.draw_batch(loaded.key, [settings for _, _, settings in chunk])
+                seconds = (time.perf_counter() - started) / len(chunk)
+                for (prompt_index, image_index, settings), image in zip(chunk, drawn):
                     yield GeneratedImage(prompt_index, image_index, settings, request.concept_id, request.base_model,
-                                         png_bytes(image), time.perf_counter() - started, self.engine.name)
-                    number += 1
+                                         png_bytes(image), seconds, self.engine.name)
         return images()
 
     def load(self, tenant_id: str, concept_id: str) -> LoadedModel:
@@ -190,13 +206,40 @@ class GenerateDomain:
             if not concept.files_of("weights"):
                 raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights yet: wait for "
                                          f"job {concept.job_id} (`persona-cli jobs watch {concept.job_id}`)")
-            folder = self.train.diffusers_folder(tenant_id, concept_id, self.cache_dir / concept_id)
+            if self.engine.model_format == "onnx":
+                folder = self.train.onnx_folder(tenant_id, concept_id, self.cache_dir / "onnx" / concept_id,
+                                                fp16=self._onnx_fp16())
+            else:
+                folder = self.train.diffusers_folder(tenant_id, concept_id, self.cache_dir / concept_id)
             loaded = self.engine.load(concept_id, folder)
             with self._owners_lock:
                 self._owners[concept_id] = tenant_id
             return replace(loaded, resolution=concept.resolution or loaded.resolution)
         base = resolve_base_model(base_model, self.train.settings)
-        return self.engine.load(f"base:{base.path}", base.path)
+        folder = base.path if self.engine.model_format == "diffusers" else self._base_onnx(base.path)
+        return self.engine.load(f"base:{base.path}", folder)
+
+    def _onnx_fp16(self) -> bool:
+        """fp16 graphs where the engine's GPU can run them; fp32 on CPU (fp16 there is slow, not smaller)."""
+        if self.settings.onnx_fp16 is not None:
+            return self.settings.onnx_fp16
+        import torch
+
+        return torch.cuda.is_available()
+
+    def _base_onnx(self, path: Path) -> Path:
+        """A base model's ONNX export, made once per folder (and precision) into the generate cache."""
+        import hashlib
+
+        from .onnx_export import export_pipeline_to_onnx
+
+        fp16 = self._onnx_fp16()
+        digest = hashlib.sha256(f"{Path(path).resolve()}|{fp16}".encode()).hexdigest()[:16]
+        target = self.cache_dir / "base-onnx" / digest
+        with self._export_lock:
+            if not (target / "manifest.json").is_file():
+                export_pipeline_to_onnx(path, target, fp16=fp16, overwrite=True)
+        return target
 
 
 def _prompts(prompts) -> list[str]:
