@@ -69,6 +69,7 @@ app.command("generate")(generate.generate)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(keys.app, name="keys")
 app.command("serve")(serve.serve)
+app.command("up")(serve.up)
 app.add_typer(bench.app, name="bench")
 
 

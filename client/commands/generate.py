@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import re
+import struct
+import zlib
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,6 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from persona.v1 import generate_pb2
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..output import message_dict, note, stderr_console, table
 from .session import JsonOption, session
@@ -28,6 +32,36 @@ def file_name(image: generate_pb2.GeneratedImage) -> str:
     """`<prompt words>-<seed>.png`, readable in a file browser and unique within one request."""
     words = re.sub(r"[^a-z0-9]+", "-", image.prompt.lower()).strip("-")[:60] or "image"
     return f"{words}-{image.seed}.png"
+
+
+SCHEDULER_LABELS = {generate_pb2.SCHEDULER_DPMPP: "DPM++ 2M", generate_pb2.SCHEDULER_DDIM: "DDIM",
+                    generate_pb2.SCHEDULER_EULER: "Euler"}
+
+
+def with_settings(image: generate_pb2.GeneratedImage) -> bytes:
+    """The image's PNG with its settings as text chunks: `prompt`, `seed`, … and `parameters` in the A1111 form
+    that A1111, ComfyUI and image browsers read ("PROMPT\nNegative prompt: …\nSteps: 25, Sampler: …")."""
+    parameters = image.prompt + (f"\nNegative prompt: {image.negative_prompt}" if image.negative_prompt else "")
+    parameters += (f"\nSteps: {image.steps}, Sampler: {SCHEDULER_LABELS.get(image.scheduler, 'unknown')}, "
+                   f"CFG scale: {image.guidance_scale:g}, Seed: {image.seed}, Size: {image.width}x{image.height}, "
+                   f"Model: {image.concept_id or image.base_model}")
+    texts = {"parameters": parameters, "prompt": image.prompt, "negative_prompt": image.negative_prompt,
+             "seed": str(image.seed), "steps": str(image.steps), "guidance_scale": f"{image.guidance_scale:g}",
+             "scheduler": SCHEDULER_LABELS.get(image.scheduler, ""), "model": image.concept_id or image.base_model,
+             "software": "persona"}
+    return png_with_text(image.png, texts)
+
+
+def png_with_text(png: bytes, texts: dict[str, str]) -> bytes:
+    """`png` with an iTXt chunk (UTF-8 text) per entry, inserted after IHDR; the pixels are not re-encoded."""
+    ihdr_end = 8 + 4 + 4 + 13 + 4  # signature, then IHDR: length, type, 13 bytes of data, CRC
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        return png
+    chunks = b""
+    for key, value in texts.items():
+        data = key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8")  # no compression, no language
+        chunks += struct.pack(">I", len(data)) + b"iTXt" + data + struct.pack(">I", zlib.crc32(b"iTXt" + data))
+    return png[:ihdr_end] + chunks + png[ihdr_end:]
 
 
 def generate(
@@ -61,7 +95,8 @@ def generate(
 ) -> None:
     """Draw images of a concept and write them as PNGs, each as soon as the server finishes it.
 
-    Every file is named after its prompt and seed; `--json` lists each image's full settings (enough to draw
+    Every file is named after its prompt and seed, and carries its settings as PNG text (A1111's `parameters`
+    too, so image browsers and ComfyUI show them); `--json` lists each image's full settings (enough to draw
     it again). Examples: `persona-cli generate cpt_5b0e… "a sks dog on the beach" -n 4 --out shots/`,
     `persona-cli generate --base-model tiny "a dog"`.
     """
@@ -77,12 +112,15 @@ def generate(
     client = s.client()
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    with stderr_console().status("drawing…") as status:
+    total = len(request.prompts) * (number or 1)
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=stderr_console(), transient=True) as progress:
+        task = progress.add_task("loading and drawing…", total=total)
         for image in client.generate.Generate(request):
             path = out / file_name(image)
-            path.write_bytes(image.png)
+            path.write_bytes(with_settings(image))
             written.append((image, path))
-            status.update(f"drawing… {len(written)} done, last in {image.seconds:.1f}s")
+            progress.update(task, advance=1, description=f"drawing (last image {image.seconds:.1f} s)")
     data = [{**{k: v for k, v in message_dict(image).items() if k != "png"}, "path": str(path)}
             for image, path in written]
     s.output(as_json).emit(data, lambda: table(

@@ -27,43 +27,104 @@ class LogLevel(str, Enum):
     error = "error"
 
 
+class EngineChoice(str, Enum):
+    embedded = "embedded"
+    triton = "triton"
+
+
+HostOption = Annotated[str, typer.Option(
+    envvar="PERSONA_HOST", help="Interface to listen on; 0.0.0.0 for every interface (e.g. in a container).")]
+PortOption = Annotated[int, typer.Option(
+    envvar="PERSONA_PORT", min=0, max=65535, help="TCP port; 0 picks a free one (printed on stderr).")]
+LogLevelOption = Annotated[LogLevel, typer.Option(
+    envvar="PERSONA_LOG_LEVEL", help="Log level on stderr; info logs one line per call.")]
+TritonUrlOption = Annotated[str, typer.Option(
+    envvar="PERSONA_TRITON_URL", metavar="HOST:PORT",
+    help="gRPC address of a Triton someone else runs (its model repository must be PERSONA_TRITON_REPOSITORY); "
+         "empty: persona starts tritonserver itself.")]
+
+
 def serve(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option(
-        envvar="PERSONA_HOST", help="Interface to listen on; 0.0.0.0 for every interface (e.g. in a container).",
-    )] = "127.0.0.1",
-    port: Annotated[int, typer.Option(
-        envvar="PERSONA_PORT", min=0, max=65535, help="TCP port; 0 picks a free one (printed on stderr).")] = 50051,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 50051,
     data_dir: DataDirOption = None,
     auth: Annotated[AuthMode, typer.Option(
         envvar="PERSONA_AUTH", help="api-key: every call needs a key from `persona-cli keys create`; "
                                     "none: one local tenant, for a laptop.")] = AuthMode.api_key,
-    log_level: Annotated[LogLevel, typer.Option(
-        envvar="PERSONA_LOG_LEVEL", help="Log level on stderr; info logs one line per call.")] = LogLevel.info,
+    engine: Annotated[EngineChoice, typer.Option(
+        envvar="PERSONA_GENERATE_ENGINE", case_sensitive=False,
+        help="Who draws images: embedded (torch in this process) or triton (concepts exported to ONNX and "
+             "served by Triton: --triton-url, or a tritonserver persona starts).")] = EngineChoice.embedded,
+    triton_url: TritonUrlOption = "",
+    log_level: LogLevelOption = LogLevel.info,
 ) -> None:
-    """Serve every persona service (subjects, captions, training, jobs), with gRPC health and reflection, in one process.
+    """Serve every persona service (subjects, captions, training, generation, jobs), with gRPC health and
+    reflection, in one process.
 
     Logs go to stderr; SIGTERM or Ctrl-C stops it gracefully, letting calls in flight finish.
 
     Example: `persona-cli serve --host 0.0.0.0 --port 50051 --data-dir /srv/persona`
     """
+    run_server(ctx, host, port, data_dir, auth, engine, triton_url, log_level)
+
+
+def up(
+    ctx: typer.Context,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 50051,
+    data_dir: DataDirOption = None,
+    auth: Annotated[AuthMode, typer.Option(
+        envvar="PERSONA_AUTH", help="none (default here): one local tenant; api-key: every call needs a key.")]
+    = AuthMode.none,
+    triton_url: TritonUrlOption = "",
+    log_level: LogLevelOption = LogLevel.info,
+) -> None:
+    """Run persona with Triton: start tritonserver (explicit model control, on the data dir's model repository)
+    and every persona service, generation drawing on Triton; Ctrl-C or SIGTERM stops both.
+
+    Concepts are exported to ONNX and loaded into Triton on first use (or `LoadConcept`), without a restart.
+    The tritonserver is NVIDIA's where one is installed (PERSONA_TRITONSERVER, PATH, /opt/tritonserver), else
+    the one bundled in nvidia-pytriton (python backend: components run ONNX Runtime inside it).
+
+    Example: `persona-cli up --port 50051`, then `persona-cli --server 127.0.0.1:50051 generate CONCEPT "a sks
+    dog on the beach"`.
+    """
+    run_server(ctx, host, port, data_dir, auth, EngineChoice.triton, triton_url, log_level)
+
+
+def run_server(ctx: typer.Context, host: str, port: int, data_dir, auth: AuthMode, engine: EngineChoice,
+               triton_url: str, log_level: LogLevel) -> None:
+    """Builds the app on the data dir and serves until SIGTERM or Ctrl-C."""
     from persona.services.app import build_app
+    from persona.services.generate.settings import GenerateSettings
     from persona.services.runtime.server import serve_until_signal
 
     logging.basicConfig(level=log_level.value.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = session(ctx).settings(data_dir, auth=auth.value)
+    generate_settings = GenerateSettings.from_env(engine=engine.value, triton_url=triton_url or None)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    app = build_app(settings, address)  # a busy port is UNAVAILABLE, a busy data dir FAILED_PRECONDITION
+    # A busy port is UNAVAILABLE, a busy data dir FAILED_PRECONDITION.
+    app = build_app(settings, address, generate_settings=generate_settings)
     listening = address.rsplit(":", 1)[0] + f":{app.server.port}"
-    note(f"persona listening on {listening} (data dir {settings.data_dir}, auth {auth.value}); "
-         "stop with Ctrl-C or SIGTERM")
+    endpoint = getattr(app.generate.engine, "endpoint", None)
+    if endpoint is not None:
+        try:
+            endpoint.ensure_running()  # start a managed tritonserver now, so a broken install shows at once
+        except BaseException:
+            app.stop(0)
+            raise
+        note(f"Triton serving {app.generate.engine.repository.root} on {endpoint.url} (gRPC)")
+    note(f"persona listening on {listening} (data dir {settings.data_dir}, auth {auth.value}, "
+         f"generation {engine.value}); stop with Ctrl-C or SIGTERM")
     if auth is AuthMode.api_key and not app.authenticator.list_keys():
         note(f"no API keys yet: create one with `persona-cli keys create TENANT --data-dir {settings.data_dir}`, "
              "then call with --api-key KEY or PERSONA_API_KEY")
     still_running: list[int] = []
     serve_until_signal(app.server, settings.grace_period_s,
                        on_stop=lambda: still_running.append(app.runner.shutdown(wait=True, timeout_s=settings.grace_period_s)))
+    app.generate.engine.close()  # a tritonserver persona started stops with it (it runs in its own session)
     if still_running and still_running[0]:
         # Jobs cut off here stay RUNNING in the store and are resumed on the next start, as after a
         # crash; without this exit the interpreter would wait for them however long they take.
