@@ -1,17 +1,20 @@
 """`persona-cli export`: a concept's weights in the format another tool loads (diffusers, the LoRA of
-diffusers/peft, kohya/A1111/ComfyUI, a Textual Inversion embedding), downloaded to a local path."""
+diffusers/peft, kohya/A1111/ComfyUI, a Textual Inversion embedding, ONNX, TensorRT engines), downloaded to a
+local path."""
 from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path, PurePosixPath
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from persona.v1 import train_pb2
 
+from ..jobwatch import JobProgress, follow_or_cancel
 from ..output import fail, message_dict, note, stderr_console, table
 from .concepts import ConceptArgument, human_size
+from .jobs import raise_unless_succeeded
 from .session import JsonOption, session
 
 
@@ -20,10 +23,17 @@ class Format(str, Enum):
     lora = "lora"
     kohya = "kohya"
     ti = "ti"
+    onnx = "onnx"
+    tensorrt = "tensorrt"
 
 
 FORMATS = {Format.diffusers: train_pb2.EXPORT_FORMAT_DIFFUSERS, Format.lora: train_pb2.EXPORT_FORMAT_LORA,
-           Format.kohya: train_pb2.EXPORT_FORMAT_KOHYA, Format.ti: train_pb2.EXPORT_FORMAT_TI}
+           Format.kohya: train_pb2.EXPORT_FORMAT_KOHYA, Format.ti: train_pb2.EXPORT_FORMAT_TI,
+           Format.onnx: train_pb2.EXPORT_FORMAT_ONNX, Format.tensorrt: train_pb2.EXPORT_FORMAT_TENSORRT}
+# Exported as a folder of files; the others are one .safetensors file.
+FOLDER_FORMATS = (Format.diffusers, Format.onnx, Format.tensorrt)
+# Converted by a job with progress (minutes on real models); the others in one call.
+JOB_FORMATS = (Format.onnx, Format.tensorrt)
 SINGLE_FILE_SUFFIX = ".safetensors"
 
 
@@ -41,14 +51,14 @@ def destinations(export: train_pb2.ConceptExport, fmt: Format, out: Path) -> lis
     files = list(export.files)
     if not files:
         fail("DATA_LOSS", f"the {fmt.value} export of {export.concept_id} has no files")
-    if fmt is not Format.diffusers and out.suffix == SINGLE_FILE_SUFFIX:
+    if fmt not in FOLDER_FORMATS and out.suffix == SINGLE_FILE_SUFFIX:
         if len(files) != 1:
             fail("INVALID_ARGUMENT", f"the {fmt.value} export has {len(files)} files: give --out a folder")
         if out.is_dir():
             fail("INVALID_ARGUMENT", f"--out {out} is a folder; name a new .safetensors file or a folder")
         return [(files[0], out)]
     if out.exists() and not out.is_dir():
-        what = "a folder" if fmt is Format.diffusers else f"a folder or a {SINGLE_FILE_SUFFIX} file name"
+        what = "a folder" if fmt in FOLDER_FORMATS else f"a folder or a {SINGLE_FILE_SUFFIX} file name"
         fail("INVALID_ARGUMENT", f"--out {out} exists and is not a folder: give {what}")
     return [(f, out / safe_relative(f.path)) for f in files]
 
@@ -62,25 +72,45 @@ def export(
              "adapters fused in. lora: LoRA safetensors in the diffusers/peft layout (`pipe.load_lora_weights`), "
              "lora concepts only. kohya: the same LoRA with kohya sd-scripts keys, for A1111, ComfyUI and "
              "sd-scripts; lora concepts only. ti: a Textual Inversion embedding "
-             "(`pipe.load_textual_inversion`), ti concepts only.")],
+             "(`pipe.load_textual_inversion`), ti concepts only. onnx: text encoder, UNet and VAE decoder as "
+             "ONNX graphs plus manifest.json, scheduler and tokenizer, for Triton's ONNX Runtime backend or "
+             "onnxruntime on any machine; any method (LoRA fused, TI token added), checked against torch. "
+             "tensorrt: TensorRT engines built from that ONNX, for NVIDIA GPUs; needs TensorRT and a CUDA GPU "
+             "on the server, and the engines run only on that GPU model and TensorRT version.")],
     out: Annotated[Path, typer.Option(
         "--out", show_default=False,
-        help="Where to write. diffusers: a folder (created). lora, kohya, ti: a file name ending in "
-             ".safetensors, or a folder that receives the file under its own name.")],
+        help="Where to write. diffusers, onnx, tensorrt: a folder (created). lora, kohya, ti: a file name ending "
+             "in .safetensors, or a folder that receives the file under its own name.")],
+    fp16: Annotated[Optional[bool], typer.Option(
+        "--fp16/--fp32", show_default="the server decides: fp16 when it exports on a CUDA GPU, else fp32",
+        help="onnx and tensorrt only: fp16 graphs/engines (half the size, faster on GPUs; slow to make on a "
+             "CPU-only server) or fp32. Each precision is exported and cached on its own.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Export a READY concept to a format other tools load, download its files to --out and list them.
 
-    Exports are cached on the server: exporting again returns the same files at once.
+    Exports are cached on the server: exporting again returns the same files at once. onnx and tensorrt run
+    as an export job with a progress bar per component; Ctrl-C cancels it.
 
     Examples: `persona-cli export cpt_5b0e… --format kohya --out bruno.safetensors`,
-    `persona-cli export cpt_5b0e… --format diffusers --out models/bruno/`
+    `persona-cli export cpt_5b0e… --format diffusers --out models/bruno/`,
+    `persona-cli export cpt_5b0e… --format onnx --fp16 --out models/bruno-onnx/`
     """
+    if fp16 is not None and fmt not in JOB_FORMATS:
+        fail("INVALID_ARGUMENT", f"--fp16/--fp32 choose the precision of onnx and tensorrt exports; {fmt.value} "
+                                 f"has none: drop the option, or pass --format onnx or tensorrt")
     s = session(ctx)
     client = s.client()
+    request = train_pb2.ExportConceptRequest(concept_id=concept_id, format=FORMATS[fmt], fp16=fp16)
+    if fmt in JOB_FORMATS:
+        job = client.train.StartExport(request)
+        note(f"exporting {concept_id} to {fmt.value} ({'fp16' if job.params['fp16'] else 'fp32'}): job {job.job_id}")
+        job = follow_or_cancel(client, job, JobProgress(), f"cancelling {job.job_id}: it stops after the "
+                                                           "component in progress…")
+        raise_unless_succeeded(job)
+        request.fp16 = job.params["fp16"]  # the precision the server chose: its export is cached now
     with stderr_console().status(f"exporting {concept_id} to {fmt.value}…"):
-        exported = client.train.ExportConcept(train_pb2.ExportConceptRequest(concept_id=concept_id,
-                                                                             format=FORMATS[fmt]))
+        exported = client.train.ExportConcept(request)
     plan = destinations(exported, fmt, out)
     written = []
     with stderr_console().status("downloading…") as status:

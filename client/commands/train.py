@@ -10,15 +10,14 @@ from typing import Annotated, Optional
 
 import grpc
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.text import Text
 
 from persona.v1 import caption_pb2, common_pb2, subjects_pb2, train_pb2
 
+from ..jobwatch import JobProgress, cancel_and_wait
 from ..output import EXIT_INTERRUPTED, fail, message_dict, note, stderr_console
 from ..sdk import PersonaClient, PersonaClientError
 from .concepts import concept_state
-from .jobs import follow_job, raise_unless_succeeded, state_name
+from .jobs import follow_job, raise_unless_succeeded
 from .session import JsonOption, Session, session
 from .subjects import name_the_file, photo_paths, read_uploads
 
@@ -105,64 +104,20 @@ def caption_subject(s: Session, client: PersonaClient, subject: subjects_pb2.Sub
     raise_unless_succeeded(follow_job(client, job, description, embedded=s.embedded))
 
 
-class TrainingProgress:
-    """A rich progress bar on stderr (TTY only) fed by the job's events: stage messages while class images
-    are drawn, then step/total, loss, it/s and ETA; warnings printed above it. Without a TTY, stages and
-    about every tenth of the steps are written as plain lines."""
+class TrainingProgress(JobProgress):
+    """The job's progress bar (see JobProgress) with training steps: step/total, loss, it/s and ETA; without a
+    TTY, about every tenth of the steps as a plain line."""
 
     def __init__(self, total_steps: int | None):
-        self.console = stderr_console()
-        self.tty = self.console.is_terminal
-        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counter]}"),
-                   TextColumn("{task.fields[stats]}"), TimeElapsedColumn())
-        self.progress = Progress(*columns, console=self.console, transient=True, disable=not self.tty)
-        self.task = self.progress.add_task("starting", total=1.0, counter="", stats="")
+        super().__init__()
         self.total_steps = total_steps
-        self.last_message = ""
         self.last_logged_step = 0
 
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def print(self, text: str) -> None:
-        if self.tty:
-            self.progress.console.print(Text(text))
-        else:
-            note(text)
-
-    def stage(self, message: str) -> None:
-        if message and message != self.last_message:
-            self.last_message = message
-            if not self.tty:
-                note(message)
-
-    def __call__(self, event: common_pb2.JobEvent) -> None:
-        data = dict(event.data.items()) if event.HasField("data") else {}
-        if event.type == common_pb2.JOB_EVENT_TYPE_WARNING:
-            self.print(f"warning: {event.message}")
-            return
-        if event.type == common_pb2.JOB_EVENT_TYPE_STATE:
-            self.progress.update(self.task, description=state_name(event.state).lower())
-            self.stage(event.message or state_name(event.state).lower())
-            return
-        if event.type != common_pb2.JOB_EVENT_TYPE_PROGRESS:
-            return
+    def on_progress(self, event: common_pb2.JobEvent, data: dict) -> None:
         if "step" in data:
             self._step(data)
-        elif "done" in data and "total" in data:
-            total = max(float(data["total"]), 1.0)
-            self.progress.update(self.task, description=event.message or "working", total=total,
-                                 completed=float(data["done"]), counter=f"{int(data['done'])}/{int(total)}",
-                                 stats="")
-            self.stage(event.message)
-        else:
-            self.progress.update(self.task, description=event.message or "working", total=1.0,
-                                 completed=event.progress, counter=f"{event.progress:.0%}", stats="")
-            self.stage(event.message)
+        else:  # stages before the steps: class images done/total
+            super().on_progress(event, data)
 
     def _step(self, data: dict) -> None:
         step = int(data["step"])
@@ -215,15 +170,8 @@ def follow_training(s: Session, client: PersonaClient, job: common_pb2.Job, conc
     except KeyboardInterrupt:
         pass
     if ask_to_cancel():
-        note(f"cancelling {job.job_id}: it stops after the step in progress and keeps the weights of the last "
-             f"step in {concept_id}…")
-        with contextlib.suppress(grpc.RpcError):  # it may have finished meanwhile
-            client.jobs.CancelJob(common_pb2.CancelJobRequest(job_id=job.job_id))
-        try:
-            return client.wait_for_job(job.job_id)
-        except KeyboardInterrupt:
-            note(f"stopped waiting; {job.job_id} is being cancelled")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        return cancel_and_wait(client, job, f"cancelling {job.job_id}: it stops after the step in progress and "
+                                            f"keeps the weights of the last step in {concept_id}…")
     if s.embedded:
         data_dir = s.settings().data_dir
         note(f"left {job.job_id} unfinished: without --server the job runs inside this process and stops with it. "

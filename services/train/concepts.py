@@ -30,7 +30,8 @@ MIGRATIONS = [
             parent_concept_id TEXT NOT NULL DEFAULT '', persona_version TEXT NOT NULL,
             created_at REAL NOT NULL, updated_at REAL NOT NULL)""",
         "CREATE INDEX concepts_by_tenant ON concepts (tenant_id, created_at)",
-        # role: "weights" (the method's own output), "export:<format>", or "validation".
+        # role: "weights" (the method's own output), "export:<format>" ("export:onnx-fp16" for formats with a
+        # precision), or "validation".
         """CREATE TABLE concept_files (
             concept_id TEXT NOT NULL REFERENCES concepts(concept_id) ON DELETE CASCADE,
             role TEXT NOT NULL, path TEXT NOT NULL, artifact_id TEXT NOT NULL, size_bytes INTEGER NOT NULL,
@@ -43,8 +44,11 @@ TRAINING, READY, FAILED, CANCELLED = "TRAINING", "READY", "FAILED", "CANCELLED"
 WEIGHTS, VALIDATION = "weights", "validation"
 
 
-def export_role(format_name: str) -> str:
-    return f"export:{format_name}"
+def export_role(format_name: str, fp16: bool | None = None) -> str:
+    """Role of an export's files: "export:lora", or with a precision "export:onnx-fp16" / "export:onnx-fp32"."""
+    if fp16 is None:
+        return f"export:{format_name}"
+    return f"export:{format_name}-{'fp16' if fp16 else 'fp32'}"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from .domain import TrainDomain, TrainRequest
 STATES = {"TRAINING": train_pb2.CONCEPT_STATE_TRAINING, "READY": train_pb2.CONCEPT_STATE_READY,
           "FAILED": train_pb2.CONCEPT_STATE_FAILED, "CANCELLED": train_pb2.CONCEPT_STATE_CANCELLED}
 FORMATS = {train_pb2.EXPORT_FORMAT_DIFFUSERS: "diffusers", train_pb2.EXPORT_FORMAT_LORA: "lora",
-           train_pb2.EXPORT_FORMAT_KOHYA: "kohya", train_pb2.EXPORT_FORMAT_TI: "ti"}
+           train_pb2.EXPORT_FORMAT_KOHYA: "kohya", train_pb2.EXPORT_FORMAT_TI: "ti",
+           train_pb2.EXPORT_FORMAT_ONNX: "onnx", train_pb2.EXPORT_FORMAT_TENSORRT: "tensorrt"}
 # TrainingOptions fields that are lists or plain (non-optional) values; the rest are proto3 `optional`.
 _REPEATED = ("lora_targets", "validation_prompts")
 _PLAIN = ("train_text_encoder", "initializer_token", "mixed_precision", "gradient_checkpointing", "lr_scheduler",
@@ -76,6 +77,15 @@ def concept_to_proto(concept: Concept) -> train_pb2.Concept:
     )
 
 
+def _export_request(request: train_pb2.ExportConceptRequest) -> tuple[str, str, bool | None]:
+    """(concept_id, format name, fp16 or None when unset) of an ExportConceptRequest."""
+    if request.format not in FORMATS:
+        raise InvalidArgument(f"`format` is {request.format}: use EXPORT_FORMAT_DIFFUSERS, _LORA, _KOHYA, _TI, "
+                              "_ONNX or _TENSORRT")
+    return (_concept_id(request.concept_id), FORMATS[request.format],
+            request.fp16 if request.HasField("fp16") else None)
+
+
 def _concept_id(concept_id: str) -> str:
     if not concept_id:
         raise InvalidArgument("`concept_id` is empty: pass an id from ListConcepts (`persona-cli concepts list`)")
@@ -109,11 +119,12 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         return train_pb2.DeleteConceptResponse()
 
     def ExportConcept(self, request, context):
-        if request.format not in FORMATS:
-            raise InvalidArgument(f"`format` is {request.format}: use EXPORT_FORMAT_DIFFUSERS, _LORA, _KOHYA or _TI")
-        files = self.domain.export(current_tenant(), _concept_id(request.concept_id), FORMATS[request.format])
-        return train_pb2.ConceptExport(concept_id=request.concept_id, format=request.format,
-                                       files=[_file(f) for f in files])
+        exported = self.domain.export(current_tenant(), *_export_request(request))
+        return train_pb2.ConceptExport(concept_id=request.concept_id, format=request.format, fp16=exported.fp16,
+                                       files=[_file(f) for f in exported.files])
+
+    def StartExport(self, request, context):
+        return job_to_proto(self.domain.start_export(current_tenant(), *_export_request(request)))
 
     def ReadConceptFile(self, request, context):
         if not request.artifact_id:

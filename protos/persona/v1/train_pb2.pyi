@@ -26,6 +26,8 @@ class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPORT_FORMAT_LORA: _ClassVar[ExportFormat]
     EXPORT_FORMAT_KOHYA: _ClassVar[ExportFormat]
     EXPORT_FORMAT_TI: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_ONNX: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_TENSORRT: _ClassVar[ExportFormat]
 CONCEPT_STATE_UNSPECIFIED: ConceptState
 CONCEPT_STATE_TRAINING: ConceptState
 CONCEPT_STATE_READY: ConceptState
@@ -36,6 +38,8 @@ EXPORT_FORMAT_DIFFUSERS: ExportFormat
 EXPORT_FORMAT_LORA: ExportFormat
 EXPORT_FORMAT_KOHYA: ExportFormat
 EXPORT_FORMAT_TI: ExportFormat
+EXPORT_FORMAT_ONNX: ExportFormat
+EXPORT_FORMAT_TENSORRT: ExportFormat
 
 class TrainingOptions(_message.Message):
     __slots__ = ("steps", "learning_rate", "batch_size", "resolution", "seed", "train_text_encoder", "lora_rank", "lora_alpha", "lora_targets", "initializer_token", "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "lr_scheduler", "lr_warmup_steps", "use_8bit_adam", "prior_loss_weight", "num_class_images", "class_prompt", "checkpoint_every", "validation_every", "validation_prompts", "max_grad_norm", "epochs", "class_image_steps")
@@ -224,22 +228,26 @@ class DeleteConceptResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ExportConceptRequest(_message.Message):
-    __slots__ = ("concept_id", "format")
+    __slots__ = ("concept_id", "format", "fp16")
     CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    FP16_FIELD_NUMBER: _ClassVar[int]
     concept_id: str
     format: ExportFormat
-    def __init__(self, concept_id: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ...) -> None: ...
+    fp16: bool
+    def __init__(self, concept_id: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ..., fp16: _Optional[bool] = ...) -> None: ...
 
 class ConceptExport(_message.Message):
-    __slots__ = ("concept_id", "format", "files")
+    __slots__ = ("concept_id", "format", "files", "fp16")
     CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    FP16_FIELD_NUMBER: _ClassVar[int]
     concept_id: str
     format: ExportFormat
     files: _containers.RepeatedCompositeFieldContainer[ConceptFile]
-    def __init__(self, concept_id: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ..., files: _Optional[_Iterable[_Union[ConceptFile, _Mapping]]] = ...) -> None: ...
+    fp16: bool
+    def __init__(self, concept_id: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ..., files: _Optional[_Iterable[_Union[ConceptFile, _Mapping]]] = ..., fp16: _Optional[bool] = ...) -> None: ...
 
 class ReadConceptFileRequest(_message.Message):
     __slots__ = ("concept_id", "artifact_id")

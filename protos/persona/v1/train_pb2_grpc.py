@@ -61,6 +61,11 @@ class TrainServiceStub:
                 request_serializer=persona_dot_v1_dot_train__pb2.ExportConceptRequest.SerializeToString,
                 response_deserializer=persona_dot_v1_dot_train__pb2.ConceptExport.FromString,
                 _registered_method=True)
+        self.StartExport = channel.unary_unary(
+                '/persona.v1.TrainService/StartExport',
+                request_serializer=persona_dot_v1_dot_train__pb2.ExportConceptRequest.SerializeToString,
+                response_deserializer=persona_dot_v1_dot_common__pb2.Job.FromString,
+                _registered_method=True)
         self.ReadConceptFile = channel.unary_stream(
                 '/persona.v1.TrainService/ReadConceptFile',
                 request_serializer=persona_dot_v1_dot_train__pb2.ReadConceptFileRequest.SerializeToString,
@@ -103,7 +108,21 @@ class TrainServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportConcept(self, request, context):
-        """Converts a READY concept to `format` (cached: a second call returns the same files).
+        """Converts a READY concept to `format` (cached: a second call returns the same files). Blocks until the
+        conversion ends: for onnx and tensorrt, which take minutes on real models, prefer StartExport.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartExport(self, request, context):
+        """Checks the request as ExportConcept does (unknown concept NOT_FOUND; no weights, a format the
+        concept's method cannot give, or tensorrt unavailable: FAILED_PRECONDITION) and queues an "export" job
+        (`params.concept_id`, `params.format`, `params.fp16`). Its PROGRESS events name each component done
+        ("unet 2/3", data: stage, component, done, total); its result lists the files (`files`: path,
+        artifact_id, size_bytes). An already cached export succeeds at once. Afterwards ExportConcept with the
+        same format and precision returns the files at once. Follow with JobService.WatchJob, stop with
+        JobService.CancelJob (checked between components).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +162,11 @@ def add_TrainServiceServicer_to_server(servicer, server):
                     servicer.ExportConcept,
                     request_deserializer=persona_dot_v1_dot_train__pb2.ExportConceptRequest.FromString,
                     response_serializer=persona_dot_v1_dot_train__pb2.ConceptExport.SerializeToString,
+            ),
+            'StartExport': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartExport,
+                    request_deserializer=persona_dot_v1_dot_train__pb2.ExportConceptRequest.FromString,
+                    response_serializer=persona_dot_v1_dot_common__pb2.Job.SerializeToString,
             ),
             'ReadConceptFile': grpc.unary_stream_rpc_method_handler(
                     servicer.ReadConceptFile,
@@ -286,6 +310,33 @@ class TrainService:
             '/persona.v1.TrainService/ExportConcept',
             persona_dot_v1_dot_train__pb2.ExportConceptRequest.SerializeToString,
             persona_dot_v1_dot_train__pb2.ConceptExport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/persona.v1.TrainService/StartExport',
+            persona_dot_v1_dot_train__pb2.ExportConceptRequest.SerializeToString,
+            persona_dot_v1_dot_common__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
