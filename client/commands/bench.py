@@ -1,5 +1,6 @@
-"""`persona-cli bench train`: persona's training loop beside a plain diffusers-example loop, same process
-and device; runs locally (no server)."""
+"""`persona-cli bench train|generate|flow`: persona beside the reference implementations on this machine —
+training loop vs the diffusers example loop, sampling (Triton, in-process) vs diffusers' pipeline, and the whole
+photos → concept path."""
 from __future__ import annotations
 
 import os
@@ -197,5 +198,97 @@ def flow(
         return (f"{len(files)} photos, captions case {case}, {steps} LoRA steps on {base_model} "
                 f"({steps / seconds['train']:.2f} steps/s including model loading and class images)\n"
                 + table(["STAGE", "SECONDS"], rows))
+
+    s.output(as_json).emit(data, render)
+
+
+class SamplingPath(str, Enum):
+    triton = "triton"
+    embedded = "embedded"
+    diffusers = "diffusers"
+    diffusers_compile = "diffusers-compile"
+
+
+@app.command("generate")
+def generate(
+    ctx: typer.Context,
+    base_model: Annotated[str, typer.Option(
+        metavar="tiny|sd15|sd21-base|PATH",
+        help="`tiny` (the built-in 64 px random model); `sd15` or `sd21-base` (real-size random weights built once "
+             "from the configs under --config-root: the same compute as trained weights); or a local diffusers "
+             "folder.")] = "tiny",
+    path: Annotated[Optional[list[SamplingPath]], typer.Option(
+        "--path", show_default="triton, embedded, diffusers (+ diffusers-compile on CUDA)",
+        help="What to time; repeat for several. triton: persona's Triton path (a tritonserver started here, the "
+             "model in its repository, one request per batch); embedded: persona's in-process engine; diffusers: "
+             "StableDiffusionPipeline (fp16 + SDPA on CUDA); diffusers-compile: the same with "
+             "torch.compile(unet, mode=reduce-overhead).")] = None,
+    batch: Annotated[Optional[list[int]], typer.Option(
+        "--batch", min=1, show_default="1 and 4", help="Images per call; repeat for several.")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="DDIM steps.")] = 50,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 7.5,
+    resolution: Annotated[Optional[int], typer.Option(
+        min=8, show_default="the model's native one", help="Image side in pixels, a multiple of 8.")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed calls per path and batch (the median counts).")] = 3,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed calls first (loading, kernels, CUDA graphs).")] = 1,
+    device: Annotated[Optional[str], typer.Option(
+        metavar="cpu|cuda|cuda:N", show_default="cuda when available, else cpu", help="Where every path runs.")]
+    = None,
+    config_root: Annotated[Optional[Path], typer.Option(
+        file_okay=False, envvar="PERSONA_MODEL_CONFIGS", show_default="../shared/models/configs",
+        help="Folder holding sd15/ and sd21-base/ diffusers configs, for --base-model sd15|sd21-base.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Time sampling through persona's Triton path and in-process engine beside diffusers' StableDiffusionPipeline
+    (and + torch.compile), in one run on one device; and the time to hot-load a new concept into Triton.
+
+    Same prompts, seeds, DDIM steps, guidance and size everywhere. Prints seconds per image (median of
+    --repeats calls), peak GPU memory and diffusers ÷ path for each batch size, then Triton's first load and a
+    second concept's hot-load (its own UNet, the base's text encoder and VAE shared). Runs locally; --server is
+    not used.
+
+    Example: `persona-cli bench generate --base-model sd15 --device cuda --batch 1 --batch 4 --batch 8`
+    """
+    from dataclasses import asdict
+
+    from persona.services.generate.bench import run_sampling_benchmark
+    from persona.services.train.base_models import read_model_configs
+    from persona.services.train.bench import bench_base_model, resolve_device
+    from persona.services.train.settings import TrainSettings
+
+    s = session(ctx)
+    quiet_libraries()
+    cache = TrainSettings.from_env().base_model_cache_dir
+    if s.data_dir is not None and not os.environ.get("PERSONA_MODEL_CACHE"):
+        cache = s.data_dir / "models"
+    dev = resolve_device(device)
+    paths = [p.value for p in path] if path else (
+        ["triton", "embedded", "diffusers"] + (["diffusers-compile"] if dev.type == "cuda" else []))
+    batches = list(dict.fromkeys(batch or [1, 4]))
+    note(f"preparing base model {base_model}")
+    folder = bench_base_model(base_model, cache, config_root)
+    size = resolution or read_model_configs(folder).native_resolution
+    result = run_sampling_benchmark(folder, device=dev, paths=list(dict.fromkeys(paths)), batch_sizes=batches,
+                                    steps=steps, guidance_scale=guidance, resolution=size, repeats=repeats,
+                                    warmup=warmup, on_stage=lambda stage: note(stage))
+    data = {"device": result.device, "base_model": base_model, "base_model_dir": str(folder), "resolution": size,
+            "steps": steps, "guidance_scale": guidance, "scheduler": "ddim", "repeats": repeats, "warmup": warmup,
+            "rows": [asdict(r) for r in result.rows], "triton_first_load_seconds": result.first_load_seconds,
+            "triton_hot_load_seconds": result.hot_load_seconds, "triton_components": result.triton_components}
+
+    def render() -> str:
+        header = (f"device {result.device}; base model {base_model}; {size}x{size}; {steps} DDIM steps, CFG "
+                  f"{guidance:g}; median of {repeats} after {warmup} warmup")
+        body = table(["PATH", "BATCH", "S/IMAGE", "PEAK GPU MEM", "DIFFUSERS ÷ PATH"],
+                     [(r.path, r.batch, f"{r.seconds_per_image:.3f}",
+                       _gib(r.peak_gpu_mem_bytes) + (" (device)" if r.memory_scope == "device" and
+                                                     r.peak_gpu_mem_bytes is not None else ""),
+                       f"{r.speedup_vs_diffusers:.2f}x" if r.speedup_vs_diffusers is not None else "n/a")
+                      for r in result.rows])
+        lines = [header, body]
+        if result.hot_load_seconds is not None:
+            lines.append(f"triton ({result.triton_components} components): first load {result.first_load_seconds:.2f}"
+                         f" s; hot-load of a second concept {result.hot_load_seconds:.2f} s")
+        return "\n".join(lines)
 
     s.output(as_json).emit(data, render)
