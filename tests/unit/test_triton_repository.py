@@ -1,0 +1,114 @@
+"""The Triton model repository writer on a real ONNX export of the tiny model: content-addressed components shared
+between concepts, one pipeline model, versioned concept folders, configs for the python backend and the native
+onnxruntime platform; and how a pipeline request becomes sampling settings."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from persona.services.generate.onnx_export import export_pipeline_to_onnx
+from persona.services.generate.triton_models import settings_from_request
+from persona.services.generate.triton_repository import TritonRepository, model_name
+from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_model, tmp_path_factory):
+    return export_pipeline_to_onnx(tiny_model, tmp_path_factory.mktemp("onnx") / "export").out_dir
+
+
+def test_a_concept_becomes_three_shared_components_and_a_versioned_folder(onnx_export, tmp_path):
+    repo = TritonRepository(tmp_path / "models")
+    entry = repo.add("cpt_a", onnx_export)
+    assert entry.version == 1 and entry.native_resolution == 64
+    assert sorted(entry.components) == ["text_encoder", "unet", "vae_decoder"]
+    unet = tmp_path / "models" / entry.components["unet"]
+    assert (unet / "1" / "model.onnx").is_file() and (unet / "1" / "model.onnx.data").is_file()
+    # Hard-linked from the export: the graph is not copied.
+    assert os.stat(unet / "1" / "model.onnx.data").st_ino == os.stat(onnx_export / "unet" / "model.onnx.data").st_ino
+    config = (unet / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and 'name: "timestep"' in config and "dims: [ -1, 4, -1, -1 ]" in config
+    assert "OnnxRuntimeComponent" in (unet / "1" / "model.py").read_text()
+    pipeline = tmp_path / "models" / "sd_pipeline"
+    assert "StableDiffusionPipelineModel" in (pipeline / "1" / "model.py").read_text()
+    assert 'name: "CONCEPT"' in (pipeline / "config.pbtxt").read_text()
+    described = json.loads((pipeline / "concepts" / "cpt_a" / "1" / "pipeline.json").read_text())
+    assert described["models"] == entry.components and described["latent_channels"] == 4
+
+    # The same export again writes nothing new; a second concept of the same graphs shares every component.
+    assert repo.add("cpt_a", onnx_export) == entry
+    other = repo.add("cpt_b", onnx_export)
+    assert other.components == entry.components
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(
+        ["sd_pipeline", *entry.components.values()])
+
+    # Removing one concept keeps the components the other uses; removing the last frees them.
+    assert repo.remove("cpt_a") == []
+    assert sorted(repo.remove("cpt_b")) == sorted(entry.components.values())
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["sd_pipeline"]
+
+
+def test_a_changed_concept_gets_a_new_version_and_the_old_one_goes(onnx_export, tmp_path):
+    repo = TritonRepository(tmp_path / "models")
+    repo.add("cpt_a", onnx_export)
+    changed = tmp_path / "changed"
+    shutil.copytree(onnx_export, changed)
+    vocab = changed / "tokenizer" / "added_tokens.json"
+    vocab.write_text(json.dumps({"<sks>": 49408}))  # what a Textual Inversion token changes
+    entry = repo.add("cpt_a", changed)
+    assert entry.version == 2
+    assert sorted(p.name for p in (tmp_path / "models" / "sd_pipeline" / "concepts" / "cpt_a").iterdir()) == ["2"]
+
+
+def test_native_onnxruntime_components_have_no_python_model(onnx_export, tmp_path):
+    repo = TritonRepository(tmp_path / "models", component_backend="onnxruntime", instance_kind="KIND_GPU")
+    entry = repo.add("cpt_a", onnx_export)
+    unet = tmp_path / "models" / entry.components["unet"]
+    config = (unet / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "KIND_GPU" in config
+    assert not (unet / "1" / "model.py").exists()
+    with pytest.raises(InvalidArgument, match="component_backend"):
+        TritonRepository(tmp_path / "other", component_backend="tensorflow")
+
+
+def test_an_export_without_a_manifest_is_refused(tmp_path):
+    (tmp_path / "export").mkdir()
+    with pytest.raises(FailedPrecondition, match="--format onnx"):
+        TritonRepository(tmp_path / "models").add("cpt_a", tmp_path / "export")
+
+
+def test_model_names_are_safe_and_stable():
+    assert model_name("cpt_5b0e3c") == "cpt_5b0e3c"
+    name = model_name("base:/home/me/models/sd 1.5")
+    assert name == model_name("base:/home/me/models/sd 1.5") and "/" not in name and " " not in name
+    assert name != model_name("base:/home/me/models/sd 2.1")
+
+
+class _Tensor:
+    def __init__(self, values):
+        self.values = np.array(values, dtype=object if isinstance(values[0], bytes) else None)
+
+    def as_numpy(self):
+        return self.values
+
+
+def test_a_pipeline_request_is_one_settings_row_per_image():
+    inputs = {"PROMPTS": [b"a sks dog", "a sks dog in the snow".encode()], "NEGATIVE_PROMPTS": [b"", b"blurry"],
+              "SEEDS": [4, 5], "STEPS": [30], "GUIDANCE_SCALE": [7.25], "SCHEDULER": [b"ddim"], "HEIGHT": [512],
+              "WIDTH": [768]}
+    batch = settings_from_request(lambda name: _Tensor(inputs[name]) if name in inputs else None)
+    assert [(s.prompt, s.negative_prompt, s.seed) for s in batch] == [("a sks dog", "", 4),
+                                                                      ("a sks dog in the snow", "blurry", 5)]
+    assert {(s.steps, s.guidance_scale, s.scheduler, s.height, s.width) for s in batch} == {(30, 7.25, "ddim", 512,
+                                                                                              768)}
+    inputs["SEEDS"] = [4]
+    with pytest.raises(ValueError, match="one row per image"):
+        settings_from_request(lambda name: _Tensor(inputs[name]))
+    del inputs["STEPS"]
+    inputs["SEEDS"] = [4, 5]
+    with pytest.raises(ValueError, match="STEPS is missing"):
+        settings_from_request(lambda name: _Tensor(inputs[name]) if name in inputs else None)
