@@ -536,3 +536,41 @@ def _write_atomically(path: Path, data) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def refit_engines(engine_dir: Path, onnx_dir: Path, out_dir: Path, *, on_progress=None) -> list[str]:
+    """Engines for the ONNX export `onnx_dir` made from another concept's refittable engines of the same base
+    (`engine_dir`, a build_engines folder) instead of a build: copies them into `out_dir`, refits each component
+    whose ONNX weights differ from the engine's source (a LoRA concept: the UNet; a TI concept: the text
+    encoder), and records the new source in the manifest. Returns the refitted components. Raises
+    FailedPrecondition when `can_refit` says no (the caller then builds)."""
+    engine_dir, onnx_dir, out_dir = Path(engine_dir), Path(onnx_dir), Path(out_dir)
+    old = json.loads((engine_dir / MANIFEST).read_text())
+    new = json.loads((onnx_dir / MANIFEST).read_text())
+    ok, reason = can_refit(old, new)
+    if not ok:
+        raise FailedPrecondition(f"the engines in {engine_dir} cannot take {onnx_dir}'s weights: {reason}")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_ensure_parent(out_dir)))
+    try:
+        shutil.copytree(engine_dir, staging, dirs_exist_ok=True)
+        for folder in ("scheduler", "tokenizer"):  # a TI concept's tokenizer has its token
+            shutil.rmtree(staging / folder, ignore_errors=True)
+            shutil.copytree(onnx_dir / folder, staging / folder)
+        changed = [name for name in COMPONENTS
+                   if old["source_onnx"]["sha256"].get(name) != new["components"][name].get("sha256", {})]
+        for index, name in enumerate(changed):
+            refit_engine(staging / name / PLAN_FILE, _onnx_path(onnx_dir, new, name))
+            old["components"][name]["sha256"] = {PLAN_FILE: _sha256(staging / name / PLAN_FILE)}
+            if on_progress is not None:
+                on_progress(index + 1, len(changed))
+        old["source_onnx"] = {**old["source_onnx"], "path": str(onnx_dir),
+                              "sha256": {name: new["components"][name].get("sha256", {}) for name in COMPONENTS}}
+        old["refitted"] = changed
+        (staging / MANIFEST).write_text(json.dumps(old, indent=2) + "\n")
+        _default_permissions(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return changed

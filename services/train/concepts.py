@@ -138,6 +138,12 @@ class ConceptStore:
                               {"id": concept_id})
         return _from_row(row, files)
 
+    def on_base_model(self, tenant_id: str, base_model_sha256: str) -> list[Concept]:
+        """The tenant's concepts trained on the base model with this content hash, newest first."""
+        rows = self.db.query("SELECT concept_id FROM concepts WHERE tenant_id = :t AND base_model_sha256 = :b"
+                             " ORDER BY created_at DESC", {"t": tenant_id, "b": base_model_sha256})
+        return [self.get(r["concept_id"]) for r in rows]
+
     def list(self, tenant_id: str, page: Page, subject_id: str = "") -> tuple[list[Concept], str]:
         where, params = keyset_clause(page, "concept_id")
         subject_filter = " AND subject_id = :s" if subject_id else ""

@@ -478,8 +478,34 @@ class TrainDomain:
         if ctx is not None:
             ctx.check_cancelled()
         with self._device(ctx):
-            builder.build_engines(onnx_dir, out_dir, fp16=plan.fp16,
-                                  on_progress=_component_progress(ctx, "tensorrt", (0.5, 1.0)))
+            donor = self._refit_donor(plan, builder, onnx_dir, scratch)
+            if donor is not None:  # a concept of the same base has engines: swap weights in, no build
+                builder.refit_engines(donor, onnx_dir, out_dir,
+                                      on_progress=_component_progress(ctx, "tensorrt refit", (0.5, 1.0)))
+            else:
+                builder.build_engines(onnx_dir, out_dir, fp16=plan.fp16,
+                                      on_progress=_component_progress(ctx, "tensorrt", (0.5, 1.0)))
+
+    def _refit_donor(self, plan: _ExportPlan, builder, onnx_dir: Path, scratch: Path) -> Path | None:
+        """Refittable TensorRT engines of another of the tenant's concepts on the same base model and precision
+        that can take this export's weights (`can_refit`), materialised under `scratch`; None: build instead."""
+        import json
+
+        onnx_manifest = json.loads((onnx_dir / "manifest.json").read_text())
+        role = concept_store.export_role("tensorrt", plan.fp16)
+        for other in self.concepts.on_base_model(plan.concept.tenant_id, plan.concept.base_model_sha256):
+            files = other.files_of(role)
+            if other.concept_id == plan.concept.concept_id or not files or not all(
+                    self.artifacts.exists(f.artifact_id) for f in files):
+                continue
+            manifest = next((f for f in files if f.path == "manifest.json"), None)
+            if manifest is None:
+                continue
+            ok, _ = builder.can_refit(json.loads(self.artifacts.path_of(manifest.artifact_id).read_text()),
+                                      onnx_manifest)
+            if ok:
+                return self._materialize(files, scratch / "donor-engines")
+        return None
 
     def _export_device(self) -> str:
         if self.settings.device:

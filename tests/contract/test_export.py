@@ -4,6 +4,7 @@ parity check failing a job, TensorRT refused where it is missing, and bad input 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import threading
 import types
@@ -210,6 +211,7 @@ def test_tensorrt_builds_engines_from_the_onnx_export_of_its_precision(app, clie
             (out_dir / name).mkdir(parents=True)
             (out_dir / name / "model.plan").write_bytes(f"engine {name} fp16={fp16}".encode())
             on_progress(done, 3)
+        (out_dir / "manifest.json").write_text(json.dumps({"refittable": True}))
         return out_dir
 
     fake = types.ModuleType("persona.services.generate.tensorrt_build")
@@ -226,7 +228,7 @@ def test_tensorrt_builds_engines_from_the_onnx_export_of_its_precision(app, clie
                         "text_encoder 1/3", "unet 2/3", "vae_decoder 3/3", "tensorrt text_encoder 1/3",
                         "tensorrt unet 2/3", "tensorrt vae_decoder 3/3"]
     assert sorted(f["path"] for f in final.result["files"]) == [
-        "text_encoder/model.plan", "unet/model.plan", "vae_decoder/model.plan"]
+        "manifest.json", "text_encoder/model.plan", "unet/model.plan", "vae_decoder/model.plan"]
     again = client.train.ExportConcept(train_pb2.ExportConceptRequest(
         concept_id=lora.concept_id, format=train_pb2.EXPORT_FORMAT_TENSORRT, fp16=True))
     assert [f.artifact_id for f in again.files] == [f["artifact_id"] for f in final.result["files"]]
@@ -234,6 +236,24 @@ def test_tensorrt_builds_engines_from_the_onnx_export_of_its_precision(app, clie
     roles = {r["role"] for r in app.db.query("SELECT DISTINCT role FROM concept_files WHERE concept_id = :c",
                                              {"c": lora.concept_id})}
     assert {"export:tensorrt-fp16", "export:onnx-fp16"} <= roles  # the onnx export on the way is kept too
+
+    # A second concept on the same base: its engines are the first's with the changed weights refitted, no build.
+    refits = []
+
+    def refit_engines(donor: Path, onnx_dir: Path, out_dir: Path, *, on_progress=None):
+        refits.append(sorted(p.name for p in donor.iterdir()))
+        shutil.copytree(donor, out_dir)
+        on_progress(1, 1)
+        return ["unet"]
+
+    fake.can_refit = lambda old, new: (old.get("refittable") is True, "")
+    fake.refit_engines = refit_engines
+    second = trained(client, client.subjects.GetSubject(subjects_pb2.GetSubjectRequest(subject_id=lora.subject_id)),
+                     "lora")
+    final, events = run_export(client, second.concept_id, format=train_pb2.EXPORT_FORMAT_TENSORRT, fp16=True)
+    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    assert calls == [(True, True)] and refits == [["manifest.json", "text_encoder", "unet", "vae_decoder"]]
+    assert "tensorrt refit 1/1" in [m for m, _ in progress(events)]
 
 
 BAD_REQUESTS = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import shutil
 import sys
 import types
 
@@ -553,3 +554,33 @@ def test_can_refit_needs_refittable_engines(built, onnx_manifest):
     engines["refittable"] = False
     ok, reason = can_refit(engines, onnx_manifest)
     assert not ok and "refittable=True" in reason
+
+
+def test_a_concept_of_the_same_base_gets_engines_by_refitting_only_what_changed(built, onnx_dir, tmp_path):
+    """A LoRA concept's export differs from the base's in the UNet alone: its engines are the base's with the
+    UNet refitted, no build."""
+    from persona.services.generate.tensorrt_build import refit_engines
+
+    build, trt = built
+    concept = tmp_path / "concept-onnx"
+    shutil.copytree(onnx_dir, concept)
+    manifest = json.loads((concept / "manifest.json").read_text())
+    manifest["components"]["unet"]["sha256"] = {"model.onnx": "0" * 64, "model.onnx.data": "1" * 64}
+    (concept / "manifest.json").write_text(json.dumps(manifest))
+    builds_before = len([c for c in trt.calls if c[0] == "build_serialized_network"])
+
+    refitted = refit_engines(build.out_dir, concept, tmp_path / "concept-engines")
+    assert refitted == ["unet"]
+    assert len([c for c in trt.calls if c[0] == "build_serialized_network"]) == builds_before  # nothing built
+    assert [c for c in trt.calls if c[0] == "refit_from_file"][-1] == ("refit_from_file",
+                                                                       str(concept / "unet" / "model.onnx"))
+    written = json.loads((tmp_path / "concept-engines" / "manifest.json").read_text())
+    assert written["refitted"] == ["unet"] and written["source_onnx"]["sha256"]["unet"]["model.onnx"] == "0" * 64
+    assert (tmp_path / "concept-engines" / "text_encoder" / PLAN_FILE).read_bytes() == (
+        build.out_dir / "text_encoder" / PLAN_FILE).read_bytes()
+
+    other_base = json.loads((concept / "manifest.json").read_text())
+    other_base["cross_attention_dim"] = 768
+    (concept / "manifest.json").write_text(json.dumps(other_base))
+    with pytest.raises(FailedPrecondition, match="cannot take"):
+        refit_engines(build.out_dir, concept, tmp_path / "other-engines")
