@@ -86,8 +86,13 @@ def test_base_model_draws_without_a_concept(client):
 
 @pytest.mark.parametrize("changes, code, words", [
     (dict(prompts=[]), "INVALID_ARGUMENT", ["`prompts`"]),
+    (dict(prompts=["a sks dog", "  "]), "INVALID_ARGUMENT", ["`prompts`", "empty"]),
     (dict(steps=0), "INVALID_ARGUMENT", ["`steps`"]),
+    (dict(steps=10**6), "INVALID_ARGUMENT", ["`steps`", "500"]),
     (dict(width=30), "INVALID_ARGUMENT", ["`width`", "multiple of 8"]),
+    (dict(height=4096), "INVALID_ARGUMENT", ["`height`", "2048"]),
+    (dict(seed=-1), "INVALID_ARGUMENT", ["`seed`"]),
+    (dict(prompts=["a sks dog"] * 5, images_per_prompt=16), "INVALID_ARGUMENT", ["`images_per_prompt`", "64"]),
     (dict(images_per_prompt=17), "INVALID_ARGUMENT", ["`images_per_prompt`"]),
     (dict(guidance_scale=-1), "INVALID_ARGUMENT", ["`guidance_scale`"]),
     (dict(base_model="tiny"), "INVALID_ARGUMENT", ["`concept_id`", "`base_model`"]),
