@@ -40,9 +40,10 @@ class GenerateSettings:
     # The model repository persona writes and Triton serves (PERSONA_TRITON_REPOSITORY); None:
     # <data dir>/triton/models. With an external Triton it must be the folder that server reads.
     triton_repository: Path | None = None
-    # How component graphs are served (PERSONA_TRITON_COMPONENT_BACKEND): "python" (ONNX Runtime in a python
-    # model; what the tritonserver bundled in nvidia-pytriton can do) or "onnxruntime" (Triton's native backend,
-    # NVIDIA's image). None: onnxruntime when the server persona starts has that backend, else python.
+    # How components are served (PERSONA_TRITON_COMPONENT_BACKEND): "python" (ONNX Runtime in a python model;
+    # what the tritonserver bundled in nvidia-pytriton can do), "onnxruntime" (Triton's native backend, NVIDIA's
+    # image) or "torch" (torch on the concept's diffusers weights in a python model, fp16 + CUDA graphs on GPU).
+    # None: onnxruntime when the server persona starts has that backend, else torch on GPU instances, else python.
     triton_component_backend: str | None = None
     # Triton instance kind for the models (PERSONA_TRITON_GPU=1: KIND_GPU); None: GPU when torch sees CUDA.
     triton_gpu: bool | None = None

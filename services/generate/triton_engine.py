@@ -1,9 +1,9 @@
 """`TritonEngine`: the generate engine over a Triton server, through `tritonclient` (gRPC).
 
-A model is loaded by writing its ONNX export into the model repository (`TritonRepository`: shared component
-models, one `sd_pipeline` model, a folder per concept) and asking Triton to load what is not READY yet; drawing
-is one inference request to `sd_pipeline` per batch of images. Nothing restarts: new concepts arrive by Triton's
-explicit model control while others keep serving.
+A model is loaded by writing its ONNX export — or, with torch components, its diffusers folder — into the model
+repository (`TritonRepository`: shared component models, one `sd_pipeline` model, a folder per concept) and
+asking Triton to load what is not READY yet; drawing is one inference request to `sd_pipeline` per batch of
+images. Nothing restarts: new concepts arrive by Triton's explicit model control while others keep serving.
 
 Where Triton lives (`TritonEndpoint`): a server persona starts itself on the repository (`ManagedTriton`: the
 `tritonserver` bundled in nvidia-pytriton, or NVIDIA's), or one someone else runs (`ExternalTriton`: a URL, e.g.
@@ -82,7 +82,6 @@ class TritonEngine:
     """Draws on Triton; holds which engine keys (concept ids, base:<path>) are loaded as which repository entry."""
 
     name = "triton"
-    model_format = "onnx"
 
     def __init__(self, repository: TritonRepository, endpoint: TritonEndpoint, *, rpc_timeout_s: float = 10.0,
                  load_timeout_s: float = 600.0, infer_timeout_s: float = 3600.0):
@@ -93,6 +92,11 @@ class TritonEngine:
         self.infer_timeout_s = infer_timeout_s
         self._loaded: dict[str, tuple[RepositoryEntry, LoadedModel]] = {}
         self._lock = threading.RLock()
+
+    @property
+    def model_format(self) -> str:
+        """What `load` takes: a diffusers folder for torch components, else an ONNX export."""
+        return "diffusers" if self.repository.component_backend == "torch" else "onnx"
 
     # -- Engine
 
@@ -242,7 +246,11 @@ def triton_engine_from_settings(settings, data_dir: Path) -> TritonEngine:
         import torch
 
         gpu = torch.cuda.is_available()
-    backend = settings.triton_component_backend or ("onnxruntime" if native_onnxruntime else "python")
+    # Native onnxruntime where the server has it; else torch on GPU instances (the python backend running ONNX
+    # Runtime would compute on the CPU there: the nvidia-pytriton machines have a CPU onnxruntime only); else ONNX
+    # Runtime in python models on CPU.
+    backend = settings.triton_component_backend or (
+        "onnxruntime" if native_onnxruntime else "torch" if gpu else "python")
     repository = TritonRepository(root, component_backend=backend, instance_kind="KIND_GPU" if gpu else "KIND_CPU")
     return TritonEngine(repository, endpoint, rpc_timeout_s=settings.triton_rpc_timeout_s,
                         load_timeout_s=settings.triton_load_timeout_s)

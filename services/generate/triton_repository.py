@@ -1,4 +1,4 @@
-"""A Triton model repository of persona models, written from their ONNX exports.
+"""A Triton model repository of persona models, written from their ONNX exports or diffusers folders.
 
 Layout under `root` (what `tritonserver --model-repository` serves):
 
@@ -14,13 +14,21 @@ Why one pipeline model rather than one per concept: a python model costs a proce
 transformers (seconds); with one shared pipeline, hot-loading a LoRA concept is loading its UNet graph and
 nothing else. Triton reads only the numbered folder of `sd_pipeline`, so `concepts/` beside it is persona's.
 
-A component is served by the python backend running ONNX Runtime (`<version>/model.py` beside the graph; the only
-choice with the `tritonserver` bundled in nvidia-pytriton) or, where the server has it, natively by the
-`onnxruntime_onnx` platform (NVIDIA's image). The pipeline is a python model running the shared sampling loop; it
-calls the components through BLS.
+A component is served (`component_backend`) by the python backend running ONNX Runtime (`<version>/model.py`
+beside the graph; "python"), natively by the `onnxruntime_onnx` platform where the server has it ("onnxruntime",
+NVIDIA's image), or by the python backend running torch on the diffusers weights ("torch": the way to use a GPU
+with the `tritonserver` bundled in nvidia-pytriton, whose machines may have only a CPU onnxruntime). A torch
+component takes the concept's diffusers folder instead of its ONNX export:
 
-Graphs are hard-linked from the export where the filesystem allows (GBs are not copied), and every model or
-version folder is written beside the repository and renamed into place, so Triton never reads half a model.
+    unet_<digest>/config.pbtxt, 1/model.py, 1/unet/config.json, 1/unet/diffusion_pytorch_model.safetensors
+    (text_encoder_<digest>/1/text_encoder/…, vae_decoder_<digest>/1/vae/…)
+
+and speaks exactly the ONNX graphs' inputs and outputs, so the pipeline model is the same for every backend. The
+pipeline is a python model running the shared sampling loop; it calls the components through BLS.
+
+Graphs and weights are hard-linked from the export where the filesystem allows (GBs are not copied), and every
+model or version folder is written beside the repository and renamed into place, so Triton never reads half a
+model.
 """
 from __future__ import annotations
 
@@ -37,15 +45,17 @@ from pathlib import Path
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .triton_config import TensorSpec, model_config
-from .triton_models import CONCEPTS_FOLDER, PIPELINE_FILE, PIPELINE_INPUTS, PIPELINE_MODEL, PIPELINE_OUTPUTS
+from .triton_models import (CONCEPTS_FOLDER, PIPELINE_FILE, PIPELINE_INPUTS, PIPELINE_MODEL, PIPELINE_OUTPUTS,
+                            TORCH_COMPONENTS)
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 # How components are served: python = ONNX Runtime inside a python-backend model; onnxruntime = Triton's
-# native onnxruntime backend (NVIDIA's image).
-COMPONENT_BACKENDS = ("python", "onnxruntime")
-TEMPLATES = {"pipeline": "sd_pipeline", "python": "onnxruntime_component"}
+# native onnxruntime backend (NVIDIA's image); torch = torch on the diffusers weights inside a python-backend model.
+COMPONENT_BACKENDS = ("python", "onnxruntime", "torch")
+TEMPLATES = {"pipeline": "sd_pipeline", "python": "onnxruntime_component", "torch": "torch_component"}
 _DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_CHUNK = 16 * 1024 * 1024  # bytes read at a time when hashing (weights can be GBs)
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,27 @@ class RepositoryEntry:
     version: int
     components: dict[str, str]
     native_resolution: int
+
+
+@dataclass(frozen=True)
+class _Component:
+    """One component model to write, whatever the source layout: its content digest (the model name's suffix),
+    the files it is made of (source → path under the version folder) and its inputs and outputs."""
+
+    component: str
+    digest: str
+    files: tuple[tuple[Path, str], ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What `TritonRepository.add` reads from an ONNX export or a diffusers folder: the three components and the
+    latent geometry the pipeline needs (latent_channels, vae_scale_factor, scaling_factor, native_resolution)."""
+
+    components: dict[str, _Component]
+    geometry: dict
 
 
 def model_name(key: str) -> str:
@@ -85,22 +116,22 @@ class TritonRepository:
         self.pipeline_instances = pipeline_instances
         self.root.mkdir(parents=True, exist_ok=True)
         self._concepts = self.root / PIPELINE_MODEL / CONCEPTS_FOLDER
+        self._hashes: dict[tuple, str] = {}  # see _file_sha256
 
     # -- writing
 
     def add(self, name: str, export_dir: Path) -> RepositoryEntry:
-        """Puts the ONNX export `export_dir` (onnx_export's layout) in the repository as concept `name`, writing
-        only the component models that are not there yet and a new concept version only when something changed.
-        Returns the entry whose component models (and `sd_pipeline`) must be loaded."""
+        """Puts concept `name` in the repository — from its ONNX export `export_dir` (onnx_export's layout), or
+        with the torch backend from its diffusers folder — writing only the component models that are not there
+        yet and a new concept version only when something changed. Returns the entry whose component models (and
+        `sd_pipeline`) must be loaded."""
         export_dir = Path(export_dir)
-        manifest = _read_manifest(export_dir)
-        components = {c: self._add_component(c, export_dir, manifest) for c in COMPONENTS}
+        source = _diffusers_source(export_dir, self._file_sha256) if self.component_backend == "torch" \
+            else _onnx_source(export_dir)
+        components = {c: self._add_component(source.components[c]) for c in COMPONENTS}
         pipeline = {
             "models": components,
-            "latent_channels": manifest["latent_channels"],
-            "vae_scale_factor": manifest["vae_scale_factor"],
-            "scaling_factor": manifest["scaling_factor"],
-            "native_resolution": manifest.get("native_resolution", 512),
+            **source.geometry,
             "tokenizer_and_scheduler": _digest_tree(export_dir, ("tokenizer", "scheduler")),
         }
         current = self.entry(name)
@@ -110,28 +141,47 @@ class TritonRepository:
         self._write_pipeline(name, version, export_dir, pipeline)
         return RepositoryEntry(name, version, components, int(pipeline["native_resolution"]))
 
-    def _add_component(self, component: str, export_dir: Path, manifest: dict) -> str:
-        spec = manifest["components"][component]
-        digest = hashlib.sha256(json.dumps(spec["sha256"], sort_keys=True).encode()).hexdigest()[:16]
-        name = f"{component}_{digest}"
+    def _add_component(self, spec: _Component) -> str:
+        name = f"{spec.component}_{spec.digest}"
         if (self.root / name / "config.pbtxt").is_file():
             return name
-        source = export_dir / Path(spec["path"]).parent
 
         def write(staging: Path) -> None:
             version = staging / "1"
             version.mkdir(parents=True)
-            for file in spec["sha256"]:  # model.onnx and its external data, if any
-                _link_or_copy(source / file, version / file)
-            if self.component_backend == "python":
-                (version / "model.py").write_text(template(TEMPLATES["python"]))
+            for source, relative in spec.files:  # the graph and its external data, or a diffusers subfolder
+                (version / relative).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(source, version / relative)
+            if self.component_backend != "onnxruntime":
+                (version / "model.py").write_text(template(TEMPLATES[self.component_backend]))
             (staging / "config.pbtxt").write_text(model_config(
-                name, [_tensor(t) for t in spec["inputs"]], [_tensor(t) for t in spec["outputs"]],
-                platform=None if self.component_backend == "python" else "onnxruntime_onnx",
-                instance_kind=self.instance_kind))
+                name, list(spec.inputs), list(spec.outputs),
+                platform="onnxruntime_onnx" if self.component_backend == "onnxruntime" else None,
+                instance_kind=self.instance_kind, parameters=self._parameters(spec.component)))
 
         self._publish(self.root / name, write)
         return name
+
+    def _parameters(self, component: str) -> dict[str, str] | None:
+        """config.pbtxt parameters of a component model (read by triton_models.TorchComponent)."""
+        if self.component_backend != "torch":
+            return None
+        parameters = {"component": component}
+        if component == "unet":
+            parameters["cuda_graphs"] = "1"  # ignored on CPU instances; "0" turns capture off
+        if self.instance_kind == "KIND_GPU":
+            # The python backend copies inputs to the host unless told otherwise; torch wants them where they are.
+            parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+        return parameters
+
+    def _file_sha256(self, path: Path) -> str:
+        """sha256 of a file, remembered per (inode, size, mtime) so re-adding a folder does not re-read GBs."""
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        digest = self._hashes.get(key)
+        if digest is None:
+            digest = self._hashes[key] = _file_sha256(path)
+        return digest
 
     def _write_pipeline(self, name: str, version: int, export_dir: Path, pipeline: dict) -> None:
         self.ensure_pipeline_model()
@@ -215,6 +265,93 @@ def _tensor(spec: dict) -> TensorSpec:
     return TensorSpec(spec["name"], _DTYPES[spec["dtype"]], dims)
 
 
+def _digest(sha256_by_file: dict[str, str]) -> str:
+    """A component's content digest (16 hex digits) from the sha256 of each of its files."""
+    return hashlib.sha256(json.dumps(sha256_by_file, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _onnx_source(export_dir: Path) -> _Source:
+    manifest = _read_manifest(export_dir)
+    components = {}
+    for component in COMPONENTS:
+        spec = manifest["components"][component]
+        folder = export_dir / Path(spec["path"]).parent
+        components[component] = _Component(
+            component, _digest(spec["sha256"]),
+            tuple((folder / file, file) for file in spec["sha256"]),  # model.onnx and its external data, if any
+            tuple(_tensor(t) for t in spec["inputs"]), tuple(_tensor(t) for t in spec["outputs"]))
+    geometry = {
+        "latent_channels": manifest["latent_channels"],
+        "vae_scale_factor": manifest["vae_scale_factor"],
+        "scaling_factor": manifest["scaling_factor"],
+        "native_resolution": manifest.get("native_resolution", 512),
+    }
+    return _Source(components, geometry)
+
+
+def _diffusers_source(folder: Path, file_sha256) -> _Source:
+    """A diffusers Stable Diffusion folder as torch components: every file of a component's subfolder (config and
+    weights, hashed with `file_sha256`), and the ONNX graphs' inputs and outputs with sizes from the configs."""
+    configs = _read_diffusers_configs(folder)
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    cross_dim = unet.get("cross_attention_dim", text["hidden_size"])
+    if isinstance(cross_dim, (list, tuple)):  # per-block widths; one text encoder feeds them all
+        cross_dim = cross_dim[0] if len(set(cross_dim)) == 1 else -1
+    hidden = int(text["hidden_size"])
+    latent_channels = int(unet.get("in_channels", 4))
+    io = {
+        "text_encoder": ([TensorSpec("input_ids", "INT64", [-1, -1])],
+                         [TensorSpec("last_hidden_state", "FP32", [-1, -1, hidden]),
+                          TensorSpec("pooler_output", "FP32", [-1, hidden])]),
+        "unet": ([TensorSpec("sample", "FP32", [-1, latent_channels, -1, -1]),
+                  TensorSpec("timestep", "FP32", [-1]),
+                  TensorSpec("encoder_hidden_states", "FP32", [-1, -1, int(cross_dim)])],
+                 [TensorSpec("out_sample", "FP32", [-1, int(unet.get("out_channels", latent_channels)), -1, -1])]),
+        "vae_decoder": ([TensorSpec("latent_sample", "FP32", [-1, int(vae.get("latent_channels", 4)), -1, -1])],
+                        [TensorSpec("sample", "FP32", [-1, int(vae.get("out_channels", 3)), -1, -1])]),
+    }
+    components = {}
+    for component in COMPONENTS:
+        subfolder, inputs, outputs = TORCH_COMPONENTS[component]
+        inputs_, outputs_ = io[component]
+        assert [t.name for t in inputs_] == list(inputs) and [t.name for t in outputs_] == list(outputs)
+        files = sorted(p for p in (folder / subfolder).rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        relative = {p: p.relative_to(folder / subfolder).as_posix() for p in files}
+        components[component] = _Component(
+            component, _digest({relative[p]: file_sha256(p) for p in files}),
+            tuple((p, f"{subfolder}/{relative[p]}") for p in files), tuple(inputs_), tuple(outputs_))
+    vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)  # each VAE block after the first halves the image
+    sample_size = unet["sample_size"]
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = max(sample_size)
+    geometry = {
+        "latent_channels": latent_channels,
+        "vae_scale_factor": vae_scale_factor,
+        "scaling_factor": float(vae.get("scaling_factor", 0.18215)),  # diffusers' default for configs without it
+        "native_resolution": int(sample_size) * vae_scale_factor,
+    }
+    return _Source(components, geometry)
+
+
+def _read_diffusers_configs(folder: Path) -> dict[str, dict]:
+    wanted = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
+              "scheduler": "scheduler/scheduler_config.json"}
+    missing = [p for p in (*wanted.values(), "tokenizer") if not (folder / p).exists()]
+    if missing:
+        raise FailedPrecondition(
+            f"{folder} is not a diffusers Stable Diffusion folder (missing {', '.join(missing)}), which the torch "
+            "component backend serves: export the concept with `persona-cli export CONCEPT --format diffusers`, or "
+            "use component backend python/onnxruntime for ONNX exports")
+    configs = {}
+    for key, path in wanted.items():
+        config = _read_json(folder / path)
+        if config is None:
+            raise FailedPrecondition(f"{folder / path} is not readable JSON: export the concept again")
+        configs[key] = config
+    return configs
+
+
 def _read_manifest(export_dir: Path) -> dict:
     manifest = _read_json(export_dir / "manifest.json")
     if manifest is None or manifest.get("format") != "persona-onnx-stable-diffusion":
@@ -245,8 +382,17 @@ def _digest_tree(root: Path, parts: tuple[str, ...]) -> str:
         for path in sorted((root / part).rglob("*")):
             if path.is_file():
                 digest.update(str(path.relative_to(root)).encode())
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
+                digest.update(bytes.fromhex(_file_sha256(path)))
     return digest.hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (weights can be larger than memory allows)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
