@@ -133,7 +133,7 @@ def _embedded(folder, device, batch_sizes, steps, guidance, resolution, repeats,
         settings = _batch(batch, steps, guidance, resolution)
         seconds = _time(lambda: sampling.sample_batch(models, tokenizer, config, settings), device, repeats, warmup)
         timings[batch] = (seconds / batch, _peak(device), "process")
-    del models
+    models = None  # freed before the next path loads its own copy
     _free(device)
     return timings
 
@@ -161,7 +161,7 @@ def _diffusers(folder, device, batch_sizes, steps, guidance, resolution, repeats
         # torch.compile compiles (minutes on a GPU) in the first calls: give it its own warmup.
         seconds = _time(draw, device, repeats, warmup + (2 if compiled else 0))
         timings[batch] = (seconds / batch, _peak(device), "process")
-    del pipe
+    pipe = None
     _free(device)
     return timings
 

@@ -4,27 +4,14 @@ and the real `tritonserver`, on CPU: a LoRA concept loads from its diffusers fol
 repository, not copied — and draws what diffusers' StableDiffusionPipeline draws on the same folder."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
-import torch
-from PIL import Image
+
+from test_generate_triton import _diffusers_image, _pixels, _train
 
 from persona.services.generate.settings import GenerateSettings
 from persona.services.generate.triton_repository import model_name
-from persona.v1 import common_pb2, generate_pb2, subjects_pb2, train_pb2
-
-
-def _train(client, photos, method: str = "lora", steps: int = 3) -> str:
-    subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
-        class_name="dog", images=[subjects_pb2.ImageUpload(data=d) for d in photos[:2]]))
-    job = client.train.StartTraining(train_pb2.StartTrainingRequest(
-        subject_id=subject.subject_id, base_model="tiny", method=method, regularizers=["none"],
-        options=train_pb2.TrainingOptions(steps=steps, learning_rate=1e-2, checkpoint_every=0)))
-    final = client.wait_for_job(job.job_id, timeout_s=600)
-    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
-    return job.params["concept_id"]
+from persona.v1 import generate_pb2
 
 
 @pytest.fixture
@@ -32,26 +19,6 @@ def triton_app(start_app):
     """A persona server drawing on a tritonserver it starts itself, components served by torch (CPU here)."""
     return start_app(generate_settings=GenerateSettings(engine="triton", triton_gpu=False,
                                                         triton_component_backend="torch"))
-
-
-def _pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
-
-
-def _diffusers_image(client, concept_id: str, folder, prompt: str, scheduler: str, seed: int, steps: int):
-    from diffusers import StableDiffusionPipeline
-
-    from persona.services.generate.sampling import make_scheduler
-
-    exported = client.train.ExportConcept(train_pb2.ExportConceptRequest(
-        concept_id=concept_id, format=train_pb2.EXPORT_FORMAT_DIFFUSERS))
-    for file in exported.files:
-        client.read_concept_file(concept_id, file.artifact_id, folder / file.path)
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = make_scheduler(scheduler, dict(pipe.scheduler.config))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt, negative_prompt="blurry", num_inference_steps=steps,
-                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
 
 def test_torch_components_draw_what_diffusers_draws(triton_app, client_for, dog_photos, tmp_path):

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from test_cli import failed, ok, ok_json
 from test_cli_train import TINY, Cli, photo_folder
+from test_cli_train import FakeClient as InterruptedClient
 
 from persona.client import jobwatch
 from persona.client.cli import app
@@ -90,28 +91,6 @@ def test_tensorrt_without_tensorrt_says_so_and_suggests_onnx(trained, tmp_path, 
     line = failed(cli("export", concept_id, "--format", "tensorrt", "--out", tmp_path / "trt"), "FAILED_PRECONDITION")
     assert "tensorrt" in line and "--format onnx" in line
     assert not (tmp_path / "trt").exists()
-
-
-class InterruptedClient:
-    """Stands in for PersonaClient: Ctrl-C during the first wait, then the job ends cancelled."""
-
-    def __init__(self):
-        self.cancelled: list[str] = []
-        self.waits = 0
-        outer = self
-
-        class Jobs:
-            def CancelJob(self, request):
-                outer.cancelled.append(request.job_id)
-                return common_pb2.Job(job_id=request.job_id, state=common_pb2.JOB_STATE_RUNNING)
-
-        self.jobs = Jobs()
-
-    def wait_for_job(self, job_id, on_event=lambda e: None):
-        self.waits += 1
-        if self.waits == 1:
-            raise KeyboardInterrupt
-        return common_pb2.Job(job_id=job_id, state=common_pb2.JOB_STATE_CANCELLED)
 
 
 def test_ctrl_c_cancels_the_export_job_and_waits_for_it(capsys):
