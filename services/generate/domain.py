@@ -176,7 +176,12 @@ class GenerateDomain:
             for start in range(0, len(planned), self.settings.batch_size):
                 chunk = planned[start:start + self.settings.batch_size]
                 started = time.perf_counter()
-                drawn = self.engine.draw_batch(loaded.key, [settings for _, _, settings in chunk])
+                batch = [settings for _, _, settings in chunk]
+                try:
+                    drawn = self.engine.draw_batch(loaded.key, batch)
+                except KeyError:  # evicted or unloaded by another call since it was loaded: load it again
+                    self._load(tenant_id, request.concept_id, request.base_model)
+                    drawn = self.engine.draw_batch(loaded.key, batch)
                 seconds = (time.perf_counter() - started) / len(chunk)
                 for (prompt_index, image_index, settings), image in zip(chunk, drawn):
                     yield GeneratedImage(prompt_index, image_index, settings, request.concept_id, request.base_model,

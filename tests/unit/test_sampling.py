@@ -73,3 +73,23 @@ def test_a_batch_must_share_steps_and_size(pipe):
     with pytest.raises(ValueError, match="share"):
         sample_batch(models, pipe.tokenizer, dict(pipe.scheduler.config),
                      [SamplingSettings("a", steps=2), SamplingSettings("b", steps=3)])
+
+
+def test_a_model_evicted_between_load_and_draw_is_loaded_again(tiny_model, model_cache, tmp_path):
+    """The embedded engine keeps one model here; another request's load evicts this request's model after it was
+    loaded and before it draws: the domain loads it again instead of failing."""
+    from types import SimpleNamespace
+
+    from persona.services.generate.domain import EmbeddedEngine, GenerateDomain, GenerateRequest
+    from persona.services.generate.settings import GenerateSettings
+    from persona.services.train.settings import TrainSettings
+
+    settings = GenerateSettings(device="cpu", max_loaded=1)
+    engine = EmbeddedEngine(settings)
+    train = SimpleNamespace(settings=TrainSettings(base_model_cache_dir=model_cache, device="cpu"))
+    domain = GenerateDomain(train, engine, settings, tmp_path)
+    images = domain.generate("local", GenerateRequest(prompts=("a dog",), base_model="tiny", steps=1, width=32,
+                                                      height=32))  # validated and loaded here, drawn when iterated
+    engine.load("another request's model", tiny_model)
+    [image] = list(images)
+    assert image.png.startswith(b"\x89PNG") and [m.key for m in engine.loaded()] == [f"base:{tiny_model}"]
