@@ -65,7 +65,8 @@ class LoadedModel:
 
 class Engine(Protocol):
     name: str
-    # What `load` takes: "diffusers" (a diffusers folder) or "onnx" (an onnx_export folder).
+    # What `load` takes: "diffusers" (a diffusers folder), "onnx" (an onnx_export folder) or "tensorrt" (a
+    # tensorrt_build folder).
     model_format: str
 
     def load(self, key: str, folder: Path) -> LoadedModel: ...
@@ -211,9 +212,10 @@ class GenerateDomain:
             if not concept.files_of("weights"):
                 raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights yet: wait for "
                                          f"job {concept.job_id} (`persona-cli jobs watch {concept.job_id}`)")
-            if self.engine.model_format == "onnx":
-                folder = self.train.onnx_folder(tenant_id, concept_id, self.cache_dir / "onnx" / concept_id,
-                                                fp16=self._onnx_fp16())
+            if self.engine.model_format in ("onnx", "tensorrt"):
+                fmt = self.engine.model_format
+                folder = self.train.export_folder(tenant_id, concept_id, fmt, self.cache_dir / fmt / concept_id,
+                                                  fp16=self._onnx_fp16())
             else:
                 folder = self.train.diffusers_folder(tenant_id, concept_id, self.cache_dir / concept_id)
             loaded = self.engine.load(concept_id, folder)
@@ -233,7 +235,8 @@ class GenerateDomain:
         return torch.cuda.is_available()
 
     def _base_onnx(self, path: Path) -> Path:
-        """A base model's ONNX export, made once per folder (and precision) into the generate cache."""
+        """A base model's ONNX export (and TensorRT engines, for that engine), made once per folder and precision
+        into the generate cache."""
         import hashlib
 
         from .onnx_export import export_pipeline_to_onnx
@@ -244,7 +247,14 @@ class GenerateDomain:
         with self._export_lock:
             if not (target / "manifest.json").is_file():
                 export_pipeline_to_onnx(path, target, fp16=fp16, overwrite=True)
-        return target
+            if self.engine.model_format != "tensorrt":
+                return target
+            from .tensorrt_build import build_engines
+
+            engines = self.cache_dir / "base-tensorrt" / digest
+            if not (engines / "manifest.json").is_file():
+                build_engines(target, engines, fp16=fp16, overwrite=True)
+            return engines
 
 
 def _prompts(prompts) -> list[str]:

@@ -42,8 +42,10 @@ class GenerateSettings:
     triton_repository: Path | None = None
     # How components are served (PERSONA_TRITON_COMPONENT_BACKEND): "python" (ONNX Runtime in a python model;
     # what the tritonserver bundled in nvidia-pytriton can do), "onnxruntime" (Triton's native backend, NVIDIA's
-    # image) or "torch" (torch on the concept's diffusers weights in a python model, fp16 + CUDA graphs on GPU).
-    # None: onnxruntime when the server persona starts has that backend, else torch on GPU instances, else python.
+    # image), "torch" (torch on the concept's diffusers weights in a python model, fp16 + CUDA graphs on GPU) or
+    # "tensorrt" (TensorRT engines on Triton's native backend; needs `tensorrt` here and a GPU). None: tensorrt on
+    # a GPU where the server persona starts has that backend and TensorRT imports, else onnxruntime when it has
+    # that backend, else torch on GPU instances, else python.
     triton_component_backend: str | None = None
     # Triton instance kind for the models (PERSONA_TRITON_GPU=1: KIND_GPU); None: GPU when torch sees CUDA.
     triton_gpu: bool | None = None

@@ -54,7 +54,8 @@ SIDE_STEP = 8
 MAX_ROWS_PER_IMAGE = {"text_encoder": 2, "unet": 2, "vae_decoder": 1}
 OPT_ROWS = {"text_encoder": 1, "unet": 2, "vae_decoder": 1}
 # ONNX manifest keys a sampler needs, copied into the engines' manifest so the folder stands alone.
-SAMPLER_KEYS = ("scaling_factor", "vae_scale_factor", "latent_channels", "cross_attention_dim", "max_text_length",
+SAMPLER_KEYS = ("scaling_factor", "vae_scale_factor", "latent_channels", "native_resolution", "cross_attention_dim",
+                "max_text_length",
                 "timestep", "vae_decoder_input", "scheduler", "scheduler_config", "prediction_type", "tokenizer",
                 "io_dtype")
 # What makes two exports the same graph (beside each component's inputs and outputs).

@@ -95,8 +95,9 @@ class TritonEngine:
 
     @property
     def model_format(self) -> str:
-        """What `load` takes: a diffusers folder for torch components, else an ONNX export."""
-        return "diffusers" if self.repository.component_backend == "torch" else "onnx"
+        """What `load` takes: a diffusers folder for torch components, TensorRT engines for tensorrt ones, else an
+        ONNX export."""
+        return {"torch": "diffusers", "tensorrt": "tensorrt"}.get(self.repository.component_backend, "onnx")
 
     # -- Engine
 
@@ -235,25 +236,34 @@ def triton_engine_from_settings(settings, data_dir: Path) -> TritonEngine:
     root = settings.triton_repository or data_dir / "triton" / "models"
     if settings.triton_url:
         endpoint: TritonEndpoint = ExternalTriton(settings.triton_url)
-        native_onnxruntime = False
+        native_onnxruntime = native_tensorrt = False
     else:
         endpoint = ManagedTriton(root, log_file=data_dir / "triton" / "tritonserver.log")
         endpoint.server.install = endpoint.server.install or _find_install()
         backends = endpoint.server.install.backend_dir
         native_onnxruntime = backends is not None and (backends / "onnxruntime").is_dir()
+        native_tensorrt = backends is not None and (backends / "tensorrt").is_dir()
     gpu = settings.triton_gpu
     if gpu is None:
         import torch
 
         gpu = torch.cuda.is_available()
-    # Native onnxruntime where the server has it; else torch on GPU instances (the python backend running ONNX
+    # TensorRT engines on a GPU where the server runs plans and this process can build them (NVIDIA's image);
+    # else native onnxruntime where the server has it; else torch on GPU instances (the python backend running ONNX
     # Runtime would compute on the CPU there: the nvidia-pytriton machines have a CPU onnxruntime only); else ONNX
     # Runtime in python models on CPU.
     backend = settings.triton_component_backend or (
+        "tensorrt" if gpu and native_tensorrt and _can_build_tensorrt() else
         "onnxruntime" if native_onnxruntime else "torch" if gpu else "python")
     repository = TritonRepository(root, component_backend=backend, instance_kind="KIND_GPU" if gpu else "KIND_CPU")
     return TritonEngine(repository, endpoint, rpc_timeout_s=settings.triton_rpc_timeout_s,
                         load_timeout_s=settings.triton_load_timeout_s)
+
+
+def _can_build_tensorrt() -> bool:
+    from .tensorrt_build import tensorrt_available
+
+    return tensorrt_available()[0]
 
 
 def _find_install():

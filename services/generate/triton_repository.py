@@ -50,8 +50,11 @@ from .triton_models import (CONCEPTS_FOLDER, PIPELINE_FILE, PIPELINE_INPUTS, PIP
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 # How components are served: python = ONNX Runtime inside a python-backend model; onnxruntime = Triton's
-# native onnxruntime backend (NVIDIA's image); torch = torch on the diffusers weights inside a python-backend model.
-COMPONENT_BACKENDS = ("python", "onnxruntime", "torch")
+# native onnxruntime backend (NVIDIA's image); torch = torch on the diffusers weights inside a python-backend model;
+# tensorrt = TensorRT engines (tensorrt_build.py) on Triton's native tensorrt backend (NVIDIA's image).
+COMPONENT_BACKENDS = ("python", "onnxruntime", "torch", "tensorrt")
+# Native platforms: Triton runs these components itself, no model.py.
+NATIVE_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 TEMPLATES = {"pipeline": "sd_pipeline", "python": "onnxruntime_component", "torch": "torch_component"}
 _DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -126,8 +129,12 @@ class TritonRepository:
         yet and a new concept version only when something changed. Returns the entry whose component models (and
         `sd_pipeline`) must be loaded."""
         export_dir = Path(export_dir)
-        source = _diffusers_source(export_dir, self._file_sha256) if self.component_backend == "torch" \
-            else _onnx_source(export_dir)
+        if self.component_backend == "torch":
+            source = _diffusers_source(export_dir, self._file_sha256)
+        elif self.component_backend == "tensorrt":
+            source = _tensorrt_source(export_dir)
+        else:
+            source = _onnx_source(export_dir)
         components = {c: self._add_component(source.components[c]) for c in COMPONENTS}
         pipeline = {
             "models": components,
@@ -152,11 +159,11 @@ class TritonRepository:
             for source, relative in spec.files:  # the graph and its external data, or a diffusers subfolder
                 (version / relative).parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(source, version / relative)
-            if self.component_backend != "onnxruntime":
+            if self.component_backend not in NATIVE_PLATFORMS:
                 (version / "model.py").write_text(template(TEMPLATES[self.component_backend]))
             (staging / "config.pbtxt").write_text(model_config(
                 name, list(spec.inputs), list(spec.outputs),
-                platform="onnxruntime_onnx" if self.component_backend == "onnxruntime" else None,
+                platform=NATIVE_PLATFORMS.get(self.component_backend),
                 instance_kind=self.instance_kind, parameters=self._parameters(spec.component)))
 
         self._publish(self.root / name, write)
@@ -271,7 +278,20 @@ def _digest(sha256_by_file: dict[str, str]) -> str:
 
 
 def _onnx_source(export_dir: Path) -> _Source:
-    manifest = _read_manifest(export_dir)
+    return _manifest_source(export_dir, _read_manifest(export_dir))
+
+
+def _tensorrt_source(export_dir: Path) -> _Source:
+    """A tensorrt_build folder: one model.plan per component, with the ONNX graphs' inputs and outputs."""
+    manifest = _read_json(export_dir / "manifest.json")
+    if manifest is None or manifest.get("format") != "persona-tensorrt-stable-diffusion":
+        raise FailedPrecondition(f"{export_dir} is not a persona TensorRT export (no manifest.json of that format): "
+                                 "export the concept with `persona-cli export CONCEPT --format tensorrt`")
+    return _manifest_source(export_dir, manifest)
+
+
+def _manifest_source(export_dir: Path, manifest: dict) -> _Source:
+    """Components as an export's manifest lists them (ONNX graphs or TensorRT plans: same schema)."""
     components = {}
     for component in COMPONENTS:
         spec = manifest["components"][component]

@@ -200,7 +200,12 @@ class TrainDomain:
 
     def onnx_folder(self, tenant_id: str, concept_id: str, target: Path, fp16: bool) -> Path:
         """The concept's onnx export (layout of generate/onnx_export.py) at `target`, copied out once."""
-        return self._folder(self.export(tenant_id, concept_id, "onnx", fp16).files, target)
+        return self.export_folder(tenant_id, concept_id, "onnx", target, fp16)
+
+    def export_folder(self, tenant_id: str, concept_id: str, format_name: str, target: Path,
+                      fp16: bool | None = None) -> Path:
+        """The concept's `format_name` export at `target` (converted first if needed), copied out once."""
+        return self._folder(self.export(tenant_id, concept_id, format_name, fp16).files, target)
 
     def read_file(self, tenant_id: str, concept_id: str, artifact_id: str) -> Iterator[tuple[int, bytes, int]]:
         """Chunks (offset, data, total size) of one file of the concept."""

@@ -584,3 +584,15 @@ def test_a_concept_of_the_same_base_gets_engines_by_refitting_only_what_changed(
     (concept / "manifest.json").write_text(json.dumps(other_base))
     with pytest.raises(FailedPrecondition, match="cannot take"):
         refit_engines(build.out_dir, concept, tmp_path / "other-engines")
+
+
+def test_the_engines_folder_is_what_the_triton_repository_takes(built, tmp_path):
+    from persona.services.generate.triton_repository import TritonRepository
+
+    build, _ = built
+    entry = TritonRepository(tmp_path / "models", component_backend="tensorrt",
+                             instance_kind="KIND_GPU").add("cpt_a", build.out_dir)
+    assert entry.native_resolution == 64  # the tiny model's, carried from the ONNX manifest
+    for name, model in entry.components.items():
+        assert (tmp_path / "models" / model / "1" / PLAN_FILE).read_bytes() == (
+            build.out_dir / name / PLAN_FILE).read_bytes()

@@ -112,3 +112,31 @@ def test_a_pipeline_request_is_one_settings_row_per_image():
     inputs["SEEDS"] = [4, 5]
     with pytest.raises(ValueError, match="STEPS is missing"):
         settings_from_request(lambda name: _Tensor(inputs[name]) if name in inputs else None)
+
+
+def test_tensorrt_engines_become_native_tensorrt_plan_models(onnx_export, tmp_path):
+    """A tensorrt_build folder (plans standing in: TensorRT cannot run here) is written as `tensorrt_plan` models
+    with the graphs' tensor names, no model.py, geometry from the engines' manifest."""
+    manifest = json.loads((onnx_export / "manifest.json").read_text())
+    engines = tmp_path / "engines"
+    components = {}
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        (engines / name).mkdir(parents=True)
+        (engines / name / "model.plan").write_bytes(f"plan {name}".encode())
+        components[name] = {"path": f"{name}/model.plan", "inputs": manifest["components"][name]["inputs"],
+                            "outputs": manifest["components"][name]["outputs"], "sha256": {"model.plan": name * 8}}
+    shutil.copytree(onnx_export / "tokenizer", engines / "tokenizer")
+    shutil.copytree(onnx_export / "scheduler", engines / "scheduler")
+    (engines / "manifest.json").write_text(json.dumps({
+        "format": "persona-tensorrt-stable-diffusion", "components": components,
+        **{k: manifest[k] for k in ("latent_channels", "vae_scale_factor", "scaling_factor", "native_resolution")}}))
+
+    repo = TritonRepository(tmp_path / "models", component_backend="tensorrt", instance_kind="KIND_GPU")
+    entry = repo.add("cpt_a", engines)
+    assert entry.native_resolution == 64
+    unet = tmp_path / "models" / entry.components["unet"]
+    config = (unet / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in config and 'name: "encoder_hidden_states"' in config
+    assert (unet / "1" / "model.plan").read_bytes() == b"plan unet" and not (unet / "1" / "model.py").exists()
+    with pytest.raises(FailedPrecondition, match="--format tensorrt"):
+        repo.add("cpt_b", onnx_export)  # an ONNX export is not what a tensorrt repository takes
