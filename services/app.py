@@ -106,12 +106,14 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
               subject_settings: SubjectSettings | None = None,
               caption_settings: CaptionSettings | None = None,
               train_settings: TrainSettings | None = None,
-              generate_settings: GenerateSettings | None = None) -> PersonaApp:
-    """Builds every service on `settings.data_dir`, starts serving on `address`, resumes jobs."""
+              generate_settings: GenerateSettings | None = None, start_engine: bool = False) -> PersonaApp:
+    """Builds every service on `settings.data_dir`, starts serving on `address`, resumes jobs. `start_engine`
+    starts what the generate engine draws on (a tritonserver persona runs) before health says SERVING, instead
+    of on first use."""
     lock = lock_data_dir(settings.data_dir)
     try:
         return _build(settings, address, lock, subject_settings, caption_settings, train_settings,
-                      generate_settings or GenerateSettings.from_env())
+                      generate_settings or GenerateSettings.from_env(), start_engine)
     except BaseException:
         lock.close()
         raise
@@ -128,7 +130,7 @@ def _generate_engine(settings: GenerateSettings, data_dir: Path):
 
 def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_settings: SubjectSettings | None,
            caption_settings: CaptionSettings | None, train_settings: TrainSettings | None,
-           generate_settings: GenerateSettings) -> PersonaApp:
+           generate_settings: GenerateSettings, start_engine: bool) -> PersonaApp:
     db = open_metadata(settings)
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     runner = jobs.JobRunner(jobs.JobStore(db), workers=settings.job_workers)
@@ -145,6 +147,13 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_setti
         interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
         workers=settings.rpc_workers,
     )
+    if start_engine:
+        try:
+            generate.engine.start()  # a broken Triton install shows now, not at the first Generate
+        except BaseException:
+            server.stop(0)
+            generate.engine.close()
+            raise
     resumed = runner.recover(resume=settings.resume_interrupted_jobs)
     if resumed:
         log.info("found %d job(s) left by a previous run: %s", len(resumed), ", ".join(resumed))

@@ -106,15 +106,10 @@ def run_server(ctx: typer.Context, host: str, port: int, data_dir, auth: AuthMod
     generate_settings = GenerateSettings.from_env(engine=engine.value, triton_url=triton_url or None)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     # A busy port is UNAVAILABLE, a busy data dir FAILED_PRECONDITION.
-    app = build_app(settings, address, generate_settings=generate_settings)
+    app = build_app(settings, address, generate_settings=generate_settings, start_engine=True)
     listening = address.rsplit(":", 1)[0] + f":{app.server.port}"
     endpoint = getattr(app.generate.engine, "endpoint", None)
     if endpoint is not None:
-        try:
-            endpoint.ensure_running()  # start a managed tritonserver now, so a broken install shows at once
-        except BaseException:
-            app.stop(0)
-            raise
         note(f"Triton serving {app.generate.engine.repository.root} on {endpoint.url} (gRPC)")
     note(f"persona listening on {listening} (data dir {settings.data_dir}, auth {auth.value}, "
          f"generation {engine.value}); stop with Ctrl-C or SIGTERM")

@@ -78,6 +78,9 @@ class Engine(Protocol):
     def draw_batch(self, key: str, batch: Sequence[SamplingSettings]) -> list:
         """PIL images, one per entry; entries share `sampling.batch_key`."""
 
+    def start(self) -> None:
+        """Brings up what the engine draws on (nothing for the embedded engine); otherwise it starts on first use."""
+
     def close(self) -> None: ...
 
 
@@ -118,6 +121,9 @@ class EmbeddedEngine:
     def loaded(self) -> list[LoadedModel]:
         with self._lock:
             return [entry[3] for entry in self._models.values()]
+
+    def start(self) -> None:
+        pass  # torch in this process: nothing to bring up
 
     def close(self) -> None:
         with self._lock:

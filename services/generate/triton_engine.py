@@ -130,6 +130,10 @@ class TritonEngine:
         with self._lock:
             return [info for _, info in self._loaded.values()]
 
+    def start(self) -> None:
+        """Starts a managed tritonserver now (an external one is only expected to be there)."""
+        self.endpoint.ensure_running()
+
     def close(self) -> None:
         """Stops the tritonserver persona started (an external one keeps running, models and all)."""
         stop = getattr(self.endpoint, "stop", None)

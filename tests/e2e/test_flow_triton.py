@@ -43,7 +43,7 @@ def tritonservers_on(data_dir) -> list[str]:
 
 def test_photos_to_images_drawn_on_triton(up, fake_vlm, dreambench, tmp_path):
     process, address, data_dir, log = up
-    assert "Triton serving" in log.read_text()
+    # Health says SERVING only once the tritonserver is up.
     assert tritonservers_on(data_dir), "persona-cli up started no tritonserver"
 
     def cli(*args: str) -> str:
@@ -79,6 +79,7 @@ def test_photos_to_images_drawn_on_triton(up, fake_vlm, dreambench, tmp_path):
         assert png.info["prompt"] == "a sks dog on the beach" and png.info["seed"] == image["seed"]
         assert "Steps: 3, Sampler: DPM++ 2M, CFG scale: 7.5" in png.info["parameters"]
 
+    assert "Triton serving" in log.read_text()
     # SIGTERM stops persona and the tritonserver it started: nothing is left behind.
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=STOP_LIMIT_S) == 0, log.read_text()
