@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .commands import bench, captions, concepts, export, generate, jobs, keys, serve, subjects, train
+from .commands import bench, captions, concepts, export, generate, jobs, keys, mask, serve, subjects, train
 from .commands.session import DataDirOption, Session
 from .output import error_boundary
 
@@ -62,6 +62,7 @@ def root(
 app.add_typer(subjects.app, name="subjects")
 app.command("caption")(captions.caption)
 app.add_typer(captions.app, name="captions")
+app.command("mask")(mask.mask)
 app.command("train")(train.train)
 app.add_typer(concepts.app, name="concepts")
 app.command("export")(export.export)

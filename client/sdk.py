@@ -10,8 +10,8 @@ from typing import Iterator
 
 import grpc
 
-from persona.v1 import (caption_pb2_grpc, common_pb2, common_pb2_grpc, generate_pb2_grpc, subjects_pb2,
-                        subjects_pb2_grpc, train_pb2, train_pb2_grpc)
+from persona.v1 import (caption_pb2_grpc, common_pb2, common_pb2_grpc, generate_pb2_grpc, mask_pb2_grpc,
+                        subjects_pb2, subjects_pb2_grpc, train_pb2, train_pb2_grpc)
 
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
@@ -77,6 +77,7 @@ class PersonaClient:
         self.jobs = common_pb2_grpc.JobServiceStub(self.channel)
         self.train = train_pb2_grpc.TrainServiceStub(self.channel)
         self.generate = generate_pb2_grpc.GenerateServiceStub(self.channel)
+        self.masks = mask_pb2_grpc.MaskServiceStub(self.channel)
 
     @classmethod
     def connect(cls, address: str, api_key: str | None = None) -> "PersonaClient":

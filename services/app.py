@@ -18,6 +18,9 @@ from persona.services.caption.settings import CaptionSettings
 from persona.services.generate.domain import EmbeddedEngine, GenerateDomain
 from persona.services.generate.servicer import generate_service
 from persona.services.generate.settings import GenerateSettings
+from persona.services.mask import domain as mask_domain
+from persona.services.mask.servicer import mask_service
+from persona.services.mask.settings import MaskSettings
 from persona.services.runtime import auth, jobs
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import FailedPrecondition
@@ -38,7 +41,7 @@ from persona.services.train.settings import TrainSettings
 log = logging.getLogger("persona.app")
 
 MIGRATIONS = [*auth.MIGRATIONS, *jobs.MIGRATIONS, *subjects_domain.MIGRATIONS, *caption_domain.MIGRATIONS,
-              *prior.MIGRATIONS, *train_concepts.MIGRATIONS]
+              *prior.MIGRATIONS, *train_concepts.MIGRATIONS, *mask_domain.MIGRATIONS]
 
 
 @dataclass
@@ -52,6 +55,7 @@ class PersonaApp:
     authenticator: auth.ApiKeyAuthenticator
     subjects: subjects_domain.SubjectRepository
     captions: caption_domain.CaptionDomain
+    masks: mask_domain.MaskDomain
     train: train_domain.TrainDomain
     generate: GenerateDomain
     server: RunningServer
@@ -106,14 +110,16 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
               subject_settings: SubjectSettings | None = None,
               caption_settings: CaptionSettings | None = None,
               train_settings: TrainSettings | None = None,
-              generate_settings: GenerateSettings | None = None, start_engine: bool = False) -> PersonaApp:
+              generate_settings: GenerateSettings | None = None, mask_settings: MaskSettings | None = None,
+              start_engine: bool = False) -> PersonaApp:
     """Builds every service on `settings.data_dir`, starts serving on `address`, resumes jobs. `start_engine`
     starts what the generate engine draws on (a tritonserver persona runs) before health says SERVING, instead
     of on first use."""
     lock = lock_data_dir(settings.data_dir)
     try:
         return _build(settings, address, lock, subject_settings, caption_settings, train_settings,
-                      generate_settings or GenerateSettings.from_env(), start_engine)
+                      generate_settings or GenerateSettings.from_env(), mask_settings or MaskSettings.from_env(),
+                      start_engine)
     except BaseException:
         lock.close()
         raise
@@ -130,20 +136,21 @@ def _generate_engine(settings: GenerateSettings, data_dir: Path):
 
 def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_settings: SubjectSettings | None,
            caption_settings: CaptionSettings | None, train_settings: TrainSettings | None,
-           generate_settings: GenerateSettings, start_engine: bool) -> PersonaApp:
+           generate_settings: GenerateSettings, mask_settings: MaskSettings, start_engine: bool) -> PersonaApp:
     db = open_metadata(settings)
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     runner = jobs.JobRunner(jobs.JobStore(db), workers=settings.job_workers)
     authenticator = auth.ApiKeyAuthenticator(db, settings.auth)
     subjects = subjects_domain.SubjectRepository(db, artifacts, subject_settings or SubjectSettings.from_env())
     captions = caption_domain.CaptionDomain(db, subjects, runner, caption_settings or CaptionSettings.from_env())
+    masks = mask_domain.MaskDomain(db, artifacts, subjects, mask_settings)
     train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner,
                                      train_settings or TrainSettings.from_env(), settings.data_dir / "train")
     generate = GenerateDomain(train, _generate_engine(generate_settings, settings.data_dir), generate_settings,
                               settings.data_dir / "generate")
     server = create_server(
-        [job_service(runner), subject_service(subjects), caption_service(captions), train_service(train),
-         generate_service(generate)], address,
+        [job_service(runner), subject_service(subjects), caption_service(captions), mask_service(masks),
+         train_service(train), generate_service(generate)], address,
         interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
         workers=settings.rpc_workers,
     )
@@ -159,5 +166,5 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_setti
         log.info("found %d job(s) left by a previous run: %s", len(resumed), ", ".join(resumed))
     server.set_serving(True)
     return PersonaApp(settings=settings, db=db, artifacts=artifacts, runner=runner, authenticator=authenticator,
-                      subjects=subjects, captions=captions, train=train, generate=generate, server=server,
+                      subjects=subjects, captions=captions, masks=masks, train=train, generate=generate, server=server,
                       lock=lock)
