@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import InvalidArgument, NotFound
@@ -77,7 +77,7 @@ class MaskModels:
         from . import p3s
 
         features = self._get(("clip", model), lambda: p3s.ClipPatchFeatures(model, device=self.settings.device))
-        mask = p3s.point_mask(features.patch_features(image), positive, negative, image.size)
+        mask = p3s.point_mask(features(image), positive, negative, image.size)
         return mask, (model,)
 
     def text_mask(self, image: Image.Image, text: str, method: str) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -169,7 +169,8 @@ class MaskDomain:
     def _image(self, tenant_id: str, subject: Subject, image_id: str) -> Image.Image:
         subject.image(image_id)  # NOT_FOUND naming the image and how to list the subject's images
         _, data = self.subjects.image_bytes(tenant_id, subject.subject_id, image_id)
-        return Image.open(io.BytesIO(data)).convert("RGB")
+        # Stored photos are upright already; transposing again is a no-op then, and right if a tag remains.
+        return ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
 
     def _store(self, tenant_id: str, subject: Subject, image_id: str, mask: np.ndarray, method: str,
                models: tuple[str, ...], *, positive=(), negative=(), text: str = "") -> StoredMask:
