@@ -10,7 +10,8 @@ from typing import Iterator
 
 import grpc
 
-from persona.v1 import (caption_pb2_grpc, common_pb2, common_pb2_grpc, generate_pb2_grpc, mask_pb2_grpc,
+from persona.v1 import (caption_pb2_grpc, common_pb2, common_pb2_grpc, evaluate_pb2, evaluate_pb2_grpc,
+                        generate_pb2_grpc, mask_pb2_grpc,
                         subjects_pb2, subjects_pb2_grpc, train_pb2, train_pb2_grpc)
 
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
@@ -78,6 +79,7 @@ class PersonaClient:
         self.train = train_pb2_grpc.TrainServiceStub(self.channel)
         self.generate = generate_pb2_grpc.GenerateServiceStub(self.channel)
         self.masks = mask_pb2_grpc.MaskServiceStub(self.channel)
+        self.evaluate = evaluate_pb2_grpc.EvaluateServiceStub(self.channel)
 
     @classmethod
     def connect(cls, address: str, api_key: str | None = None) -> "PersonaClient":
@@ -114,39 +116,48 @@ class PersonaClient:
             train_pb2.ListConceptsRequest(page=page, subject_id=subject_id)), "concepts")
 
     def read_concept_file(self, concept_id: str, artifact_id: str, out_path: str | os.PathLike) -> int:
-        """Streams one file of a concept into `out_path` (a temporary file beside it, renamed when complete,
-        so a broken download never leaves a partial file under the final name); returns its size in bytes.
+        """Streams one file of a concept into `out_path`; returns its size in bytes (see `_save_stream`)."""
+        request = train_pb2.ReadConceptFileRequest(concept_id=concept_id, artifact_id=artifact_id)
+        return _save_stream(self.train.ReadConceptFile(request), out_path, f"file {artifact_id} of {concept_id}")
 
-        Raises PersonaClientError DATA_LOSS when the chunks do not add up to the size the server announced.
-        """
-        out = Path(out_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-        try:
-            written, total = 0, None
-            with os.fdopen(fd, "wb") as handle:
-                request = train_pb2.ReadConceptFileRequest(concept_id=concept_id, artifact_id=artifact_id)
-                for chunk in self.train.ReadConceptFile(request):
-                    if chunk.offset != written:
-                        raise PersonaClientError("DATA_LOSS", f"file {artifact_id} of {concept_id}: chunk at offset "
-                                                              f"{chunk.offset} where {written} was expected")
-                    handle.write(chunk.data)
-                    written += len(chunk.data)
-                    total = chunk.total_size
-            if total is not None and written != total:
-                raise PersonaClientError("DATA_LOSS", f"file {artifact_id} of {concept_id}: received {written} of "
-                                                      f"{total} bytes")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-            os.replace(tmp_name, out)
-            return written
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+    def read_report_file(self, job_id: str, artifact_id: str, out_path: str | os.PathLike) -> int:
+        """Streams one file of an evaluation report into `out_path`; returns its size in bytes."""
+        request = evaluate_pb2.ReadReportFileRequest(job_id=job_id, artifact_id=artifact_id)
+        return _save_stream(self.evaluate.ReadReportFile(request), out_path, f"report file {artifact_id} of {job_id}")
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _save_stream(chunks, out_path: str | os.PathLike, what: str) -> int:
+    """Writes a stream of (offset, data, total_size) chunks to `out_path` through a temporary file beside it,
+    renamed when complete, so a broken download never leaves a partial file under the final name.
+
+    Raises PersonaClientError DATA_LOSS when the chunks do not add up to the size the server announced.
+    """
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    try:
+        written, total = 0, None
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                if chunk.offset != written:
+                    raise PersonaClientError("DATA_LOSS", f"{what}: chunk at offset {chunk.offset} where {written} "
+                                                          "was expected")
+                handle.write(chunk.data)
+                written += len(chunk.data)
+                total = chunk.total_size
+        if total is not None and written != total:
+            raise PersonaClientError("DATA_LOSS", f"{what}: received {written} of {total} bytes")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+        os.replace(tmp_name, out)
+        return written
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
 
 
 def _every_page(list_page, field: str) -> Iterator:

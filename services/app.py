@@ -15,6 +15,9 @@ from typing import IO
 from persona.services.caption import domain as caption_domain
 from persona.services.caption.servicer import caption_service
 from persona.services.caption.settings import CaptionSettings
+from persona.services.evaluate.domain import EvaluateDomain
+from persona.services.evaluate.servicer import evaluate_service
+from persona.services.evaluate.settings import EvaluateSettings
 from persona.services.generate.domain import EmbeddedEngine, GenerateDomain
 from persona.services.generate.servicer import generate_service
 from persona.services.generate.settings import GenerateSettings
@@ -58,6 +61,7 @@ class PersonaApp:
     masks: mask_domain.MaskDomain
     train: train_domain.TrainDomain
     generate: GenerateDomain
+    evaluate: EvaluateDomain
     server: RunningServer
     lock: IO[str]
 
@@ -111,7 +115,7 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
               caption_settings: CaptionSettings | None = None,
               train_settings: TrainSettings | None = None,
               generate_settings: GenerateSettings | None = None, mask_settings: MaskSettings | None = None,
-              start_engine: bool = False) -> PersonaApp:
+              evaluate_settings: EvaluateSettings | None = None, start_engine: bool = False) -> PersonaApp:
     """Builds every service on `settings.data_dir`, starts serving on `address`, resumes jobs. `start_engine`
     starts what the generate engine draws on (a tritonserver persona runs) before health says SERVING, instead
     of on first use."""
@@ -119,7 +123,7 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
     try:
         return _build(settings, address, lock, subject_settings, caption_settings, train_settings,
                       generate_settings or GenerateSettings.from_env(), mask_settings or MaskSettings.from_env(),
-                      start_engine)
+                      evaluate_settings or EvaluateSettings.from_env(settings.data_dir / "evaluate"), start_engine)
     except BaseException:
         lock.close()
         raise
@@ -136,7 +140,8 @@ def _generate_engine(settings: GenerateSettings, data_dir: Path):
 
 def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_settings: SubjectSettings | None,
            caption_settings: CaptionSettings | None, train_settings: TrainSettings | None,
-           generate_settings: GenerateSettings, mask_settings: MaskSettings, start_engine: bool) -> PersonaApp:
+           generate_settings: GenerateSettings, mask_settings: MaskSettings, evaluate_settings: EvaluateSettings,
+           start_engine: bool) -> PersonaApp:
     db = open_metadata(settings)
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     runner = jobs.JobRunner(jobs.JobStore(db), workers=settings.job_workers)
@@ -148,9 +153,10 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_setti
                                      train_settings or TrainSettings.from_env(), settings.data_dir / "train")
     generate = GenerateDomain(train, _generate_engine(generate_settings, settings.data_dir), generate_settings,
                               settings.data_dir / "generate")
+    evaluate = EvaluateDomain(artifacts, runner, subjects, train, generate, masks, evaluate_settings)
     server = create_server(
         [job_service(runner), subject_service(subjects), caption_service(captions), mask_service(masks),
-         train_service(train), generate_service(generate)], address,
+         train_service(train), generate_service(generate), evaluate_service(evaluate)], address,
         interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
         workers=settings.rpc_workers,
     )
@@ -166,5 +172,6 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_setti
         log.info("found %d job(s) left by a previous run: %s", len(resumed), ", ".join(resumed))
     server.set_serving(True)
     return PersonaApp(settings=settings, db=db, artifacts=artifacts, runner=runner, authenticator=authenticator,
-                      subjects=subjects, captions=captions, masks=masks, train=train, generate=generate, server=server,
+                      subjects=subjects, captions=captions, masks=masks, train=train, generate=generate,
+                      evaluate=evaluate, server=server,
                       lock=lock)

@@ -10,7 +10,9 @@ from persona.client.sdk import PersonaClient
 from persona.services.app import PersonaApp, build_app
 from persona.services.caption.settings import CaptionSettings
 from persona.services.runtime.settings import RuntimeSettings
+from persona.services.evaluate.settings import EvaluateSettings
 from persona.services.generate.settings import GenerateSettings
+from persona.services.mask.settings import MaskSettings
 from persona.services.train.settings import TrainSettings
 
 pytest_plugins = ["fakevlm"]
@@ -46,20 +48,50 @@ def tiny_model(model_cache) -> Path:
     return tiny_base_model(model_cache)
 
 
+@pytest.fixture(scope="session")
+def mask_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random stand-ins of the mask models (CLIP vision, CLIPSeg, GroundingDINO, SAM), built once."""
+    from persona.services.mask.p3s import tiny_clip_vision
+    from persona.services.mask.tiny_models import tiny_clipseg, tiny_grounding_dino, tiny_sam
+
+    root = tmp_path_factory.mktemp("mask-models")
+    return {"clip": tiny_clip_vision(root / "clip"), "clipseg": tiny_clipseg(root / "clipseg"),
+            "detector": tiny_grounding_dino(root / "grounding-dino"), "segmenter": tiny_sam(root / "sam")}
+
+
+@pytest.fixture(scope="session")
+def eval_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random stand-ins of the evaluation models (CLIP, DINO), built once."""
+    from persona.services.evaluate.tiny_models import tiny_clip, tiny_dino
+
+    root = tmp_path_factory.mktemp("eval-models")
+    return {"clip": tiny_clip(root / "clip"), "dino": tiny_dino(root / "dino")}
+
+
 @pytest.fixture
-def start_app(tmp_path, model_cache):
+def start_app(tmp_path, model_cache, mask_models, eval_models):
     """Factory: start_app(data_dir=None, auth="api-key", caption_settings=None, train_settings=None,
-    generate_settings=None) → a running PersonaApp (training and the embedded engine on CPU, base models cached
-    in the session's model cache)."""
+    generate_settings=None, mask_settings=None, evaluate_settings=None) → a running PersonaApp (training and the
+    embedded engine on CPU, base models cached in the session's model cache, the tiny mask and evaluation
+    models)."""
     apps: list[PersonaApp] = []
+
+    def default_mask_settings() -> MaskSettings:
+        return MaskSettings(clip_model=str(mask_models["clip"]), clipseg_model=str(mask_models["clipseg"]),
+                            detector_model=str(mask_models["detector"]),
+                            segmenter_model=str(mask_models["segmenter"]), device="cpu")
 
     def start(data_dir: Path | None = None, auth: str = "api-key", caption_settings: CaptionSettings | None = None,
               train_settings: TrainSettings | None = None, generate_settings: GenerateSettings | None = None,
-              **runtime) -> PersonaApp:
+              mask_settings=None, evaluate_settings=None, **runtime) -> PersonaApp:
         settings = RuntimeSettings(data_dir=data_dir or tmp_path / "data", auth=auth, **runtime)
         app = build_app(settings, caption_settings=caption_settings or CaptionSettings(),
                         train_settings=train_settings or TrainSettings(base_model_cache_dir=model_cache, device="cpu"),
-                        generate_settings=generate_settings or GenerateSettings(device="cpu"))
+                        generate_settings=generate_settings or GenerateSettings(device="cpu"),
+                        mask_settings=mask_settings or default_mask_settings(),
+                        evaluate_settings=evaluate_settings or EvaluateSettings(
+                            work_dir=settings.data_dir / "evaluate", clip_model=str(eval_models["clip"]),
+                            dino_model=str(eval_models["dino"]), device="cpu"))
         apps.append(app)
         return app
 

@@ -145,8 +145,15 @@ class GenerateDomain:
         self._owners_lock = threading.Lock()
         self._export_lock = threading.Lock()
 
-    def generate(self, tenant_id: str, request: GenerateRequest) -> Iterator[GeneratedImage]:
-        """Validates everything, loads the model if needed, then yields each image as it is drawn."""
+    def check(self, request: GenerateRequest) -> None:
+        """Raises InvalidArgument for what `generate` would refuse, without loading anything (other services
+        check sampling settings up front before queueing work that generates)."""
+        self._validated(request)
+        for name, side in (("width", request.width), ("height", request.height)):
+            if side is not None:
+                _side(name, side, 0)
+
+    def _validated(self, request: GenerateRequest) -> dict:
         prompts = _prompts(request.prompts)
         if bool(request.concept_id) == bool(request.base_model):
             raise InvalidArgument("give exactly one of `concept_id` and `base_model`: e.g. concept_id from "
@@ -165,12 +172,20 @@ class GenerateDomain:
         if len(request.negative_prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"`negative_prompt` is {len(request.negative_prompt)} characters; at most "
                                   f"{MAX_PROMPT_CHARS}")
-        loaded = self._load(tenant_id, request.concept_id, request.base_model)
-        width = _side("width", request.width, loaded.resolution)
-        height = _side("height", request.height, loaded.resolution)
         seed = 0 if request.seed is None else request.seed
         if not 0 <= seed < 2**63 - MAX_IMAGES_PER_REQUEST:
             raise InvalidArgument(f"`seed` is {seed}: use a non-negative 63-bit integer")
+        return dict(prompts=prompts, per_prompt=per_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
+                    seed=seed)
+
+    def generate(self, tenant_id: str, request: GenerateRequest) -> Iterator[GeneratedImage]:
+        """Validates everything, loads the model if needed, then yields each image as it is drawn."""
+        checked = self._validated(request)
+        prompts, per_prompt, steps, guidance, scheduler, seed = (
+            checked[k] for k in ("prompts", "per_prompt", "steps", "guidance", "scheduler", "seed"))
+        loaded = self._load(tenant_id, request.concept_id, request.base_model)
+        width = _side("width", request.width, loaded.resolution)
+        height = _side("height", request.height, loaded.resolution)
 
         planned = [(prompt_index, image_index, SamplingSettings(
                         prompt=prompt, negative_prompt=request.negative_prompt, seed=seed + prompt_index * per_prompt
@@ -283,8 +298,9 @@ def _in_range(name: str, value: int | None, default: int, low: int, high: int) -
 def _side(name: str, value: int | None, default: int) -> int:
     value = default if value is None else value
     if not 8 <= value <= sampling.MAX_SIDE or value % 8:
+        native = f"the model's {default}" if default else "the model's native size"
         raise InvalidArgument(f"`{name}` is {value}: use a multiple of 8 from 8 to {sampling.MAX_SIDE} "
-                              f"(default: the model's {default})")
+                              f"(default: {native})")
     return value
 
 
