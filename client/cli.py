@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .commands import bench, captions, concepts, export, generate, jobs, keys, mask, serve, subjects, train
+from .commands import (bench, captions, concepts, evaluate, export, generate, jobs, keys, mask, serve, subjects,
+                       train)
 from .commands.session import DataDirOption, Session
 from .output import error_boundary
 
@@ -67,6 +68,7 @@ app.command("train")(train.train)
 app.add_typer(concepts.app, name="concepts")
 app.command("export")(export.export)
 app.command("generate")(generate.generate)
+app.command("evaluate")(evaluate.evaluate)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(keys.app, name="keys")
 app.command("serve")(serve.serve)
