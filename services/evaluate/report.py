@@ -163,10 +163,16 @@ def _pareto_svg(results: list[ConceptResult]) -> str:
 
     front = pareto_front(points)
     line = " ".join(f"{sx(points[i][0]):.1f},{sy(points[i][1]):.1f}" for i in front)
+    def label(i: int, x: float, y: float) -> str:
+        # Labels right of a point in the left half, left of it in the right half: none runs off the plot.
+        right_half = sx(x) > width / 2
+        anchor, dx = ("end", -9) if right_half else ("start", 9)
+        return (f'<text x="{sx(x) + dx:.1f}" y="{sy(y) - 8:.1f}" font-size="12" text-anchor="{anchor}">'
+                f"{html.escape(results[i].label)}</text>")
+
     dots = "".join(
         f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="6" fill="{"#1a73e8" if i in front else "#999"}"/>'
-        f'<text x="{sx(x) + 9:.1f}" y="{sy(y) - 8:.1f}" font-size="12">{html.escape(results[i].label)}</text>'
-        for i, (x, y) in enumerate(points))
+        + label(i, x, y) for i, (x, y) in enumerate(points))
     return f"""<h2>Subject vs text alignment</h2>
 <svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img"
  aria-label="Pareto plot of {METRIC_LABELS[y_name]} against {METRIC_LABELS[x_name]}">
