@@ -58,6 +58,8 @@ CAPTION_SOURCES = ("sid", "class")
 # Export format → the methods it can export (None: any).
 EXPORT_FORMATS = {"diffusers": None, "lora": ("lora",), "kohya": ("lora",), "ti": ("ti",), "onnx": None,
                   "tensorrt": None}
+# Export formats that are a method's own saved weights as they are (method → format).
+EXPORT_NATIVE = {"lora": "lora", "ti": "ti"}
 # Formats exported (and cached) once per precision, fp16 or fp32.
 PRECISION_FORMATS = ("onnx", "tensorrt")
 DEFAULT_OPTIONS = {
@@ -552,7 +554,9 @@ class TrainDomain:
     def _convert(self, concept: Concept, format_name: str, scratch: Path, out_dir: Path) -> None:
         weights_dir = self._materialize(concept.files_of(concept_store.WEIGHTS), scratch / "weights")
         out_dir.mkdir(parents=True)
-        if format_name in ("lora", "ti") or (format_name == "diffusers" and concept.method == "dreambooth"):
+        method = METHODS[concept.method]
+        if format_name != "diffusers" and format_name == EXPORT_NATIVE.get(concept.method) or (
+                format_name == "diffusers" and method.saves_pipeline):
             self._materialize(concept.files_of(concept_store.WEIGHTS), out_dir)
         elif format_name == "kohya":
             from .kohya import export_kohya_lora
@@ -567,12 +571,7 @@ class TrainDomain:
             base = resolve_base_model(concept.base_model, self.settings)
             pipe = StableDiffusionPipeline.from_pretrained(base.path, safety_checker=None,
                                                            requires_safety_checker=False)
-            if concept.method == "lora":
-                pipe.load_lora_weights(weights_dir, weight_name="pytorch_lora_weights.safetensors")
-                pipe.fuse_lora()
-                pipe.unload_lora_weights()
-            else:
-                pipe.load_textual_inversion(str(weights_dir / "learned_embeds.safetensors"), token=concept.token)
+            method.fuse_into_pipeline(pipe, weights_dir, concept.token)
             pipe.save_pretrained(out_dir, safe_serialization=True)
 
     def _work_dir(self, concept_id: str) -> Path:

@@ -11,6 +11,7 @@ class DreamBoothMethod(TrainingMethod):
     """Full fine-tuning as in Ruiz et al. 2023 (diffusers train_dreambooth.py); artifact: a pipeline folder."""
 
     name = "dreambooth"
+    saves_pipeline = True
 
     def prepare(self, components: Components, config) -> None:
         self.components, self.config = components, config

@@ -46,6 +46,12 @@ class LoraMethod(TrainingMethod):
             params += [p for p in c.text_encoder.parameters() if p.requires_grad]
         return params
 
+    @classmethod
+    def fuse_into_pipeline(cls, pipe, weights_dir: Path, token: str) -> None:
+        pipe.load_lora_weights(weights_dir, weight_name=WEIGHT_NAME)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+
     def save(self, output_dir: Path) -> Path:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers

@@ -61,6 +61,10 @@ class TextualInversionMethod(TrainingMethod):
         embeddings = self._prepared().text_encoder.get_input_embeddings().weight
         return embeddings[self.token_id:self.token_id + 1].detach().float().cpu().clone()
 
+    @classmethod
+    def fuse_into_pipeline(cls, pipe, weights_dir: Path, token: str) -> None:
+        pipe.load_textual_inversion(str(weights_dir / WEIGHT_NAME), token=token)
+
     def save(self, output_dir: Path) -> Path:
         from safetensors.torch import save_file
 
