@@ -37,7 +37,6 @@ Readings chosen where the papers leave room:
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,10 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+from persona.services.runtime.errors import InvalidArgument
+# The project's one model-folder resolver; its transformers defaults (config.json, weights, .bin fallback)
+# fit the embedders (and it stays importable from here).
+from persona.services.runtime.models import resolve_model_folder
 
 # DreamBench's models: CLIP ViT-B/32 for CLIP-I / CLIP-T, DINO ViT-S/16 for DINO.
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -59,7 +61,6 @@ RECONSTRUCTION = "reconstruction"
 EDITING = "editing"
 KINDS = (RECONSTRUCTION, EDITING)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # Images embedded per forward pass: bounds memory whatever the number of images.
 _BATCH = 32
 
@@ -305,7 +306,8 @@ class _Embedder:
         if self._loaded is None:
             from persona.services.train.bench import resolve_device
 
-            folder = resolve_model_folder(self.model, self.field, self.required_files, self.download)
+            folder = resolve_model_folder(self.model, self.field, required=self.required_files,
+                                          download=self.download)
             self._loaded = self._load(folder, resolve_device(self.device))
         return self._loaded
 
@@ -457,73 +459,3 @@ def sid_scores(clip: ImageTextEmbedder, generated: Sequence[Any], references: Se
         non_subject_disentanglement=non_subject_disentanglement(images, non_subjects),
         text_alignment=text_alignment(images, text),
     )
-
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Finding a model: local folder or the Hugging Face cache
-# ---------------------------------------------------------------------------------------------------------
-
-_HUB_PATTERNS = ["*.json", "*.txt", "model*.safetensors"]
-# Older hub repos (facebook/dino-vits16) ship only a pickled checkpoint: fetched only when no safetensors came.
-_HUB_FALLBACK_PATTERNS = ["pytorch_model*.bin"]
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def resolve_model_folder(ref: str, field: str, required: Sequence[Sequence[str]] = (),
-                         download: bool = False) -> Path:
-    """The local folder of a transformers model given by a local path or a hub id found in the HF cache.
-
-    Mirrors services/train/base_models.py: nothing is downloaded unless `download` is set and HF_HUB_OFFLINE is
-    not; a hub id missing from the cache is a FailedPrecondition that says to `hf download` it.
-    """
-    ref = (ref or "").strip()
-    if not ref:
-        raise InvalidArgument(f"`{field}` is empty: pass a hub id such as {DEFAULT_CLIP_MODEL} or a local folder")
-    local = Path(ref).expanduser()
-    if local.is_dir():
-        missing = _missing_files(local, required)
-        if missing:
-            raise InvalidArgument(
-                f"`{field}` {ref!r} is not a transformers model folder: missing {', '.join(missing)}; "
-                "pass a folder saved with `model.save_pretrained(...)` and `processor.save_pretrained(...)`")
-        return local.resolve()
-    if local.exists():
-        raise InvalidArgument(f"`{field}` {ref!r} is a file, not a folder: pass the model's folder")
-    if not _HUB_ID.match(ref):
-        raise InvalidArgument(f"`{field}` {ref!r} is neither an existing folder nor a hub id like owner/name: "
-                              "check the path")
-    return _from_hub_cache(ref, field, required, download)
-
-
-def _from_hub_cache(repo_id: str, field: str, required: Sequence[Sequence[str]], download: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    # One reading of HF_HUB_OFFLINE for the whole project (at call time, not at huggingface_hub's import).
-    from persona.services.train.base_models import _hub_offline
-
-    how = (f"download it on a machine with hub access (`hf download {repo_id}`, or `huggingface-cli download "
-           f"{repo_id}` with huggingface_hub < 1.0) into the Hugging Face cache (HF_HOME) this server reads, "
-           f"or pass a local model folder as `{field}`")
-    local_only = not (download and not _hub_offline())
-    try:
-        folder = Path(snapshot_download(repo_id, local_files_only=local_only, allow_patterns=_HUB_PATTERNS))
-        if not local_only and not any((folder / w).exists() for w in _WEIGHTS):
-            folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_FALLBACK_PATTERNS))
-    except LocalEntryNotFoundError:
-        raise FailedPrecondition(f"`{field}` {repo_id!r} is not in the local Hugging Face cache: {how}") from None
-    except Exception as e:  # network errors, unknown or gated repos when downloads are allowed
-        raise FailedPrecondition(f"`{field}` {repo_id!r} could not be fetched ({e}): {how}") from None
-    missing = _missing_files(folder, required)
-    if missing:
-        raise FailedPrecondition(
-            f"`{field}` {repo_id!r} is only partly in the local Hugging Face cache (missing {', '.join(missing)}): "
-            f"{how}")
-    return folder
-
-
-def _missing_files(folder: Path, required: Sequence[Sequence[str]]) -> list[str]:
-    """What `folder` lacks: config.json, weights, and one file of each group in `required`."""
-    groups = [("config.json",), _WEIGHTS, *required]
-    return [" or ".join(g) for g in groups if not any(os.path.exists(folder / name) for name in g)]

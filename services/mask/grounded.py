@@ -20,7 +20,6 @@ HF_HUB_OFFLINE is not, as for base models) or a local folder saved with `save_pr
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import threading
@@ -31,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
-# One reading of HF_HUB_OFFLINE and one hub-id pattern for all services (they belong in runtime).
-from persona.services.train.base_models import _HUB_ID, _hub_offline
+# The project's one model-folder resolver and offline rule; `model_type` tells the three models apart.
+from persona.services.runtime.models import resolve_model_folder
 
 # One Otsu for the mask service: P3S binarises its similarity map with the same rule.
 from .p3s import otsu_threshold
@@ -53,12 +52,6 @@ DEFAULT_TEXT_THRESHOLD = 0.25
 # CLIPSeg's Otsu threshold is never below this: without the subject the probabilities are all low, and Otsu
 # would still split that noise in two and call one half the subject.
 DEFAULT_CLIPSEG_MIN_THRESHOLD = 0.1
-
-# What a model needs from the hub: configs, tokenizer/processor files, safetensors weights.
-_HUB_PATTERNS = ["*.json", "*.txt", "model*.safetensors"]
-# Older repos ship only a pickled checkpoint: fetched only when no safetensors came.
-_HUB_FALLBACK_PATTERNS = ["pytorch_model*.bin"]
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -136,7 +129,8 @@ class ClipSegMasker:
                 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
                 device = _torch_device(self.device)
-                folder = resolve_model_folder(self.model_id, "model", "clipseg", self.download)
+                folder = resolve_model_folder(self.model_id, "model", model_type="clipseg",
+                                              download=self.download)
                 processor = _load("model", self.model_id, CLIPSegProcessor, folder)
                 model = _load("model", self.model_id, CLIPSegForImageSegmentation, folder)
                 self._loaded = (processor, model.to(device).eval())
@@ -205,8 +199,10 @@ class GroundedSamMasker:
                 from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel, SamProcessor
 
                 device = _torch_device(self.device)
-                det_folder = resolve_model_folder(self.detector_id, "detector", "grounding-dino", self.download)
-                seg_folder = resolve_model_folder(self.segmenter_id, "segmenter", "sam", self.download)
+                det_folder = resolve_model_folder(self.detector_id, "detector", model_type="grounding-dino",
+                                                  download=self.download)
+                seg_folder = resolve_model_folder(self.segmenter_id, "segmenter", model_type="sam",
+                                                  download=self.download)
                 det_processor = _load("detector", self.detector_id, AutoProcessor, det_folder)
                 detector = _load("detector", self.detector_id, GroundingDinoForObjectDetection, det_folder)
                 sam_processor = _load("segmenter", self.segmenter_id, SamProcessor, seg_folder)
@@ -271,71 +267,6 @@ def grounding_query(text: str) -> str:
     """`text` as GroundingDINO expects it: lower case, phrases ending in a period ("A Dog" → "a dog.")."""
     query = " ".join(_text(text).lower().split())
     return query if query.endswith(".") else f"{query}."
-
-
-def resolve_model_folder(ref: str, field: str, model_type: str, download: bool = False) -> Path:
-    """The local folder of the transformers model `ref` (a folder, or a hub id found in the HF cache).
-
-    Mirrors services/train/base_models.py: nothing is downloaded unless `download` is set and HF_HUB_OFFLINE
-    (read now) is not; a hub id missing from the cache is a FailedPrecondition saying to `hf download` it.
-    The folder's config must be of `model_type` ("clipseg", "grounding-dino", "sam").
-    """
-    local = Path(ref).expanduser()
-    if local.is_dir():
-        folder = local.resolve()
-        missing = _missing_files(folder)
-        if missing:
-            raise InvalidArgument(
-                f"`{field}` {ref!r} is not a transformers model folder: missing {', '.join(missing)}; pass a folder "
-                "saved with `model.save_pretrained(...)` and `processor.save_pretrained(...)`")
-    elif local.exists():
-        raise InvalidArgument(f"`{field}` {ref!r} is a file, not a folder: pass the model's folder")
-    elif _HUB_ID.match(ref):
-        folder = _from_hub_cache(ref, field, download)
-    else:
-        raise InvalidArgument(f"`{field}` {ref!r} is neither an existing folder nor a hub id like owner/name: "
-                              "check the path")
-    found = _read_model_type(folder / "config.json")
-    if found != model_type:
-        raise InvalidArgument(f"`{field}` {ref!r} is a {found or 'unknown'} model, not {model_type}: pass a "
-                              f"{model_type} checkpoint")
-    return folder
-
-
-def _from_hub_cache(repo_id: str, field: str, download: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    how = (f"download it on a machine with hub access (`hf download {repo_id}`, or `huggingface-cli download "
-           f"{repo_id}` with huggingface_hub < 1.0) into the Hugging Face cache (HF_HOME) this server reads, "
-           f"or pass a local model folder as `{field}`")
-    local_only = not (download and not _hub_offline())
-    try:
-        folder = Path(snapshot_download(repo_id, local_files_only=local_only, allow_patterns=_HUB_PATTERNS))
-        if not local_only and not any((folder / w).exists() for w in _WEIGHTS):
-            folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_FALLBACK_PATTERNS))
-    except LocalEntryNotFoundError:
-        raise FailedPrecondition(f"`{field}` {repo_id!r} is not in the local Hugging Face cache: {how}") from None
-    except Exception as e:  # network errors, unknown or gated repos when downloads are allowed
-        raise FailedPrecondition(f"`{field}` {repo_id!r} could not be fetched ({e}): {how}") from None
-    missing = _missing_files(folder)
-    if missing:
-        # A cached snapshot can be partial, e.g. after `hf download <id> config.json`.
-        raise FailedPrecondition(f"`{field}` {repo_id!r} is only partly in the local Hugging Face cache "
-                                 f"(missing {', '.join(missing)}): {how}")
-    return folder
-
-
-def _missing_files(folder: Path) -> list[str]:
-    groups = [("config.json",), _WEIGHTS]
-    return [" or ".join(g) for g in groups if not any((folder / name).exists() for name in g)]
-
-
-def _read_model_type(config: Path) -> str:
-    try:
-        return str(json.loads(config.read_text()).get("model_type", ""))
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return ""
 
 
 def _load(field: str, ref: str, cls, folder: Path):

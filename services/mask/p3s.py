@@ -36,7 +36,6 @@ Only ClipPatchFeatures and tiny_clip_vision need torch and transformers; the res
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from numbers import Real
 from pathlib import Path
@@ -44,9 +43,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
-# One reading of HF_HUB_OFFLINE and one hub-id pattern for all services (they belong in runtime).
-from persona.services.train.base_models import _HUB_ID, _hub_offline
+from persona.services.runtime.errors import InvalidArgument
+# The project's one model-folder resolver and offline rule (a hub id comes from the local cache only).
+from persona.services.runtime.models import resolve_model_folder
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -281,26 +280,17 @@ class ClipPatchFeatures:
         if not ref:
             raise InvalidArgument(f"`clip_model` is empty: pass a CLIP model folder or a hub id such as "
                                   f"{DEFAULT_CLIP_MODEL}")
-        local = Path(ref).expanduser()
-        if local.is_dir():
-            source, local_only, hub = str(local.resolve()), True, False
-        elif local.exists():
-            raise InvalidArgument(f"`clip_model` {ref!r} is a file, not a folder: pass the folder it was saved in")
-        elif _HUB_ID.match(ref):
-            source, local_only, hub = ref, not (download and not _hub_offline()), True
-        else:
-            raise InvalidArgument(f"`clip_model` {ref!r} is neither an existing folder nor a hub id like owner/name: "
-                                  f"check the path, or pass {DEFAULT_CLIP_MODEL}")
+        # The image processor's config too: its normalisation is part of the features. transformers 5 saves it
+        # in processor_config.json when a whole CLIPProcessor is saved.
+        folder = resolve_model_folder(
+            ref, "clip_model", required=(("preprocessor_config.json", "processor_config.json"),),
+            download=download, kind="CLIP vision model",
+            fix="pass a folder saved with `save_pretrained` of a CLIP (vision) model and of its image processor")
         try:
-            model, info = CLIPVisionModel.from_pretrained(source, local_files_only=local_only,
-                                                          output_loading_info=True)
-            processor = CLIPImageProcessor.from_pretrained(source, local_files_only=local_only)
+            model, info = CLIPVisionModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+            processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
         except OSError as e:
-            if hub:
-                raise FailedPrecondition(
-                    f"`clip_model` {ref!r} is not in the local Hugging Face cache ({_first_line(e)}): download it "
-                    f"on a machine with hub access (`hf download {ref}`) into the cache (HF_HOME) this server "
-                    "reads, or pass a local folder") from None
+            # The files are there but do not load, e.g. a config of another architecture or truncated weights.
             raise InvalidArgument(
                 f"`clip_model` {ref!r} is not a CLIP vision model folder ({_first_line(e)}): it needs config.json, "
                 "weights and preprocessor_config.json, as `save_pretrained` of a model and its image processor "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+from persona.services.runtime.models import resolve_model_folder
 
 from .settings import TrainSettings
 
@@ -56,7 +56,6 @@ _REQUIRED = {
     "scheduler": "scheduler/scheduler_config.json",
 }
 _WEIGHTED = ("unet", "vae", "text_encoder")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # Only what a StableDiffusionPipeline loads: hub repos also carry .ckpt files, fp16 and EMA copies.
 _HUB_PATTERNS = [
     "model_index.json",
@@ -105,22 +104,13 @@ def resolve_base_model(ref: str, settings: TrainSettings) -> ResolvedBaseModel:
     if ref == TINY:
         path, source = tiny_base_model(settings.base_model_cache_dir), "builtin"
     else:
-        local = Path(ref).expanduser()
-        if local.is_dir():
-            path, source = local.resolve(), "folder"
-            missing = missing_components(path)
-            if missing:
-                raise InvalidArgument(
-                    f"`base_model` {ref!r} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}; "
-                    "pass a folder saved with `pipeline.save_pretrained(...)`")
-        elif local.exists():
-            raise InvalidArgument(f"`base_model` {ref!r} is a file, not a folder: pass its diffusers folder")
-        elif _HUB_ID.match(ref):
-            path, source = _from_hub_cache(ref, settings), "hub"
-        else:
-            raise InvalidArgument(
-                f"`base_model` {ref!r} is neither an existing folder nor a hub id like owner/name: "
-                "check the path, or pass `tiny`")
+        # An existing folder wins over a hub id spelled the same, as in the resolver.
+        source = "folder" if Path(ref).expanduser().is_dir() else "hub"
+        # A diffusers pipeline, not a transformers model: its own file check, no .bin fallback.
+        path = resolve_model_folder(
+            ref, "base_model", missing=missing_components, allow_patterns=_HUB_PATTERNS, fallback_patterns=(),
+            download=settings.download_base_models, kind="diffusers",
+            fix="pass a Stable Diffusion folder saved with `pipeline.save_pretrained(...)`")
     configs = read_model_configs(path)
     family = TINY if source == "builtin" else configs.family
     return ResolvedBaseModel(ref=ref, path=path, native_resolution=configs.native_resolution, family=family,
@@ -172,34 +162,6 @@ def _read_json(path: Path) -> dict:
         raise InvalidArgument(f"`base_model` has no {path.parent.name}/{path.name} at {path.parent}") from None
     except json.JSONDecodeError as e:
         raise InvalidArgument(f"`base_model` config {path} is not valid JSON: {e}") from None
-
-
-def _hub_offline() -> bool:
-    # Read the environment at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import.
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _from_hub_cache(repo_id: str, settings: TrainSettings) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    how = (f"download it on a machine with hub access (`hf download {repo_id}`, or `huggingface-cli download "
-           f"{repo_id}` with huggingface_hub < 1.0) into the Hugging Face cache (HF_HOME) this server reads, "
-           "or pass a local diffusers folder as `base_model`")
-    download = settings.download_base_models and not _hub_offline()
-    try:
-        folder = Path(snapshot_download(repo_id, local_files_only=not download, allow_patterns=_HUB_PATTERNS))
-    except LocalEntryNotFoundError:
-        raise FailedPrecondition(f"`base_model` {repo_id!r} is not in the local Hugging Face cache: {how}") from None
-    except Exception as e:  # network errors, unknown or gated repos when downloads are allowed
-        raise FailedPrecondition(f"`base_model` {repo_id!r} could not be fetched ({e}): {how}") from None
-    missing = missing_components(folder)
-    if missing:
-        # A cached snapshot can be partial, e.g. after `hf download <id> unet/config.json`.
-        raise FailedPrecondition(
-            f"`base_model` {repo_id!r} is only partly in the local Hugging Face cache (missing {', '.join(missing)}): "
-            f"{how}")
-    return folder
 
 
 def tiny_base_model(cache_dir: Path) -> Path:
