@@ -15,14 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .methods import METHODS, Components
+from .regularizers import REGULARIZER_PLUGINS, RegularizerInputs, weighted_pixel_mean
 
 # Learning rate used when TrainConfig.learning_rate is None, per method. DreamBooth moves every UNet weight, so
 # it takes the smallest step (diffusers train_dreambooth.py: 5e-6); LoRA trains few fresh weights
-# (train_dreambooth_lora.py: 1e-4); textual inversion one embedding row (textual_inversion.py: 5e-4).
-DEFAULT_LEARNING_RATES = {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4}
+# (train_dreambooth_lora.py: 1e-4); textual inversion one embedding row (textual_inversion.py: 5e-4); Custom
+# Diffusion the cross-attention K/V and a token row (train_custom_diffusion.py: 1e-5 per image, the paper's 8e-5
+# at batch 8).
+DEFAULT_LEARNING_RATES = {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4, "custom_diffusion": 1e-5}
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # diffusers.optimization.SchedulerType values.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -45,7 +50,8 @@ class TrainConfig:
     method: str = "lora"
     # Optimiser steps.
     steps: int = 400
-    # None: the method's default (DEFAULT_LEARNING_RATES: dreambooth 5e-6, lora 1e-4, ti 5e-4).
+    # None: the method's default (DEFAULT_LEARNING_RATES: dreambooth 5e-6, lora 1e-4, ti 5e-4,
+    # custom_diffusion 1e-5).
     learning_rate: float | None = None
     # Instance images per step (and as many class images when prior preservation is on).
     batch_size: int = 1
@@ -75,6 +81,14 @@ class TrainConfig:
     use_8bit_adam: bool = False
     # Weight of the prior-preservation term when class images are given.
     prior_loss_weight: float = 1.0
+    # Regulariser plugins beyond prior preservation (regularizers.REGULARIZER_PLUGINS): "mask", "spl".
+    regularizers: tuple[str, ...] = ()
+    # The subject's class noun (SPL's anchor phrase "a photo of a <class>").
+    class_name: str = "dog"
+    # Masked loss: the weight of latent pixels outside the subject mask (0: subject only; OneTrainer's 0.1).
+    unmasked_weight: float = 0.1
+    # ClassDiffusion's semantic preservation loss weight (its reference value).
+    spl_weight: float = 1.0
     # AdamW weight decay and gradient clipping norm (diffusers' defaults).
     adam_weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
@@ -129,6 +143,13 @@ class TrainConfig:
             raise InvalidArgument(f"`lr_scheduler` is {self.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
         if not 0 <= self.lr_warmup_steps <= self.steps:
             raise InvalidArgument(f"`lr_warmup_steps` is {self.lr_warmup_steps}: use 0–`steps` ({self.steps})")
+        unknown = [r for r in self.regularizers if r not in REGULARIZER_PLUGINS]
+        if unknown:
+            raise InvalidArgument(f"`regularizers` has {', '.join(unknown)}: use some of {', '.join(REGULARIZER_PLUGINS)}")
+        if not 0 <= self.unmasked_weight <= 1:
+            raise InvalidArgument(f"`unmasked_weight` is {self.unmasked_weight}: use 0–1 (0: subject only)")
+        if self.spl_weight < 0:
+            raise InvalidArgument(f"`spl_weight` is {self.spl_weight}: use 0 or more, e.g. 1.0")
         if self.prior_loss_weight < 0:
             raise InvalidArgument(f"`prior_loss_weight` is {self.prior_loss_weight}: use 0 or more, e.g. 1.0")
         if self.checkpoint_every < 0:
@@ -181,13 +202,16 @@ def train(
     should_stop: ShouldStop | None = None,
     checkpoint_dir: Path | None = None,
     on_validation: OnValidation | None = None,
+    instance_masks: Sequence[Any] | None = None,
 ) -> TrainResult:
     """Trains `config.method` on `examples` ((PIL image, caption) pairs) and saves it into `output_dir`.
 
     With `class_examples` the prior-preservation loss is added (Ruiz et al.): instance and class images go
     through the UNet in one batch, loss = instance + prior_loss_weight * prior. `on_step(step, losses,
     it_per_s)` is called after every step with {"loss", "instance", "prior"?}; `should_stop()` ends the run
-    early (the weights so far are still saved).
+    early (the weights so far are still saved). `instance_masks`: one bool (H, W) subject mask or None per
+    example, for the masked loss. Regulariser plugins (`config.regularizers`) add their terms to the loss and to
+    what `on_step` reports.
 
     With `checkpoint_dir`, the full training state (trainable weights, optimiser, LR schedule, RNG, step) is
     written there atomically every `config.checkpoint_every` steps and when the run stops early; a later call
@@ -205,11 +229,12 @@ def train(
         torch.manual_seed(config.seed)
         return _train(Path(base_model_dir), list(examples), config, Path(output_dir),
                       list(class_examples or []), on_step, should_stop, device,
-                      Path(checkpoint_dir) if checkpoint_dir is not None else None, on_validation)
+                      Path(checkpoint_dir) if checkpoint_dir is not None else None, on_validation,
+                      list(instance_masks) if instance_masks is not None else [None] * len(examples))
 
 
 def _train(base_model_dir, examples, config, output_dir, class_examples, on_step, should_stop, device,
-           checkpoint_dir, on_validation) -> TrainResult:
+           checkpoint_dir, on_validation, instance_masks) -> TrainResult:
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -291,8 +316,17 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
     prediction_type = noise_scheduler.config.prediction_type
     n_instance, n_class = len(examples), len(class_examples)
 
+    # Regulariser plugins: set up once, then asked for pixel weights and extra terms every step.
+    if len(instance_masks) != n_instance:
+        raise InvalidArgument(f"`instance_masks` has {len(instance_masks)} entries for {n_instance} examples")
+    regularizers = [REGULARIZER_PLUGINS[name](config) for name in config.regularizers]
+    reg_inputs = RegularizerInputs(components, method, device, resolution, resolution // vae_scale, n_instance,
+                                   n_class, instance_masks, autocast)
+    for regularizer in regularizers:
+        warnings += regularizer.prepare(reg_inputs)
+
     # 6. Resume from the checkpoint a previous (interrupted) call left, if any.
-    fingerprint = _fingerprint(config, all_examples, n_instance)
+    fingerprint = _fingerprint(config, all_examples, n_instance, instance_masks if "mask" in config.regularizers else ())
     state = _TrainingState(params, optimizer, lr_scheduler, scaler, generator)
     losses: list[float] = []
     start_step = 0
@@ -335,8 +369,15 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
             # Predict the noise (or velocity) the scheduler's config asks for.
             pred = components.unet(noisy, timesteps, text).sample
         target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-        # MSE per image, min-SNR weighted when asked; instance and prior halves averaged separately.
-        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        # MSE per image (latent pixels weighted where a regulariser asks, e.g. by the subject mask), min-SNR
+        # weighted when asked; instance and prior halves averaged separately.
+        weights = None
+        for regularizer in regularizers:
+            extra = regularizer.pixel_weights(batch)
+            if extra is not None:
+                weights = extra if weights is None else weights * extra
+        squared = F.mse_loss(pred.float(), target.float(), reduction="none")
+        per_image = weighted_pixel_mean(squared, weights)
         if config.min_snr_gamma is not None:
             per_image = per_image * _min_snr_weights(compute_snr(noise_scheduler, timesteps), config.min_snr_gamma,
                                                      prediction_type)
@@ -346,6 +387,10 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         if n_class:
             terms["prior"] = per_image[config.batch_size:].mean()
             loss = instance_loss + config.prior_loss_weight * terms["prior"]
+        for regularizer in regularizers:
+            for name, (value, weight) in regularizer.loss_terms(batch).items():
+                terms[name] = value
+                loss = loss + weight * value
         terms["loss"] = loss
         # One device-to-host copy for every term: each .item() would be a GPU sync of its own.
         step_losses = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist()))
@@ -365,6 +410,8 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         method.after_optimizer_step()
+        for regularizer in regularizers:
+            regularizer.after_optimizer_step(step)
         # Report.
         losses.append(step_losses["loss"])
         if on_step is not None:
@@ -475,8 +522,8 @@ class _TrainingState:
         return payload["step"], list(payload["losses"])
 
 
-def _fingerprint(config: TrainConfig, examples: list, n_instance: int) -> str:
-    """Identifies a run's settings and data, so a checkpoint is only resumed by the run that wrote it."""
+def _fingerprint(config: TrainConfig, examples: list, n_instance: int, masks: Sequence[Any] = ()) -> str:
+    """Identifies a run's settings and data (masks too), so a checkpoint is only resumed by the run that wrote it."""
     from dataclasses import asdict
 
     settings = {k: v for k, v in asdict(config).items()
@@ -486,6 +533,8 @@ def _fingerprint(config: TrainConfig, examples: list, n_instance: int) -> str:
     for image, caption in examples:
         digest.update(caption.encode())
         digest.update(image.convert("RGB").tobytes())
+    for mask in masks:
+        digest.update(b"-" if mask is None else np.packbits(np.asarray(mask, dtype=bool)).tobytes())
     return digest.hexdigest()
 
 
