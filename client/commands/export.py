@@ -25,13 +25,17 @@ class Format(str, Enum):
     ti = "ti"
     onnx = "onnx"
     tensorrt = "tensorrt"
+    custom_diffusion = "custom_diffusion"
+    svdiff = "svdiff"
 
 
 FORMATS = {Format.diffusers: train_pb2.EXPORT_FORMAT_DIFFUSERS, Format.lora: train_pb2.EXPORT_FORMAT_LORA,
            Format.kohya: train_pb2.EXPORT_FORMAT_KOHYA, Format.ti: train_pb2.EXPORT_FORMAT_TI,
-           Format.onnx: train_pb2.EXPORT_FORMAT_ONNX, Format.tensorrt: train_pb2.EXPORT_FORMAT_TENSORRT}
+           Format.onnx: train_pb2.EXPORT_FORMAT_ONNX, Format.tensorrt: train_pb2.EXPORT_FORMAT_TENSORRT,
+           Format.custom_diffusion: train_pb2.EXPORT_FORMAT_CUSTOM_DIFFUSION,
+           Format.svdiff: train_pb2.EXPORT_FORMAT_SVDIFF}
 # Exported as a folder of files; the others are one .safetensors file.
-FOLDER_FORMATS = (Format.diffusers, Format.onnx, Format.tensorrt)
+FOLDER_FORMATS = (Format.diffusers, Format.onnx, Format.tensorrt, Format.custom_diffusion)
 # Converted by a job with progress (minutes on real models); the others in one call.
 JOB_FORMATS = (Format.onnx, Format.tensorrt)
 SINGLE_FILE_SUFFIX = ".safetensors"
@@ -76,11 +80,15 @@ def export(
              "ONNX graphs plus manifest.json, scheduler and tokenizer, for Triton's ONNX Runtime backend or "
              "onnxruntime on any machine; any method (LoRA fused, TI token added), checked against torch. "
              "tensorrt: TensorRT engines built from that ONNX, for NVIDIA GPUs; needs TensorRT and a CUDA GPU "
-             "on the server, and the engines run only on that GPU model and TensorRT version.")],
+             "on the server, and the engines run only on that GPU model and TensorRT version. custom_diffusion: "
+             "pytorch_custom_diffusion_weights.bin (`pipe.unet.load_attn_procs`) and the token's "
+             "learned_embeds.safetensors (`pipe.load_textual_inversion`); custom_diffusion concepts only. "
+             "svdiff: spectral_shifts.safetensors, SVDiff's singular-value shifts of every UNet weight and the "
+             "token's embedding (about 1 MB for SD-1.5); svdiff concepts only.")],
     out: Annotated[Path, typer.Option(
         "--out", show_default=False,
-        help="Where to write. diffusers, onnx, tensorrt: a folder (created). lora, kohya, ti: a file name ending "
-             "in .safetensors, or a folder that receives the file under its own name.")],
+        help="Where to write. diffusers, onnx, tensorrt, custom_diffusion: a folder (created). lora, kohya, ti, "
+             "svdiff: a file name ending in .safetensors, or a folder that receives the file under its own name.")],
     fp16: Annotated[Optional[bool], typer.Option(
         "--fp16/--fp32", show_default="the server decides: fp16 when it exports on a CUDA GPU, else fp32",
         help="onnx and tensorrt only: fp16 graphs/engines (half the size, faster on GPUs; slow to make on a "

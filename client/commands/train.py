@@ -21,9 +21,11 @@ from .jobs import follow_job, raise_unless_succeeded
 from .session import JsonOption, Session, session
 from .subjects import name_the_file, photo_paths, read_uploads
 
-METHODS = ("dreambooth", "lora", "ti")
-REGULARIZERS = ("prior", "none")
+METHODS = ("dreambooth", "lora", "ti", "custom_diffusion", "svdiff")
+REGULARIZERS = ("prior", "mask", "spl", "core", "none")
 CAPTIONS = ("sid", "class")
+# Loss terms shown beside the total, in this order, when the job reports them.
+LOSS_TERMS_SHOWN = ("instance", "prior", "spl", "core_emb", "core_attn")
 PRECISIONS = ("no", "fp16", "bf16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -125,8 +127,10 @@ class TrainingProgress(JobProgress):
         stats = []
         if "loss" in data:
             stats.append(f"loss {data['loss']:.4f}")
-        if "prior" in data:
-            stats.append(f"(instance {data.get('instance', 0):.4f}, prior {data['prior']:.4f})")
+        # Every term the loop and the regularisers report ("instance", "prior", "spl", "core_emb", …).
+        terms = [f"{name} {data[name]:.4f}" for name in LOSS_TERMS_SHOWN if name in data]
+        if len(terms) > 1:
+            stats.append(f"({', '.join(terms)})")
         if data.get("it_per_s"):
             stats.append(f"{data['it_per_s']:.2f} it/s")
         if "eta_s" in data:
@@ -210,12 +214,18 @@ def train(
     method: Annotated[Optional[str], typer.Option(
         help="lora: low-rank adapters on the UNet attention — small files (MBs), fast, the default. dreambooth: "
              "fine-tunes the whole UNet — the most faithful, a full model (GBs). ti: Textual Inversion, learns "
-             "only one new word embedding — tiny, least faithful.", show_default="lora")] = None,
+             "only one new word embedding — tiny, least faithful. custom_diffusion: the cross-attention K/V "
+             "projections and the new token (Kumari et al.). svdiff: shifts of the singular values of every UNet "
+             "weight and the new token (Han et al.; ~1 MB files).", show_default="lora")] = None,
     regularizers: Annotated[Optional[list[str]], typer.Option(
         "--reg", show_default="prior for dreambooth and lora, none for ti",
         help="Regulariser; repeat for several. prior: prior preservation — the base model draws "
              "--num-class-images images of the class (cached, reused) and training keeps drawing them, so "
-             "\"a dog\" still means any dog. none: no regulariser (faster, may drift).")] = None,
+             "\"a dog\" still means any dog. mask: the loss weighted by each photo's subject mask "
+             "(`persona-cli mask` first), background at weight 0.1. spl: ClassDiffusion's semantic preservation "
+             "(\"a sks dog\" kept near \"a dog\"; needs a method that trains the token: ti, custom_diffusion, "
+             "svdiff, or --train-text-encoder). core: CoRe context regularisation of the token (ti, "
+             "custom_diffusion, svdiff). none: no regulariser (faster, may drift).")] = None,
     captions: Annotated[Optional[str], typer.Option(
         help="Training text per photo. sid: each photo's stored caption (SID: the subject named only by "
              "\"TOKEN CLASS\", everything else described), the class template where a photo has none. "

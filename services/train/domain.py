@@ -51,15 +51,17 @@ JOB_KIND = "train"
 EXPORT_JOB_KIND = "export"
 DEFAULT_METHOD = "lora"
 # Regularisers each method can use. Textual inversion learns one embedding from the photos alone, so
-# prior preservation (a UNet-side term) has nothing to protect there.
-REGULARIZERS = {"prior": ("dreambooth", "lora")}
+# prior preservation (a UNet-side term) has nothing to protect there. Custom Diffusion regularises with real
+# images of the class in the paper; prior preservation's generated class images are the closest we have.
+# SVDiff's paper trains with prior preservation, as DreamBooth.
+REGULARIZERS = {"prior": ("dreambooth", "lora", "custom_diffusion", "svdiff")}
 NO_REGULARIZERS = "none"
 CAPTION_SOURCES = ("sid", "class")
 # Export format → the methods it can export (None: any).
 EXPORT_FORMATS = {"diffusers": None, "lora": ("lora",), "kohya": ("lora",), "ti": ("ti",), "onnx": None,
-                  "tensorrt": None}
+                  "tensorrt": None, "custom_diffusion": ("custom_diffusion",), "svdiff": ("svdiff",)}
 # Export formats that are a method's own saved weights as they are (method → format).
-EXPORT_NATIVE = {"lora": "lora", "ti": "ti"}
+EXPORT_NATIVE = {"lora": "lora", "ti": "ti", "custom_diffusion": "custom_diffusion", "svdiff": "svdiff"}
 # Formats exported (and cached) once per precision, fp16 or fp32.
 PRECISION_FORMATS = ("onnx", "tensorrt")
 DEFAULT_OPTIONS = {
@@ -233,11 +235,10 @@ class TrainDomain:
                                         else "train it again"))
         methods = EXPORT_FORMATS[format_name]
         if methods is not None and concept.method not in methods:
+            own = [f for f, m in EXPORT_FORMATS.items() if m is not None and concept.method in m]
             raise FailedPrecondition(
                 f"`format` {format_name} needs a {' or '.join(methods)} concept; {concept_id} was trained with "
-                f"{concept.method}: use format diffusers or onnx" + (" or lora/kohya" if concept.method == "lora"
-                                                                     else "")
-                + (" or ti" if concept.method == "ti" else ""))
+                f"{concept.method}: use format diffusers or onnx" + (f" or {'/'.join(own)}" if own else ""))
         if format_name == "tensorrt":
             _tensorrt_builder()  # refused now, not minutes later in the job
         if format_name not in PRECISION_FORMATS:

@@ -21,13 +21,14 @@ from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .methods import METHODS, Components
 from .regularizers import REGULARIZER_PLUGINS, RegularizerInputs, weighted_pixel_mean
+from .regularizers.core import CORE_VARIANTS
 
 # Learning rate used when TrainConfig.learning_rate is None, per method. DreamBooth moves every UNet weight, so
 # it takes the smallest step (diffusers train_dreambooth.py: 5e-6); LoRA trains few fresh weights
 # (train_dreambooth_lora.py: 1e-4); textual inversion one embedding row (textual_inversion.py: 5e-4); Custom
 # Diffusion the cross-attention K/V and a token row (train_custom_diffusion.py: 1e-5 per image, the paper's 8e-5
-# at batch 8).
-DEFAULT_LEARNING_RATES = {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4, "custom_diffusion": 1e-5}
+# at batch 8); SVDiff one shift per singular value (svdiff-pytorch's train_svdiff.py: 1e-3).
+DEFAULT_LEARNING_RATES = {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4, "custom_diffusion": 1e-5, "svdiff": 1e-3}
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # diffusers.optimization.SchedulerType values.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -51,7 +52,7 @@ class TrainConfig:
     # Optimiser steps.
     steps: int = 400
     # None: the method's default (DEFAULT_LEARNING_RATES: dreambooth 5e-6, lora 1e-4, ti 5e-4,
-    # custom_diffusion 1e-5).
+    # custom_diffusion 1e-5, svdiff 1e-3).
     learning_rate: float | None = None
     # Instance images per step (and as many class images when prior preservation is on).
     batch_size: int = 1
@@ -89,6 +90,14 @@ class TrainConfig:
     unmasked_weight: float = 0.1
     # ClassDiffusion's semantic preservation loss weight (its reference value).
     spl_weight: float = 1.0
+    # CoRe (regularizers/core.py; values of the CoRe reference's stage 1): weights of the context embedding and
+    # context attention terms, the inclusive step window in which the new token's embedding is rescaled to its
+    # previous norm (core_rescale_end 0: never), and the embedding term's form: "cosine", "pairwise" or "hinge".
+    core_emb_weight: float = 1.5e-4
+    core_attn_weight: float = 0.05
+    core_rescale_start: int = 120
+    core_rescale_end: int = 180
+    core_variant: str = "cosine"
     # AdamW weight decay and gradient clipping norm (diffusers' defaults).
     adam_weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
@@ -150,6 +159,18 @@ class TrainConfig:
             raise InvalidArgument(f"`unmasked_weight` is {self.unmasked_weight}: use 0–1 (0: subject only)")
         if self.spl_weight < 0:
             raise InvalidArgument(f"`spl_weight` is {self.spl_weight}: use 0 or more, e.g. 1.0")
+        if self.core_emb_weight < 0:
+            raise InvalidArgument(f"`core_emb_weight` is {self.core_emb_weight}: use 0 (off) or more, e.g. 1.5e-4")
+        if self.core_attn_weight < 0:
+            raise InvalidArgument(f"`core_attn_weight` is {self.core_attn_weight}: use 0 (off) or more, e.g. 0.05")
+        if self.core_rescale_start < 1:
+            raise InvalidArgument(f"`core_rescale_start` is {self.core_rescale_start}: use a step, 1 or more, e.g. 120")
+        if self.core_rescale_end and self.core_rescale_end < self.core_rescale_start:
+            raise InvalidArgument(
+                f"`core_rescale_end` ({self.core_rescale_end}) is before `core_rescale_start` "
+                f"({self.core_rescale_start}): use an end at or after the start, or 0 to turn rescaling off")
+        if self.core_variant not in CORE_VARIANTS:
+            raise InvalidArgument(f"`core_variant` is {self.core_variant!r}: use one of {', '.join(CORE_VARIANTS)}")
         if self.prior_loss_weight < 0:
             raise InvalidArgument(f"`prior_loss_weight` is {self.prior_loss_weight}: use 0 or more, e.g. 1.0")
         if self.checkpoint_every < 0:
@@ -387,8 +408,9 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         if n_class:
             terms["prior"] = per_image[config.batch_size:].mean()
             loss = instance_loss + config.prior_loss_weight * terms["prior"]
+        step_inputs = {"noisy": noisy.detach(), "timesteps": timesteps, "step": step}
         for regularizer in regularizers:
-            for name, (value, weight) in regularizer.loss_terms(batch).items():
+            for name, (value, weight) in regularizer.loss_terms(batch, step_inputs).items():
                 terms[name] = value
                 loss = loss + weight * value
         terms["loss"] = loss

@@ -16,7 +16,8 @@ STATES = {"TRAINING": train_pb2.CONCEPT_STATE_TRAINING, "READY": train_pb2.CONCE
           "FAILED": train_pb2.CONCEPT_STATE_FAILED, "CANCELLED": train_pb2.CONCEPT_STATE_CANCELLED}
 FORMATS = {train_pb2.EXPORT_FORMAT_DIFFUSERS: "diffusers", train_pb2.EXPORT_FORMAT_LORA: "lora",
            train_pb2.EXPORT_FORMAT_KOHYA: "kohya", train_pb2.EXPORT_FORMAT_TI: "ti",
-           train_pb2.EXPORT_FORMAT_ONNX: "onnx", train_pb2.EXPORT_FORMAT_TENSORRT: "tensorrt"}
+           train_pb2.EXPORT_FORMAT_ONNX: "onnx", train_pb2.EXPORT_FORMAT_TENSORRT: "tensorrt",
+           train_pb2.EXPORT_FORMAT_CUSTOM_DIFFUSION: "custom_diffusion", train_pb2.EXPORT_FORMAT_SVDIFF: "svdiff"}
 # TrainingOptions fields that are lists or plain (non-optional) values; the rest are proto3 `optional`.
 _REPEATED = ("lora_targets", "validation_prompts")
 _PLAIN = ("train_text_encoder", "initializer_token", "mixed_precision", "gradient_checkpointing", "lr_scheduler",
@@ -81,7 +82,7 @@ def _export_request(request: train_pb2.ExportConceptRequest) -> tuple[str, str, 
     """(concept_id, format name, fp16 or None when unset) of an ExportConceptRequest."""
     if request.format not in FORMATS:
         raise InvalidArgument(f"`format` is {request.format}: use EXPORT_FORMAT_DIFFUSERS, _LORA, _KOHYA, _TI, "
-                              "_ONNX or _TENSORRT")
+                              "_ONNX, _TENSORRT, _CUSTOM_DIFFUSION or _SVDIFF")
     return (_concept_id(request.concept_id), FORMATS[request.format],
             request.fp16 if request.HasField("fp16") else None)
 

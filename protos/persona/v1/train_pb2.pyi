@@ -28,6 +28,8 @@ class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPORT_FORMAT_TI: _ClassVar[ExportFormat]
     EXPORT_FORMAT_ONNX: _ClassVar[ExportFormat]
     EXPORT_FORMAT_TENSORRT: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_CUSTOM_DIFFUSION: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_SVDIFF: _ClassVar[ExportFormat]
 CONCEPT_STATE_UNSPECIFIED: ConceptState
 CONCEPT_STATE_TRAINING: ConceptState
 CONCEPT_STATE_READY: ConceptState
@@ -40,6 +42,8 @@ EXPORT_FORMAT_KOHYA: ExportFormat
 EXPORT_FORMAT_TI: ExportFormat
 EXPORT_FORMAT_ONNX: ExportFormat
 EXPORT_FORMAT_TENSORRT: ExportFormat
+EXPORT_FORMAT_CUSTOM_DIFFUSION: ExportFormat
+EXPORT_FORMAT_SVDIFF: ExportFormat
 
 class TrainingOptions(_message.Message):
     __slots__ = ("steps", "learning_rate", "batch_size", "resolution", "seed", "train_text_encoder", "lora_rank", "lora_alpha", "lora_targets", "initializer_token", "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "lr_scheduler", "lr_warmup_steps", "use_8bit_adam", "prior_loss_weight", "num_class_images", "class_prompt", "checkpoint_every", "validation_every", "validation_prompts", "max_grad_norm", "epochs", "class_image_steps")

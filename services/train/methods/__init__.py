@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from .base import Components, TrainingMethod
+from .custom_diffusion import CustomDiffusionMethod
 from .dreambooth import DreamBoothMethod
 from .lora import LoraMethod
+from .svdiff import SvdiffMethod
 from .textual_inversion import TextualInversionMethod
 
 # Method name (TrainConfig.method) -> plugin class; the loop builds a fresh instance per run.
@@ -11,6 +13,9 @@ METHODS: dict[str, type[TrainingMethod]] = {
     "dreambooth": DreamBoothMethod,
     "lora": LoraMethod,
     "ti": TextualInversionMethod,
+    "custom_diffusion": CustomDiffusionMethod,
+    "svdiff": SvdiffMethod,
 }
 
-__all__ = ["METHODS", "Components", "TrainingMethod", "DreamBoothMethod", "LoraMethod", "TextualInversionMethod"]
+__all__ = ["METHODS", "Components", "TrainingMethod", "DreamBoothMethod", "LoraMethod", "TextualInversionMethod",
+           "CustomDiffusionMethod", "SvdiffMethod"]

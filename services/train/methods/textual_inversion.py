@@ -10,47 +10,41 @@ from .base import Components, TrainingMethod
 WEIGHT_NAME = "learned_embeds.safetensors"
 
 
-class TextualInversionMethod(TrainingMethod):
-    """Gal et al. 2022 (diffusers textual_inversion.py); loads with `pipe.load_textual_inversion(path, token=...)`."""
+class PlaceholderToken:
+    """One new token whose embedding row learns while every other row stays put: textual inversion's word, and
+    Custom Diffusion's modifier token. The whole embedding matrix is the trainable parameter (as in diffusers'
+    textual_inversion.py); `restore_other_rows` puts the others back after each optimiser step."""
 
-    name = "ti"
-
-    def prepare(self, components: Components, config) -> None:
+    def __init__(self, tokenizer, text_encoder, token: str, initializer_token: str):
         import torch
 
-        self.components, self.config = components, config
-        tokenizer, text_encoder = components.tokenizer, components.text_encoder
+        if not token.strip():
+            raise InvalidArgument("`token` is empty: pass the placeholder word, e.g. sks")
         # The placeholder becomes one new token, initialised from the class word's embedding.
-        if tokenizer.add_tokens(config.token) == 0:
-            raise InvalidArgument(
-                f"`token` {config.token!r} is already a token of the tokenizer: pick a new one, e.g. <sks>")
-        init_ids = tokenizer.encode(config.initializer_token, add_special_tokens=False)
+        if tokenizer.add_tokens(token) == 0:
+            raise InvalidArgument(f"`token` {token!r} is already a token of the tokenizer: pick a new one, e.g. <sks>")
+        init_ids = tokenizer.encode(initializer_token, add_special_tokens=False)
         if len(init_ids) != 1:
             raise InvalidArgument(
-                f"`initializer_token` {config.initializer_token!r} is {len(init_ids)} tokens: pass one word, e.g. dog")
-        self.token_id = tokenizer.convert_tokens_to_ids(config.token)
+                f"`initializer_token` {initializer_token!r} is {len(init_ids)} tokens: pass one word, e.g. dog")
+        self.token, self.text_encoder = token, text_encoder
+        self.token_id = tokenizer.convert_tokens_to_ids(token)
         text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        embeddings = text_encoder.get_input_embeddings().weight
         with torch.no_grad():
-            embeddings[self.token_id] = embeddings[init_ids[0]].clone()
-        # Only the embedding matrix trains; every row but the new token's is put back after each step.
-        self.original_embeddings = embeddings.detach().clone()
-        components.vae.requires_grad_(False)
-        components.unet.requires_grad_(False)
-        text_encoder.requires_grad_(False)
-        embeddings.requires_grad_(True)
+            self.weight[self.token_id] = self.weight[init_ids[0]].clone()
+        self.original_embeddings = self.weight.detach().clone()
 
     @property
-    def trains_text_encoder(self) -> bool:
-        return True
+    def weight(self):
+        """The text encoder's input embedding matrix (vocabulary × hidden)."""
+        return self.text_encoder.get_input_embeddings().weight
 
-    def trainable_parameters(self):
-        return [self._prepared().text_encoder.get_input_embeddings().weight]
-
-    def after_optimizer_step(self) -> None:
+    def restore_other_rows(self) -> None:
         import torch
 
-        embeddings = self._prepared().text_encoder.get_input_embeddings().weight
+        embeddings = self.weight
+        if self.original_embeddings.device != embeddings.device:  # the loop moved the model after prepare
+            self.original_embeddings = self.original_embeddings.to(embeddings.device)
         keep = torch.ones(embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
         keep[self.token_id] = False
         with torch.no_grad():
@@ -58,19 +52,53 @@ class TextualInversionMethod(TrainingMethod):
 
     def learned_embedding(self):
         """The new token's embedding row, shape (1, hidden)."""
-        embeddings = self._prepared().text_encoder.get_input_embeddings().weight
-        return embeddings[self.token_id:self.token_id + 1].detach().float().cpu().clone()
+        return self.weight[self.token_id:self.token_id + 1].detach().float().cpu().clone()
+
+    def save(self, path: Path) -> Path:
+        """Writes diffusers' textual-inversion file {token: (n_vectors, hidden)} (`pipe.load_textual_inversion`)."""
+        from safetensors.torch import save_file
+
+        save_file({self.token: self.learned_embedding()}, str(path))
+        return path
+
+
+class TextualInversionMethod(TrainingMethod):
+    """Gal et al. 2022 (diffusers textual_inversion.py); loads with `pipe.load_textual_inversion(path, token=...)`."""
+
+    name = "ti"
+
+    def prepare(self, components: Components, config) -> None:
+        self.components, self.config = components, config
+        self.placeholder = PlaceholderToken(components.tokenizer, components.text_encoder, config.token,
+                                            config.initializer_token)
+        # Only the embedding matrix trains; every row but the new token's is put back after each step.
+        components.vae.requires_grad_(False)
+        components.unet.requires_grad_(False)
+        components.text_encoder.requires_grad_(False)
+        self.placeholder.weight.requires_grad_(True)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return True
+
+    def trainable_parameters(self):
+        self._prepared()
+        return [self.placeholder.weight]
+
+    def after_optimizer_step(self) -> None:
+        self.placeholder.restore_other_rows()
+
+    def learned_embedding(self):
+        """The new token's embedding row, shape (1, hidden)."""
+        self._prepared()
+        return self.placeholder.learned_embedding()
 
     @classmethod
     def fuse_into_pipeline(cls, pipe, weights_dir: Path, token: str) -> None:
         pipe.load_textual_inversion(str(weights_dir / WEIGHT_NAME), token=token)
 
     def save(self, output_dir: Path) -> Path:
-        from safetensors.torch import save_file
-
+        self._prepared()
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        path = output_dir / WEIGHT_NAME
-        # diffusers' format: {placeholder token: (n_vectors, hidden)}.
-        save_file({self.config.token: self.learned_embedding()}, str(path))
-        return path
+        return self.placeholder.save(output_dir / WEIGHT_NAME)

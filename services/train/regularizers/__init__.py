@@ -4,6 +4,7 @@ loop's own (it changes the batch); the rest live here, one file each."""
 from __future__ import annotations
 
 from .base import Regularizer, RegularizerInputs, weighted_pixel_mean
+from .core import CoreRegularizer
 from .masked_loss import MaskedLoss
 from .spl import SemanticPreservation
 
@@ -11,7 +12,8 @@ from .spl import SemanticPreservation
 REGULARIZER_PLUGINS: dict[str, type[Regularizer]] = {
     "mask": MaskedLoss,
     "spl": SemanticPreservation,
+    "core": CoreRegularizer,
 }
 
 __all__ = ["REGULARIZER_PLUGINS", "Regularizer", "RegularizerInputs", "weighted_pixel_mean", "MaskedLoss",
-           "SemanticPreservation"]
+           "SemanticPreservation", "CoreRegularizer"]

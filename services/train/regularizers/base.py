@@ -51,9 +51,11 @@ class Regularizer(ABC):
         """(B, 1, h, w) weights of the diffusion loss's latent pixels for the examples `batch`, or None."""
         return None
 
-    def loss_terms(self, batch: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
+    def loss_terms(self, batch: torch.Tensor,
+                   step_inputs: dict[str, Any] | None = None) -> dict[str, tuple[torch.Tensor, float]]:
         """Extra terms {name: (unweighted value, weight)}; the loop adds weight × value to the loss and reports
-        each value under its name in the job's progress events."""
+        each value under its name in the job's progress events. `step_inputs`: what the loop drew this step,
+        {"noisy": the noised latents of `batch` (detached), "timesteps": their timesteps, "step": the step, from 1}."""
         return {}
 
     def after_optimizer_step(self, step: int) -> None:

@@ -40,7 +40,7 @@ class SemanticPreservation(Regularizer):
             self.class_pooled = c.text_encoder(ids[1:]).pooler_output.detach()
         return []
 
-    def loss_terms(self, batch):
+    def loss_terms(self, batch, step_inputs=None):
         with self.inputs.autocast():
             pooled = self.inputs.components.text_encoder(self.concept_ids).pooler_output
         return {"spl": (semantic_preservation_loss(pooled, self.class_pooled), self.config.spl_weight)}
