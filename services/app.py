@@ -150,7 +150,7 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_setti
     captions = caption_domain.CaptionDomain(db, subjects, runner, caption_settings or CaptionSettings.from_env())
     masks = mask_domain.MaskDomain(db, artifacts, subjects, mask_settings)
     train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner,
-                                     train_settings or TrainSettings.from_env(), settings.data_dir / "train")
+                                     train_settings or TrainSettings.from_env(), settings.data_dir / "train", masks)
     generate = GenerateDomain(train, _generate_engine(generate_settings, settings.data_dir), generate_settings,
                               settings.data_dir / "generate")
     evaluate = EvaluateDomain(artifacts, runner, subjects, train, generate, masks, evaluate_settings)

@@ -23,7 +23,7 @@ from .subjects import name_the_file, photo_paths, read_uploads
 
 METHODS = ("dreambooth", "lora", "ti", "custom_diffusion", "svdiff")
 REGULARIZERS = ("prior", "mask", "spl", "core", "none")
-CAPTIONS = ("sid", "class")
+CAPTIONS = ("sid", "class", "case1", "case2", "case3", "case4")
 # Loss terms shown beside the total, in this order, when the job reports them.
 LOSS_TERMS_SHOWN = ("instance", "prior", "spl", "core_emb", "core_attn")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -229,7 +229,9 @@ def train(
     captions: Annotated[Optional[str], typer.Option(
         help="Training text per photo. sid: each photo's stored caption (SID: the subject named only by "
              "\"TOKEN CLASS\", everything else described), the class template where a photo has none. "
-             "class: \"a photo of a TOKEN CLASS\" for every photo (the DreamBooth baseline).",
+             "class (= case1): \"a photo of a TOKEN CLASS\" for every photo (the DreamBooth baseline). "
+             "case2, case3, case4: only captions of that SID case (the paper's ablation; caption with "
+             "`persona-cli caption SUBJECT --case N` first).",
         show_default="sid")] = None,
     base_model: Annotated[Optional[str], typer.Option(
         help="tiny (built-in, random weights: tries the flow in seconds, draws noise), a diffusers hub id from "
@@ -269,6 +271,15 @@ def train(
                                      "lora; not for ti).")] = False,
     gradient_checkpointing: Annotated[bool, typer.Option(
         "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, slower.")] = False,
+    unmasked_weight: Annotated[Optional[float], typer.Option(
+        help="--reg mask: loss weight of pixels outside the subject, 0–1 (0: the subject only).",
+        show_default="0.1, OneTrainer's")] = None,
+    spl_weight: Annotated[Optional[float], typer.Option(
+        help="--reg spl: weight of the semantic preservation loss.", show_default="1.0, ClassDiffusion's")] = None,
+    core_emb_weight: Annotated[Optional[float], typer.Option(
+        help="--reg core: weight of CoRe's embedding term.", show_default="1.5e-4, the CoRe code's")] = None,
+    core_attn_weight: Annotated[Optional[float], typer.Option(
+        help="--reg core: weight of CoRe's attention term.", show_default="0.05, the CoRe code's")] = None,
     min_snr_gamma: Annotated[Optional[float], typer.Option(
         help="Min-SNR loss weighting gamma (Hang et al. 2023), e.g. 5.0.", show_default="off")] = None,
     lr_scheduler: Annotated[Optional[str], typer.Option(
@@ -306,7 +317,9 @@ def train(
         train_text_encoder=train_text_encoder, lora_rank=rank, lora_alpha=alpha, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma, lr_scheduler=lr_scheduler,
         num_class_images=num_class_images, checkpoint_every=checkpoint_every, validation_every=validation_every,
-        validation_prompts=validation_prompts, class_image_steps=class_image_steps, epochs=epochs)
+        validation_prompts=validation_prompts, class_image_steps=class_image_steps, epochs=epochs,
+        unmasked_weight=unmasked_weight, spl_weight=spl_weight, core_emb_weight=core_emb_weight,
+        core_attn_weight=core_attn_weight)
 
     client = s.client()
     folder = Path(source).expanduser()

@@ -54,9 +54,18 @@ DEFAULT_METHOD = "lora"
 # prior preservation (a UNet-side term) has nothing to protect there. Custom Diffusion regularises with real
 # images of the class in the paper; prior preservation's generated class images are the closest we have.
 # SVDiff's paper trains with prior preservation, as DreamBooth.
-REGULARIZERS = {"prior": ("dreambooth", "lora", "custom_diffusion", "svdiff")}
+# Methods whose own weights include the text side (a token row): what SPL and CoRe act on. dreambooth and lora
+# qualify with train_text_encoder.
+TEXT_SIDE_METHODS = ("ti", "custom_diffusion", "svdiff")
+REGULARIZERS = {"prior": ("dreambooth", "lora", "custom_diffusion", "svdiff"),
+                "mask": tuple(METHODS),
+                "spl": (*TEXT_SIDE_METHODS, "dreambooth", "lora"),
+                "core": (*TEXT_SIDE_METHODS, "dreambooth", "lora")}
+# On when a request names none.
+DEFAULT_REGULARIZERS = ("prior",)
 NO_REGULARIZERS = "none"
-CAPTION_SOURCES = ("sid", "class")
+# "class" is Case 1; "caseN" trains on stored captions of SID case N only.
+CAPTION_SOURCES = ("sid", "class", "case1", "case2", "case3", "case4")
 # Export format → the methods it can export (None: any).
 EXPORT_FORMATS = {"diffusers": None, "lora": ("lora",), "kohya": ("lora",), "ti": ("ti",), "onnx": None,
                   "tensorrt": None, "custom_diffusion": ("custom_diffusion",), "svdiff": ("svdiff",)}
@@ -68,6 +77,7 @@ DEFAULT_OPTIONS = {
     "steps": 400, "batch_size": 1, "seed": 0, "train_text_encoder": False, "lora_rank": 4,
     "lora_targets": ["to_q", "to_k", "to_v", "to_out.0"], "gradient_checkpointing": False, "min_snr_gamma": None,
     "lr_scheduler": "constant", "lr_warmup_steps": 0, "use_8bit_adam": False, "prior_loss_weight": 1.0,
+    "unmasked_weight": 0.1, "spl_weight": 1.0, "core_emb_weight": 1.5e-4, "core_attn_weight": 0.05,
     "num_class_images": 100, "class_image_steps": 30, "checkpoint_every": 100, "validation_every": 0, "max_grad_norm": 1.0,
 }
 # Options that are not TrainConfig fields (they shape the data, not the loop).
@@ -115,8 +125,11 @@ class TrainDomain:
     """Concepts of every tenant; training runs as resumable "train" jobs, one per device at a time."""
 
     def __init__(self, db: MetadataStore, artifacts: LocalArtifactStore, subjects: SubjectRepository,
-                 captions: CaptionDomain, runner: JobRunner, settings: TrainSettings, work_dir: Path):
+                 captions: CaptionDomain, runner: JobRunner, settings: TrainSettings, work_dir: Path,
+                 masks=None):
         self.db, self.artifacts, self.subjects, self.captions = db, artifacts, subjects, captions
+        # The mask service's domain (MaskDomain): subject masks for the masked loss.
+        self.masks = masks
         self.runner, self.settings, self.work_dir = runner, settings, work_dir
         self.concepts = ConceptStore(db)
         self.class_images = ClassImageCache(db, artifacts)
@@ -144,12 +157,23 @@ class TrainDomain:
         regularizers = _regularizers(request.regularizers, method)
         captions = (request.captions or "sid").strip().lower()
         if captions not in CAPTION_SOURCES:
-            raise InvalidArgument(f"`captions` is {request.captions!r}: use sid (the stored SID captions) or "
-                                  "class (the template 'a photo of a sks dog')")
+            raise InvalidArgument(f"`captions` is {request.captions!r}: use sid (the stored SID captions), class "
+                                  "(the template 'a photo of a sks dog'), or case1–case4 (SID's ablation)")
+        captions = "class" if captions == "case1" else captions
         base = resolve_base_model(request.base_model or self.settings.default_base_model, self.settings)
-        options, config = self._options(request.options or {}, method, subject, base)
+        options, config = self._options(request.options or {}, method, subject, base, regularizers)
         if "prior" in regularizers:
             self._check_prior_options(options)
+        if "mask" in regularizers and all(m is None for m in self._masks(tenant_id, subject.subject_id,
+                                                                          [i.image_id for i in subject.images])):
+            raise FailedPrecondition(
+                f"`regularizers` mask needs subject masks, and no photo of {subject.subject_id} has one: make them "
+                f"with `persona-cli mask {subject.subject_id} --text {subject.class_name}` (or clicks: --point X,Y)")
+        text_side = [r for r in regularizers if r in ("spl", "core")]
+        if text_side and method not in TEXT_SIDE_METHODS and not options["train_text_encoder"]:
+            raise InvalidArgument(
+                f"`regularizers` {' and '.join(text_side)} act on the text side, which `method` {method} does not "
+                "train: set `train_text_encoder`, or use ti, custom_diffusion or svdiff")
         training_captions = self._training_captions(tenant_id, subject, captions)
         display_name = request.display_name.strip() or f"{method} of {subject.display_name or subject.subject_id}"
         if len(display_name) > 200:
@@ -246,7 +270,8 @@ class TrainDomain:
         fp16 = self._on_cuda() if fp16 is None else bool(fp16)
         return _ExportPlan(concept, format_name, fp16, concept_store.export_role(format_name, fp16))
 
-    def _options(self, given: dict, method: str, subject: Subject, base: ResolvedBaseModel) -> tuple[dict, TrainConfig]:
+    def _options(self, given: dict, method: str, subject: Subject, base: ResolvedBaseModel,
+                 regularizers: list[str]) -> tuple[dict, TrainConfig]:
         """Every option with its default filled in, and the TrainConfig they make (validated)."""
         unknown = set(given) - set(_OPTION_NAMES)
         if unknown:
@@ -268,15 +293,18 @@ class TrainDomain:
         options["class_prompt"] = options.get("class_prompt") or class_prompt_for(subject.class_name)
         options["validation_prompts"] = list(options.get("validation_prompts") or
                                              [f"a {subject.token} {subject.class_name} on the beach"])
-        config = self._config(options, method, subject.token)
+        config = self._config(options, method, subject.token, regularizers, subject.class_name)
         config.validate()
         return options, config
 
-    def _config(self, options: dict, method: str, token: str) -> TrainConfig:
+    def _config(self, options: dict, method: str, token: str, regularizers, class_name: str) -> TrainConfig:
         values = {k: v for k, v in options.items() if k not in _DATA_OPTIONS}
         values["lora_targets"] = tuple(values["lora_targets"])
         values["validation_prompts"] = tuple(values["validation_prompts"])
-        return TrainConfig(method=method, token=token, device=self.settings.device, **values)
+        # Prior preservation is the loop's own (class images in the batch); the rest are loop plugins.
+        plugins = tuple(r for r in regularizers if r != "prior")
+        return TrainConfig(method=method, token=token, device=self.settings.device, regularizers=plugins,
+                           class_name=class_name, **values)
 
     @staticmethod
     def _check_prior_options(options: dict) -> None:
@@ -291,7 +319,18 @@ class TrainDomain:
     def _training_captions(self, tenant_id: str, subject: Subject, source: str) -> list[TrainingCaption]:
         """The text each image trains with, recorded now so the run does not change when captions do."""
         template = instructions.template_caption("object", subject.class_name, subject.token)
-        stored = {c.image_id: c for c in self.captions.list(tenant_id, subject.subject_id)} if source == "sid" else {}
+        stored = {c.image_id: c for c in self.captions.list(tenant_id, subject.subject_id)} \
+            if source != "class" else {}
+        if source.startswith("case"):  # SID's ablation: every photo captioned with exactly this case
+            case = int(source[4:])
+            wrong = [i.index for i in subject.images
+                     if not (stored.get(i.image_id) and stored[i.image_id].case == case
+                             and not stored[i.image_id].failure)]
+            if wrong:
+                raise FailedPrecondition(
+                    f"`captions` {source} needs every photo captioned with SID case {case}; photo(s) "
+                    f"{', '.join(map(str, wrong))} are not: run `persona-cli caption {subject.subject_id} --case "
+                    f"{case}` first")
         result = []
         for image in subject.images:
             caption = stored.get(image.image_id)
@@ -300,6 +339,12 @@ class TrainDomain:
             else:
                 result.append(TrainingCaption(image.image_id, template, "class"))
         return result
+
+    def _masks(self, tenant_id: str, subject_id: str, image_ids: list[str]) -> list:
+        """Each image's subject mask (bool H×W) or None, from the mask service."""
+        if self.masks is None:
+            return [None] * len(image_ids)
+        return [self.masks.mask_array(tenant_id, subject_id, image_id) for image_id in image_ids]
 
     def _on_cuda(self) -> bool:
         device = self.settings.device
@@ -333,7 +378,7 @@ class TrainDomain:
             raise FailedPrecondition(f"base model {concept.base_model!r} changed on disk since the job started: "
                                      "start the training again")
         config = self._config({k: v for k, v in concept.options.items() if k in _OPTION_NAMES},
-                              concept.method, concept.token)
+                              concept.method, concept.token, concept.regularizers, concept.class_name)
         examples = [(self._image(concept, c.image_id), c.text) for c in concept.training_captions]
         how = "resumed" if ctx.job.attempts > 1 else "started"
         ctx.log(f"training {how}: {concept.method} on {len(examples)} image(s), {config.steps} steps",
@@ -345,8 +390,11 @@ class TrainDomain:
             output_dir = work / "output"
             shutil.rmtree(output_dir, ignore_errors=True)
             progress = _Progress(ctx, config.steps)
+            masks = (self._masks(concept.tenant_id, concept.subject_id,
+                                 [c.image_id for c in concept.training_captions])
+                     if "mask" in concept.regularizers else None)
             result = train(
-                base.path, examples, config, output_dir, class_examples=class_examples,
+                base.path, examples, config, output_dir, class_examples=class_examples, instance_masks=masks,
                 on_step=progress.step, should_stop=lambda: ctx.cancel_requested,
                 checkpoint_dir=work / "checkpoint",
                 on_validation=lambda step, images: self._store_validation(ctx, concept, step, images, progress))
@@ -683,7 +731,7 @@ def _tensorrt_builder():
 def _regularizers(requested, method: str) -> list[str]:
     names = [r.strip().lower() for r in requested if r.strip()]
     if not names:
-        return [name for name, methods in REGULARIZERS.items() if method in methods]  # on by default where it applies
+        return [name for name in DEFAULT_REGULARIZERS if method in REGULARIZERS[name]]  # on where it applies
     if names == [NO_REGULARIZERS]:
         return []
     for name in names:
@@ -720,4 +768,4 @@ def _persona_version() -> str:
 
 
 _OPTION_NAMES = tuple(f.name for f in dataclass_fields(TrainConfig)
-                      if f.name not in ("method", "token", "device")) + _DATA_OPTIONS
+                      if f.name not in ("method", "token", "device", "regularizers", "class_name")) + _DATA_OPTIONS
