@@ -63,6 +63,10 @@ def train(
     config_root: Annotated[Optional[Path], typer.Option(
         file_okay=False, envvar="PERSONA_MODEL_CONFIGS", show_default="../shared/models/configs",
         help="Folder holding sd15/ and sd21-base/ diffusers configs, for --base-model sd15|sd21-base.")] = None,
+    regularizer: Annotated[Optional[list[str]], typer.Option(
+        "--reg", show_default="none",
+        help="Also time our LoRA loop with this regulariser (mask, spl, core; repeat): its row's ratio is its it/s "
+             "over plain LoRA's, what the regulariser costs.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Time persona's training loop against the diffusers DreamBooth example loop, in one process on one device.
@@ -99,7 +103,7 @@ def train(
     size = resolution or read_model_configs(folder).native_resolution
     rows = run_train_benchmark(folder, methods=methods, steps=steps, warmup_steps=warmup, resolution=size,
                                device=str(dev), mixed_precision=precision, num_images=num_images,
-                               images_dir=images,
+                               images_dir=images, regularizers=regularizer or (),
                                on_run=lambda m, loop: note(f"{m}: {loop} loop, {warmup} + {steps} steps"))
     name = device_name(dev)
     data = {"device": name, "base_model": base_model, "base_model_dir": str(folder), "resolution": size,
@@ -108,7 +112,8 @@ def train(
 
     def render() -> str:
         header = (f"device {name}; base model {base_model}; {size} px; {steps} steps timed after {warmup}; "
-                  f"mixed precision {precision}; reference: diffusers DreamBooth example loop")
+                  f"mixed precision {precision}; reference: diffusers DreamBooth example loop"
+                  + ("; lora+REG rows: vs plain lora (ours)" if regularizer else ""))
         body = table(
             ["METHOD", "LOOP", "IT/S", "IT/S (MEDIAN STEP)", "PEAK GPU MEM", "VS REFERENCE"],
             [(r.method, r.loop, f"{r.it_per_s:.2f}", f"{r.median_it_per_s:.2f}", _gib(r.peak_gpu_mem_bytes),

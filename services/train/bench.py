@@ -27,6 +27,7 @@ from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .base_models import RANDOM_FAMILIES, TINY, missing_components, tiny_base_model
 from .loop import MIXED_PRECISIONS, TrainConfig, train
+from .regularizers import REGULARIZER_PLUGINS
 
 # Methods both loops implement (textual inversion has no diffusers DreamBooth counterpart).
 BENCH_METHODS = ("lora", "dreambooth")
@@ -80,6 +81,7 @@ def run_train_benchmark(
     images_dir: Path | None = None,
     seed: int = 0,
     on_run: Callable[[str, str], None] | None = None,
+    regularizers: Sequence[str] = (),
 ) -> list[BenchRow]:
     """Trains each method with our loop and with the reference loop; returns rows (ours, reference) per method.
 
@@ -88,6 +90,10 @@ def run_train_benchmark(
     Images: `num_images` instance images from `images_dir` (jpg/png/webp, sorted), or random noise when None;
     as many noise images serve as class images for the prior-preservation term. `on_run(method, loop)` is called
     before each run starts (e.g. to show progress).
+
+    `regularizers` ("mask", "spl", "core") add a row each: our LoRA loop with that regulariser (centred square
+    masks for "mask"; the text encoder's LoRA on for "spl" and "core", which act on the text side), whose
+    `vs_reference` is its it/s over plain LoRA's in the same run — what the regulariser costs.
     """
     import torch
 
@@ -97,6 +103,11 @@ def run_train_benchmark(
     for method in methods:
         if method not in BENCH_METHODS:
             raise InvalidArgument(f"`method` is {method!r}: use one of {', '.join(BENCH_METHODS)}")
+    for regularizer in regularizers:
+        if regularizer not in REGULARIZER_PLUGINS:
+            raise InvalidArgument(f"`regularizers` has {regularizer!r}: use some of {', '.join(REGULARIZER_PLUGINS)}")
+    if regularizers and "lora" not in methods:
+        raise InvalidArgument("`regularizers` rows compare against plain LoRA: include lora in `methods`")
     if steps < 1:
         raise InvalidArgument(f"`steps` is {steps}: use 1 or more")
     if warmup_steps < 0:
@@ -133,6 +144,15 @@ def run_train_benchmark(
                              warmup_steps)
         rows.append(_row(method, OURS, ours, reference))
         rows.append(_row(method, REFERENCE, reference, reference))
+        if method == "lora":
+            plain_lora = ours
+    for regularizer in regularizers:
+        name = f"lora+{regularizer}"
+        if on_run is not None:
+            on_run(name, OURS)
+        timed = _measure(dev, lambda timer: _run_ours(base_model_dir, "lora", instance, klass, total, resolution,
+                                                        dev, precision, seed, timer, regularizer), warmup_steps)
+        rows.append(_row(name, OURS, timed, plain_lora))
     return rows
 
 
@@ -233,11 +253,23 @@ def _row(method: str, loop: str, timer: _StepTimer, reference: _StepTimer) -> Be
 
 
 def _run_ours(base_model_dir, method, instance, klass, total_steps, resolution, device, precision, seed,
-              timer: _StepTimer) -> None:
-    """persona's loop with the reference's settings; should_stop marks each step's start, on_step its end."""
+              timer: _StepTimer, regularizer: str | None = None) -> None:
+    """persona's loop with the reference's settings (+ one regulariser plugin); should_stop marks each step's
+    start, on_step its end."""
+    import numpy as np
+
     config = TrainConfig(method=method, steps=total_steps, learning_rate=LEARNING_RATES[method], batch_size=1,
                          resolution=resolution, seed=seed, lora_rank=LORA_RANK, lora_alpha=LORA_RANK,
-                         lora_targets=LORA_TARGETS, mixed_precision=precision, device=str(device))
+                         lora_targets=LORA_TARGETS, mixed_precision=precision, device=str(device),
+                         regularizers=(regularizer,) if regularizer else (),
+                         train_text_encoder=regularizer in ("spl", "core"))
+    masks = None
+    if regularizer == "mask":  # the centre half of every photo is "subject"
+        masks = []
+        for image, _ in instance:
+            mask = np.zeros((image.height, image.width), dtype=bool)
+            mask[image.height // 4: 3 * image.height // 4, image.width // 4: 3 * image.width // 4] = True
+            masks.append(mask)
 
     def should_stop() -> bool:
         timer.step_begins()
@@ -245,7 +277,7 @@ def _run_ours(base_model_dir, method, instance, klass, total_steps, resolution, 
 
     output_dir = Path(tempfile.mkdtemp(prefix="persona-bench-"))
     try:
-        result = train(base_model_dir, instance, config, output_dir, class_examples=klass,
+        result = train(base_model_dir, instance, config, output_dir, class_examples=klass, instance_masks=masks,
                        on_step=lambda step, losses, _: timer.step_ends(losses["loss"]), should_stop=should_stop)
         del result  # holds the trained models
     finally:

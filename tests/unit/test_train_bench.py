@@ -39,6 +39,18 @@ def test_benchmark_runs_both_loops_for_each_method(tiny):
     assert all(by_key[(m, REFERENCE)].vs_reference == pytest.approx(1.0) for m in BENCH_METHODS)
 
 
+def test_regulariser_rows_are_priced_against_plain_lora(tiny):
+    rows = run_train_benchmark(tiny, methods=("lora",), steps=1, warmup_steps=1, resolution=RESOLUTION,
+                               device="cpu", num_images=1, regularizers=("mask", "core"))
+    by_method = {(r.method, r.loop): r for r in rows}
+    assert list(by_method) == [("lora", OURS), ("lora", REFERENCE), ("lora+mask", OURS), ("lora+core", OURS)]
+    plain = by_method[("lora", OURS)]
+    for name in ("lora+mask", "lora+core"):
+        assert by_method[(name, OURS)].vs_reference == pytest.approx(by_method[(name, OURS)].it_per_s / plain.it_per_s)
+    with pytest.raises(InvalidArgument, match="`regularizers`"):
+        run_train_benchmark(tiny, methods=("lora",), steps=1, device="cpu", regularizers=("sharpen",))
+
+
 def test_benchmark_rejects_unknown_method(tiny):
     with pytest.raises(InvalidArgument, match="`method`"):
         run_train_benchmark(tiny, methods=("ti",), steps=1, device="cpu")
