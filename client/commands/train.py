@@ -233,6 +233,11 @@ def train(
              "case2, case3, case4: only captions of that SID case (the paper's ablation; caption with "
              "`persona-cli caption SUBJECT --case N` first).",
         show_default="sid")] = None,
+    parent: Annotated[Optional[str], typer.Option(
+        "--parent", metavar="CONCEPT",
+        help="continue from a ti concept (CoRe stage 2: `persona-cli train SUBJECT --method ti --reg core --steps "
+             "300 --lr 5e-3`, then `persona-cli train SUBJECT --method dreambooth --parent CONCEPT --lr 2e-6 "
+             "--steps 1000`)", show_default=False)] = None,
     base_model: Annotated[Optional[str], typer.Option(
         help="tiny (built-in, random weights: tries the flow in seconds, draws noise), a diffusers hub id from "
              "the local Hugging Face cache (stable-diffusion-v1-5/stable-diffusion-v1-5), or a local diffusers "
@@ -342,7 +347,8 @@ def train(
 
     request = train_pb2.StartTrainingRequest(
         subject_id=subject.subject_id, base_model=base_model or "", method=method or "",
-        regularizers=regularizers or [], captions=captions or "", options=options, display_name=name or "")
+        regularizers=regularizers or [], captions=captions or "", options=options, display_name=name or "",
+        parent_concept_id=parent or "")
     try:
         job = client.train.StartTraining(request)
     except grpc.RpcError as e:

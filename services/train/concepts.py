@@ -114,19 +114,20 @@ class ConceptStore:
     def create(self, *, tenant_id: str, subject_id: str, display_name: str, token: str, class_name: str,
                base_model: str, base_model_sha256: str, base_model_family: str, method: str,
                regularizers: list[str], captions: str, options: dict, training_captions: list[TrainingCaption],
-               resolution: int, persona_version: str) -> Concept:
+               resolution: int, persona_version: str, parent_concept_id: str = "") -> Concept:
         concept_id = f"cpt_{uuid.uuid4().hex[:16]}"
         now = time.time()
         self.db.execute(
             "INSERT INTO concepts (concept_id, tenant_id, subject_id, state, display_name, token, class_name,"
             " base_model, base_model_sha256, base_model_family, method, regularizers_json, captions, options_json,"
-            " training_captions_json, resolution, persona_version, created_at, updated_at) VALUES (:id, :t, :s,"
-            " :state, :d, :tok, :c, :bm, :bsha, :fam, :m, :regs, :caps, :opts, :tc, :res, :ver, :now, :now)",
+            " training_captions_json, resolution, persona_version, parent_concept_id, created_at, updated_at) VALUES"
+            " (:id, :t, :s, :state, :d, :tok, :c, :bm, :bsha, :fam, :m, :regs, :caps, :opts, :tc, :res, :ver,"
+            " :parent, :now, :now)",
             {"id": concept_id, "t": tenant_id, "s": subject_id, "state": TRAINING, "d": display_name, "tok": token,
              "c": class_name, "bm": base_model, "bsha": base_model_sha256, "fam": base_model_family, "m": method,
              "regs": json.dumps(regularizers), "caps": captions, "opts": json.dumps(options, sort_keys=True),
              "tc": json.dumps([c.__dict__ for c in training_captions]), "res": resolution, "ver": persona_version,
-             "now": now})
+             "parent": parent_concept_id, "now": now})
         return self.get(concept_id)
 
     def get(self, concept_id: str, tenant_id: str | None = None) -> Concept:

@@ -27,7 +27,7 @@ from typing import Iterator
 from PIL import Image
 
 from persona.services.runtime.artifacts import LocalArtifactStore
-from persona.services.runtime.errors import (Cancelled, FailedPrecondition, InvalidArgument, PersonaError,
+from persona.services.runtime.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, PersonaError,
                                              ResourceExhausted)
 from persona.services.runtime.jobs import TERMINAL, JobContext, JobRecord, JobRunner
 from persona.services.runtime.metadata import MetadataStore
@@ -42,6 +42,7 @@ from .base_models import ResolvedBaseModel, resolve_base_model
 from .concepts import Concept, ConceptFile, ConceptStore, TrainingCaption
 from .loop import DEFAULT_LEARNING_RATES, TrainConfig, train
 from .methods import METHODS
+from .methods.textual_inversion import WEIGHT_NAME as TI_WEIGHT_NAME, read_learned_embeds
 from .prior import MAX_CLASS_IMAGES, ClassImageCache, base_model_identity, class_prompt_for
 from .settings import TrainSettings
 
@@ -64,6 +65,10 @@ REGULARIZERS = {"prior": ("dreambooth", "lora", "custom_diffusion", "svdiff"),
 # On when a request names none.
 DEFAULT_REGULARIZERS = ("prior",)
 NO_REGULARIZERS = "none"
+# Continuing from a parent concept (CoRe's stage 2): the parent kinds whose token embedding is loaded and frozen,
+# and the methods that then train the UNet around it.
+PARENT_METHODS = ("ti",)
+CHILD_METHODS = ("dreambooth", "lora")
 # "class" is Case 1; "caseN" trains on stored captions of SID case N only.
 CAPTION_SOURCES = ("sid", "class", "case1", "case2", "case3", "case4")
 # Export format → the methods it can export (None: any).
@@ -100,6 +105,8 @@ class TrainRequest:
     captions: str = ""
     options: dict | None = None
     display_name: str = ""
+    # A READY ti concept of the same subject and base model to continue from (CoRe's stage 2); "" for none.
+    parent_concept_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -160,8 +167,12 @@ class TrainDomain:
             raise InvalidArgument(f"`captions` is {request.captions!r}: use sid (the stored SID captions), class "
                                   "(the template 'a photo of a sks dog'), or case1–case4 (SID's ablation)")
         captions = "class" if captions == "case1" else captions
-        base = resolve_base_model(request.base_model or self.settings.default_base_model, self.settings)
+        parent = self._parent(tenant_id, request.parent_concept_id.strip(), method, subject)
+        base = resolve_base_model(request.base_model or (parent.base_model if parent else "")
+                                  or self.settings.default_base_model, self.settings)
         options, config = self._options(request.options or {}, method, subject, base, regularizers)
+        if parent is not None:
+            self._check_parent_options(parent, request, base, options, regularizers)
         if "prior" in regularizers:
             self._check_prior_options(options)
         if "mask" in regularizers and all(m is None for m in self._masks(tenant_id, subject.subject_id,
@@ -183,7 +194,7 @@ class TrainDomain:
             class_name=subject.class_name, base_model=base.ref, base_model_sha256=base_model_identity(base.path),
             base_model_family=base.family, method=method, regularizers=regularizers, captions=captions,
             options=options, training_captions=training_captions, resolution=config.resolution,
-            persona_version=_persona_version())
+            persona_version=_persona_version(), parent_concept_id=parent.concept_id if parent else "")
         try:
             job = self.runner.submit(tenant_id, JOB_KIND, {"concept_id": concept.concept_id}, subject.subject_id)
         except BaseException:
@@ -306,6 +317,78 @@ class TrainDomain:
         return TrainConfig(method=method, token=token, device=self.settings.device, regularizers=plugins,
                            class_name=class_name, **values)
 
+    def _parent(self, tenant_id: str, parent_id: str, method: str, subject: Subject) -> Concept | None:
+        """The concept a request continues from (CoRe's stage 2), checked against the request; None without one."""
+        if not parent_id:
+            return None
+        try:
+            parent = self.get(tenant_id, parent_id)
+        except NotFound:
+            raise NotFound(f"`parent_concept_id` {parent_id!r} is not one of your concepts: see them with "
+                           "`persona-cli concepts list`") from None
+        if method not in CHILD_METHODS:
+            raise InvalidArgument(
+                f"`method` {method} cannot continue from `parent_concept_id`: the parent's embedding is loaded into "
+                f"the text encoder and kept frozen while {' or '.join(CHILD_METHODS)} trains the UNet (CoRe's stage "
+                "2); use method dreambooth or lora")
+        if parent.method not in PARENT_METHODS:
+            raise InvalidArgument(
+                f"`parent_concept_id` {parent_id} is a {parent.method} concept; only ti concepts can be parents for "
+                "now (CoRe's stage 1: `persona-cli train SUBJECT --method ti --reg core --steps 300 --lr 5e-3`)")
+        if parent.subject_id != subject.subject_id:
+            raise InvalidArgument(
+                f"`parent_concept_id` {parent_id} was trained on subject {parent.subject_id}, not on `subject_id` "
+                f"{subject.subject_id}: continue from a concept of the same subject")
+        if parent.state != concept_store.READY:
+            raise FailedPrecondition(
+                f"`parent_concept_id` {parent_id} is {parent.state}, not READY: "
+                + (f"wait for its job {parent.job_id} to finish" if parent.state == concept_store.TRAINING
+                   else "continue from a READY concept, or train the parent again"))
+        if parent.token != subject.token:
+            raise FailedPrecondition(
+                f"`parent_concept_id` {parent_id} learned the token {parent.token!r}, but subject {subject.subject_id}"
+                f" now trains {subject.token!r}: train a new ti parent")
+        if not any(f.path == TI_WEIGHT_NAME for f in parent.files_of(concept_store.WEIGHTS)):
+            raise FailedPrecondition(f"`parent_concept_id` {parent_id} has no {TI_WEIGHT_NAME}: train the parent again")
+        return parent
+
+    @staticmethod
+    def _check_parent_options(parent: Concept, request: TrainRequest, base: ResolvedBaseModel, options: dict,
+                              regularizers: list[str]) -> None:
+        """What a child of `parent` cannot do: another base model, or train anything on the text side."""
+        if base_model_identity(base.path) != parent.base_model_sha256:
+            if request.base_model and base.ref != parent.base_model:
+                raise InvalidArgument(
+                    f"`base_model` {request.base_model!r} differs from the base model of `parent_concept_id` "
+                    f"{parent.concept_id} ({parent.base_model!r}): leave base_model empty to use the parent's")
+            raise FailedPrecondition(
+                f"the base model {base.ref!r} of `parent_concept_id` {parent.concept_id} changed on disk since the "
+                "parent was trained: train the parent again")
+        if options["train_text_encoder"]:
+            raise InvalidArgument(
+                f"`train_text_encoder` cannot be used with `parent_concept_id`: the parent's embedding stays frozen "
+                "while the UNet trains; turn train_text_encoder off")
+        text_side = [r for r in regularizers if r in ("spl", "core")]
+        if text_side:
+            raise InvalidArgument(
+                f"`regularizers` {' and '.join(text_side)} cannot be used with `parent_concept_id`: nothing on the "
+                "text side trains in a continued run (the parent's embedding is frozen); CoRe belongs to the parent "
+                "(stage 1); drop them here")
+
+    def _parent_embedding(self, concept: Concept):
+        """(token, embedding) of the concept's parent, for the loop; None when it has none."""
+        if not concept.parent_concept_id:
+            return None
+        try:
+            parent = self.concepts.get(concept.parent_concept_id, concept.tenant_id)
+        except NotFound:
+            raise FailedPrecondition(f"the parent concept {concept.parent_concept_id} of {concept.concept_id} was "
+                                     "deleted before training started: start the training again") from None
+        file = next((f for f in parent.files_of(concept_store.WEIGHTS) if f.path == TI_WEIGHT_NAME), None)
+        if file is None or not self.artifacts.exists(file.artifact_id):
+            raise FailedPrecondition(f"the parent concept {parent.concept_id} has no {TI_WEIGHT_NAME}: train it again")
+        return read_learned_embeds(self.artifacts.path_of(file.artifact_id))
+
     @staticmethod
     def _check_prior_options(options: dict) -> None:
         count = options["num_class_images"]
@@ -396,7 +479,7 @@ class TrainDomain:
             result = train(
                 base.path, examples, config, output_dir, class_examples=class_examples, instance_masks=masks,
                 on_step=progress.step, should_stop=lambda: ctx.cancel_requested,
-                checkpoint_dir=work / "checkpoint",
+                checkpoint_dir=work / "checkpoint", parent_embedding=self._parent_embedding(concept),
                 on_validation=lambda step, images: self._store_validation(ctx, concept, step, images, progress))
         for warning in result.warnings:
             ctx.warn(warning)

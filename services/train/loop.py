@@ -20,6 +20,8 @@ import numpy as np
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .methods import METHODS, Components
+from .methods.lora import LEARNED_EMBEDS
+from .methods.textual_inversion import add_learned_token
 from .regularizers import REGULARIZER_PLUGINS, RegularizerInputs, weighted_pixel_mean
 from .regularizers.core import CORE_VARIANTS
 
@@ -224,6 +226,7 @@ def train(
     checkpoint_dir: Path | None = None,
     on_validation: OnValidation | None = None,
     instance_masks: Sequence[Any] | None = None,
+    parent_embedding: tuple[str, Any] | None = None,
 ) -> TrainResult:
     """Trains `config.method` on `examples` ((PIL image, caption) pairs) and saves it into `output_dir`.
 
@@ -233,6 +236,11 @@ def train(
     early (the weights so far are still saved). `instance_masks`: one bool (H, W) subject mask or None per
     example, for the masked loss. Regulariser plugins (`config.regularizers`) add their terms to the loss and to
     what `on_step` reports.
+
+    `parent_embedding` (token, (1, hidden) tensor): a textual-inversion embedding learned before (CoRe's stage 1),
+    added to the tokenizer and text encoder before the method prepares and kept frozen (the method must not train
+    the text encoder), so captions with the token encode with it. A method that saves a whole pipeline carries it
+    in its text encoder; any other gets it beside its weights as learned_embeds.safetensors.
 
     With `checkpoint_dir`, the full training state (trainable weights, optimiser, LR schedule, RNG, step) is
     written there atomically every `config.checkpoint_every` steps and when the run stops early; a later call
@@ -251,11 +259,12 @@ def train(
         return _train(Path(base_model_dir), list(examples), config, Path(output_dir),
                       list(class_examples or []), on_step, should_stop, device,
                       Path(checkpoint_dir) if checkpoint_dir is not None else None, on_validation,
-                      list(instance_masks) if instance_masks is not None else [None] * len(examples))
+                      list(instance_masks) if instance_masks is not None else [None] * len(examples),
+                      parent_embedding)
 
 
 def _train(base_model_dir, examples, config, output_dir, class_examples, on_step, should_stop, device,
-           checkpoint_dir, on_validation, instance_masks) -> TrainResult:
+           checkpoint_dir, on_validation, instance_masks, parent_embedding=None) -> TrainResult:
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -280,9 +289,15 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
     if resolution % vae_scale:
         raise InvalidArgument(f"`resolution` is {resolution}: use a multiple of {vae_scale} for this base model")
 
-    # 2. Let the method freeze, unfreeze and add its weights (adapters, new token), then move to the device.
+    # 2. A parent's learned token joins the vocabulary first (frozen: the method must not train the text side).
+    #    Then let the method freeze, unfreeze and add its weights (adapters, new token), and move to the device.
     method = METHODS[config.method]()
+    if parent_embedding is not None:
+        add_learned_token(components.tokenizer, components.text_encoder, *parent_embedding)
     method.prepare(components, config)
+    if parent_embedding is not None and method.trains_text_encoder:
+        raise InvalidArgument(f"`method` {config.method} trains the text side, so the parent's embedding would not "
+                              "stay frozen: use dreambooth or lora without `train_text_encoder`")
     for model in (components.text_encoder, components.vae, components.unet):
         model.to(device)
     components.vae.eval()
@@ -347,7 +362,8 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         warnings += regularizer.prepare(reg_inputs)
 
     # 6. Resume from the checkpoint a previous (interrupted) call left, if any.
-    fingerprint = _fingerprint(config, all_examples, n_instance, instance_masks if "mask" in config.regularizers else ())
+    fingerprint = _fingerprint(config, all_examples, n_instance,
+                               instance_masks if "mask" in config.regularizers else (), parent_embedding)
     state = _TrainingState(params, optimizer, lr_scheduler, scaler, generator)
     losses: list[float] = []
     start_step = 0
@@ -452,6 +468,11 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         for model in (components.text_encoder, components.vae, components.unet):
             model.to(dtype=torch.float32)
     artifact = method.save(output_dir)
+    if parent_embedding is not None and not method.saves_pipeline:
+        from safetensors.torch import save_file
+
+        token, embedding = parent_embedding
+        save_file({token: embedding.detach().float().cpu().contiguous()}, str(Path(output_dir) / LEARNED_EMBEDS))
     return TrainResult(method=config.method, output_dir=output_dir, artifact=artifact, steps=len(losses),
                        stopped=stopped, losses=tuple(losses), seconds=time.perf_counter() - started,
                        warnings=tuple(warnings), resumed_from=resumed_from, components=components)
@@ -544,8 +565,10 @@ class _TrainingState:
         return payload["step"], list(payload["losses"])
 
 
-def _fingerprint(config: TrainConfig, examples: list, n_instance: int, masks: Sequence[Any] = ()) -> str:
-    """Identifies a run's settings and data (masks too), so a checkpoint is only resumed by the run that wrote it."""
+def _fingerprint(config: TrainConfig, examples: list, n_instance: int, masks: Sequence[Any] = (),
+                 parent_embedding: tuple[str, Any] | None = None) -> str:
+    """Identifies a run's settings and data (masks, a parent's embedding too), so a checkpoint is only resumed by
+    the run that wrote it."""
     from dataclasses import asdict
 
     settings = {k: v for k, v in asdict(config).items()
@@ -557,6 +580,9 @@ def _fingerprint(config: TrainConfig, examples: list, n_instance: int, masks: Se
         digest.update(image.convert("RGB").tobytes())
     for mask in masks:
         digest.update(b"-" if mask is None else np.packbits(np.asarray(mask, dtype=bool)).tobytes())
+    if parent_embedding is not None:
+        digest.update(parent_embedding[0].encode())
+        digest.update(parent_embedding[1].detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -97,3 +97,80 @@ def test_combinations_that_cannot_work_are_refused_before_a_job(app, client, sub
         assert word in error.details(), error.details()
     assert not app.db.query("SELECT * FROM jobs WHERE kind = 'train'")
     assert not app.db.query("SELECT * FROM concepts")
+
+
+# CoRe's two stages: a ti concept learns the token with CoRe, then a child trains the UNet with that embedding frozen.
+
+def _child(client, subject_id: str, parent_id: str, method: str = "lora", regularizers=("none",), steps: int = 4,
+           **options):
+    return client.train.StartTraining(train_pb2.StartTrainingRequest(
+        subject_id=subject_id, base_model="tiny", method=method, regularizers=list(regularizers), captions="class",
+        parent_concept_id=parent_id,
+        options=train_pb2.TrainingOptions(steps=steps, resolution=32, checkpoint_every=0, **options)))
+
+
+def _ti_parent(client, subject_id: str) -> str:
+    final, _ = _finished(client, _start(client, subject_id, "ti", ["core"], steps=4, learning_rate=5e-3))
+    return final.params["concept_id"]
+
+
+def _exported(client, concept_id: str, fmt, folder):
+    exported = client.train.ExportConcept(train_pb2.ExportConceptRequest(concept_id=concept_id, format=fmt))
+    for file in exported.files:
+        client.read_concept_file(concept_id, file.artifact_id, folder / file.path)
+    return folder
+
+
+def test_a_lora_child_continues_from_a_ti_concept_with_its_embedding_frozen(client, subject, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    parent_id = _ti_parent(client, subject.subject_id)
+    final, steps = _finished(client, _child(client, subject.subject_id, parent_id))
+    child = client.train.GetConcept(train_pb2.GetConceptRequest(concept_id=final.params["concept_id"]))
+    assert child.state == train_pb2.CONCEPT_STATE_READY and child.method == "lora"
+    assert child.parent_concept_id == parent_id and len(steps) >= 1
+    assert {f.path for f in child.files} >= {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors"}
+
+    [(token, learned)] = load_file(_exported(client, parent_id, train_pb2.EXPORT_FORMAT_TI, tmp_path / "ti")
+                                   / "learned_embeds.safetensors").items()
+    assert token == subject.token
+    folder = _exported(client, child.concept_id, train_pb2.EXPORT_FORMAT_DIFFUSERS, tmp_path / "child")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    assert token in tokenizer.get_vocab()
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    assert tokenizer(f"a {token} dog").input_ids.count(token_id) == 1
+    row = CLIPTextModel.from_pretrained(folder / "text_encoder").get_input_embeddings().weight[token_id]
+    assert (row.detach().float() - learned.reshape(-1).float()).abs().max() < 1e-6
+    _draws(client, child.concept_id)
+
+
+def test_continuing_from_a_parent_is_refused_when_it_cannot_work(app, client, client_for, subject, dog_photos):
+    parent_id = _ti_parent(client, subject.subject_id)
+    other = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
+        class_name="dog", images=[subjects_pb2.ImageUpload(data=d) for d in dog_photos[2:4]]))
+    other_parent = _ti_parent(client, other.subject_id)
+    final, _ = _finished(client, _start(client, subject.subject_id, "lora", ["none"], steps=2))
+    lora_id = final.params["concept_id"]
+    concepts = len(app.db.query("SELECT * FROM concepts"))
+    cases = [
+        (dict(parent_id=other_parent), "INVALID_ARGUMENT", ["`parent_concept_id`", "`subject_id`"]),
+        (dict(parent_id=lora_id), "INVALID_ARGUMENT", ["`parent_concept_id`", "lora", "only ti"]),
+        (dict(parent_id=parent_id, method="ti"), "INVALID_ARGUMENT", ["`method`", "`parent_concept_id`"]),
+        (dict(parent_id=parent_id, train_text_encoder=True), "INVALID_ARGUMENT",
+         ["`train_text_encoder`", "`parent_concept_id`"]),
+        (dict(parent_id=parent_id, regularizers=["spl"]), "INVALID_ARGUMENT",
+         ["`regularizers`", "spl", "`parent_concept_id`"]),
+        (dict(parent_id="cpt_missing"), "NOT_FOUND", ["`parent_concept_id`"]),
+    ]
+    for given, code, words in cases:
+        error = _error(lambda: _child(client, subject.subject_id, given.pop("parent_id"), **given))
+        assert error.code().name == code, error.details()
+        for word in words:
+            assert word in error.details(), error.details()
+    # Another tenant cannot continue from this tenant's concept.
+    stranger = client_for("globex")
+    theirs = stranger.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
+        class_name="dog", images=[subjects_pb2.ImageUpload(data=d) for d in dog_photos[:2]]))
+    assert _error(lambda: _child(stranger, theirs.subject_id, parent_id)).code() == grpc.StatusCode.NOT_FOUND
+    assert len(app.db.query("SELECT * FROM concepts")) == concepts

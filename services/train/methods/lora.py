@@ -7,6 +7,8 @@ from pathlib import Path
 from .base import Components, TrainingMethod
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# The parent concept's textual-inversion embedding, saved beside the adapters when training continued from one.
+LEARNED_EMBEDS = "learned_embeds.safetensors"
 # CLIP text encoder attention projections, as diffusers train_dreambooth_lora.py --train_text_encoder.
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -48,6 +50,10 @@ class LoraMethod(TrainingMethod):
 
     @classmethod
     def fuse_into_pipeline(cls, pipe, weights_dir: Path, token: str) -> None:
+        # A LoRA trained on top of a textual-inversion parent (CoRe's stage 2) carries the parent's token beside it.
+        embeds = Path(weights_dir) / LEARNED_EMBEDS
+        if embeds.exists():
+            pipe.load_textual_inversion(str(embeds))
         pipe.load_lora_weights(weights_dir, weight_name=WEIGHT_NAME)
         pipe.fuse_lora()
         pipe.unload_lora_weights()

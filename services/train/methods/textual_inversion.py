@@ -62,6 +62,36 @@ class PlaceholderToken:
         return path
 
 
+def read_learned_embeds(path: Path):
+    """(token, embedding (n_vectors, hidden)) from a learned_embeds.safetensors as `PlaceholderToken.save` writes."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    if len(state) != 1:
+        raise InvalidArgument(f"{path.name} holds {len(state)} tokens; a textual-inversion file holds one")
+    [(token, embedding)] = state.items()
+    return token, embedding.reshape(-1, embedding.shape[-1])
+
+
+def add_learned_token(tokenizer, text_encoder, token: str, embedding) -> int:
+    """Adds `token` with its learned (1, hidden) embedding row to the tokenizer and text encoder, as diffusers'
+    `load_textual_inversion` does; the text encoder's trainability is left to the method. Returns the token id."""
+    import torch
+
+    if embedding.shape[0] != 1 or embedding.shape[-1] != text_encoder.get_input_embeddings().weight.shape[1]:
+        raise InvalidArgument(f"the embedding of {token!r} has shape {tuple(embedding.shape)}; this text encoder "
+                              f"takes (1, {text_encoder.get_input_embeddings().weight.shape[1]})")
+    if tokenizer.add_tokens(token) == 0:
+        raise InvalidArgument(f"`token` {token!r} is already a token of the tokenizer: it cannot take a learned "
+                              "embedding")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[token_id] = embedding[0].to(weight.device, weight.dtype)
+    return token_id
+
+
 class TextualInversionMethod(TrainingMethod):
     """Gal et al. 2022 (diffusers textual_inversion.py); loads with `pipe.load_textual_inversion(path, token=...)`."""
 
