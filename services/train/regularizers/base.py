@@ -34,7 +34,12 @@ class RegularizerInputs:
 
 class Regularizer(ABC):
     """One regulariser. The loop calls `prepare` once, then per step `pixel_weights` and `loss_terms`, then
-    `after_optimizer_step`; every hook is optional."""
+    `after_optimizer_step`; every hook is optional.
+
+    The seam P3S's attention-consistency loss (Eq. 11–13) will use: it needs the trainable copy that P3S's
+    condition injection adds, so it arrives with that method — `prepare` finds the copy on `inputs.method`, and
+    `loss_terms(batch, step_inputs)` gets the step's noisy latents and timesteps to run both branches on and
+    compare their cross-attention (captured as core.py does)."""
 
     # The `--reg` name.
     name: str = ""
