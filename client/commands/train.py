@@ -285,6 +285,9 @@ def train(
         help="--reg core: weight of CoRe's embedding term.", show_default="1.5e-4, the CoRe code's")] = None,
     core_attn_weight: Annotated[Optional[float], typer.Option(
         help="--reg core: weight of CoRe's attention term.", show_default="0.05, the CoRe code's")] = None,
+    core_variant: Annotated[Optional[str], typer.Option(
+        help="--reg core: cosine (per context token, the paper's), pairwise or hinge.", show_default="cosine")]
+    = None,
     min_snr_gamma: Annotated[Optional[float], typer.Option(
         help="Min-SNR loss weighting gamma (Hang et al. 2023), e.g. 5.0.", show_default="off")] = None,
     lr_scheduler: Annotated[Optional[str], typer.Option(
@@ -324,7 +327,7 @@ def train(
         num_class_images=num_class_images, checkpoint_every=checkpoint_every, validation_every=validation_every,
         validation_prompts=validation_prompts, class_image_steps=class_image_steps, epochs=epochs,
         unmasked_weight=unmasked_weight, spl_weight=spl_weight, core_emb_weight=core_emb_weight,
-        core_attn_weight=core_attn_weight)
+        core_attn_weight=core_attn_weight, core_variant=core_variant)
 
     client = s.client()
     folder = Path(source).expanduser()

@@ -83,6 +83,7 @@ DEFAULT_OPTIONS = {
     "lora_targets": ["to_q", "to_k", "to_v", "to_out.0"], "gradient_checkpointing": False, "min_snr_gamma": None,
     "lr_scheduler": "constant", "lr_warmup_steps": 0, "use_8bit_adam": False, "prior_loss_weight": 1.0,
     "unmasked_weight": 0.1, "spl_weight": 1.0, "core_emb_weight": 1.5e-4, "core_attn_weight": 0.05,
+    "core_variant": "cosine", "core_rescale_start": 120, "core_rescale_end": 180,
     "num_class_images": 100, "class_image_steps": 30, "checkpoint_every": 100, "validation_every": 0, "max_grad_norm": 1.0,
 }
 # Options that are not TrainConfig fields (they shape the data, not the loop).

@@ -21,7 +21,7 @@ FORMATS = {train_pb2.EXPORT_FORMAT_DIFFUSERS: "diffusers", train_pb2.EXPORT_FORM
 # TrainingOptions fields that are lists or plain (non-optional) values; the rest are proto3 `optional`.
 _REPEATED = ("lora_targets", "validation_prompts")
 _PLAIN = ("train_text_encoder", "initializer_token", "mixed_precision", "gradient_checkpointing", "lr_scheduler",
-          "use_8bit_adam", "class_prompt")
+          "use_8bit_adam", "class_prompt", "core_variant")
 
 
 def options_from_proto(options: train_pb2.TrainingOptions) -> dict:

@@ -50,7 +50,8 @@ def test_masked_loss_trains_on_the_mask_services_masks(client, subject):
 
 
 def test_spl_and_core_report_their_terms_and_stay_bounded(client, subject):
-    final, steps = _finished(client, _start(client, subject.subject_id, "ti", ["spl", "core"], learning_rate=5e-3))
+    final, steps = _finished(client, _start(client, subject.subject_id, "ti", ["spl", "core"], learning_rate=5e-3,
+                                            core_variant="pairwise", core_rescale_start=10, core_rescale_end=20))
     assert steps and all({"spl", "core_emb", "core_attn"} <= set(s) for s in steps)
     # The token starts as the class word's embedding: both phrases and contexts start close and stay close.
     assert all(0 <= s["spl"] < 0.5 and 0 <= s["core_emb"] < 0.5 for s in steps)
@@ -88,6 +89,8 @@ def _error(call) -> grpc.RpcError:
     ("lora", ["sharpen"], {}, "INVALID_ARGUMENT", ["`regularizers`", "sharpen"]),
     ("ti", ["spl"], {"spl_weight": -1}, "INVALID_ARGUMENT", ["`spl_weight`"]),
     ("lora", ["prior"], {"unmasked_weight": 2}, "INVALID_ARGUMENT", ["`unmasked_weight`"]),
+    ("ti", ["core"], {"core_variant": "l2"}, "INVALID_ARGUMENT", ["`core_variant`"]),
+    ("ti", ["core"], {"core_rescale_start": 50, "core_rescale_end": 10}, "INVALID_ARGUMENT", ["`core_rescale_end`"]),
 ])
 def test_combinations_that_cannot_work_are_refused_before_a_job(app, client, subject, method, regularizers, options,
                                                                  code, words):
