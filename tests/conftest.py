@@ -29,6 +29,15 @@ def dreambench() -> Path:
     return DREAMBENCH
 
 
+@pytest.fixture(scope="session")
+def dogs(dreambench) -> list:
+    """Four DreamBench dog photos as (PIL image, "a photo of sks dog") training examples."""
+    from PIL import Image
+
+    paths = sorted((dreambench / "dog").glob("*.jpg"))[:4]
+    return [(Image.open(p).convert("RGB"), "a photo of sks dog") for p in paths]
+
+
 @pytest.fixture
 def dog_photos(dreambench) -> list[bytes]:
     return [p.read_bytes() for p in sorted((dreambench / "dog").glob("*.jpg"))[:4]]

@@ -2,30 +2,20 @@
 with diffusers' own loaders, the fused plain UNet computes the same, and the loss stays bounded."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.train.loop import TrainConfig, train
 from persona.services.train.methods.custom_diffusion import WEIGHT_NAME, CustomDiffusionMethod
 
-DOGS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dreambench" / "dog"
 PROMPT = "a photo of sks dog"
 EMBEDDING_NAME = "learned_embeds.safetensors"
 # 32 px keeps a step near 0.2 s on two CPU cores; a learning rate at which 30 steps visibly move K/V.
 RESOLUTION = 32
 STEPS = 30
-
-
-@pytest.fixture(scope="module")
-def dogs() -> list[tuple[Image.Image, str]]:
-    paths = sorted(DOGS.glob("*.jpg"))[:4]
-    assert len(paths) == 4, f"DreamBench dog photos not found at {DOGS}: check out ../shared beside the repo"
-    return [(Image.open(p).convert("RGB"), PROMPT) for p in paths]
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,10 @@ that computes what the trained one does."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from persona.services.runtime.errors import FailedPrecondition
 from persona.services.train.loop import TrainConfig, train
@@ -17,20 +15,12 @@ from persona.services.train.methods import Components
 from persona.services.train.methods.svdiff import (TOKEN_KEY, UNET_PREFIX, WEIGHT_NAME, SvdiffMethod, decompose,
                                                    read_spectral_shifts, shifted_weight, spectral_layers)
 
-DOGS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dreambench" / "dog"
 PROMPT = "a photo of sks dog"
 # 32 px keeps a step near 0.2 s on two CPU cores; the method's default learning rate (1e-3).
 RESOLUTION = 32
 STEPS = 30
 # The tiny UNet: 83 Linear/Conv2d weights with 3,620 singular values in all; the text encoder's hidden size is 32.
 TINY_LAYERS, TINY_SHIFTS, TINY_HIDDEN = 83, 3620, 32
-
-
-@pytest.fixture(scope="module")
-def dogs() -> list[tuple[Image.Image, str]]:
-    paths = sorted(DOGS.glob("*.jpg"))[:4]
-    assert len(paths) == 4, f"DreamBench dog photos not found at {DOGS}: check out ../shared beside the repo"
-    return [(Image.open(p).convert("RGB"), PROMPT) for p in paths]
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.train.loop import TrainConfig, train
 
-DOGS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dreambench" / "dog"
 PROMPT = "a photo of sks dog"
 # 32 px (half the tiny model's native 64) keeps a step near 0.2 s on two CPU cores.
 RESOLUTION = 32
@@ -23,13 +21,6 @@ LEARNING_RATES = {"dreambooth": 5e-4, "lora": 1e-2, "ti": 1e-1}
 @pytest.fixture(scope="module")
 def base(tiny_model) -> Path:
     return tiny_model
-
-
-@pytest.fixture(scope="module")
-def dogs() -> list[tuple[Image.Image, str]]:
-    paths = sorted(DOGS.glob("*.jpg"))[:4]
-    assert len(paths) == 4, f"DreamBench dog photos not found at {DOGS}: check out ../shared beside the repo"
-    return [(Image.open(p).convert("RGB"), PROMPT) for p in paths]
 
 
 @pytest.fixture(scope="module")

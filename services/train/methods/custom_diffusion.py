@@ -7,7 +7,7 @@ from pathlib import Path
 from persona.services.runtime.errors import InvalidArgument
 
 from .base import Components, TrainingMethod
-from .textual_inversion import WEIGHT_NAME as EMBEDDING_NAME, PlaceholderToken
+from .textual_inversion import WEIGHT_NAME as EMBEDDING_NAME, frozen_with_new_token
 
 # Pickled, not safetensors: diffusers' save_attn_procs drops the (empty) self-attention entries from a safetensors
 # file, and load_attn_procs then refuses it (processor count mismatch); the .bin keeps them (diffusers' example
@@ -27,12 +27,7 @@ class CustomDiffusionMethod(TrainingMethod):
 
     def prepare(self, components: Components, config) -> None:
         self.components, self.config = components, config
-        components.vae.requires_grad_(False)
-        components.unet.requires_grad_(False)
-        components.text_encoder.requires_grad_(False)
-        self.placeholder = PlaceholderToken(components.tokenizer, components.text_encoder, config.token,
-                                            config.initializer_token)
-        self.placeholder.weight.requires_grad_(True)
+        self.placeholder = frozen_with_new_token(components, config)
         # The processors' K/V are fresh modules, so they are the only UNet parameters that require grad.
         components.unet.set_attn_processor(custom_diffusion_processors(components.unet))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from persona.services.runtime.errors import FailedPrecondition
 
 from .base import Components, TrainingMethod
-from .textual_inversion import PlaceholderToken
+from .textual_inversion import frozen_with_new_token
 
 WEIGHT_NAME = "spectral_shifts.safetensors"
 # Written into the file's metadata; fuse_into_pipeline refuses other formats and newer versions.
@@ -62,12 +62,7 @@ class SvdiffMethod(TrainingMethod):
         from torch.nn.utils import parametrize
 
         self.components, self.config = components, config
-        components.vae.requires_grad_(False)
-        components.unet.requires_grad_(False)
-        components.text_encoder.requires_grad_(False)
-        self.placeholder = PlaceholderToken(components.tokenizer, components.text_encoder, config.token,
-                                            config.initializer_token)
-        self.placeholder.weight.requires_grad_(True)
+        self.placeholder = frozen_with_new_token(components, config)
         # The SVDs run on the training device (SD-1.5's 282: ~15 minutes on 2 CPU cores, seconds on a GPU).
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.shifts: dict = {}

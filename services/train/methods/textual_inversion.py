@@ -99,13 +99,7 @@ class TextualInversionMethod(TrainingMethod):
 
     def prepare(self, components: Components, config) -> None:
         self.components, self.config = components, config
-        self.placeholder = PlaceholderToken(components.tokenizer, components.text_encoder, config.token,
-                                            config.initializer_token)
-        # Only the embedding matrix trains; every row but the new token's is put back after each step.
-        components.vae.requires_grad_(False)
-        components.unet.requires_grad_(False)
-        components.text_encoder.requires_grad_(False)
-        self.placeholder.weight.requires_grad_(True)
+        self.placeholder = frozen_with_new_token(components, config)
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -132,3 +126,16 @@ class TextualInversionMethod(TrainingMethod):
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         return self.placeholder.save(output_dir / WEIGHT_NAME)
+
+
+def frozen_with_new_token(components: Components, config) -> PlaceholderToken:
+    """Freezes the whole model, then adds `config.token` (from `config.initializer_token`) and lets the embedding
+    matrix train; every row but the new token's is put back after each step (`PlaceholderToken`). The common start
+    of ti, custom_diffusion and svdiff."""
+    components.vae.requires_grad_(False)
+    components.unet.requires_grad_(False)
+    components.text_encoder.requires_grad_(False)
+    placeholder = PlaceholderToken(components.tokenizer, components.text_encoder, config.token,
+                                   config.initializer_token)
+    placeholder.weight.requires_grad_(True)
+    return placeholder
