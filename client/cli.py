@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .commands import (bench, captions, concepts, evaluate, export, generate, jobs, keys, mask, serve, subjects,
-                       train)
+from .commands import (bench, captions, concepts, evaluate, export, generate, jobs, keys, lifecycle, mask, serve,
+                       subjects, train)
 from .commands.session import DataDirOption, Session
 from .output import error_boundary
 
@@ -73,6 +73,8 @@ app.add_typer(jobs.app, name="jobs")
 app.add_typer(keys.app, name="keys")
 app.command("serve")(serve.serve)
 app.command("up")(serve.up)
+app.command("status")(lifecycle.status)
+app.command("down")(lifecycle.down)
 app.add_typer(bench.app, name="bench")
 
 

@@ -1,4 +1,5 @@
-"""`persona-cli serve`: every persona service in one process, until SIGTERM or Ctrl-C."""
+"""`persona-cli serve`: every persona service in one process, until SIGTERM or Ctrl-C; `persona-cli up`: the same
+with a tritonserver beside it (`--detach`: in the background, see lifecycle.py for that, `status` and `down`)."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ from typing import Annotated
 import typer
 
 from ..output import note
+from .lifecycle import up_detached, write_up_state
 from .session import DataDirOption, session
 
 log = logging.getLogger("persona.serve")
@@ -79,23 +81,37 @@ def up(
     = AuthMode.none,
     triton_url: TritonUrlOption = "",
     log_level: LogLevelOption = LogLevel.info,
+    detach: Annotated[bool, typer.Option(
+        "--detach", "-d", help="Start in the background, wait until it serves, print the endpoints and return "
+                               "(logs in PERSONA_HOME/logs/persona.log); then `persona-cli status` and "
+                               "`persona-cli down`.")] = False,
 ) -> None:
     """Run persona with Triton: start tritonserver (explicit model control, on the data dir's model repository)
     and every persona service, generation drawing on Triton; Ctrl-C or SIGTERM stops both.
+
+    Two processes, each health-checked by `persona-cli status`: ONE persona process serving all five services on
+    one port (they share one SQLite store and one job runner whose crash recovery assumes a single owner of the
+    data dir, which a lock enforces; a process per service would need a shared store such as Postgres first),
+    and `tritonserver`, which persona starts and stops. While running, PERSONA_HOME/run/up.json names both
+    (pids, addresses, logs).
 
     Concepts are exported to ONNX and loaded into Triton on first use (or `LoadConcept`), without a restart.
     The tritonserver is NVIDIA's where one is installed (PERSONA_TRITONSERVER, PATH, /opt/tritonserver), else
     the one bundled in nvidia-pytriton (python backend: components run ONNX Runtime inside it).
 
-    Example: `persona-cli up --port 50051`, then `persona-cli --server 127.0.0.1:50051 generate CONCEPT "a sks
-    dog on the beach"`.
+    Example: `persona-cli up --detach --port 50051`, then `persona-cli --server 127.0.0.1:50051 generate CONCEPT
+    "a sks dog on the beach"`, `persona-cli status`, `persona-cli down`.
     """
-    run_server(ctx, host, port, data_dir, auth, EngineChoice.triton, triton_url, log_level)
+    if detach:
+        up_detached(ctx, host, port, data_dir, auth.value, triton_url, log_level.value)
+    else:
+        run_server(ctx, host, port, data_dir, auth, EngineChoice.triton, triton_url, log_level, write_state=True)
 
 
 def run_server(ctx: typer.Context, host: str, port: int, data_dir, auth: AuthMode, engine: EngineChoice,
-               triton_url: str, log_level: LogLevel) -> None:
-    """Builds the app on the data dir and serves until SIGTERM or Ctrl-C."""
+               triton_url: str, log_level: LogLevel, write_state: bool = False) -> None:
+    """Builds the app on the data dir and serves until SIGTERM or Ctrl-C; with `write_state`, the data dir's
+    run/up.json names the processes while they serve."""
     from persona.services.app import build_app
     from persona.services.generate.settings import GenerateSettings
     from persona.services.runtime.server import serve_until_signal
@@ -116,10 +132,15 @@ def run_server(ctx: typer.Context, host: str, port: int, data_dir, auth: AuthMod
     if auth is AuthMode.api_key and not app.authenticator.list_keys():
         note(f"no API keys yet: create one with `persona-cli keys create TENANT --data-dir {settings.data_dir}`, "
              "then call with --api-key KEY or PERSONA_API_KEY")
+    state = write_up_state(settings.data_dir, listening, endpoint) if write_state else None
     still_running: list[int] = []
-    serve_until_signal(app.server, settings.grace_period_s,
-                       on_stop=lambda: still_running.append(app.runner.shutdown(wait=True, timeout_s=settings.grace_period_s)))
-    app.generate.engine.close()  # a tritonserver persona started stops with it (it runs in its own session)
+    try:
+        serve_until_signal(app.server, settings.grace_period_s,
+                           on_stop=lambda: still_running.append(app.runner.shutdown(wait=True, timeout_s=settings.grace_period_s)))
+        app.generate.engine.close()  # a tritonserver persona started stops with it (it runs in its own session)
+    finally:
+        if state is not None:
+            state.unlink(missing_ok=True)
     if still_running and still_running[0]:
         # Jobs cut off here stay RUNNING in the store and are resumed on the next start, as after a
         # crash; without this exit the interpreter would wait for them however long they take.
