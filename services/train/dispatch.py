@@ -1,0 +1,262 @@
+"""Where a train job runs: in this process (today) or as a Kubernetes Job (DESIGN, "Scaling past one machine").
+
+A `TrainDispatcher` starts the work of a job already persisted in the JobStore, reports a coarse state
+and cancels it. Two implementations:
+
+- `LocalDispatcher`: the shared `JobRunner` *is* the local dispatcher — `JobRunner.submit` persists the
+  job and runs it on a worker thread of this process. The wrapper only maps the store's states to the
+  dispatcher's and cancels through the runner; it starts nothing itself. The train domain is not wired
+  to it (yet): it keeps calling the runner directly.
+- `KubernetesDispatcher`: creates one `batch/v1` Job per train job (one GPU pod, the same image, the job
+  id as argument) with the official `kubernetes` client, an optional dependency, imported lazily. The
+  chart's Role (`rbac.create`) grants exactly what it uses.
+
+Not done yet (so `KubernetesDispatcher` is not used by any service): the worker pod runs
+`persona-cli run-job JOB_ID --data-dir /data`, an entry point that does not exist yet — it must load the
+job from the store, run the registered "train" handler on it once and exit non-zero on failure. The worker
+and the server then share the metadata store, which needs the planned Postgres store (one process owns a
+SQLite data dir) and the models/data volumes on ReadWriteMany storage.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Protocol, runtime_checkable
+
+from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from persona.services.runtime.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobRunner
+
+PENDING_STATE, RUNNING_STATE, SUCCEEDED_STATE, FAILED_STATE = "pending", "running", "succeeded", "failed"
+
+NAME_PREFIX = "persona-train-"
+DATA_DIR, MODELS_DIR = "/data", "/models"
+# The chart's uid/gid (values.yaml persona.podSecurityContext).
+RUN_AS = 10001
+LABEL_NAME, LABEL_COMPONENT, LABEL_JOB_ID = "app.kubernetes.io/name", "app.kubernetes.io/component", "persona.dev/job-id"
+ANNOTATION_CONCEPT_ID = "persona.dev/concept-id"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123 label: namespaces, ≤ 63
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")  # ≤ 253
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")  # ≤ 63
+
+
+@runtime_checkable
+class TrainDispatcher(Protocol):
+    """Runs a persisted train job somewhere; handles are opaque strings."""
+
+    def submit(self, job_id: str, concept_id: str) -> str:
+        """Starts the job's work and returns a handle for `state` and `cancel`."""
+        ...
+
+    def state(self, handle: str) -> str:
+        """"pending" | "running" | "succeeded" | "failed"."""
+        ...
+
+    def cancel(self, handle: str) -> None:
+        """Stops the work; a no-op once it has finished."""
+        ...
+
+
+_LOCAL_STATES = {QUEUED: PENDING_STATE, RUNNING: RUNNING_STATE, SUCCEEDED: SUCCEEDED_STATE,
+                 FAILED: FAILED_STATE, CANCELLED: FAILED_STATE}
+
+
+class LocalDispatcher:
+    """The in-process dispatcher: the JobRunner already runs the job, this reads and cancels it.
+
+    `submit` expects the job to exist (`JobRunner.submit` persisted it QUEUED and queued it on its
+    pool); the handle is the job id. CANCELLED reads as "failed": the work did not succeed.
+    """
+
+    def __init__(self, runner: JobRunner):
+        self.runner = runner
+        self.submitted: dict[str, str] = {}  # handle -> concept id
+
+    def submit(self, job_id: str, concept_id: str) -> str:
+        self.runner.store.get(job_id)  # NotFound, naming `job_id`, for a job the runner never took
+        self.submitted[job_id] = concept_id
+        return job_id
+
+    def state(self, handle: str) -> str:
+        return _LOCAL_STATES[self.runner.store.get(handle).state]
+
+    def cancel(self, handle: str) -> None:
+        job = self.runner.store.get(handle)
+        if job.state not in TERMINAL:
+            self.runner.cancel(job.tenant_id, handle)
+
+
+def job_name(job_id: str) -> str:
+    """`persona-train-<job id>` as a DNS-1123 label (≤ 63: the Job controller copies it into pod labels)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", job_id.lower()).strip("-")
+    name = NAME_PREFIX + slug
+    if len(name) > 63 or slug != job_id.lower():
+        # Truncated or rewritten: a hash of the exact id keeps distinct ids distinct ("a_b" vs "a-b").
+        digest = hashlib.sha256(job_id.encode()).hexdigest()[:8]
+        name = f"{name[:63 - 9].rstrip('-')}-{digest}"
+    return name
+
+
+def kubernetes_job_manifest(job_id: str, *, image: str, namespace: str, service_account: str, data_claim: str,
+                            models_claim: str, gpu: int = 1, node_selector: dict | None = None,
+                            tolerations: list | None = None, env: dict | None = None, backoff_limit: int = 0,
+                            ttl_seconds_after_finished: int = 3600) -> dict:
+    """The `batch/v1` Job that runs one train job in a worker pod, as a plain dict (kubernetes client body).
+
+    One container runs `persona-cli run-job JOB_ID --data-dir /data` (the entry point is the next step,
+    see the module docstring) with the data and models PVCs at /data and /models, non-root like the
+    chart's pods, `nvidia.com/gpu: gpu` when gpu > 0, restartPolicy Never; `backoff_limit` retries
+    (0: a failed pod fails the Job; the train handler resumes from its checkpoint when retried) and the
+    finished Job is garbage-collected after `ttl_seconds_after_finished` — the job's outcome lives in the
+    JobStore, not in the Job object.
+    """
+    if not isinstance(job_id, str) or len(job_id) > 63 or not _LABEL_VALUE.match(job_id):
+        raise InvalidArgument(f"`job_id` {job_id!r} is not a job id: letters, digits, '-', '_' and '.', "
+                              f"at most 63 characters, e.g. job_9c1e0a")
+    if not isinstance(image, str) or not image.strip():
+        raise InvalidArgument("`image` is empty: pass the persona image, e.g. registry.example.com/persona/persona:0.1.0")
+    if not isinstance(namespace, str) or len(namespace) > 63 or not _DNS_LABEL.match(namespace):
+        raise InvalidArgument(f"`namespace` {namespace!r} is not a Kubernetes namespace name: lowercase letters, "
+                              f"digits and '-', at most 63 characters, e.g. persona")
+    for arg, value in (("service_account", service_account), ("data_claim", data_claim),
+                       ("models_claim", models_claim)):
+        if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+            raise InvalidArgument(f"`{arg}` {value!r} is not a Kubernetes object name: lowercase letters, digits, "
+                                  f"'-' and '.', e.g. persona-data")
+    for arg, count in (("gpu", gpu), ("backoff_limit", backoff_limit),
+                       ("ttl_seconds_after_finished", ttl_seconds_after_finished)):
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise InvalidArgument(f"`{arg}` is {count!r}: pass a whole number ≥ 0")
+    node_selector = dict(node_selector or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in node_selector.items()):
+        raise InvalidArgument(f"`node_selector` {node_selector!r} must map label names to string values, "
+                              f"e.g. {{'nvidia.com/gpu.present': 'true'}}")
+    tolerations = list(tolerations or [])
+    if not all(isinstance(t, dict) for t in tolerations):
+        raise InvalidArgument(f"`tolerations` {tolerations!r} must be a list of Kubernetes tolerations (dicts), "
+                              f"e.g. [{{'key': 'nvidia.com/gpu', 'operator': 'Exists', 'effect': 'NoSchedule'}}]")
+    variables = {"HOME": "/tmp", "PERSONA_HOME": DATA_DIR}
+    for name, value in (env or {}).items():
+        if not isinstance(name, str) or not name or "=" in name:
+            raise InvalidArgument(f"`env` has the variable name {name!r}: pass non-empty names without '='")
+        variables[name] = str(value)
+
+    labels = {LABEL_NAME: "persona", LABEL_COMPONENT: "train-job", LABEL_JOB_ID: job_id}
+    container: dict[str, Any] = {
+        "name": "train",
+        "image": image,
+        # `args` like the chart's server container, so the same image (and its entrypoint) runs both.
+        "args": ["persona-cli", "run-job", job_id, "--data-dir", DATA_DIR],
+        "env": [{"name": k, "value": v} for k, v in variables.items()],
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}, {"name": "models", "mountPath": MODELS_DIR},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if gpu > 0:
+        container["resources"] = {"limits": {"nvidia.com/gpu": gpu}}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": service_account,
+        "automountServiceAccountToken": False,  # the worker talks to the store, not to the Kubernetes API
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": data_claim}},
+                    {"name": "models", "persistentVolumeClaim": {"claimName": models_claim}},
+                    {"name": "tmp", "emptyDir": {}}],
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": job_name(job_id), "namespace": namespace, "labels": dict(labels)},
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "ttlSecondsAfterFinished": ttl_seconds_after_finished,
+            "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+        },
+    }
+
+
+def _kubernetes_batch_api() -> Any:
+    try:
+        import kubernetes
+    except ImportError:
+        raise FailedPrecondition("the Kubernetes train dispatcher needs the kubernetes client: "
+                                 "`pip install kubernetes` in the server's environment") from None
+    try:
+        kubernetes.config.load_incluster_config()  # in a pod: the service account's token
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # elsewhere: ~/.kube/config
+    return kubernetes.client.BatchV1Api()
+
+
+def _is_not_found(error: Exception) -> bool:
+    return getattr(error, "status", None) == 404  # kubernetes.client.ApiException, without importing it
+
+
+class KubernetesDispatcher:
+    """Runs each train job as a Kubernetes Job in `namespace`; the handle is the Job's name.
+
+    `client` is a `kubernetes.client.BatchV1Api` (built from the in-cluster or kube config when None).
+    The manifest arguments are those of `kubernetes_job_manifest` and are checked here, at construction.
+    """
+
+    def __init__(self, namespace: str, image: str, *, service_account: str, data_claim: str, models_claim: str,
+                 gpu: int = 1, node_selector: dict | None = None, tolerations: list | None = None,
+                 env: dict | None = None, backoff_limit: int = 0, ttl_seconds_after_finished: int = 3600,
+                 client: Any = None):
+        self.namespace = namespace
+        self.backoff_limit = backoff_limit
+        self._manifest_args = dict(image=image, namespace=namespace, service_account=service_account,
+                                   data_claim=data_claim, models_claim=models_claim, gpu=gpu,
+                                   node_selector=node_selector, tolerations=tolerations, env=env,
+                                   backoff_limit=backoff_limit, ttl_seconds_after_finished=ttl_seconds_after_finished)
+        kubernetes_job_manifest("job_check", **self._manifest_args)  # InvalidArgument now, not at the first submit
+        self.client = client if client is not None else _kubernetes_batch_api()
+
+    def manifest(self, job_id: str, concept_id: str = "") -> dict:
+        body = kubernetes_job_manifest(job_id, **self._manifest_args)
+        if concept_id:
+            body["metadata"]["annotations"] = {ANNOTATION_CONCEPT_ID: concept_id}
+        return body
+
+    def submit(self, job_id: str, concept_id: str) -> str:
+        body = self.manifest(job_id, concept_id)
+        self.client.create_namespaced_job(self.namespace, body)
+        return body["metadata"]["name"]
+
+    def state(self, handle: str) -> str:
+        try:
+            # read_namespaced_job, not read_namespaced_job_status: both return the V1Job with its status, but
+            # the latter is the `jobs/status` subresource, which the chart's Role (batch `jobs` only) does not grant.
+            job = self.client.read_namespaced_job(handle, self.namespace)
+        except Exception as e:
+            if _is_not_found(e):
+                raise NotFound(f"Kubernetes Job {handle!r} does not exist in namespace {self.namespace!r} "
+                               f"(deleted, or garbage-collected after ttlSecondsAfterFinished); "
+                               f"the job store keeps its outcome") from None
+            raise
+        status = job.status
+        conditions = {c.type for c in (status.conditions or []) if c.status == "True"}
+        if "Complete" in conditions or (status.succeeded or 0) > 0:
+            return SUCCEEDED_STATE
+        if "Failed" in conditions or (status.failed or 0) > self.backoff_limit:
+            return FAILED_STATE
+        if (status.active or 0) > 0:
+            # `active` counts pods still waiting for a node (a GPU); `ready` (Kubernetes ≥ 1.24) tells them apart.
+            ready = getattr(status, "ready", None)
+            return RUNNING_STATE if ready is None or ready > 0 else PENDING_STATE
+        return PENDING_STATE  # created, no pod yet (or between retries)
+
+    def cancel(self, handle: str) -> None:
+        try:
+            # Background: the Job goes now, the garbage collector then deletes its pod (the chart's Role allows it).
+            self.client.delete_namespaced_job(handle, self.namespace, propagation_policy="Background")
+        except Exception as e:
+            if not _is_not_found(e):
+                raise

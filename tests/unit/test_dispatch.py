@@ -1,0 +1,295 @@
+"""Train dispatchers: the Kubernetes Job manifest (validated offline), KubernetesDispatcher on a fake client,
+and LocalDispatcher over a real JobStore."""
+import re
+import sys
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from persona.services.runtime.jobs import MIGRATIONS, JobRunner, JobStore
+from persona.services.runtime.metadata import SQLiteMetadataStore
+from persona.services.train.dispatch import (KubernetesDispatcher, LocalDispatcher, TrainDispatcher, job_name,
+                                             kubernetes_job_manifest)
+
+KUBE_VERSION = "1.30"
+JOB_ID = "job_9C1e0a7b3d5f2e4c6a8b"
+ARGS = dict(image="registry.example.com/persona/persona:0.1.0", namespace="persona",
+            service_account="persona", data_claim="persona-data", models_claim="persona-models")
+GPU_ARGS = dict(gpu=2, node_selector={"nvidia.com/gpu.present": "true"},
+                tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                env={"PERSONA_TRAIN_DEVICE": "cuda", "HF_HUB_OFFLINE": 1}, backoff_limit=2,
+                ttl_seconds_after_finished=600)
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@pytest.fixture(scope="module")
+def kubernetes_validate():
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.fail("`kubernetes-validate` is not installed: pip install -e '.[dev]' (deploy/README.md)")
+    return kubernetes_validate
+
+
+def pod_spec(manifest):
+    return manifest["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("extra", [{}, GPU_ARGS], ids=["default", "gpu"])
+def test_the_manifest_is_a_valid_job_for_kubernetes_1_30(kubernetes_validate, extra):
+    manifest = kubernetes_job_manifest(JOB_ID, **ARGS, **extra)
+    kubernetes_validate.validate(manifest, KUBE_VERSION, strict=True)  # raises on unknown fields and bad types
+    assert (manifest["apiVersion"], manifest["kind"]) == ("batch/v1", "Job")
+    spec = pod_spec(manifest)
+    (container,) = spec["containers"]
+    assert container["args"] == ["persona-cli", "run-job", JOB_ID, "--data-dir", "/data"]
+    assert spec["restartPolicy"] == "Never"
+    assert spec["serviceAccountName"] == "persona"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
+              if "persistentVolumeClaim" in v}
+    assert (mounts["data"], mounts["models"]) == ("/data", "/models")
+    assert claims == {"data": "persona-data", "models": "persona-models"}
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    labels = {"app.kubernetes.io/name": "persona", "app.kubernetes.io/component": "train-job",
+              "persona.dev/job-id": JOB_ID}
+    assert manifest["metadata"]["labels"] == labels
+    assert manifest["spec"]["template"]["metadata"]["labels"] == labels
+    assert manifest["metadata"]["namespace"] == "persona"
+
+
+def test_gpu_limit_node_selector_tolerations_and_env_follow_the_arguments():
+    default = kubernetes_job_manifest(JOB_ID, **ARGS)
+    assert pod_spec(default)["containers"][0]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert "nodeSelector" not in pod_spec(default) and "tolerations" not in pod_spec(default)
+    assert (default["spec"]["backoffLimit"], default["spec"]["ttlSecondsAfterFinished"]) == (0, 3600)
+
+    cpu = kubernetes_job_manifest(JOB_ID, **ARGS, gpu=0)
+    assert "resources" not in pod_spec(cpu)["containers"][0]
+
+    gpu = kubernetes_job_manifest(JOB_ID, **ARGS, **GPU_ARGS)
+    spec = pod_spec(gpu)
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["tolerations"] == GPU_ARGS["tolerations"]
+    env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+    assert env == {"HOME": "/tmp", "PERSONA_HOME": "/data", "PERSONA_TRAIN_DEVICE": "cuda", "HF_HUB_OFFLINE": "1"}
+    assert (gpu["spec"]["backoffLimit"], gpu["spec"]["ttlSecondsAfterFinished"]) == (2, 600)
+
+
+@pytest.mark.parametrize("job_id", [JOB_ID, "job_" + "A" * 59, "a", "Job.With.Dots_and-Dashes"])
+def test_job_names_are_dns_1123_labels_and_distinct(job_id):
+    name = kubernetes_job_manifest(job_id, **ARGS)["metadata"]["name"]
+    assert name.startswith("persona-train-") and len(name) <= 63 and DNS_LABEL.match(name), name
+
+
+def test_job_names_keep_ids_apart_that_only_differ_in_what_dns_cannot_spell():
+    assert job_name(JOB_ID).startswith("persona-train-job-9c1e0a7b3d5f2e4c6a8b")
+    assert job_name("job-abc") == "persona-train-job-abc"  # already DNS-safe: used as is
+    names = {job_name(i) for i in ("job_abc", "job-abc", "JOB_ABC", "job_" + "a" * 59, "job_" + "a" * 58 + "b")}
+    assert len(names) == 5
+
+
+@pytest.mark.parametrize("override, argument", [
+    ({"image": ""}, "image"), ({"image": "  "}, "image"),
+    ({"gpu": -1}, "gpu"), ({"gpu": True}, "gpu"), ({"backoff_limit": -1}, "backoff_limit"),
+    ({"ttl_seconds_after_finished": -5}, "ttl_seconds_after_finished"),
+    ({"namespace": "Persona"}, "namespace"), ({"namespace": "per_sona"}, "namespace"),
+    ({"namespace": ""}, "namespace"), ({"namespace": "a" * 64}, "namespace"),
+    ({"service_account": ""}, "service_account"), ({"data_claim": "Data"}, "data_claim"),
+    ({"models_claim": "models/x"}, "models_claim"),
+    ({"node_selector": {"gpu": True}}, "node_selector"), ({"tolerations": ["gpu"]}, "tolerations"),
+    ({"env": {"A=B": "c"}}, "env"),
+])
+def test_bad_arguments_are_named(override, argument):
+    with pytest.raises(InvalidArgument, match=f"`{argument}`"):
+        kubernetes_job_manifest(JOB_ID, **{**ARGS, **override})
+
+
+@pytest.mark.parametrize("job_id", ["", "_job", "job id", "j" * 64])
+def test_bad_job_ids_are_named(job_id):
+    with pytest.raises(InvalidArgument, match="`job_id`"):
+        kubernetes_job_manifest(job_id, **ARGS)
+
+
+class ApiException(Exception):
+    """Like kubernetes.client.ApiException: carries the HTTP status."""
+
+    def __init__(self, status):
+        super().__init__(f"({status})")
+        self.status = status
+
+
+class FakeBatchV1Api:
+    """Records calls with the signatures of kubernetes.client.BatchV1Api:
+    create_namespaced_job(namespace, body), read_namespaced_job(name, namespace) -> V1Job (with .status),
+    delete_namespaced_job(name, namespace, propagation_policy=...)."""
+
+    def __init__(self):
+        self.calls = []
+        self.status = SimpleNamespace(active=None, succeeded=None, failed=None, ready=None, conditions=None)
+        self.jobs = set()
+
+    def create_namespaced_job(self, namespace, body, **kwargs):
+        self.calls.append(("create_namespaced_job", (namespace, body), kwargs))
+        self.jobs.add(body["metadata"]["name"])
+        return body
+
+    def read_namespaced_job(self, name, namespace, **kwargs):
+        self.calls.append(("read_namespaced_job", (name, namespace), kwargs))
+        if name not in self.jobs:
+            raise ApiException(404)
+        return SimpleNamespace(metadata=SimpleNamespace(name=name), status=self.status)
+
+    def delete_namespaced_job(self, name, namespace, **kwargs):
+        self.calls.append(("delete_namespaced_job", (name, namespace), kwargs))
+        if name not in self.jobs:
+            raise ApiException(404)
+        self.jobs.discard(name)
+
+
+@pytest.fixture
+def fake():
+    return FakeBatchV1Api()
+
+
+@pytest.fixture
+def dispatcher(fake):
+    return KubernetesDispatcher("persona", ARGS["image"], service_account="persona", data_claim="persona-data",
+                                models_claim="persona-models", client=fake)
+
+
+def test_submit_creates_the_job_in_the_namespace(kubernetes_validate, fake, dispatcher):
+    assert isinstance(dispatcher, TrainDispatcher)
+    handle = dispatcher.submit(JOB_ID, "concept_1")
+    [(method, (namespace, body), kwargs)] = fake.calls
+    assert (method, namespace, kwargs) == ("create_namespaced_job", "persona", {})
+    expected = kubernetes_job_manifest(JOB_ID, **ARGS)
+    expected["metadata"]["annotations"] = {"persona.dev/concept-id": "concept_1"}
+    assert body == expected
+    kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
+    assert handle == body["metadata"]["name"]
+
+
+@pytest.mark.parametrize("status, state", [
+    ({}, "pending"),
+    ({"active": 1, "ready": 0}, "pending"),  # pod waiting for a GPU node
+    ({"active": 1, "ready": 1}, "running"),
+    ({"active": 1}, "running"),  # a server without the `ready` count
+    ({"succeeded": 1}, "succeeded"),
+    ({"failed": 1}, "failed"),  # backoff_limit 0: the first failed pod fails the Job
+    ({"failed": 1, "conditions": [SimpleNamespace(type="Failed", status="True")]}, "failed"),
+    ({"conditions": [SimpleNamespace(type="Complete", status="True")], "succeeded": 1}, "succeeded"),
+])
+def test_state_maps_the_job_status(fake, dispatcher, status, state):
+    handle = dispatcher.submit(JOB_ID, "concept_1")
+    for name, value in status.items():
+        setattr(fake.status, name, value)
+    assert dispatcher.state(handle) == state
+    # GET jobs/{name} (the Role grants batch `jobs` get), not the `jobs/status` subresource it does not grant.
+    assert fake.calls[-1] == ("read_namespaced_job", (handle, "persona"), {})
+
+
+def test_a_failed_pod_within_the_backoff_limit_is_not_a_failed_job(fake):
+    dispatcher = KubernetesDispatcher("persona", ARGS["image"], service_account="persona", data_claim="persona-data",
+                                      models_claim="persona-models", backoff_limit=2, client=fake)
+    handle = dispatcher.submit(JOB_ID, "concept_1")
+    fake.status.failed = 1
+    assert dispatcher.state(handle) == "pending"
+    fake.status.active, fake.status.ready = 1, 1
+    assert dispatcher.state(handle) == "running"
+    fake.status.active, fake.status.failed = 0, 3
+    assert dispatcher.state(handle) == "failed"
+
+
+def test_cancel_deletes_the_job_in_the_background_and_is_idempotent(fake, dispatcher):
+    handle = dispatcher.submit(JOB_ID, "concept_1")
+    dispatcher.cancel(handle)
+    assert fake.calls[-1] == ("delete_namespaced_job", (handle, "persona"), {"propagation_policy": "Background"})
+    dispatcher.cancel(handle)  # gone (404): nothing to do
+    with pytest.raises(NotFound, match="does not exist"):
+        dispatcher.state(handle)
+
+
+def test_other_api_errors_pass_through(fake, dispatcher):
+    def forbidden(*args, **kwargs):
+        raise ApiException(403)
+
+    fake.delete_namespaced_job = forbidden
+    with pytest.raises(ApiException):
+        dispatcher.cancel("persona-train-x")
+
+
+def test_bad_arguments_fail_at_construction(fake):
+    with pytest.raises(InvalidArgument, match="`gpu`"):
+        KubernetesDispatcher("persona", ARGS["image"], service_account="persona", data_claim="persona-data",
+                             models_claim="persona-models", gpu=-1, client=fake)
+
+
+def test_without_the_kubernetes_package_it_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kubernetes", None)  # import kubernetes -> ImportError
+    with pytest.raises(FailedPrecondition, match="pip install kubernetes"):
+        KubernetesDispatcher("persona", ARGS["image"], service_account="persona", data_claim="persona-data",
+                             models_claim="persona-models")
+
+
+@pytest.fixture
+def store(tmp_path):
+    db = SQLiteMetadataStore(tmp_path / "m.sqlite3")
+    db.migrate(MIGRATIONS)
+    return JobStore(db)
+
+
+def test_local_state_follows_the_job_store(store):
+    runner = JobRunner(store)
+    local = LocalDispatcher(runner)
+    assert isinstance(local, TrainDispatcher)
+    job = store.create("t", "train", {"concept_id": "c1"})
+    handle = local.submit(job.job_id, "c1")
+    assert handle == job.job_id and local.submitted == {handle: "c1"}
+    assert local.state(handle) == "pending"
+    store.transition(job.job_id, "RUNNING", "started")
+    assert local.state(handle) == "running"
+    store.transition(job.job_id, "SUCCEEDED", "done")
+    assert local.state(handle) == "succeeded"
+    local.cancel(handle)  # finished: nothing to cancel
+    assert store.get(job.job_id).state == "SUCCEEDED"
+
+    failed = store.create("t", "train", {})
+    store.transition(failed.job_id, "FAILED", "boom")
+    assert local.state(local.submit(failed.job_id, "c2")) == "failed"
+    with pytest.raises(NotFound, match="`job_id`"):
+        local.submit("job_missing", "c3")
+
+
+def test_local_cancel_goes_through_the_runner_with_the_jobs_tenant(store):
+    runner = JobRunner(store)
+    local = LocalDispatcher(runner)
+    queued = store.create("tenant-a", "train", {})
+    local.cancel(local.submit(queued.job_id, "c1"))
+    assert store.get(queued.job_id).state == "CANCELLED"
+    assert local.state(queued.job_id) == "failed"
+
+    started, release = threading.Event(), threading.Event()
+
+    def train(ctx):
+        started.set()
+        release.wait(5)
+        ctx.check_cancelled()
+        return {}
+
+    runner.register("train", train, resumable=True)
+    running = runner.submit("tenant-b", "train", {})
+    handle = local.submit(running.job_id, "c2")
+    assert started.wait(5)
+    assert local.state(handle) == "running"
+    local.cancel(handle)
+    assert store.get(handle).cancel_requested
+    release.set()
+    events = list(store.watch("tenant-b", handle, poll_s=0.05))
+    assert events[-1].state == "CANCELLED" and local.state(handle) == "failed"
+    runner.shutdown(wait=True, timeout_s=5)
