@@ -46,7 +46,6 @@ model repository) never sees half an export.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -57,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from persona.services.runtime.artifacts import file_sha256
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -434,7 +434,7 @@ def _export_component(onnx, ort, spec: _Spec, staging: Path, *, opset: int, fp16
     start = time.perf_counter()
     diff = _parity(ort, spec, path, providers)
     verify_seconds = time.perf_counter() - start
-    sha = {f.name: _sha256(f) for f in sorted(component_dir.iterdir())}
+    sha = {f.name: file_sha256(f) for f in sorted(component_dir.iterdir())}
     component = OnnxComponent(name=spec.name, path=final_dir / spec.name / MODEL_FILE, max_abs_diff=diff,
                               seconds=seconds, fp16=fp16, sha256=sha,
                               external_data=EXTERNAL_DATA_FILE if external else None,
@@ -490,14 +490,6 @@ def _parity(ort, spec: _Spec, path: Path, providers: list[str]) -> float:
         if not np.isfinite(diff):
             break
     return diff
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _manifest(model_dir: Path, modules: dict, components: dict[str, OnnxComponent], io: dict, *, opset: int,

@@ -39,7 +39,8 @@ from typing import Callable
 
 # Same package: the ONNX layout's names, and the file helpers the export already has (hash, modes, parent).
 from persona.services.generate.onnx_export import (
-    COMPONENTS, MANIFEST, _default_permissions, _ensure_parent, _sha256)
+    COMPONENTS, MANIFEST, _default_permissions, _ensure_parent)
+from persona.services.runtime.artifacts import file_sha256
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 PLAN_FILE = "model.plan"
@@ -424,7 +425,7 @@ def _build_component(trt, logger, name: str, onnx_path: Path, staging: Path, fin
         f.write(serialized)
     del serialized, builder, network, parser  # the UNet's plan and network hold GBs of host memory
     return EngineComponent(name=name, path=final_dir / name / PLAN_FILE, seconds=time.perf_counter() - start,
-                           sha256=_sha256(component_dir / PLAN_FILE), profile=profile)
+                           sha256=file_sha256(component_dir / PLAN_FILE), profile=profile)
 
 
 def _engines_manifest(onnx_dir: Path, onnx_manifest: dict, components: dict[str, EngineComponent], *,
@@ -561,7 +562,7 @@ def refit_engines(engine_dir: Path, onnx_dir: Path, out_dir: Path, *, on_progres
                    if old["source_onnx"]["sha256"].get(name) != new["components"][name].get("sha256", {})]
         for index, name in enumerate(changed):
             refit_engine(staging / name / PLAN_FILE, _onnx_path(onnx_dir, new, name))
-            old["components"][name]["sha256"] = {PLAN_FILE: _sha256(staging / name / PLAN_FILE)}
+            old["components"][name]["sha256"] = {PLAN_FILE: file_sha256(staging / name / PLAN_FILE)}
             if on_progress is not None:
                 on_progress(index + 1, len(changed))
         old["source_onnx"] = {**old["source_onnx"], "path": str(onnx_dir),

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from persona.services.runtime.artifacts import file_sha256
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .triton_config import TensorSpec, model_config
@@ -58,7 +59,6 @@ NATIVE_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_pla
 TEMPLATES = {"pipeline": "sd_pipeline", "python": "onnxruntime_component", "torch": "torch_component"}
 _DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-_CHUNK = 16 * 1024 * 1024  # bytes read at a time when hashing (weights can be GBs)
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,6 @@ class TritonRepository:
         self.pipeline_instances = pipeline_instances
         self.root.mkdir(parents=True, exist_ok=True)
         self._concepts = self.root / PIPELINE_MODEL / CONCEPTS_FOLDER
-        self._hashes: dict[tuple, str] = {}  # see _file_sha256
 
     # -- writing
 
@@ -130,7 +129,7 @@ class TritonRepository:
         `sd_pipeline`) must be loaded."""
         export_dir = Path(export_dir)
         if self.component_backend == "torch":
-            source = _diffusers_source(export_dir, self._file_sha256)
+            source = _diffusers_source(export_dir)
         elif self.component_backend == "tensorrt":
             source = _tensorrt_source(export_dir)
         else:
@@ -180,15 +179,6 @@ class TritonRepository:
             # The python backend copies inputs to the host unless told otherwise; torch wants them where they are.
             parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
         return parameters
-
-    def _file_sha256(self, path: Path) -> str:
-        """sha256 of a file, remembered per (inode, size, mtime) so re-adding a folder does not re-read GBs."""
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        digest = self._hashes.get(key)
-        if digest is None:
-            digest = self._hashes[key] = _file_sha256(path)
-        return digest
 
     def _write_pipeline(self, name: str, version: int, export_dir: Path, pipeline: dict) -> None:
         self.ensure_pipeline_model()
@@ -309,9 +299,10 @@ def _manifest_source(export_dir: Path, manifest: dict) -> _Source:
     return _Source(components, geometry)
 
 
-def _diffusers_source(folder: Path, file_sha256) -> _Source:
+def _diffusers_source(folder: Path) -> _Source:
     """A diffusers Stable Diffusion folder as torch components: every file of a component's subfolder (config and
-    weights, hashed with `file_sha256`), and the ONNX graphs' inputs and outputs with sizes from the configs."""
+    weights, hashed once per process: `file_sha256`), and the ONNX graphs' inputs and outputs with sizes from the
+    configs."""
     configs = _read_diffusers_configs(folder)
     unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
     cross_dim = unet.get("cross_attention_dim", text["hidden_size"])
@@ -402,17 +393,8 @@ def _digest_tree(root: Path, parts: tuple[str, ...]) -> str:
         for path in sorted((root / part).rglob("*")):
             if path.is_file():
                 digest.update(str(path.relative_to(root)).encode())
-                digest.update(bytes.fromhex(_file_sha256(path)))
+                digest.update(bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()[:16]
-
-
-def _file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (weights can be larger than memory allows)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

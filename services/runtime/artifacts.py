@@ -13,6 +13,31 @@ from typing import Iterator
 from .errors import NotFound
 
 _CHUNK = 1 << 20
+# Files whose digests are remembered per process (by path, size and mtime): weights, read once per process.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".data", ".plan")
+_file_digests: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's content, read in chunks (weights can be larger than memory).
+
+    A file linked into a Hugging Face cache blob is named by its sha256 already: that name is returned. Weight
+    files are hashed once per process per (path, size, mtime); small files every time (cheaper than the memo)."""
+    real = Path(path).resolve()
+    if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+        return real.name
+    stat = real.stat()
+    memo_key = (str(real), stat.st_size, stat.st_mtime_ns)
+    memo = real.suffix in _WEIGHT_SUFFIXES
+    if memo and memo_key in _file_digests:
+        return _file_digests[memo_key]
+    digest = hashlib.sha256()
+    with open(real, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 24), b""):
+            digest.update(chunk)
+    if memo:
+        _file_digests[memo_key] = digest.hexdigest()
+    return digest.hexdigest()
 
 
 class ArtifactStore(ABC):

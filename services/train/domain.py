@@ -367,7 +367,7 @@ class TrainDomain:
                 "parent was trained: train the parent again")
         if options["train_text_encoder"]:
             raise InvalidArgument(
-                f"`train_text_encoder` cannot be used with `parent_concept_id`: the parent's embedding stays frozen "
+                "`train_text_encoder` cannot be used with `parent_concept_id`: the parent's embedding stays frozen "
                 "while the UNet trains; turn train_text_encoder off")
         text_side = [r for r in regularizers if r in ("spl", "core")]
         if text_side:

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from PIL import Image
 
-from persona.services.runtime.artifacts import ArtifactStore
+from persona.services.runtime.artifacts import ArtifactStore, file_sha256
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.subjects.domain import indefinite_article
 from persona.services.subjects.images import png_bytes
@@ -54,7 +54,6 @@ GENERATOR_VERSION = 1
 # Images drawn per pipeline call: DreamBooth's default sample_batch_size.
 DEFAULT_BATCH_SIZE = 4
 # Files whose content is hashed through the memo below rather than re-read on every run.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx")
 
 
 class ClassImageGenerator(Protocol):
@@ -99,29 +98,8 @@ def base_model_identity(base_model_dir: Path) -> str:
             files += sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     h = hashlib.sha256()
     for path in files:
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + _file_sha256(path).encode() + b"\n")
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + file_sha256(path).encode() + b"\n")
     return h.hexdigest()
-
-
-_file_digests: dict[tuple[str, int, int], str] = {}
-
-
-def _file_sha256(path: Path) -> str:
-    real = path.resolve()
-    # Hugging Face cache: snapshots/<rev>/unet/x.safetensors -> ../../blobs/<sha256> for LFS files.
-    if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
-        return real.name
-    stat = real.stat()
-    memo_key = (str(real), stat.st_size, stat.st_mtime_ns)
-    if real.suffix not in _WEIGHT_SUFFIXES:
-        return hashlib.sha256(real.read_bytes()).hexdigest()  # small configs: cheaper to read than to memo
-    if memo_key not in _file_digests:
-        h = hashlib.sha256()
-        with open(real, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-        _file_digests[memo_key] = h.hexdigest()
-    return _file_digests[memo_key]
 
 
 def cache_key(base_model_id: str, class_prompt: str, count: int, seed: int, resolution: int, steps: int,
