@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -294,12 +293,10 @@ class _AttentionDrawer:
 
     def _models(self):
         if self._loaded is None:
-            import json
-
             import torch
             from transformers import CLIPTokenizer
 
-            from persona.services.generate.sampling import TorchModels
+            from persona.services.generate.sampling import TorchModels, scheduler_config
 
             folder = self.train.diffusers_folder(self.tenant_id, self.concept.concept_id,
                                                  self.settings.work_dir / self.concept.concept_id)
@@ -307,7 +304,7 @@ class _AttentionDrawer:
             dtype = torch.float16 if device.startswith("cuda") else torch.float32
             self._loaded = (TorchModels.from_folder(folder, device=device, dtype=dtype),
                             CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-                            json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text()))
+                            scheduler_config(folder))
         return self._loaded
 
 

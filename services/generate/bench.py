@@ -127,7 +127,7 @@ def _embedded(folder, device, batch_sizes, steps, guidance, resolution, repeats,
     _reset_peak(device)
     models = sampling.TorchModels.from_folder(folder, device=str(device), dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    config = _scheduler_config(folder)
+    config = sampling.scheduler_config(folder)
     timings = {}
     for batch in batch_sizes:
         settings = _batch(batch, steps, guidance, resolution)
@@ -213,22 +213,14 @@ def _nudged_unet_copy(folder: Path, target: Path) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
 
-    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("unet"), copy_function=_link_or_copy)
+    from .triton_repository import link_or_copy
+
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("unet"), copy_function=link_or_copy)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     with torch.no_grad():
         for parameter in unet.parameters():
             parameter.mul_(1.001)
     unet.save_pretrained(target / "unet")
-    return target
-
-
-def _link_or_copy(source, target):
-    import os
-
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
     return target
 
 
@@ -295,14 +287,6 @@ def _free(device) -> None:
         import torch
 
         torch.cuda.empty_cache()
-
-
-def _scheduler_config(folder: Path) -> dict:
-    import json
-
-    return json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
-
-
 def _device_name(device) -> str:
     from persona.services.train.bench import device_name
 

@@ -109,7 +109,7 @@ class EmbeddedEngine:
             models = sampling.TorchModels.from_folder(folder, device=device, dtype=dtype)
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
             info = LoadedModel(key, read_model_configs(folder).native_resolution, time.perf_counter() - started)
-            self._models[key] = (models, tokenizer, _scheduler_config(folder), info)
+            self._models[key] = (models, tokenizer, sampling.scheduler_config(folder), info)
             while len(self._models) > self.settings.max_loaded:
                 self._models.popitem(last=False)
             return info
@@ -302,9 +302,3 @@ def _side(name: str, value: int | None, default: int) -> int:
         raise InvalidArgument(f"`{name}` is {value}: use a multiple of 8 from 8 to {sampling.MAX_SIDE} "
                               f"(default: {native})")
     return value
-
-
-def _scheduler_config(folder: Path) -> dict:
-    import json
-
-    return json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())

@@ -57,6 +57,15 @@ class SamplingSettings:
     width: int = 512
 
 
+def scheduler_config(folder) -> dict:
+    """The scheduler config of a model folder (diffusers, ONNX export or a Triton concept folder: all keep it at
+    scheduler/scheduler_config.json)."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
+
+
 def make_scheduler(name: str, scheduler_config: dict):
     """A fresh diffusers scheduler of `name` configured like the model's own."""
     import diffusers

@@ -340,6 +340,8 @@ class StableDiffusionPipelineModel:
         """(models, tokenizer, scheduler config) of the newest version of concept `name`, cached per version."""
         from transformers import CLIPTokenizer
 
+        from persona.services.generate import sampling
+
         folder = self.concepts_dir / name
         versions = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
         if "/" in name or not versions:
@@ -348,7 +350,7 @@ class StableDiffusionPipelineModel:
         if cached is None or cached[0] != versions[-1]:
             version_dir = folder / str(versions[-1])
             pipeline = json.loads((version_dir / PIPELINE_FILE).read_text())
-            scheduler_config = json.loads((version_dir / "scheduler" / "scheduler_config.json").read_text())
+            scheduler_config = sampling.scheduler_config(version_dir)
             tokenizer = CLIPTokenizer.from_pretrained(version_dir / "tokenizer")
             cached = (versions[-1], BlsModels(pipeline, self.device), tokenizer, scheduler_config)
             self._concepts[name] = cached

@@ -157,7 +157,7 @@ class TritonRepository:
             version.mkdir(parents=True)
             for source, relative in spec.files:  # the graph and its external data, or a diffusers subfolder
                 (version / relative).parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(source, version / relative)
+                link_or_copy(source, version / relative)
             if self.component_backend not in NATIVE_PLATFORMS:
                 (version / "model.py").write_text(template(TEMPLATES[self.component_backend]))
             (staging / "config.pbtxt").write_text(model_config(
@@ -397,11 +397,14 @@ def _digest_tree(root: Path, parts: tuple[str, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source, target):
+    """Hard-links `source` at `target` (GBs of weights are not copied), copying where links cannot be made (another
+    filesystem, or links not allowed); returns `target`, so it also serves as shutil.copytree's copy_function."""
     try:
         os.link(source, target)
-    except OSError:  # another filesystem, or links not allowed
+    except OSError:
         shutil.copyfile(source, target)
+    return target
 
 
 def _atomic_write(path: Path, text: str) -> None:
