@@ -177,7 +177,7 @@ class EvaluateDomain:
                        if params["prompt_set"] else
                        prompts.parse_prompts("\n".join(params["prompts"]), concept.class_name, concept.token))
         progress(0.0, "reference photos and their masks")
-        references = [self._photo(tenant_id, subject.subject_id, i.image_id) for i in subject.images]
+        references = [self.subjects.image_rgb(tenant_id, subject.subject_id, i.image_id) for i in subject.images]
         reference_masks = [self._reference_mask(tenant_id, subject, i.image_id) for i in subject.images]
         refs = _References(clip, dino, references, reference_masks, wanted)
         attention = _AttentionDrawer(self.train, tenant_id, concept, self.settings) if "attention" in wanted else None
@@ -206,10 +206,6 @@ class EvaluateDomain:
         if concept.regularizers:
             label += " · " + "+".join(concept.regularizers)
         return report.ConceptResult(concept_id, label, {k: v for k, v in overall.items() if k in wanted}, per_prompt)
-
-    def _photo(self, tenant_id: str, subject_id: str, image_id: str) -> Image.Image:
-        _, data = self.subjects.image_bytes(tenant_id, subject_id, image_id)
-        return Image.open(io.BytesIO(data)).convert("RGB")
 
     def _reference_mask(self, tenant_id: str, subject, image_id: str) -> np.ndarray:
         """The photo's stored mask, else Grounded-SAM on the class name (stored, so the next report reuses it)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import InvalidArgument, NotFound
@@ -168,9 +168,7 @@ class MaskDomain:
 
     def _image(self, tenant_id: str, subject: Subject, image_id: str) -> Image.Image:
         subject.image(image_id)  # NOT_FOUND naming the image and how to list the subject's images
-        _, data = self.subjects.image_bytes(tenant_id, subject.subject_id, image_id)
-        # Stored photos are upright already; transposing again is a no-op then, and right if a tag remains.
-        return ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        return self.subjects.image_rgb(tenant_id, subject.subject_id, image_id)
 
     def _store(self, tenant_id: str, subject: Subject, image_id: str, mask: np.ndarray, method: str,
                models: tuple[str, ...], *, positive=(), negative=(), text: str = "") -> StoredMask:

@@ -167,6 +167,16 @@ class SubjectRepository:
         image = self.get(tenant_id, subject_id).image(image_id)
         return image, self.artifacts.get(image.sha256)
 
+    def image_rgb(self, tenant_id: str, subject_id: str, image_id: str):
+        """The stored photo decoded as an RGB PIL image (stored photos are upright: EXIF rotation was applied at
+        upload)."""
+        import io
+
+        from PIL import Image
+
+        _, data = self.image_bytes(tenant_id, subject_id, image_id)
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
     def _with_images(self, row: dict) -> Subject:
         images = [
             SubjectImage(image_id=r["image_id"], index=r["idx"], filename=r["filename"], width=r["width"],

@@ -14,7 +14,6 @@ job that reports each component and can be cancelled between them; `export` runs
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import shutil
 import tempfile
@@ -537,13 +536,10 @@ class TrainDomain:
 
     def _image(self, concept: Concept, image_id: str) -> Image.Image:
         try:
-            _, data = self.subjects.image_bytes(concept.tenant_id, concept.subject_id, image_id)
+            return self.subjects.image_rgb(concept.tenant_id, concept.subject_id, image_id)
         except PersonaError:
             raise FailedPrecondition(f"image {image_id} of subject {concept.subject_id} was deleted after training "
                                      "was requested: start the training again") from None
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image.convert("RGB")
 
     # The export job -----------------------------------------------------------------------------------
 
