@@ -46,6 +46,7 @@ model repository) never sees half an export.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,7 +55,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from persona.services.runtime.artifacts import file_sha256
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
@@ -125,8 +126,8 @@ def export_pipeline_to_onnx(model_dir: Path, out_dir: Path, *, fp16: bool = Fals
     _check_arguments(model_dir, out_dir, opset, overwrite)
     onnx, ort = _import_onnx()
     torch_device = _torch_device(device)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_ensure_parent(out_dir)))
-    try:
+    # out_dir is replaced only when empty or overwrite=True (checked above).
+    with staged_folder(out_dir) as staging:
         modules = _load_modules(model_dir, torch_device)
         providers = _providers(ort, torch_device)
         specs = _specs(modules, torch_device)
@@ -145,12 +146,6 @@ def export_pipeline_to_onnx(model_dir: Path, out_dir: Path, *, fp16: bool = Fals
                              scaling_factor=scaling_factor)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-        _default_permissions(staging)  # mkdtemp's folder is 0700, onnx's data file 0600
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # only reached when empty or overwrite=True (checked above)
-        os.rename(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
     return OnnxExport(out_dir=out_dir, manifest_path=out_dir / MANIFEST, opset=opset, fp16=fp16,
                       scaling_factor=scaling_factor, providers=tuple(providers), components=components)
@@ -199,6 +194,22 @@ def _torch_device(device: str):
     if torch_device.type not in ("cpu", "cuda"):
         raise InvalidArgument(f"`device` is {device!r}: use cpu, cuda or cuda:N")
     return torch_device
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """A hidden sibling of `out_dir` to build an export in. When the block ends normally the folder gets the
+    permissions a plain mkdir/open would give (mkdtemp makes 0700, onnx's data file 0600) and replaces `out_dir`
+    by a rename, so a watcher (a Triton model repository) never sees half an export; otherwise it is removed."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_ensure_parent(out_dir)))
+    try:
+        yield staging
+        _default_permissions(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _ensure_parent(out_dir: Path) -> Path:

@@ -39,7 +39,7 @@ from typing import Callable
 
 # Same package: the ONNX layout's names, and the file helpers the export already has (hash, modes, parent).
 from persona.services.generate.onnx_export import (
-    COMPONENTS, MANIFEST, _default_permissions, _ensure_parent)
+    COMPONENTS, MANIFEST, staged_folder)
 from persona.services.runtime.artifacts import file_sha256
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
@@ -320,8 +320,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, fp16: bool, max_batch: int =
     device = torch.cuda.get_device_name(0)
     capability = ".".join(str(v) for v in torch.cuda.get_device_capability(0))
     logger = trt.Logger(trt.Logger.WARNING)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_ensure_parent(out_dir)))
-    try:
+    with staged_folder(out_dir) as staging:  # out_dir replaced only when empty or overwrite (checked above)
         components: dict[str, EngineComponent] = {}
         for index, name in enumerate(COMPONENTS):
             onnx_path = _onnx_path(onnx_dir, onnx_manifest, name)
@@ -338,12 +337,6 @@ def build_engines(onnx_dir: Path, out_dir: Path, *, fp16: bool, max_batch: int =
             max_side=max_side, opt_side=resolved_opt_side,
             workspace_gb=workspace_gb)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _default_permissions(staging)  # mkdtemp's folder is 0700
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # only reached when empty or overwrite=True (checked above)
-        os.rename(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
     return TensorRTBuild(out_dir=out_dir, manifest_path=out_dir / MANIFEST, tensorrt_version=str(trt.__version__),
                          device=device, fp16=fp16, refittable=refittable, profiles=profiles, components=components)
@@ -552,8 +545,7 @@ def refit_engines(engine_dir: Path, onnx_dir: Path, out_dir: Path, *, on_progres
     ok, reason = can_refit(old, new)
     if not ok:
         raise FailedPrecondition(f"the engines in {engine_dir} cannot take {onnx_dir}'s weights: {reason}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=_ensure_parent(out_dir)))
-    try:
+    with staged_folder(out_dir) as staging:
         shutil.copytree(engine_dir, staging, dirs_exist_ok=True)
         for folder in ("scheduler", "tokenizer"):  # a TI concept's tokenizer has its token
             shutil.rmtree(staging / folder, ignore_errors=True)
@@ -569,10 +561,4 @@ def refit_engines(engine_dir: Path, onnx_dir: Path, out_dir: Path, *, on_progres
                               "sha256": {name: new["components"][name].get("sha256", {}) for name in COMPONENTS}}
         old["refitted"] = changed
         (staging / MANIFEST).write_text(json.dumps(old, indent=2) + "\n")
-        _default_permissions(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return changed
