@@ -241,8 +241,7 @@ class _References:
             scores["dino"] = metrics.dino(embedded["dino"], self.dino_photos)
         if self.wanted & {"r_ci", "e_ci", "r_di", "e_di"}:
             # CustomContrast scores subject against subject: the generated images are segmented too.
-            segments = [metrics.subject_segment(image, masks.models.text_mask(image, class_name, GROUNDED_SAM)[0])
-                        for image in images]
+            segments = [metrics.subject_segment(image, masks.segment(image, class_name)) for image in images]
             scores["segment_clip_i"] = metrics.clip_i(self.clip.image_embeddings(segments), self.clip_subjects)
             if self.dino is not None:
                 scores["segment_dino"] = metrics.dino(self.dino.image_embeddings(segments), self.dino_subjects)

@@ -143,6 +143,11 @@ class MaskDomain:
             stored.append(self._store(tenant_id, subject, one_id, mask, method, models, text=text))
         return stored
 
+    def segment(self, image: Image.Image, text: str, method: str = GROUNDED_SAM) -> np.ndarray:
+        """The bool (H, W) mask of what `text` names in an image that is not a subject photo (e.g. a generated
+        one), with this process's mask models; nothing is stored."""
+        return self.models.text_mask(image, text, method)[0]
+
     def get(self, tenant_id: str, subject_id: str, image_id: str) -> StoredMask:
         subject = self.subjects.get(tenant_id, subject_id)
         subject.image(image_id)  # NOT_FOUND naming the image when it is not the subject's
