@@ -1,23 +1,34 @@
 """Jobs: persisted long-running work with an append-only event history, one runner for all services.
 
 A service registers a handler per job kind; `JobRunner.submit` persists the job QUEUED and runs it
-on a worker thread. Handlers report through a JobContext and must be idempotent per item so that a
-job interrupted by a crash can be resumed: on start, `JobRunner.recover` re-queues interrupted
-jobs of resumable kinds and fails the others with an error saying what happened.
+on a worker thread — or, for a kind registered with a `JobDispatcher` (runtime/dispatch.py), hands it
+to a worker process or Kubernetes Job running `persona-cli run-job` and follows it. Handlers report
+through a JobContext and must be idempotent per item so that a job interrupted by a crash can be
+resumed: on start, `JobRunner.recover` re-queues interrupted jobs of resumable kinds and fails the
+others with an error saying what happened.
+
+Ownership: a job belongs to the runner that submitted or claimed it (`owner`), which refreshes the job's
+`heartbeat_at` while it holds it. With SQLite one process owns the data dir, so at start every unfinished
+job is its own. With a metadata store several processes share (Postgres: replicas, pods per service), a
+runner takes over only jobs whose owner stopped beating, each with one conditional UPDATE, so two
+replicas never run the same job.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .errors import Cancelled, FailedPrecondition, NotFound, PersonaError
+from . import dispatch
+from .errors import Cancelled, FailedPrecondition, NotFound, PersonaError, Unavailable
 from .metadata import MetadataStore, Migration
 from .paging import Page, keyset_clause, next_token
 
@@ -44,6 +55,12 @@ MIGRATIONS = [
             message TEXT NOT NULL DEFAULT '', data_json TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL,
             PRIMARY KEY (job_id, sequence))""",
     )),
+    Migration("jobs", 2, (
+        "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE jobs ADD COLUMN heartbeat_at REAL NOT NULL DEFAULT 0",
+        # "<dispatcher>:<handle>" of the worker running a dispatched job; '' for jobs on a runner's threads.
+        "ALTER TABLE jobs ADD COLUMN dispatch_handle TEXT NOT NULL DEFAULT ''",
+    )),
 ]
 
 
@@ -64,6 +81,9 @@ class JobRecord:
     cancel_requested: bool
     created_at: float
     updated_at: float
+    owner: str = ""
+    heartbeat_at: float = 0.0
+    dispatch_handle: str = ""
 
     @classmethod
     def from_row(cls, row: dict) -> "JobRecord":
@@ -73,7 +93,8 @@ class JobRecord:
             result=json.loads(row["result_json"]), error_code=row["error_code"],
             error_message=row["error_message"], interrupted=bool(row["interrupted"]),
             attempts=row["attempts"], cancel_requested=bool(row["cancel_requested"]),
-            created_at=row["created_at"], updated_at=row["updated_at"],
+            created_at=row["created_at"], updated_at=row["updated_at"], owner=row["owner"],
+            heartbeat_at=row["heartbeat_at"], dispatch_handle=row["dispatch_handle"],
         )
 
 
@@ -96,15 +117,15 @@ class JobStore:
         self.db = db
         self._new_event = threading.Condition()
 
-    def create(self, tenant_id: str, kind: str, params: dict, subject_id: str = "") -> JobRecord:
+    def create(self, tenant_id: str, kind: str, params: dict, subject_id: str = "", owner: str = "") -> JobRecord:
         now = time.time()
         job_id = f"job_{uuid.uuid4().hex[:20]}"
         with self.db.transaction():
             self.db.execute(
-                "INSERT INTO jobs (job_id, tenant_id, kind, subject_id, state, params_json, created_at, updated_at)"
-                " VALUES (:id, :t, :k, :s, :st, :p, :now, :now)",
+                "INSERT INTO jobs (job_id, tenant_id, kind, subject_id, state, params_json, created_at, updated_at,"
+                " owner, heartbeat_at) VALUES (:id, :t, :k, :s, :st, :p, :now, :now, :owner, :now)",
                 {"id": job_id, "t": tenant_id, "k": kind, "s": subject_id, "st": QUEUED,
-                 "p": json.dumps(params), "now": now},
+                 "p": json.dumps(params), "now": now, "owner": owner},
             )
             self.append_event(job_id, EVENT_STATE, state=QUEUED, message=f"{kind} job queued")
         return self.get(job_id)
@@ -133,14 +154,33 @@ class JobStore:
         assignments = ", ".join(f"{k} = :{k}" for k in fields)
         self.db.execute(f"UPDATE jobs SET {assignments} WHERE job_id = :job_id", {**fields, "job_id": job_id})
 
-    def transition(self, job_id: str, state: str, message: str, **fields: Any) -> None:
-        """Moves a job to `state` and records the STATE event in the same transaction."""
+    def transition(self, job_id: str, state: str, message: str, **fields: Any) -> bool:
+        """Moves a job to `state` and records the STATE event in the same transaction.
+
+        A finished job stays finished: moving one that is already SUCCEEDED, FAILED or CANCELLED changes
+        nothing and returns False (two processes may notice the same dead worker)."""
         with self.db.transaction():
+            if self.get(job_id).state in TERMINAL:
+                return False
             self.update(job_id, state=state, **fields)
             progress = fields.get("progress")
             if progress is None:
                 progress = self.get(job_id).progress
             self.append_event(job_id, EVENT_STATE, state=state, progress=progress, message=message)
+        return True
+
+    def claim(self, job: JobRecord, owner: str) -> bool:
+        """Makes `owner` the job's owner if nobody took it since `job` was read (compare-and-set)."""
+        return self.db.execute(
+            "UPDATE jobs SET owner = :owner, heartbeat_at = :now WHERE job_id = :id AND owner = :was"
+            " AND heartbeat_at = :beat AND state = :state",
+            {"owner": owner, "now": time.time(), "id": job.job_id, "was": job.owner, "beat": job.heartbeat_at,
+             "state": job.state}) == 1
+
+    def unfinished(self) -> list[JobRecord]:
+        rows = self.db.query("SELECT * FROM jobs WHERE state IN (:q, :r) ORDER BY created_at",
+                             {"q": QUEUED, "r": RUNNING})
+        return [JobRecord.from_row(r) for r in rows]
 
     def append_event(self, job_id: str, type: str, *, state: str = "", progress: float = 0.0,
                      message: str = "", data: dict | None = None) -> None:
@@ -223,28 +263,60 @@ JobHandler = Callable[[JobContext], dict]
 class _Kind:
     handler: JobHandler
     resumable: bool
+    dispatcher: "dispatch.JobDispatcher | None" = None
 
 
 class JobRunner:
-    """Runs jobs of registered kinds on a bounded pool of worker threads."""
+    """Runs jobs of registered kinds on a bounded pool of worker threads, or through a kind's dispatcher.
 
-    def __init__(self, store: JobStore, workers: int = 2):
+    `heartbeat_s`: how often this runner refreshes its jobs' heartbeat and checks its dispatched workers;
+    a job whose heartbeat is older than `stale_after_s` (default 3 heartbeats) is taken over by another
+    runner of a shared store.
+    """
+
+    def __init__(self, store: JobStore, workers: int = 2, *, heartbeat_s: float = 10.0,
+                 stale_after_s: float | None = None):
         self.store = store
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.heartbeat_s = heartbeat_s
+        self.stale_after_s = 3 * heartbeat_s if stale_after_s is None else stale_after_s
+        # SQLite: one process owns the store (the data dir lock), so every unfinished job at start is ours.
+        self.exclusive = not getattr(store.db, "shared_between_processes", False)
         self._kinds: dict[str, _Kind] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="persona-job")
         self._in_flight: set[Future] = set()
         self._in_flight_lock = threading.Lock()
+        self._served_kinds: set[str] | None = None  # None: every registered kind runs here
+        self._followed: dict[str, str] = {}  # job id -> dispatch handle, for dispatched jobs this runner watches
+        self._stopping = threading.Event()
+        self._upkeep: threading.Thread | None = None
 
-    def register(self, kind: str, handler: JobHandler, *, resumable: bool) -> None:
-        """Declares who runs jobs of `kind`; `resumable` handlers skip work already done."""
-        self._kinds[kind] = _Kind(handler, resumable)
+    def serve_only(self, kinds) -> None:
+        """Runs only jobs of `kinds` in this process (a pod that serves some of the services): jobs of other
+        kinds are neither started nor recovered here; they belong to the processes serving those kinds."""
+        self._served_kinds = set(kinds)
+
+    def runs(self, kind: str) -> bool:
+        return kind in self._kinds and (self._served_kinds is None or kind in self._served_kinds)
+
+    def register(self, kind: str, handler: JobHandler, *, resumable: bool,
+                 dispatcher: "dispatch.JobDispatcher | None" = None) -> None:
+        """Declares who runs jobs of `kind`; `resumable` handlers skip work already done. With `dispatcher`,
+        jobs of `kind` run in its workers (`persona-cli run-job`), not on this runner's threads."""
+        if dispatcher is not None and ":" in dispatcher.name:
+            raise ValueError(f"dispatcher name {dispatcher.name!r} must not contain ':'")
+        self._kinds[kind] = _Kind(handler, resumable, dispatcher)
 
     def submit(self, tenant_id: str, kind: str, params: dict, subject_id: str = "") -> JobRecord:
-        if kind not in self._kinds:
+        if not self.runs(kind):
             raise FailedPrecondition(f"no service on this server runs `{kind}` jobs")
-        job = self.store.create(tenant_id, kind, params, subject_id)
-        self._start(job.job_id)
-        return job
+        job = self.store.create(tenant_id, kind, params, subject_id, owner=self.owner)
+        if self._kinds[kind].dispatcher is not None:
+            self._dispatch(job)
+        else:
+            self._start(job.job_id)
+        self._ensure_upkeep()
+        return self.store.get(job.job_id)
 
     def cancel(self, tenant_id: str, job_id: str) -> JobRecord:
         with self.store.db.transaction():
@@ -256,47 +328,92 @@ class JobRunner:
             else:
                 self.store.update(job_id, cancel_requested=1)
                 self.store.append_event(job_id, EVENT_LOG, progress=job.progress, message="cancellation requested")
+        if job.state == QUEUED and job.dispatch_handle:
+            # A worker that has not started (a pod waiting for a GPU) is removed; a running one stops itself at
+            # its next check_cancelled, through the store, and records CANCELLED.
+            dispatcher = self._dispatcher_of(job)
+            if dispatcher is not None:
+                dispatcher.cancel(job.dispatch_handle.partition(":")[2])
         return self.store.get(job_id)
 
     def recover(self, resume: bool = True) -> list[str]:
-        """Handles jobs a previous process left QUEUED or RUNNING; returns their ids.
+        """Handles jobs that no live runner holds; returns their ids.
 
-        Assumes one server process per metadata store (the SQLite deployment): at start, nothing
-        else can be running them.
+        With an exclusive store (SQLite: the data dir lock) that is every QUEUED or RUNNING job a previous
+        process left; with a shared one (Postgres), the jobs whose owner's heartbeat is stale, each taken
+        with a compare-and-set so that replicas starting together do not both take it. Dispatched jobs are
+        followed again (their workers may still run); the others are re-queued if their kind is resumable,
+        else failed saying why.
         """
-        rows = self.store.db.query("SELECT job_id, kind, state FROM jobs WHERE state IN (:q, :r)",
-                                   {"q": QUEUED, "r": RUNNING})
-        for row in rows:
-            kind = self._kinds.get(row["kind"])
-            was_running = row["state"] == RUNNING
+        taken = []
+        now = time.time()
+        for job in self.store.unfinished():
+            if self._served_kinds is not None and job.kind not in self._served_kinds:
+                continue  # another process's kind (a pod serving other services): not ours to resume or fail
+            if job.dispatch_handle:
+                if self.runs(job.kind):
+                    self._follow_again(job)
+                    taken.append(job.job_id)
+                continue
+            if not self.exclusive and (job.heartbeat_at > now - self.stale_after_s or job.kind not in self._kinds):
+                continue  # its owner is alive (or it is a kind only another server runs)
+            if not self.store.claim(job, self.owner):
+                continue  # another runner took it first
+            taken.append(job.job_id)
+            kind = self._kinds.get(job.kind)
+            was_running = job.state == RUNNING
             if kind is not None and (kind.resumable or not was_running) and resume:
                 with self.store.db.transaction():
                     if was_running:
-                        self.store.update(row["job_id"], interrupted=1)
-                        self.store.transition(row["job_id"], QUEUED,
+                        self.store.update(job.job_id, interrupted=1)
+                        self.store.transition(job.job_id, QUEUED,
                                               "interrupted by a server restart; resuming where it stopped")
-                self._start(row["job_id"])
+                self._start(job.job_id)
             elif kind is not None or was_running:
                 self.store.transition(
-                    row["job_id"], FAILED, "interrupted by a server restart",
+                    job.job_id, FAILED, "interrupted by a server restart",
                     interrupted=int(was_running), error_code="ABORTED",
-                    error_message=f"job was {row['state']} when the server stopped; start it again",
+                    error_message=f"job was {job.state} when the server stopped; start it again",
                 )
             # A QUEUED job of a kind this server does not run stays QUEUED for a server that does.
-        return [r["job_id"] for r in rows]
+        self._ensure_upkeep()
+        return taken
+
+    def run_here(self, job_id: str) -> JobRecord:
+        """Runs one job in the calling thread, whatever its kind's dispatcher: the worker side of
+        `persona-cli run-job`. A job left RUNNING by a worker that died is resumed if its kind is resumable."""
+        job = self.store.get(job_id)
+        kind = self._kinds.get(job.kind)
+        if kind is None:
+            raise FailedPrecondition(f"job {job_id} is a `{job.kind}` job, which this worker cannot run")
+        if job.state == RUNNING:
+            if not kind.resumable:
+                self.store.transition(job_id, FAILED, "its worker stopped before finishing", error_code="ABORTED",
+                                      error_message="the worker running it stopped; start it again")
+                return self.store.get(job_id)
+            with self.store.db.transaction():
+                self.store.update(job_id, interrupted=1)
+                self.store.transition(job_id, QUEUED, "its worker stopped; resuming where it stopped")
+        self.store.claim(self.store.get(job_id), self.owner)
+        self._execute(job_id)
+        return self.store.get(job_id)
 
     def shutdown(self, wait: bool = False, timeout_s: float | None = None) -> int:
         """Stops taking jobs; with `wait`, waits up to `timeout_s` for running ones.
 
         Returns how many are still running. Jobs cut off by a process exit stay RUNNING in the store
         and are resumed (or failed, saying so) by `recover` on the next start, as after a crash.
+        Dispatched workers go on: the next server follows them.
         """
+        self._stopping.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._in_flight_lock:
             running = set(self._in_flight)
         if wait and running:
             _, running = wait_for_futures(running, timeout=timeout_s)
         return len(running)
+
+    # Threads ------------------------------------------------------------------------------------
 
     def _start(self, job_id: str) -> None:
         future = self._pool.submit(self._execute, job_id)
@@ -315,7 +432,8 @@ class JobRunner:
         if job.cancel_requested:
             self.store.transition(job_id, CANCELLED, "cancelled before it started")
             return
-        self.store.transition(job_id, RUNNING, f"attempt {job.attempts + 1} started", attempts=job.attempts + 1)
+        self.store.transition(job_id, RUNNING, f"attempt {job.attempts + 1} started", attempts=job.attempts + 1,
+                              heartbeat_at=time.time())
         context = JobContext(self.store, self.store.get(job_id))
         try:
             result = self._kinds[job.kind].handler(context) or {}
@@ -329,3 +447,96 @@ class JobRunner:
             self.store.transition(job_id, FAILED, message, error_code="INTERNAL", error_message=message)
         else:
             self.store.transition(job_id, SUCCEEDED, "done", progress=1.0, result=result)
+
+    # Dispatched jobs ----------------------------------------------------------------------------
+
+    def _dispatcher_of(self, job: JobRecord) -> "dispatch.JobDispatcher | None":
+        kind = self._kinds.get(job.kind)
+        name = job.dispatch_handle.partition(":")[0]
+        return kind.dispatcher if kind is not None and kind.dispatcher is not None and \
+            kind.dispatcher.name == name else None
+
+    def _dispatch(self, job: JobRecord) -> None:
+        dispatcher = self._kinds[job.kind].dispatcher
+        try:
+            handle = f"{dispatcher.name}:{dispatcher.submit(job)}"
+        except PersonaError as e:
+            self.store.transition(job.job_id, FAILED, e.message, error_code=e.code, error_message=e.message)
+            raise
+        except Exception as e:
+            log.exception("could not start a %s worker for job %s", dispatcher.name, job.job_id)
+            message = (f"could not start a {dispatcher.name} worker for job {job.job_id} "
+                       f"({type(e).__name__}); the server log has the details")
+            self.store.transition(job.job_id, FAILED, message, error_code="UNAVAILABLE", error_message=message)
+            raise Unavailable(message) from None
+        with self.store.db.transaction():
+            self.store.update(job.job_id, dispatch_handle=handle)
+            self.store.append_event(job.job_id, EVENT_LOG, message=f"handed to a {dispatcher.name} worker ({handle})")
+        with self._in_flight_lock:
+            self._followed[job.job_id] = handle
+
+    def _follow_again(self, job: JobRecord) -> None:
+        if self._dispatcher_of(job) is None:
+            self.store.transition(
+                job.job_id, FAILED, "its worker is no longer followed", error_code="ABORTED",
+                error_message=f"job was handed to a {job.dispatch_handle.partition(':')[0]} worker, which this "
+                              f"server does not use any more; start it again")
+            return
+        with self._in_flight_lock:
+            self._followed[job.job_id] = job.dispatch_handle
+
+    def check_dispatched(self) -> None:
+        """One look at every followed worker: a worker that ended or vanished while its job is unfinished
+        in the store died without recording an outcome (killed, out of memory, evicted): the job fails
+        (or is CANCELLED, when that was asked) saying where to look."""
+        with self._in_flight_lock:
+            followed = dict(self._followed)
+        for job_id, handle in followed.items():
+            job = self.store.get(job_id)
+            dispatcher = self._dispatcher_of(job)
+            if job.state in TERMINAL or dispatcher is None:
+                with self._in_flight_lock:
+                    self._followed.pop(job_id, None)
+                continue
+            try:
+                state = dispatcher.state(handle.partition(":")[2])
+            except NotFound:
+                state = dispatch.GONE
+            except Exception:
+                log.warning("could not read the %s worker of job %s; trying again", dispatcher.name, job_id,
+                            exc_info=True)
+                continue
+            if state in (dispatch.PENDING, dispatch.RUNNING):
+                continue
+            if self.store.get(job_id).state in TERMINAL:  # it recorded its outcome just before exiting
+                continue
+            if job.cancel_requested:
+                self.store.transition(job_id, CANCELLED, "cancelled (its worker stopped)")
+            else:
+                ended = "exited without recording an outcome" if state == dispatch.SUCCEEDED else (
+                    "failed" if state == dispatch.FAILED else "disappeared")
+                message = f"the {dispatcher.name} worker of job {job_id} ({handle}) {ended}; its logs tell why"
+                self.store.transition(job_id, FAILED, message, error_code="ABORTED", error_message=message)
+            with self._in_flight_lock:
+                self._followed.pop(job_id, None)
+
+    # Upkeep: heartbeat, dispatched workers, stale jobs --------------------------------------------
+
+    def _ensure_upkeep(self) -> None:
+        with self._in_flight_lock:
+            if self._upkeep is not None or self._stopping.is_set():
+                return
+            self._upkeep = threading.Thread(target=self._upkeep_loop, name="persona-job-upkeep", daemon=True)
+        self._upkeep.start()
+
+    def _upkeep_loop(self) -> None:
+        while not self._stopping.wait(self.heartbeat_s):
+            try:
+                self.store.db.execute(
+                    "UPDATE jobs SET heartbeat_at = :now WHERE owner = :owner AND state IN (:q, :r)",
+                    {"now": time.time(), "owner": self.owner, "q": QUEUED, "r": RUNNING})
+                self.check_dispatched()
+                if not self.exclusive:
+                    self.recover()  # jobs of a replica that died
+            except Exception:
+                log.warning("job upkeep failed; trying again in %.0f s", self.heartbeat_s, exc_info=True)

@@ -1,32 +1,24 @@
-"""Where a train job runs: in this process (today) or as a Kubernetes Job (DESIGN, "Scaling past one machine").
+"""Training jobs as Kubernetes Jobs (DESIGN, "Scaling past one machine"), and the choice of dispatcher.
 
-A `TrainDispatcher` starts the work of a job already persisted in the JobStore, reports a coarse state
-and cancels it. Two implementations:
+`KubernetesDispatcher` is a `JobDispatcher` (runtime/dispatch.py): for each train job the train service
+creates one `batch/v1` Job (one GPU pod, the same image, `persona-cli run-job JOB_ID` as its command) with
+the official `kubernetes` client — an optional dependency, imported lazily — and the JobRunner follows it.
+The worker pod reaches the same metadata store (Postgres: PERSONA_DATABASE_URL) and the same data and
+model volumes (ReadWriteMany) as the server. The chart's Role (`rbac.create`) grants exactly what it uses.
 
-- `LocalDispatcher`: the shared `JobRunner` *is* the local dispatcher — `JobRunner.submit` persists the
-  job and runs it on a worker thread of this process. The wrapper only maps the store's states to the
-  dispatcher's and cancels through the runner; it starts nothing itself. The train domain is not wired
-  to it (yet): it keeps calling the runner directly.
-- `KubernetesDispatcher`: creates one `batch/v1` Job per train job (one GPU pod, the same image, the job
-  id as argument) with the official `kubernetes` client, an optional dependency, imported lazily. The
-  chart's Role (`rbac.create`) grants exactly what it uses.
-
-Not done yet (so `KubernetesDispatcher` is not used by any service): the worker pod runs
-`persona-cli run-job JOB_ID --data-dir /data`, an entry point that does not exist yet — it must load the
-job from the store, run the registered "train" handler on it once and exit non-zero on failure. The worker
-and the server then share the metadata store, which needs the planned Postgres store (one process owns a
-SQLite data dir) and the models/data volumes on ReadWriteMany storage.
+`train_dispatcher(settings, data_dir)` picks the dispatcher from PERSONA_TRAIN_DISPATCHER: `thread` (the
+runner's own threads, the default), `subprocess` (a child process per job, on this machine) or
+`kubernetes` (PERSONA_K8S_* settings, see TrainSettings).
 """
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any
 
-from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from persona.services.runtime.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobRunner
-
-PENDING_STATE, RUNNING_STATE, SUCCEEDED_STATE, FAILED_STATE = "pending", "running", "succeeded", "failed"
+from persona.services.runtime import dispatch
+from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 NAME_PREFIX = "persona-train-"
 DATA_DIR, MODELS_DIR = "/data", "/models"
@@ -39,51 +31,23 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123 label: n
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")  # ≤ 253
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")  # ≤ 63
 
-
-@runtime_checkable
-class TrainDispatcher(Protocol):
-    """Runs a persisted train job somewhere; handles are opaque strings."""
-
-    def submit(self, job_id: str, concept_id: str) -> str:
-        """Starts the job's work and returns a handle for `state` and `cancel`."""
-        ...
-
-    def state(self, handle: str) -> str:
-        """"pending" | "running" | "succeeded" | "failed"."""
-        ...
-
-    def cancel(self, handle: str) -> None:
-        """Stops the work; a no-op once it has finished."""
-        ...
+DISPATCHERS = ("thread", "subprocess", "kubernetes")
 
 
-_LOCAL_STATES = {QUEUED: PENDING_STATE, RUNNING: RUNNING_STATE, SUCCEEDED: SUCCEEDED_STATE,
-                 FAILED: FAILED_STATE, CANCELLED: FAILED_STATE}
-
-
-class LocalDispatcher:
-    """The in-process dispatcher: the JobRunner already runs the job, this reads and cancels it.
-
-    `submit` expects the job to exist (`JobRunner.submit` persisted it QUEUED and queued it on its
-    pool); the handle is the job id. CANCELLED reads as "failed": the work did not succeed.
-    """
-
-    def __init__(self, runner: JobRunner):
-        self.runner = runner
-        self.submitted: dict[str, str] = {}  # handle -> concept id
-
-    def submit(self, job_id: str, concept_id: str) -> str:
-        self.runner.store.get(job_id)  # NotFound, naming `job_id`, for a job the runner never took
-        self.submitted[job_id] = concept_id
-        return job_id
-
-    def state(self, handle: str) -> str:
-        return _LOCAL_STATES[self.runner.store.get(handle).state]
-
-    def cancel(self, handle: str) -> None:
-        job = self.runner.store.get(handle)
-        if job.state not in TERMINAL:
-            self.runner.cancel(job.tenant_id, handle)
+def train_dispatcher(settings, data_dir: Path) -> "dispatch.JobDispatcher | None":
+    """The dispatcher train jobs go through, from TrainSettings (None: the runner's own threads)."""
+    if settings.dispatcher == "subprocess":
+        return dispatch.SubprocessDispatcher(data_dir)
+    if settings.dispatcher == "kubernetes":
+        k = settings.kubernetes
+        if not k.image:
+            raise FailedPrecondition("PERSONA_TRAIN_DISPATCHER=kubernetes needs PERSONA_K8S_IMAGE: the image the "
+                                     "worker pods run (the persona image), e.g. registry.example.com/persona:0.1.0")
+        return KubernetesDispatcher(
+            k.namespace, k.image, service_account=k.service_account, data_claim=k.data_claim,
+            models_claim=k.models_claim, gpu=k.gpu, node_selector=k.node_selector, tolerations=k.tolerations,
+            config_map=k.config_map, secret=k.secret)
+    return None
 
 
 def job_name(job_id: str) -> str:
@@ -99,13 +63,13 @@ def job_name(job_id: str) -> str:
 
 def kubernetes_job_manifest(job_id: str, *, image: str, namespace: str, service_account: str, data_claim: str,
                             models_claim: str, gpu: int = 1, node_selector: dict | None = None,
-                            tolerations: list | None = None, env: dict | None = None, backoff_limit: int = 0,
-                            ttl_seconds_after_finished: int = 3600) -> dict:
+                            tolerations: list | None = None, env: dict | None = None, config_map: str = "",
+                            secret: str = "", backoff_limit: int = 0, ttl_seconds_after_finished: int = 3600) -> dict:
     """The `batch/v1` Job that runs one train job in a worker pod, as a plain dict (kubernetes client body).
 
-    One container runs `persona-cli run-job JOB_ID --data-dir /data` (the entry point is the next step,
-    see the module docstring) with the data and models PVCs at /data and /models, non-root like the
-    chart's pods, `nvidia.com/gpu: gpu` when gpu > 0, restartPolicy Never; `backoff_limit` retries
+    One container runs `persona-cli run-job JOB_ID --data-dir /data` with the data and models PVCs at /data
+    and /models, the server's settings from `config_map` and `secret` (envFrom: PERSONA_DATABASE_URL and
+    the VLM key stay in the Secret, never in the Job spec), non-root like the chart's pods, `nvidia.com/gpu: gpu` when gpu > 0, restartPolicy Never; `backoff_limit` retries
     (0: a failed pod fails the Job; the train handler resumes from its checkpoint when retried) and the
     finished Job is garbage-collected after `ttl_seconds_after_finished` — the job's outcome lives in the
     JobStore, not in the Job object.
@@ -119,7 +83,7 @@ def kubernetes_job_manifest(job_id: str, *, image: str, namespace: str, service_
         raise InvalidArgument(f"`namespace` {namespace!r} is not a Kubernetes namespace name: lowercase letters, "
                               f"digits and '-', at most 63 characters, e.g. persona")
     for arg, value in (("service_account", service_account), ("data_claim", data_claim),
-                       ("models_claim", models_claim)):
+                       ("models_claim", models_claim), ("config_map", config_map or "x"), ("secret", secret or "x")):
         if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
             raise InvalidArgument(f"`{arg}` {value!r} is not a Kubernetes object name: lowercase letters, digits, "
                                   f"'-' and '.', e.g. persona-data")
@@ -148,6 +112,8 @@ def kubernetes_job_manifest(job_id: str, *, image: str, namespace: str, service_
         # `args` like the chart's server container, so the same image (and its entrypoint) runs both.
         "args": ["persona-cli", "run-job", job_id, "--data-dir", DATA_DIR],
         "env": [{"name": k, "value": v} for k, v in variables.items()],
+        **({"envFrom": [*([{"configMapRef": {"name": config_map}}] if config_map else []),
+                        *([{"secretRef": {"name": secret}}] if secret else [])]} if config_map or secret else {}),
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}, {"name": "models", "mountPath": MODELS_DIR},
@@ -200,22 +166,25 @@ def _is_not_found(error: Exception) -> bool:
 
 
 class KubernetesDispatcher:
-    """Runs each train job as a Kubernetes Job in `namespace`; the handle is the Job's name.
+    """Runs each train job as a Kubernetes Job in `namespace`; its handle is the Job's name.
 
     `client` is a `kubernetes.client.BatchV1Api` (built from the in-cluster or kube config when None).
     The manifest arguments are those of `kubernetes_job_manifest` and are checked here, at construction.
     """
 
+    name = "kubernetes"
+
     def __init__(self, namespace: str, image: str, *, service_account: str, data_claim: str, models_claim: str,
                  gpu: int = 1, node_selector: dict | None = None, tolerations: list | None = None,
-                 env: dict | None = None, backoff_limit: int = 0, ttl_seconds_after_finished: int = 3600,
-                 client: Any = None):
+                 env: dict | None = None, config_map: str = "", secret: str = "", backoff_limit: int = 0,
+                 ttl_seconds_after_finished: int = 3600, client: Any = None):
         self.namespace = namespace
         self.backoff_limit = backoff_limit
         self._manifest_args = dict(image=image, namespace=namespace, service_account=service_account,
                                    data_claim=data_claim, models_claim=models_claim, gpu=gpu,
                                    node_selector=node_selector, tolerations=tolerations, env=env,
-                                   backoff_limit=backoff_limit, ttl_seconds_after_finished=ttl_seconds_after_finished)
+                                   config_map=config_map, secret=secret, backoff_limit=backoff_limit,
+                                   ttl_seconds_after_finished=ttl_seconds_after_finished)
         kubernetes_job_manifest("job_check", **self._manifest_args)  # InvalidArgument now, not at the first submit
         self.client = client if client is not None else _kubernetes_batch_api()
 
@@ -225,8 +194,8 @@ class KubernetesDispatcher:
             body["metadata"]["annotations"] = {ANNOTATION_CONCEPT_ID: concept_id}
         return body
 
-    def submit(self, job_id: str, concept_id: str) -> str:
-        body = self.manifest(job_id, concept_id)
+    def submit(self, job) -> str:
+        body = self.manifest(job.job_id, job.params.get("concept_id", ""))
         self.client.create_namespaced_job(self.namespace, body)
         return body["metadata"]["name"]
 
@@ -237,21 +206,19 @@ class KubernetesDispatcher:
             job = self.client.read_namespaced_job(handle, self.namespace)
         except Exception as e:
             if _is_not_found(e):
-                raise NotFound(f"Kubernetes Job {handle!r} does not exist in namespace {self.namespace!r} "
-                               f"(deleted, or garbage-collected after ttlSecondsAfterFinished); "
-                               f"the job store keeps its outcome") from None
+                return dispatch.GONE  # deleted, or garbage-collected after ttlSecondsAfterFinished
             raise
         status = job.status
         conditions = {c.type for c in (status.conditions or []) if c.status == "True"}
         if "Complete" in conditions or (status.succeeded or 0) > 0:
-            return SUCCEEDED_STATE
+            return dispatch.SUCCEEDED
         if "Failed" in conditions or (status.failed or 0) > self.backoff_limit:
-            return FAILED_STATE
+            return dispatch.FAILED
         if (status.active or 0) > 0:
             # `active` counts pods still waiting for a node (a GPU); `ready` (Kubernetes ≥ 1.24) tells them apart.
             ready = getattr(status, "ready", None)
-            return RUNNING_STATE if ready is None or ready > 0 else PENDING_STATE
-        return PENDING_STATE  # created, no pod yet (or between retries)
+            return dispatch.RUNNING if ready is None or ready > 0 else dispatch.PENDING
+        return dispatch.PENDING  # created, no pod yet (or between retries)
 
     def cancel(self, handle: str) -> None:
         try:

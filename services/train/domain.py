@@ -133,7 +133,7 @@ class TrainDomain:
 
     def __init__(self, db: MetadataStore, artifacts: LocalArtifactStore, subjects: SubjectRepository,
                  captions: CaptionDomain, runner: JobRunner, settings: TrainSettings, work_dir: Path,
-                 masks=None):
+                 masks=None, dispatcher=None):
         self.db, self.artifacts, self.subjects, self.captions = db, artifacts, subjects, captions
         # The mask service's domain (MaskDomain): subject masks for the masked loss.
         self.masks = masks
@@ -146,7 +146,9 @@ class TrainDomain:
         # caller waits and then takes the first one's result instead of converting again.
         self._keyed_locks: dict[str, threading.Lock] = {}
         self._keyed_locks_guard = threading.Lock()
-        runner.register(JOB_KIND, self._run, resumable=True)
+        # `dispatcher` (dispatch.train_dispatcher): training in worker processes or Kubernetes Jobs instead of
+        # this process's job threads; exports stay here (they are short, and Triton's repository is local).
+        runner.register(JOB_KIND, self._run, resumable=True, dispatcher=dispatcher)
         # An interrupted export restarts from scratch (or from what it had already cached).
         runner.register(EXPORT_JOB_KIND, self._run_export, resumable=True)
 

@@ -1,11 +1,13 @@
 """Settings of the train service: where base models are kept and how they are found, env PERSONA_*."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persona.services.runtime.settings import default_home
+from persona.services.runtime.errors import FailedPrecondition
+from persona.services.runtime.settings import default_home, env_int
 
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -13,6 +15,46 @@ DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 def _default_model_cache() -> Path:
     return default_home() / "models"
+
+
+@dataclass(frozen=True)
+class KubernetesJobSettings:
+    """Where the Kubernetes dispatcher puts train jobs (PERSONA_K8S_*; the Helm chart sets them all)."""
+
+    namespace: str = "default"  # PERSONA_K8S_NAMESPACE (the chart: the pod's own, by the downward API)
+    image: str = ""  # PERSONA_K8S_IMAGE: the worker image (the persona image, with a CUDA torch)
+    service_account: str = "default"  # PERSONA_K8S_SERVICE_ACCOUNT: the worker pods' (no API token mounted)
+    data_claim: str = "persona-data"  # PERSONA_K8S_DATA_CLAIM: PVC mounted at /data (ReadWriteMany)
+    models_claim: str = "persona-models"  # PERSONA_K8S_MODELS_CLAIM: PVC mounted at /models
+    gpu: int = 1  # PERSONA_K8S_GPU: nvidia.com/gpu per worker pod
+    node_selector: dict = field(default_factory=dict)  # PERSONA_K8S_NODE_SELECTOR: JSON object
+    tolerations: list = field(default_factory=list)  # PERSONA_K8S_TOLERATIONS: JSON list
+    config_map: str = ""  # PERSONA_K8S_CONFIGMAP: envFrom of the worker (the server's PERSONA_* settings)
+    secret: str = ""  # PERSONA_K8S_SECRET: envFrom of the worker (PERSONA_DATABASE_URL, keys)
+
+    @classmethod
+    def from_env(cls) -> "KubernetesJobSettings":
+        def text(name: str, default: str) -> str:
+            return os.environ.get(name, "").strip() or default
+
+        def json_env(name: str, kind: type):
+            raw = os.environ.get(name, "").strip()
+            try:
+                value = json.loads(raw) if raw else kind()
+            except json.JSONDecodeError as e:
+                value = e
+            if not isinstance(value, kind):
+                what, example = ("object", "{}") if kind is dict else ("list", "[]")
+                raise FailedPrecondition(f"{name} is {raw!r}: set a JSON {what}, e.g. {name}='{example}'")
+            return value
+
+        return cls(namespace=text("PERSONA_K8S_NAMESPACE", cls.namespace), image=text("PERSONA_K8S_IMAGE", ""),
+                   service_account=text("PERSONA_K8S_SERVICE_ACCOUNT", cls.service_account),
+                   data_claim=text("PERSONA_K8S_DATA_CLAIM", cls.data_claim),
+                   models_claim=text("PERSONA_K8S_MODELS_CLAIM", cls.models_claim),
+                   gpu=env_int("PERSONA_K8S_GPU", cls.gpu), node_selector=json_env("PERSONA_K8S_NODE_SELECTOR", dict),
+                   tolerations=json_env("PERSONA_K8S_TOLERATIONS", list),
+                   config_map=text("PERSONA_K8S_CONFIGMAP", ""), secret=text("PERSONA_K8S_SECRET", ""))
 
 
 @dataclass(frozen=True)
@@ -28,11 +70,21 @@ class TrainSettings:
     default_base_model: str = DEFAULT_BASE_MODEL
     # Training device, e.g. "cuda:1" or "cpu" (PERSONA_TRAIN_DEVICE); None: cuda when available, else cpu.
     device: str | None = None
+    # Where train jobs run (PERSONA_TRAIN_DISPATCHER): thread (this process), subprocess (a `persona-cli
+    # run-job` child process per job) or kubernetes (a Kubernetes Job per train job; needs a shared
+    # metadata store, PERSONA_DATABASE_URL, and `kubernetes` below).
+    dispatcher: str = "thread"
+    kubernetes: KubernetesJobSettings = field(default_factory=KubernetesJobSettings)
 
     @classmethod
     def from_env(cls) -> "TrainSettings":
         cache = os.environ.get("PERSONA_MODEL_CACHE")
+        dispatcher = os.environ.get("PERSONA_TRAIN_DISPATCHER", "").strip().lower() or "thread"
+        if dispatcher not in ("thread", "subprocess", "kubernetes"):
+            raise FailedPrecondition(f"PERSONA_TRAIN_DISPATCHER is {dispatcher!r}: use thread, subprocess or kubernetes")
         return cls(
+            dispatcher=dispatcher,
+            kubernetes=KubernetesJobSettings.from_env() if dispatcher == "kubernetes" else KubernetesJobSettings(),
             base_model_cache_dir=Path(cache) if cache else _default_model_cache(),
             download_base_models=os.environ.get("PERSONA_TRAIN_DOWNLOAD_BASE_MODELS", "") in ("1", "true", "yes"),
             default_base_model=os.environ.get("PERSONA_BASE_MODEL", "").strip() or DEFAULT_BASE_MODEL,
