@@ -8,7 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from .commands import (bench, captions, concepts, evaluate, export, generate, jobs, keys, lifecycle, mask, serve,
-                       subjects, train)
+                       subjects, train, worker)
 from .commands.session import DataDirOption, Session
 from .output import error_boundary
 
@@ -75,6 +75,7 @@ app.command("serve")(serve.serve)
 app.command("up")(serve.up)
 app.command("status")(lifecycle.status)
 app.command("down")(lifecycle.down)
+app.command("run-job")(worker.run_job)
 app.add_typer(bench.app, name="bench")
 
 

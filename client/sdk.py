@@ -1,8 +1,9 @@
-"""Typed Python SDK over the persona.v1 stubs: one channel with auth and request-id metadata, one
-stub per service, gRPC errors turned into PersonaClientError(code, message)."""
+"""Typed Python SDK over the persona.v1 stubs: one channel with auth and request-id metadata (plus, optionally, a
+channel per service that runs elsewhere, as in a split deployment), one stub per service, gRPC errors turned into
+PersonaClientError(code, message)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +16,11 @@ from persona.v1 import (caption_pb2_grpc, common_pb2, common_pb2_grpc, evaluate_
                         subjects_pb2, subjects_pb2_grpc, train_pb2, train_pb2_grpc)
 
 MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+# Services a client can reach at their own address (`service_addresses`), and the environment variable the CLI
+# reads each one from. Subjects and jobs always use the default address: every persona process serves them, over
+# the metadata store they share.
+ROUTABLE_SERVICES = ("caption", "mask", "train", "generate", "evaluate")
+SERVICE_ADDRESS_ENV = {name: f"PERSONA_{name.upper()}_SERVER" for name in ROUTABLE_SERVICES}
 
 
 class PersonaClientError(Exception):
@@ -68,22 +74,50 @@ def open_channel(address: str, api_key: str | None = None) -> grpc.Channel:
 
 @dataclass
 class PersonaClient:
-    """Stubs of every persona service over one channel."""
+    """Stubs of every persona service: over `channel`, except the services named in `service_channels`
+    ("caption", "mask", "train", "generate", "evaluate"), which use their own."""
 
     channel: grpc.Channel
+    service_channels: dict[str, grpc.Channel] = field(default_factory=dict)
 
     def __post_init__(self):
+        unknown = sorted(set(self.service_channels) - set(ROUTABLE_SERVICES))
+        if unknown:
+            raise ValueError(f"unknown service(s) {', '.join(unknown)}: per-service addresses are for "
+                             f"{', '.join(ROUTABLE_SERVICES)}")
         self.subjects = subjects_pb2_grpc.SubjectServiceStub(self.channel)
-        self.captions = caption_pb2_grpc.CaptionServiceStub(self.channel)
         self.jobs = common_pb2_grpc.JobServiceStub(self.channel)
-        self.train = train_pb2_grpc.TrainServiceStub(self.channel)
-        self.generate = generate_pb2_grpc.GenerateServiceStub(self.channel)
-        self.masks = mask_pb2_grpc.MaskServiceStub(self.channel)
-        self.evaluate = evaluate_pb2_grpc.EvaluateServiceStub(self.channel)
+        self.captions = caption_pb2_grpc.CaptionServiceStub(self.channel_for("caption"))
+        self.train = train_pb2_grpc.TrainServiceStub(self.channel_for("train"))
+        self.generate = generate_pb2_grpc.GenerateServiceStub(self.channel_for("generate"))
+        self.masks = mask_pb2_grpc.MaskServiceStub(self.channel_for("mask"))
+        self.evaluate = evaluate_pb2_grpc.EvaluateServiceStub(self.channel_for("evaluate"))
 
     @classmethod
-    def connect(cls, address: str, api_key: str | None = None) -> "PersonaClient":
-        return cls(open_channel(address, api_key))
+    def connect(cls, address: str, api_key: str | None = None,
+                service_addresses: dict[str, str] | None = None) -> "PersonaClient":
+        """A client of the server at `address`; `service_addresses` ({"train": "host:port", …}) sends a service's
+        calls to another address (a split deployment: a Service per persona service). Jobs and subjects always go
+        to `address`: every persona process serves them over the shared metadata store, so any one can list,
+        watch or cancel a job whichever service runs it. One channel per distinct address."""
+        channels = {address: open_channel(address, api_key)}
+        service_channels = {}
+        for name, service_address in (service_addresses or {}).items():
+            if not service_address or service_address == address:
+                continue
+            if service_address not in channels:
+                channels[service_address] = open_channel(service_address, api_key)
+            service_channels[name] = channels[service_address]
+        try:
+            return cls(channels[address], service_channels)
+        except BaseException:
+            for channel in channels.values():
+                channel.close()
+            raise
+
+    def channel_for(self, service: str) -> grpc.Channel:
+        """The channel `service`'s calls use ("caption", "train", …): its own address if given, else the default."""
+        return self.service_channels.get(service, self.channel)
 
     def wait_for_job(self, job_id: str, on_event=lambda event: None, timeout_s: float | None = None) -> common_pb2.Job:
         """Follows WatchJob until the job ends, calling `on_event` for each event; returns the final Job."""
@@ -126,7 +160,8 @@ class PersonaClient:
         return _save_stream(self.evaluate.ReadReportFile(request), out_path, f"report file {artifact_id} of {job_id}")
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in {id(c): c for c in (self.channel, *self.service_channels.values())}.values():
+            channel.close()
 
 
 def _save_stream(chunks, out_path: str | os.PathLike, what: str) -> int:

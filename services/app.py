@@ -1,20 +1,23 @@
-"""The composition root: builds stores → domain → servicers → one gRPC server hosting every service.
+"""The composition root: builds stores → domain → servicers → one gRPC server hosting every service (or, with
+`services=`, a subset of them: one pod per service in a split Kubernetes deployment).
 
 `persona-cli serve` and the embedded CLI both call `build_app`; nothing below this module wires
 services together.
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterable
 
 from persona.services.caption import domain as caption_domain
 from persona.services.caption.servicer import caption_service
 from persona.services.caption.settings import CaptionSettings
+from persona.services.evaluate.domain import KIND as EVALUATE_JOB_KIND
 from persona.services.evaluate.domain import EvaluateDomain
 from persona.services.evaluate.servicer import evaluate_service
 from persona.services.evaluate.settings import EvaluateSettings
@@ -26,10 +29,10 @@ from persona.services.mask.servicer import mask_service
 from persona.services.mask.settings import MaskSettings
 from persona.services.runtime import auth, jobs
 from persona.services.runtime.artifacts import LocalArtifactStore
-from persona.services.runtime.errors import FailedPrecondition
+from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.runtime.interceptors import standard_interceptors
 from persona.services.runtime.job_service import job_service
-from persona.services.runtime.metadata import SQLiteMetadataStore
+from persona.services.runtime.metadata import MetadataStore, SQLiteMetadataStore
 from persona.services.runtime.server import RunningServer, create_server
 from persona.services.runtime.settings import RuntimeSettings
 from persona.services.subjects import domain as subjects_domain
@@ -46,13 +49,47 @@ log = logging.getLogger("persona.app")
 MIGRATIONS = [*auth.MIGRATIONS, *jobs.MIGRATIONS, *subjects_domain.MIGRATIONS, *caption_domain.MIGRATIONS,
               *prior.MIGRATIONS, *train_concepts.MIGRATIONS, *mask_domain.MIGRATIONS]
 
+# The services `serve --services` picks from, and the job kinds each one runs (its domain's runner.register calls).
+SERVICE_JOB_KINDS: dict[str, frozenset[str]] = {
+    "caption": frozenset({caption_domain.JOB_KIND}),
+    "mask": frozenset(),
+    "train": frozenset({train_domain.JOB_KIND, train_domain.EXPORT_JOB_KIND}),
+    "generate": frozenset(),
+    "evaluate": frozenset({EVALUATE_JOB_KIND}),
+}
+SERVICES: tuple[str, ...] = tuple(SERVICE_JOB_KINDS)
+# Served by every process whatever `services` says: small CRUD over the shared store that every client flow needs.
+ALWAYS_SERVED: tuple[str, ...] = ("subjects", "jobs")
+# Services that draw images, and so need the generate engine (Triton) up before the process reports SERVING.
+DRAWING_SERVICES = frozenset({"generate", "evaluate"})
+
+
+def parse_services(services: str | Iterable[str] | None) -> frozenset[str] | None:
+    """The set of services to serve from "caption,train" or an iterable of names; None (or an empty value) = all.
+
+    `subjects` and `jobs` are accepted and ignored (always served). Unknown names raise InvalidArgument listing the
+    valid ones.
+    """
+    if services is None:
+        return None
+    names = services.split(",") if isinstance(services, str) else list(services)
+    names = [n.strip().lower() for n in names if n and n.strip()]
+    if not names:
+        return None
+    unknown = sorted({n for n in names if n not in SERVICE_JOB_KINDS and n not in ALWAYS_SERVED})
+    if unknown:
+        raise InvalidArgument(
+            f"unknown service(s) {', '.join(unknown)} in `services` (--services / PERSONA_SERVICES): use a "
+            f"comma-separated list of {', '.join(SERVICES)} ({' and '.join(ALWAYS_SERVED)} are always served)")
+    return frozenset(n for n in names if n in SERVICE_JOB_KINDS)
+
 
 @dataclass
 class PersonaApp:
     """A running persona server and the parts it was built from (tests reach in through these)."""
 
     settings: RuntimeSettings
-    db: SQLiteMetadataStore
+    db: MetadataStore
     artifacts: LocalArtifactStore
     runner: jobs.JobRunner
     authenticator: auth.ApiKeyAuthenticator
@@ -63,7 +100,11 @@ class PersonaApp:
     generate: GenerateDomain
     evaluate: EvaluateDomain
     server: RunningServer
-    lock: IO[str]
+    # The data dir's lock (lock_data_dir); None when metadata is in a shared database (see build_app).
+    lock: IO[str] | None
+    # The services on this server's port (besides subjects, jobs, health and reflection): all of SERVICES unless
+    # `build_app(services=…)` named fewer.
+    services: frozenset[str] = frozenset(SERVICES)
 
     @property
     def address(self) -> str:
@@ -75,8 +116,10 @@ class PersonaApp:
         self.server.stop(self.settings.grace_period_s if grace_s is None else grace_s)
         self.generate.engine.close()
         still_running = self.runner.shutdown(wait=jobs_timeout_s > 0, timeout_s=jobs_timeout_s)
-        if not still_running:  # a running job still writes to the store: keep the data dir locked
-            self.lock.close()
+        if not still_running:  # a running job still writes: keep the store open and the data dir locked
+            self.db.close()
+            if self.lock is not None:
+                self.lock.close()
         return still_running
 
 
@@ -103,10 +146,20 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
     return handle
 
 
-def open_metadata(settings: RuntimeSettings) -> SQLiteMetadataStore:
-    """The metadata store of `settings.data_dir`, migrated to the current schema."""
-    db = SQLiteMetadataStore(settings.data_dir / "metadata.sqlite3")
-    db.migrate(MIGRATIONS)
+def open_metadata(settings: RuntimeSettings) -> MetadataStore:
+    """The metadata store, migrated to the current schema: PostgreSQL at `settings.database_url`
+    (PERSONA_DATABASE_URL) when set, else SQLite in `settings.data_dir`."""
+    if settings.database_url:
+        from persona.services.runtime.postgres import PostgresMetadataStore  # psycopg only when asked for
+
+        db: MetadataStore = PostgresMetadataStore(settings.database_url)
+    else:
+        db = SQLiteMetadataStore(settings.data_dir / "metadata.sqlite3")
+    try:
+        db.migrate(MIGRATIONS)
+    except BaseException:
+        db.close()
+        raise
     return db
 
 
@@ -115,18 +168,36 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
               caption_settings: CaptionSettings | None = None,
               train_settings: TrainSettings | None = None,
               generate_settings: GenerateSettings | None = None, mask_settings: MaskSettings | None = None,
-              evaluate_settings: EvaluateSettings | None = None, start_engine: bool = False) -> PersonaApp:
+              evaluate_settings: EvaluateSettings | None = None, start_engine: bool = False,
+              services: str | Iterable[str] | None = None) -> PersonaApp:
     """Builds every service on `settings.data_dir`, starts serving on `address`, resumes jobs. `start_engine`
     starts what the generate engine draws on (a tritonserver persona runs) before health says SERVING, instead
-    of on first use."""
-    lock = lock_data_dir(settings.data_dir)
+    of on first use.
+
+    `services` (names from SERVICES, or "caption,train"; None = all) limits what this process serves: every domain
+    is still built (they are cheap objects over the shared store), but only the named services' servicers are on
+    the port, besides the job and subject services, health (overall "" and one status per service served) and
+    reflection, and the job runner runs (and recovers) only those services' job kinds. A process per service needs
+    a metadata store they share (Postgres), not one SQLite data dir."""
+    served = parse_services(services)
+    # With a shared metadata database (Postgres) several processes use one data dir (a ReadWriteMany volume in
+    # Kubernetes: a pod per service, generate replicas), so none may take it for itself; with SQLite, one does.
+    lock = None if _metadata_is_shared(settings) else lock_data_dir(settings.data_dir)
     try:
         return _build(settings, address, lock, subject_settings, caption_settings, train_settings,
                       generate_settings or GenerateSettings.from_env(), mask_settings or MaskSettings.from_env(),
-                      evaluate_settings or EvaluateSettings.from_env(settings.data_dir / "evaluate"), start_engine)
+                      evaluate_settings or EvaluateSettings.from_env(settings.data_dir / "evaluate"), start_engine,
+                      served)
     except BaseException:
-        lock.close()
+        if lock is not None:
+            lock.close()
         raise
+
+
+def _metadata_is_shared(settings: RuntimeSettings) -> bool:
+    """Whether metadata lives in a database other processes share (settings.database_url, PERSONA_DATABASE_URL:
+    Postgres), as open_metadata decides."""
+    return bool(settings.database_url)
 
 
 def _generate_engine(settings: GenerateSettings, data_dir: Path):
@@ -138,29 +209,100 @@ def _generate_engine(settings: GenerateSettings, data_dir: Path):
     return EmbeddedEngine(settings)
 
 
-def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_settings: SubjectSettings | None,
-           caption_settings: CaptionSettings | None, train_settings: TrainSettings | None,
-           generate_settings: GenerateSettings, mask_settings: MaskSettings, evaluate_settings: EvaluateSettings,
-           start_engine: bool) -> PersonaApp:
-    db = open_metadata(settings)
+@dataclass
+class Domains:
+    """Every service's domain over one metadata store and data dir, with the job runner they share."""
+
+    artifacts: LocalArtifactStore
+    runner: jobs.JobRunner
+    subjects: subjects_domain.SubjectRepository
+    captions: caption_domain.CaptionDomain
+    masks: mask_domain.MaskDomain
+    train: train_domain.TrainDomain
+    generate: GenerateDomain
+    evaluate: EvaluateDomain
+
+
+def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: SubjectSettings | None,
+             caption_settings: CaptionSettings | None, train_settings: TrainSettings | None,
+             generate_settings: GenerateSettings, mask_settings: MaskSettings,
+             evaluate_settings: EvaluateSettings) -> Domains:
+    """The domains of a server (`_build`) or of a job worker (`run_job`): the one place they are wired together."""
+    train_settings = train_settings or TrainSettings.from_env()
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     runner = jobs.JobRunner(jobs.JobStore(db), workers=settings.job_workers)
-    authenticator = auth.ApiKeyAuthenticator(db, settings.auth)
     subjects = subjects_domain.SubjectRepository(db, artifacts, subject_settings or SubjectSettings.from_env())
     captions = caption_domain.CaptionDomain(db, subjects, runner, caption_settings or CaptionSettings.from_env())
     masks = mask_domain.MaskDomain(db, artifacts, subjects, mask_settings)
-    train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner,
-                                     train_settings or TrainSettings.from_env(), settings.data_dir / "train", masks)
+    train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner, train_settings,
+                                     settings.data_dir / "train", masks,
+                                     dispatcher=_train_dispatcher(settings, db, train_settings))
     generate = GenerateDomain(train, _generate_engine(generate_settings, settings.data_dir), generate_settings,
                               settings.data_dir / "generate")
     evaluate = EvaluateDomain(artifacts, runner, subjects, train, generate, masks, evaluate_settings)
+    return Domains(artifacts, runner, subjects, captions, masks, train, generate, evaluate)
+
+
+def _train_dispatcher(settings: RuntimeSettings, db: MetadataStore, train_settings: TrainSettings):
+    """Where train jobs run (PERSONA_TRAIN_DISPATCHER); a worker gets the server's model settings explicitly,
+    so that settings given in code (tests, the embedded CLI) reach it too."""
+    from persona.services.runtime.dispatch import SubprocessDispatcher
+    from persona.services.train.dispatch import train_dispatcher
+
+    if train_settings.dispatcher == "kubernetes" and not getattr(db, "shared_between_processes", False):
+        raise FailedPrecondition(
+            "PERSONA_TRAIN_DISPATCHER=kubernetes runs training in other pods, which cannot share this server's "
+            "SQLite file: set PERSONA_DATABASE_URL to a PostgreSQL database (Helm: database.postgresDsn)")
+    dispatcher = train_dispatcher(train_settings, settings.data_dir)
+    if isinstance(dispatcher, SubprocessDispatcher):
+        dispatcher.env.update({"PERSONA_MODEL_CACHE": str(train_settings.base_model_cache_dir),
+                               "PERSONA_BASE_MODEL": train_settings.default_base_model,
+                               "PERSONA_TRAIN_DEVICE": train_settings.device or "",
+                               "PERSONA_DATABASE_URL": settings.database_url or ""})
+    return dispatcher
+
+
+def run_job(settings: RuntimeSettings, job_id: str, *, train_settings: TrainSettings | None = None) -> jobs.JobRecord:
+    """Runs one persisted job in this process and returns it finished: `persona-cli run-job`, the worker side of a
+    dispatcher. No server, and no data dir lock: the server that dispatched the job holds it (SQLite) or the store
+    is shared (Postgres)."""
+    # The worker runs the job itself: it builds no dispatcher (a pod has no Kubernetes API token, by design).
+    train_settings = dataclasses.replace(train_settings or TrainSettings.from_env(), dispatcher="thread")
+    db = open_metadata(settings)
+    try:
+        d = _domains(settings, db, None, None, train_settings, GenerateSettings.from_env(), MaskSettings.from_env(),
+                     EvaluateSettings.from_env(settings.data_dir / "evaluate"))
+        try:
+            return d.runner.run_here(job_id)
+        finally:
+            d.runner.shutdown()
+            d.generate.engine.close()
+    finally:
+        db.close()
+
+
+def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subject_settings: SubjectSettings | None,
+           caption_settings: CaptionSettings | None, train_settings: TrainSettings | None,
+           generate_settings: GenerateSettings, mask_settings: MaskSettings, evaluate_settings: EvaluateSettings,
+           start_engine: bool, served: frozenset[str] | None = None) -> PersonaApp:
+    db = open_metadata(settings)
+    d = _domains(settings, db, subject_settings, caption_settings, train_settings, generate_settings, mask_settings,
+                 evaluate_settings)
+    artifacts, runner, subjects, captions, masks, train, generate, evaluate = (
+        d.artifacts, d.runner, d.subjects, d.captions, d.masks, d.train, d.generate, d.evaluate)
+    authenticator = auth.ApiKeyAuthenticator(db, settings.auth)
+    serving = frozenset(SERVICES) if served is None else served
+    if served is not None:  # None: every kind, as before `--services` existed
+        runner.serve_only(set().union(*(SERVICE_JOB_KINDS[name] for name in served)))
+    registrations = {"caption": caption_service(captions), "mask": mask_service(masks), "train": train_service(train),
+                     "generate": generate_service(generate), "evaluate": evaluate_service(evaluate)}
     server = create_server(
-        [job_service(runner), subject_service(subjects), caption_service(captions), mask_service(masks),
-         train_service(train), generate_service(generate), evaluate_service(evaluate)], address,
+        [job_service(runner), subject_service(subjects), *(registrations[name] for name in SERVICES
+                                                           if name in serving)], address,
         interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
         workers=settings.rpc_workers,
     )
-    if start_engine:
+    if start_engine and serving & DRAWING_SERVICES:
         try:
             generate.engine.start()  # a broken Triton install shows now, not at the first Generate
         except BaseException:
@@ -173,5 +315,4 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str], subject_setti
     server.set_serving(True)
     return PersonaApp(settings=settings, db=db, artifacts=artifacts, runner=runner, authenticator=authenticator,
                       subjects=subjects, captions=captions, masks=masks, train=train, generate=generate,
-                      evaluate=evaluate, server=server,
-                      lock=lock)
+                      evaluate=evaluate, server=server, lock=lock, services=serving)

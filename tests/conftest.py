@@ -80,9 +80,9 @@ def eval_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def start_app(tmp_path, model_cache, mask_models, eval_models):
     """Factory: start_app(data_dir=None, auth="api-key", caption_settings=None, train_settings=None,
-    generate_settings=None, mask_settings=None, evaluate_settings=None) → a running PersonaApp (training and the
-    embedded engine on CPU, base models cached in the session's model cache, the tiny mask and evaluation
-    models)."""
+    generate_settings=None, mask_settings=None, evaluate_settings=None, services=None) → a running PersonaApp
+    (training and the embedded engine on CPU, base models cached in the session's model cache, the tiny mask and
+    evaluation models; `services` as in build_app)."""
     apps: list[PersonaApp] = []
 
     def default_mask_settings() -> MaskSettings:
@@ -92,7 +92,7 @@ def start_app(tmp_path, model_cache, mask_models, eval_models):
 
     def start(data_dir: Path | None = None, auth: str = "api-key", caption_settings: CaptionSettings | None = None,
               train_settings: TrainSettings | None = None, generate_settings: GenerateSettings | None = None,
-              mask_settings=None, evaluate_settings=None, **runtime) -> PersonaApp:
+              mask_settings=None, evaluate_settings=None, services=None, **runtime) -> PersonaApp:
         settings = RuntimeSettings(data_dir=data_dir or tmp_path / "data", auth=auth, **runtime)
         app = build_app(settings, caption_settings=caption_settings or CaptionSettings(),
                         train_settings=train_settings or TrainSettings(base_model_cache_dir=model_cache, device="cpu"),
@@ -100,7 +100,8 @@ def start_app(tmp_path, model_cache, mask_models, eval_models):
                         mask_settings=mask_settings or default_mask_settings(),
                         evaluate_settings=evaluate_settings or EvaluateSettings(
                             work_dir=settings.data_dir / "evaluate", clip_model=str(eval_models["clip"]),
-                            dino_model=str(eval_models["dino"]), device="cpu"))
+                            dino_model=str(eval_models["dino"]), device="cpu"),
+                        services=services)
         apps.append(app)
         return app
 

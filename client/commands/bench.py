@@ -163,7 +163,7 @@ def flow(
         from ..output import fail
         fail("INVALID_ARGUMENT", f"{photos} holds no jpg/png/webp photos")
     client = s.client()
-    trainer = train_pb2_grpc.TrainServiceStub(client.channel)
+    trainer = train_pb2_grpc.TrainServiceStub(client.channel_for("train"))
     seconds: dict[str, float] = {}
 
     def timed(stage: str, work):

@@ -1,5 +1,6 @@
-"""`persona-cli serve`: every persona service in one process, until SIGTERM or Ctrl-C; `persona-cli up`: the same
-with a tritonserver beside it (`--detach`: in the background, see lifecycle.py for that, `status` and `down`)."""
+"""`persona-cli serve`: every persona service (or those `--services` names) in one process, until SIGTERM or
+Ctrl-C; `persona-cli up`: the same with a tritonserver beside it (`--detach`: in the background, see lifecycle.py
+for that, `status` and `down`)."""
 from __future__ import annotations
 
 import logging
@@ -60,15 +61,23 @@ def serve(
              "served by Triton: --triton-url, or a tritonserver persona starts).")] = EngineChoice.embedded,
     triton_url: TritonUrlOption = "",
     log_level: LogLevelOption = LogLevel.info,
+    services: Annotated[str, typer.Option(
+        "--services", envvar="PERSONA_SERVICES", metavar="NAME,…", show_default="all",
+        help="Serve only these of caption, mask, train, generate, evaluate (comma-separated), e.g. one per "
+             "Kubernetes Deployment; subjects, jobs, health and reflection are always served, and the job runner "
+             "runs only these services' jobs. Several processes need a shared metadata store (Postgres).")] = "",
 ) -> None:
-    """Serve every persona service (subjects, captions, training, generation, jobs), with gRPC health and
-    reflection, in one process.
+    """Serve every persona service (subjects, captions, masks, training, generation, evaluation, jobs), with gRPC
+    health and reflection, in one process; `--services` for a subset.
 
     Logs go to stderr; SIGTERM or Ctrl-C stops it gracefully, letting calls in flight finish.
 
-    Example: `persona-cli serve --host 0.0.0.0 --port 50051 --data-dir /srv/persona`
+    Example: `persona-cli serve --host 0.0.0.0 --port 50051 --data-dir /srv/persona`, or one service:
+    `persona-cli serve --services train …`
     """
-    run_server(ctx, host, port, data_dir, auth, engine, triton_url, log_level)
+    from persona.services.app import parse_services
+
+    run_server(ctx, host, port, data_dir, auth, engine, triton_url, log_level, services=parse_services(services))
 
 
 def up(
@@ -109,9 +118,10 @@ def up(
 
 
 def run_server(ctx: typer.Context, host: str, port: int, data_dir, auth: AuthMode, engine: EngineChoice,
-               triton_url: str, log_level: LogLevel, write_state: bool = False) -> None:
+               triton_url: str, log_level: LogLevel, write_state: bool = False,
+               services: frozenset[str] | None = None) -> None:
     """Builds the app on the data dir and serves until SIGTERM or Ctrl-C; with `write_state`, the data dir's
-    run/up.json names the processes while they serve."""
+    run/up.json names the processes while they serve; `services` (None = all) limits what it serves."""
     from persona.services.app import build_app
     from persona.services.generate.settings import GenerateSettings
     from persona.services.runtime.server import serve_until_signal
@@ -122,12 +132,13 @@ def run_server(ctx: typer.Context, host: str, port: int, data_dir, auth: AuthMod
     generate_settings = GenerateSettings.from_env(engine=engine.value, triton_url=triton_url or None)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     # A busy port is UNAVAILABLE, a busy data dir FAILED_PRECONDITION.
-    app = build_app(settings, address, generate_settings=generate_settings, start_engine=True)
+    app = build_app(settings, address, generate_settings=generate_settings, start_engine=True, services=services)
     listening = address.rsplit(":", 1)[0] + f":{app.server.port}"
     endpoint = getattr(app.generate.engine, "endpoint", None)
     if endpoint is not None:
         note(f"Triton serving {app.generate.engine.repository.root} on {endpoint.url} (gRPC)")
-    note(f"persona listening on {listening} (data dir {settings.data_dir}, auth {auth.value}, "
+    served = "" if services is None else f"services {','.join(sorted(app.services)) or 'none'} + subjects, jobs; "
+    note(f"persona listening on {listening} ({served}data dir {settings.data_dir}, auth {auth.value}, "
          f"generation {engine.value}); stop with Ctrl-C or SIGTERM")
     if auth is AuthMode.api_key and not app.authenticator.list_keys():
         note(f"no API keys yet: create one with `persona-cli keys create TENANT --data-dir {settings.data_dir}`, "

@@ -1,7 +1,9 @@
-"""How a command reaches persona: a remote server (--server) or the same services started in-process
-on the data dir (the embedded default), plus the options every command shares."""
+"""How a command reaches persona: a remote server (--server, plus PERSONA_<SERVICE>_SERVER for services deployed
+apart) or the same services started in-process on the data dir (the embedded default), plus the options every
+command shares."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,8 +12,8 @@ import typer
 
 from persona.services.runtime.settings import RuntimeSettings, env_float
 
-from ..output import Output, quiet_libraries
-from ..sdk import PersonaClient
+from ..output import Output, fail, quiet_libraries
+from ..sdk import SERVICE_ADDRESS_ENV, PersonaClient
 
 SubjectArgument = Annotated[str, typer.Argument(metavar="SUBJECT", help="Subject id, e.g. subj_51d2…",
                                                 show_default=False)]
@@ -21,6 +23,13 @@ JsonOption = Annotated[bool, typer.Option(
 DataDirOption = Annotated[Optional[Path], typer.Option(
     "--data-dir", envvar="PERSONA_HOME", file_okay=False, show_default="~/.persona",
     help="Folder holding persona's metadata and artifacts.")]
+
+
+def service_addresses_from_env() -> dict[str, str]:
+    """{"train": "HOST:PORT", …} from PERSONA_CAPTION_SERVER, PERSONA_MASK_SERVER, PERSONA_TRAIN_SERVER,
+    PERSONA_GENERATE_SERVER and PERSONA_EVALUATE_SERVER; a service whose variable is unset or empty uses --server."""
+    return {name: os.environ[var].strip() for name, var in SERVICE_ADDRESS_ENV.items()
+            if os.environ.get(var, "").strip()}
 
 
 @dataclass
@@ -45,9 +54,14 @@ class Session:
     def client(self) -> PersonaClient:
         """A client of the --server, or of services started in-process on the data dir (stopped at exit)."""
         if self._client is None:
+            service_addresses = service_addresses_from_env()
             if self.server:
-                client = PersonaClient.connect(self.server, self.api_key)
+                client = PersonaClient.connect(self.server, self.api_key, service_addresses=service_addresses)
                 client.wait_until_ready(self.server, env_float("PERSONA_CONNECT_TIMEOUT_S", 10.0))
+            elif service_addresses:
+                names = ", ".join(SERVICE_ADDRESS_ENV[name] for name in service_addresses)
+                fail("INVALID_ARGUMENT", f"{names} set without --server / PERSONA_SERVER: set that too, to any "
+                                         "persona server of the deployment (every one serves subjects and jobs)")
             else:
                 from persona.services.app import build_app  # the embedded server only: remote calls skip its imports
 

@@ -215,11 +215,16 @@ class CaptionDomain:
             # The subject may have been deleted while the job ran: its images went with it.
             if self.db.query_one("SELECT 1 FROM subject_images WHERE image_id = :id", {"id": image_id}) is None:
                 raise NotFound(f"subject {subject.subject_id} was deleted while its captions were being written")
+            # An upsert both SQLite (>= 3.24) and Postgres run; it sets every column, as INSERT OR REPLACE did.
             self.db.execute(
-                "INSERT OR REPLACE INTO captions (image_id, subject_id, tenant_id, text, description_case, mode,"
+                "INSERT INTO captions (image_id, subject_id, tenant_id, text, description_case, mode,"
                 " source, instruction_version, model, attempts, failure, job_id, updated_at) VALUES (:image_id,"
                 " :subject_id, :tenant_id, :text, :case, :mode, :source, :instruction_version, :model, :attempts,"
-                " :failure, :job_id, :now)",
+                " :failure, :job_id, :now) ON CONFLICT (image_id) DO UPDATE SET subject_id = excluded.subject_id,"
+                " tenant_id = excluded.tenant_id, text = excluded.text, description_case = excluded.description_case,"
+                " mode = excluded.mode, source = excluded.source, instruction_version = excluded.instruction_version,"
+                " model = excluded.model, attempts = excluded.attempts, failure = excluded.failure,"
+                " job_id = excluded.job_id, updated_at = excluded.updated_at",
                 {"image_id": image_id, "subject_id": subject.subject_id, "tenant_id": subject.tenant_id,
                  "now": time.time(), **fields},
             )

@@ -18,6 +18,7 @@ Nothing here imports tritonclient at module import time, so importing this modul
 """
 from __future__ import annotations
 
+import errno
 import filecmp
 import os
 import re
@@ -148,8 +149,11 @@ def _pytriton_install(root: Path) -> TritonInstall:
     stubs = root / "python_backend_stubs"
     try:
         prepare_python_stub(backends, stubs)
-    except PermissionError:
-        # Read-only site-packages: prepare a private copy of the backends in the user's cache.
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # Read-only site-packages (not ours, or a read-only root filesystem in a container): prepare a private
+        # copy of the backends in the user's cache.
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "persona" / "tritonserver"
         py = f"{sys.version_info.major}.{sys.version_info.minor}"
         private = cache / f"backends-py{py}"

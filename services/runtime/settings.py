@@ -55,12 +55,22 @@ class RuntimeSettings:
     resume_interrupted_jobs: bool = True
     # Seconds in-flight RPCs get to finish on SIGTERM before the server stops.
     grace_period_s: float = 10.0
+    # PERSONA_DATABASE_URL: metadata in PostgreSQL, e.g. postgresql://USER:PASSWORD@HOST:5432/persona, shared by
+    # several persona processes (pods, a train worker next to the server). Empty: SQLite in the data dir.
+    # Left out of repr: it may hold a password.
+    database_url: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
             raise InvalidArgument(f"`auth` is {self.auth!r}: use one of {', '.join(AUTH_MODES)}")
         if self.max_message_bytes < 1024 * 1024:
             raise InvalidArgument("`max_message_bytes` is below 1 MiB: raise PERSONA_MAX_MESSAGE_BYTES")
+        url = self.database_url
+        if url and not url.startswith(("postgresql://", "postgres://")) and "=" not in url:
+            # The value is not shown: it may hold a password.
+            raise InvalidArgument("`database_url` (PERSONA_DATABASE_URL) is not a PostgreSQL URL: set it to e.g. "
+                                  "postgresql://USER:PASSWORD@HOST:5432/persona, or leave it empty for SQLite in the "
+                                  "data dir")
 
     @classmethod
     def from_env(cls, **overrides) -> "RuntimeSettings":
@@ -72,6 +82,7 @@ class RuntimeSettings:
             job_workers=env_int("PERSONA_JOB_WORKERS", cls.job_workers),
             rpc_workers=env_int("PERSONA_RPC_WORKERS", cls.rpc_workers),
             resume_interrupted_jobs=os.environ.get("PERSONA_RESUME_JOBS", "1") not in ("0", "false", "no"),
+            database_url=os.environ.get("PERSONA_DATABASE_URL", "").strip(),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["data_dir"] = Path(values["data_dir"]).expanduser()

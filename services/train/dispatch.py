@@ -46,7 +46,7 @@ def train_dispatcher(settings, data_dir: Path) -> "dispatch.JobDispatcher | None
         return KubernetesDispatcher(
             k.namespace, k.image, service_account=k.service_account, data_claim=k.data_claim,
             models_claim=k.models_claim, gpu=k.gpu, node_selector=k.node_selector, tolerations=k.tolerations,
-            config_map=k.config_map, secret=k.secret)
+            config_map=k.config_map, secret=k.secret, image_pull_secrets=k.image_pull_secrets)
     return None
 
 
@@ -64,7 +64,8 @@ def job_name(job_id: str) -> str:
 def kubernetes_job_manifest(job_id: str, *, image: str, namespace: str, service_account: str, data_claim: str,
                             models_claim: str, gpu: int = 1, node_selector: dict | None = None,
                             tolerations: list | None = None, env: dict | None = None, config_map: str = "",
-                            secret: str = "", backoff_limit: int = 0, ttl_seconds_after_finished: int = 3600) -> dict:
+                            secret: str = "", image_pull_secrets: list[str] | None = None, backoff_limit: int = 0,
+                            ttl_seconds_after_finished: int = 3600) -> dict:
     """The `batch/v1` Job that runs one train job in a worker pod, as a plain dict (kubernetes client body).
 
     One container runs `persona-cli run-job JOB_ID --data-dir /data` with the data and models PVCs at /data
@@ -83,7 +84,8 @@ def kubernetes_job_manifest(job_id: str, *, image: str, namespace: str, service_
         raise InvalidArgument(f"`namespace` {namespace!r} is not a Kubernetes namespace name: lowercase letters, "
                               f"digits and '-', at most 63 characters, e.g. persona")
     for arg, value in (("service_account", service_account), ("data_claim", data_claim),
-                       ("models_claim", models_claim), ("config_map", config_map or "x"), ("secret", secret or "x")):
+                       ("models_claim", models_claim), ("config_map", config_map or "x"), ("secret", secret or "x"),
+                       *((f"image_pull_secrets[{i}]", name) for i, name in enumerate(image_pull_secrets or []))):
         if not isinstance(value, str) or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
             raise InvalidArgument(f"`{arg}` {value!r} is not a Kubernetes object name: lowercase letters, digits, "
                                   f"'-' and '.', e.g. persona-data")
@@ -132,6 +134,8 @@ def kubernetes_job_manifest(job_id: str, *, image: str, namespace: str, service_
                     {"name": "models", "persistentVolumeClaim": {"claimName": models_claim}},
                     {"name": "tmp", "emptyDir": {}}],
     }
+    if image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in image_pull_secrets]
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
     if tolerations:
@@ -176,14 +180,16 @@ class KubernetesDispatcher:
 
     def __init__(self, namespace: str, image: str, *, service_account: str, data_claim: str, models_claim: str,
                  gpu: int = 1, node_selector: dict | None = None, tolerations: list | None = None,
-                 env: dict | None = None, config_map: str = "", secret: str = "", backoff_limit: int = 0,
+                 env: dict | None = None, config_map: str = "", secret: str = "",
+                 image_pull_secrets: list[str] | None = None, backoff_limit: int = 0,
                  ttl_seconds_after_finished: int = 3600, client: Any = None):
         self.namespace = namespace
         self.backoff_limit = backoff_limit
         self._manifest_args = dict(image=image, namespace=namespace, service_account=service_account,
                                    data_claim=data_claim, models_claim=models_claim, gpu=gpu,
                                    node_selector=node_selector, tolerations=tolerations, env=env,
-                                   config_map=config_map, secret=secret, backoff_limit=backoff_limit,
+                                   config_map=config_map, secret=secret, image_pull_secrets=image_pull_secrets,
+                                   backoff_limit=backoff_limit,
                                    ttl_seconds_after_finished=ttl_seconds_after_finished)
         kubernetes_job_manifest("job_check", **self._manifest_args)  # InvalidArgument now, not at the first submit
         self.client = client if client is not None else _kubernetes_batch_api()

@@ -31,6 +31,7 @@ class KubernetesJobSettings:
     tolerations: list = field(default_factory=list)  # PERSONA_K8S_TOLERATIONS: JSON list
     config_map: str = ""  # PERSONA_K8S_CONFIGMAP: envFrom of the worker (the server's PERSONA_* settings)
     secret: str = ""  # PERSONA_K8S_SECRET: envFrom of the worker (PERSONA_DATABASE_URL, keys)
+    image_pull_secrets: list = field(default_factory=list)  # PERSONA_K8S_IMAGE_PULL_SECRETS: comma-separated names
 
     @classmethod
     def from_env(cls) -> "KubernetesJobSettings":
@@ -54,7 +55,9 @@ class KubernetesJobSettings:
                    models_claim=text("PERSONA_K8S_MODELS_CLAIM", cls.models_claim),
                    gpu=env_int("PERSONA_K8S_GPU", cls.gpu), node_selector=json_env("PERSONA_K8S_NODE_SELECTOR", dict),
                    tolerations=json_env("PERSONA_K8S_TOLERATIONS", list),
-                   config_map=text("PERSONA_K8S_CONFIGMAP", ""), secret=text("PERSONA_K8S_SECRET", ""))
+                   config_map=text("PERSONA_K8S_CONFIGMAP", ""), secret=text("PERSONA_K8S_SECRET", ""),
+                   image_pull_secrets=[n.strip() for n in os.environ.get("PERSONA_K8S_IMAGE_PULL_SECRETS", "").split(",")
+                                       if n.strip()])
 
 
 @dataclass(frozen=True)

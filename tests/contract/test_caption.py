@@ -9,6 +9,8 @@ from fakevlm import DEFAULT_ANSWER, MODEL, Reply, image_bytes, texts
 from PIL import Image
 
 from persona.services.caption.instructions import INSTRUCTION_VERSION
+from persona.services.runtime.jobs import JobStore
+from persona.services.runtime.metadata import SQLiteMetadataStore
 from persona.v1 import caption_pb2, common_pb2, subjects_pb2
 
 SUCCEEDED, FAILED, CANCELLED = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED,
@@ -340,10 +342,11 @@ def test_resumed_job_skips_images_it_already_captioned(start_app, client_for, fa
     assert job.state == SUCCEEDED and len(fake_vlm.requests) == 3
     first.stop(0)
     # As if the server had died with the job running and the last image not yet captioned.
-    first.db.execute("UPDATE jobs SET state = 'RUNNING' WHERE job_id = :id", {"id": job.job_id})
-    first.db.execute("DELETE FROM captions WHERE image_id = :id", {"id": subject.images[2].image_id})
-
-    finished_at = first.runner.store.events_after(job.job_id, 0)[-1].sequence
+    db = SQLiteMetadataStore(data_dir / "metadata.sqlite3")
+    db.execute("UPDATE jobs SET state = 'RUNNING' WHERE job_id = :id", {"id": job.job_id})
+    db.execute("DELETE FROM captions WHERE image_id = :id", {"id": subject.images[2].image_id})
+    finished_at = JobStore(db).events_after(job.job_id, 0)[-1].sequence
+    db.close()
 
     second = start_app(data_dir=data_dir, caption_settings=fake_vlm.settings())
     client = client_for("acme", second)

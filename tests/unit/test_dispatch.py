@@ -18,7 +18,7 @@ GPU_ARGS = dict(gpu=2, node_selector={"nvidia.com/gpu.present": "true"},
                 tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 env={"PERSONA_TRAIN_DEVICE": "cuda", "HF_HUB_OFFLINE": 1}, backoff_limit=2,
                 ttl_seconds_after_finished=600)
-GPU_ARGS_FROM = dict(GPU_ARGS, config_map="persona-env", secret="persona-secrets")
+GPU_ARGS_FROM = dict(GPU_ARGS, config_map="persona-env", secret="persona-secrets", image_pull_secrets=["regcred"])
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -87,7 +87,9 @@ def test_gpu_limit_node_selector_tolerations_and_env_follow_the_arguments():
     from_refs = pod_spec(kubernetes_job_manifest(JOB_ID, **ARGS, config_map="persona-env", secret="persona-secrets"))
     assert from_refs["containers"][0]["envFrom"] == [{"configMapRef": {"name": "persona-env"}},
                                                      {"secretRef": {"name": "persona-secrets"}}]
-    assert from_refs["automountServiceAccountToken"] is False
+    assert from_refs["automountServiceAccountToken"] is False and "imagePullSecrets" not in from_refs
+    private = pod_spec(kubernetes_job_manifest(JOB_ID, **ARGS, image_pull_secrets=["regcred"]))
+    assert private["imagePullSecrets"] == [{"name": "regcred"}]
     assert from_refs["containers"][0]["args"] == ["persona-cli", "run-job", JOB_ID, "--data-dir", "/data"]
 
 
