@@ -62,11 +62,23 @@ class _CallDetails(grpc.ClientCallDetails):
 
 
 def open_channel(address: str, api_key: str | None = None) -> grpc.Channel:
-    """An insecure channel to `address` that sends `api_key` (if any) with every call."""
-    channel = grpc.insecure_channel(address, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ])
+    """A channel to `address` that sends `api_key` (if any) with every call.
+
+    `HOST:PORT` (or `grpc://HOST:PORT`) is plaintext, as `persona-cli serve` listens; `grpcs://HOST:PORT` is TLS,
+    for a server behind a TLS-terminating ingress or load balancer, verified against the system's roots or the
+    PEM bundle in PERSONA_TLS_CA (a private CA)."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if address.startswith("grpcs://"):
+        ca_path = os.environ.get("PERSONA_TLS_CA", "").strip()
+        try:
+            roots = Path(ca_path).read_bytes() if ca_path else None
+        except OSError as e:
+            raise PersonaClientError("INVALID_ARGUMENT", f"PERSONA_TLS_CA {ca_path!r} cannot be read ({e.strerror}): "
+                                                         "point it at a PEM file of CA certificates") from None
+        channel = grpc.secure_channel(address[len("grpcs://"):], grpc.ssl_channel_credentials(roots), options=options)
+    else:
+        channel = grpc.insecure_channel(address.removeprefix("grpc://"), options=options)
     if api_key:
         channel = grpc.intercept_channel(channel, _MetadataInterceptor((("authorization", f"Bearer {api_key}"),)))
     return channel

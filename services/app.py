@@ -85,20 +85,26 @@ def parse_services(services: str | Iterable[str] | None) -> frozenset[str] | Non
 
 
 @dataclass
-class PersonaApp:
-    """A running persona server and the parts it was built from (tests reach in through these)."""
+class Domains:
+    """Every service's domain over one metadata store and data dir, with the job runner they share."""
 
-    settings: RuntimeSettings
-    db: MetadataStore
     artifacts: LocalArtifactStore
     runner: jobs.JobRunner
-    authenticator: auth.ApiKeyAuthenticator
     subjects: subjects_domain.SubjectRepository
     captions: caption_domain.CaptionDomain
     masks: mask_domain.MaskDomain
     train: train_domain.TrainDomain
     generate: GenerateDomain
     evaluate: EvaluateDomain
+
+
+@dataclass
+class PersonaApp(Domains):
+    """A running persona server and the parts it was built from (tests reach in through these)."""
+
+    settings: RuntimeSettings
+    db: MetadataStore
+    authenticator: auth.ApiKeyAuthenticator
     server: RunningServer
     # The data dir's lock (lock_data_dir); None when metadata is in a shared database (see build_app).
     lock: IO[str] | None
@@ -209,20 +215,6 @@ def _generate_engine(settings: GenerateSettings, data_dir: Path):
     return EmbeddedEngine(settings)
 
 
-@dataclass
-class Domains:
-    """Every service's domain over one metadata store and data dir, with the job runner they share."""
-
-    artifacts: LocalArtifactStore
-    runner: jobs.JobRunner
-    subjects: subjects_domain.SubjectRepository
-    captions: caption_domain.CaptionDomain
-    masks: mask_domain.MaskDomain
-    train: train_domain.TrainDomain
-    generate: GenerateDomain
-    evaluate: EvaluateDomain
-
-
 def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: SubjectSettings | None,
              caption_settings: CaptionSettings | None, train_settings: TrainSettings | None,
              generate_settings: GenerateSettings, mask_settings: MaskSettings,
@@ -286,16 +278,28 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subjec
            generate_settings: GenerateSettings, mask_settings: MaskSettings, evaluate_settings: EvaluateSettings,
            start_engine: bool, served: frozenset[str] | None = None) -> PersonaApp:
     db = open_metadata(settings)
+    try:
+        return _serve(settings, address, lock, db, subject_settings, caption_settings, train_settings,
+                      generate_settings, mask_settings, evaluate_settings, start_engine, served)
+    except BaseException:
+        db.close()  # a bad setting (e.g. the kubernetes dispatcher on SQLite) or a busy port: nothing stays open
+        raise
+
+
+def _serve(settings: RuntimeSettings, address: str, lock: IO[str] | None, db: MetadataStore,
+           subject_settings: SubjectSettings | None, caption_settings: CaptionSettings | None,
+           train_settings: TrainSettings | None, generate_settings: GenerateSettings, mask_settings: MaskSettings,
+           evaluate_settings: EvaluateSettings, start_engine: bool, served: frozenset[str] | None) -> PersonaApp:
     d = _domains(settings, db, subject_settings, caption_settings, train_settings, generate_settings, mask_settings,
                  evaluate_settings)
-    artifacts, runner, subjects, captions, masks, train, generate, evaluate = (
-        d.artifacts, d.runner, d.subjects, d.captions, d.masks, d.train, d.generate, d.evaluate)
+    runner, subjects, generate = d.runner, d.subjects, d.generate
     authenticator = auth.ApiKeyAuthenticator(db, settings.auth)
     serving = frozenset(SERVICES) if served is None else served
     if served is not None:  # None: every kind, as before `--services` existed
         runner.serve_only(set().union(*(SERVICE_JOB_KINDS[name] for name in served)))
-    registrations = {"caption": caption_service(captions), "mask": mask_service(masks), "train": train_service(train),
-                     "generate": generate_service(generate), "evaluate": evaluate_service(evaluate)}
+    registrations = {"caption": caption_service(d.captions), "mask": mask_service(d.masks),
+                     "train": train_service(d.train), "generate": generate_service(generate),
+                     "evaluate": evaluate_service(d.evaluate)}
     server = create_server(
         [job_service(runner), subject_service(subjects), *(registrations[name] for name in SERVICES
                                                            if name in serving)], address,
@@ -313,6 +317,5 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subjec
     if resumed:
         log.info("found %d job(s) left by a previous run: %s", len(resumed), ", ".join(resumed))
     server.set_serving(True)
-    return PersonaApp(settings=settings, db=db, artifacts=artifacts, runner=runner, authenticator=authenticator,
-                      subjects=subjects, captions=captions, masks=masks, train=train, generate=generate,
-                      evaluate=evaluate, server=server, lock=lock, services=serving)
+    return PersonaApp(**vars(d), settings=settings, db=db, authenticator=authenticator, server=server, lock=lock,
+                      services=serving)

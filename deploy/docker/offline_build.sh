@@ -297,9 +297,9 @@ if want triton; then
     result triton_python_imports "$out"
     # No NVIDIA tritonserver offline: the one bundled in nvidia-pytriton (python backend) serves an empty
     # explicit-mode repository on :8000/:8001/:8002, and the image's own HEALTHCHECK must call it ready.
-    # Writable root here: persona copies the bundled python-backend stub next to the bundled backend on first
-    # use (it catches PermissionError, not EROFS, on a read-only root). NVIDIA's image needs no such copy.
-    READONLY=0 run_and_wait_healthy persona-triton "$IMG" python3 -c '
+    # Read-only root, as the chart runs it: persona prepares the bundled python-backend stub in $HOME/.cache (/tmp)
+    # when site-packages cannot be written. NVIDIA's image needs no such copy.
+    run_and_wait_healthy persona-triton "$IMG" python3 -c '
 import signal, time
 from pathlib import Path
 from persona.services.generate.triton_server import TritonServer

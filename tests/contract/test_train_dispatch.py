@@ -69,3 +69,14 @@ def test_a_worker_killed_mid_training_fails_its_job_saying_so(dispatched):
     assert final.state == common_pb2.JOB_STATE_FAILED
     assert final.error.code == "ABORTED" and f"the subprocess worker of job {job.job_id}" in final.error.message \
         and "failed; its logs tell why" in final.error.message
+
+
+def test_the_kubernetes_dispatcher_refuses_a_sqlite_store_saying_what_to_set(start_app, model_cache, tmp_path):
+    from persona.services.runtime.errors import FailedPrecondition
+    from persona.services.train.settings import KubernetesJobSettings
+
+    settings = TrainSettings(base_model_cache_dir=model_cache, device="cpu", dispatcher="kubernetes",
+                             kubernetes=KubernetesJobSettings(image="registry.example.com/persona:0.1.0"))
+    with pytest.raises(FailedPrecondition, match="cannot share this server's SQLite file: set PERSONA_DATABASE_URL"):
+        start_app(data_dir=tmp_path / "k8s", train_settings=settings)
+    start_app(data_dir=tmp_path / "k8s")  # nothing was left open or locked

@@ -246,3 +246,34 @@ def test_without_the_kubernetes_package_it_says_what_to_install(monkeypatch):
     with pytest.raises(FailedPrecondition, match="pip install kubernetes"):
         KubernetesDispatcher("persona", ARGS["image"], service_account="persona", data_claim="persona-data",
                              models_claim="persona-models")
+
+
+def test_dispatcher_settings_come_from_the_environment_and_bad_ones_are_named(monkeypatch):
+    from persona.services.train.dispatch import train_dispatcher
+    from persona.services.train.settings import TrainSettings
+
+    monkeypatch.setenv("PERSONA_TRAIN_DISPATCHER", "kubernetes")
+    monkeypatch.setenv("PERSONA_K8S_NAMESPACE", "persona")
+    monkeypatch.setenv("PERSONA_K8S_GPU", "2")
+    monkeypatch.setenv("PERSONA_K8S_NODE_SELECTOR", '{"nvidia.com/gpu.present": "true"}')
+    monkeypatch.setenv("PERSONA_K8S_TOLERATIONS", '[{"key": "nvidia.com/gpu", "operator": "Exists"}]')
+    monkeypatch.setenv("PERSONA_K8S_IMAGE_PULL_SECRETS", "regcred, mirror")
+    settings = TrainSettings.from_env()
+    k = settings.kubernetes
+    assert (settings.dispatcher, k.namespace, k.gpu, k.node_selector, k.image_pull_secrets) == (
+        "kubernetes", "persona", 2, {"nvidia.com/gpu.present": "true"}, ["regcred", "mirror"])
+    with pytest.raises(FailedPrecondition, match="needs PERSONA_K8S_IMAGE"):
+        train_dispatcher(settings, "/data")
+
+    monkeypatch.setenv("PERSONA_K8S_TOLERATIONS", '{"key": "x"}')
+    with pytest.raises(FailedPrecondition, match="PERSONA_K8S_TOLERATIONS is .*set a JSON list"):
+        TrainSettings.from_env()
+    monkeypatch.setenv("PERSONA_K8S_TOLERATIONS", "[{")
+    with pytest.raises(FailedPrecondition, match="PERSONA_K8S_TOLERATIONS"):
+        TrainSettings.from_env()
+    monkeypatch.setenv("PERSONA_TRAIN_DISPATCHER", "slurm")
+    with pytest.raises(FailedPrecondition, match="PERSONA_TRAIN_DISPATCHER is 'slurm': use thread, subprocess or kubernetes"):
+        TrainSettings.from_env()
+    monkeypatch.setenv("PERSONA_TRAIN_DISPATCHER", "")
+    assert TrainSettings.from_env().dispatcher == "thread"
+    assert train_dispatcher(TrainSettings.from_env(), "/data") is None
