@@ -15,7 +15,7 @@ from persona.services.generate.settings import GenerateSettings
 from persona.services.mask.settings import MaskSettings
 from persona.services.train.settings import TrainSettings
 
-pytest_plugins = ["fakevlm"]
+pytest_plugins = ["fakevlm", "postgres_fixture"]
 
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = Path(os.environ.get("PERSONA_DREAMBENCH", REPO.parent / "shared" / "data" / "dreambench"))

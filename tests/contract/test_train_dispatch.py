@@ -80,3 +80,25 @@ def test_the_kubernetes_dispatcher_refuses_a_sqlite_store_saying_what_to_set(sta
     with pytest.raises(FailedPrecondition, match="cannot share this server's SQLite file: set PERSONA_DATABASE_URL"):
         start_app(data_dir=tmp_path / "k8s", train_settings=settings)
     start_app(data_dir=tmp_path / "k8s")  # nothing was left open or locked
+
+
+def test_over_postgres_the_worker_shares_the_store_as_a_kubernetes_worker_pod_would(start_app, model_cache, dog_photos,
+                                                                                     postgres_dsn, tmp_path):
+    """The cluster's shape on one machine: metadata in Postgres (no data-dir lock, jobs owned by heartbeat), the
+    worker a separate process reaching the store through PERSONA_DATABASE_URL, exactly as a `persona-cli run-job`
+    pod does."""
+    app = start_app(data_dir=tmp_path / "pg", auth="none", database_url=postgres_dsn, train_settings=TrainSettings(
+        base_model_cache_dir=model_cache, device="cpu", dispatcher="subprocess"))
+    assert app.lock is None and not app.runner.exclusive
+    client = PersonaClient.connect(app.address)
+    subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
+        class_name="dog", images=[subjects_pb2.ImageUpload(data=d, filename=f"{i}.jpg")
+                                  for i, d in enumerate(dog_photos[:2])]))
+    job = train(client, subject, steps=2)
+    final = client.wait_for_job(job.job_id, timeout_s=300)
+    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    [row] = app.db.query("SELECT owner, dispatch_handle, state FROM jobs WHERE job_id = :id", {"id": job.job_id})
+    worker_pid = row["dispatch_handle"].split(":")[1]
+    assert row["state"] == "SUCCEEDED" and row["owner"].split(":")[1] == worker_pid != str(os.getpid())
+    assert not (tmp_path / "pg" / "metadata.sqlite3").exists()
+    client.close()

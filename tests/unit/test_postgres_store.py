@@ -15,8 +15,6 @@ from persona.services.runtime.metadata import Migration, SQLiteMetadataStore
 from persona.services.runtime.postgres import PostgresMetadataStore, defer_foreign_keys, redact, translate
 from persona.services.runtime.settings import RuntimeSettings
 
-postgres_server = postgres_fixture.postgres_server
-postgres_dsn = postgres_fixture.postgres_dsn
 
 TABLES = Migration("contract", 1, (
     """CREATE TABLE items (
