@@ -40,6 +40,7 @@ from persona.services.subjects.servicer import subject_service
 from persona.services.subjects.settings import SubjectSettings
 from persona.services.train import concepts as train_concepts
 from persona.services.train import domain as train_domain
+from persona.services.train import exports as train_exports
 from persona.services.train import prior
 from persona.services.train.servicer import train_service
 from persona.services.train.settings import TrainSettings
@@ -53,7 +54,7 @@ MIGRATIONS = [*auth.MIGRATIONS, *jobs.MIGRATIONS, *subjects_domain.MIGRATIONS, *
 SERVICE_JOB_KINDS: dict[str, frozenset[str]] = {
     "caption": frozenset({caption_domain.JOB_KIND}),
     "mask": frozenset(),
-    "train": frozenset({train_domain.JOB_KIND, train_domain.EXPORT_JOB_KIND}),
+    "train": frozenset({train_domain.JOB_KIND, train_exports.EXPORT_JOB_KIND}),
     "generate": frozenset(),
     "evaluate": frozenset({EVALUATE_JOB_KIND}),
 }

@@ -293,7 +293,7 @@ class _AttentionDrawer:
 
             from persona.services.generate.sampling import TorchModels, scheduler_config
 
-            folder = self.train.diffusers_folder(self.tenant_id, self.concept.concept_id,
+            folder = self.train.exports.diffusers_folder(self.tenant_id, self.concept.concept_id,
                                                  self.settings.work_dir / self.concept.concept_id)
             device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
             dtype = torch.float16 if device.startswith("cuda") else torch.float32

@@ -15,6 +15,7 @@ replicas never run the same job.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -254,6 +255,22 @@ class JobContext:
 
     def log(self, message: str, **data: Any) -> None:
         self.store.append_event(self.job.job_id, EVENT_LOG, message=message, data=data)
+
+
+@contextlib.contextmanager
+def hold(lock: threading.Lock, ctx: JobContext | None, waiting_message: str):
+    """Holds `lock`; a job waiting for it (`ctx`) says so once and stays cancellable while it waits."""
+    told = False
+    while not lock.acquire(timeout=0.5):
+        if ctx is not None:
+            if not told:
+                ctx.log(waiting_message)
+                told = True
+            ctx.check_cancelled()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 JobHandler = Callable[[JobContext], dict]

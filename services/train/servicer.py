@@ -121,12 +121,12 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         return train_pb2.DeleteConceptResponse()
 
     def ExportConcept(self, request, context):
-        exported = self.domain.export(current_tenant(), *_export_request(request))
+        exported = self.domain.exports.export(current_tenant(), *_export_request(request))
         return train_pb2.ConceptExport(concept_id=request.concept_id, format=request.format, fp16=exported.fp16,
                                        files=[_file(f) for f in exported.files])
 
     def StartExport(self, request, context):
-        return job_to_proto(self.domain.start_export(current_tenant(), *_export_request(request)))
+        return job_to_proto(self.domain.exports.start_export(current_tenant(), *_export_request(request)))
 
     def ReadConceptFile(self, request, context):
         if not request.artifact_id:

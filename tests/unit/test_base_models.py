@@ -1,7 +1,6 @@
 """Base-model resolution and the built-in `tiny` model: builds, caches, loads offline, runs at 64 px."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
