@@ -97,7 +97,11 @@ def pod_spec(deployment: dict) -> dict:
     return deployment["spec"]["template"]["spec"]
 
 
-VALUE_SETS = {"default": [], "gpu": ["-f", str(GPU_VALUES)], "split": ["-f", str(SPLIT_VALUES)]}
+# triton.placement: values-split.yaml uses sidecar, values-gpu.yaml service (the default).
+SIDECAR = ["--set", "triton.placement=sidecar"]
+VALUE_SETS = {"default": [], "gpu": ["-f", str(GPU_VALUES)], "split": ["-f", str(SPLIT_VALUES)],
+              "split-service": ["-f", str(SPLIT_VALUES), "--set", "triton.placement=service"],
+              "combined-sidecar": [*SIDECAR, "--set", "triton.gpu.enabled=true"]}
 
 
 @pytest.mark.parametrize("values", VALUE_SETS, ids=list(VALUE_SETS))
@@ -203,6 +207,117 @@ def test_gpu_values_request_gpus_tolerations_and_hpa(helm):
     assert find(docs, "Deployment", "demo-persona")["spec"]["replicas"] == 1
 
 
+def sidecar_twin(service_container: dict) -> dict:
+    """The Triton Deployment's container as the sidecar must be: the same but for its name, port names and /tmp."""
+    twin = json.loads(json.dumps(service_container))
+    twin["name"] = "triton"
+    for port in twin["ports"]:
+        port["name"] = f"triton-{port['name']}"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        twin[probe]["httpGet"]["port"] = "triton-http"
+    for mount in twin["volumeMounts"]:
+        if mount["name"] == "tmp":
+            mount["name"] = "triton-tmp"
+    return twin
+
+
+def test_split_triton_sidecar_in_every_drawing_pod(helm):
+    """values-split.yaml (triton.placement: sidecar): each generate and evaluate pod runs its own Triton on its own
+    emptyDir repository, reached at 127.0.0.1; no Triton Deployment, Service or HPA."""
+    docs = render(helm, "-f", str(SPLIT_VALUES))
+    assert not [d for d in docs if d["metadata"]["name"] == "demo-persona-triton"]
+    assert find(docs, "ConfigMap", "demo-persona-env")["data"]["PERSONA_TRITON_URL"] == "127.0.0.1:8001"
+    # The same container as the Triton Deployment's with placement: service (one definition in _helpers.tpl).
+    service = render(helm, "-f", str(SPLIT_VALUES), "--set", "triton.placement=service")
+    expected_triton = sidecar_twin(container(find(service, "Deployment", "demo-persona-triton"), "tritonserver"))
+    for name in ("generate", "evaluate"):
+        deployment = find(docs, "Deployment", f"demo-persona-{name}")
+        pod = pod_spec(deployment)
+        assert [c["name"] for c in pod["containers"]] == ["persona", "triton"], name
+        persona, triton = container(deployment, "persona"), container(deployment, "triton")
+        assert triton == expected_triton, name
+        assert triton["image"] == "registry.example.com/persona/tritonserver:0.1.0"
+        assert triton["args"] == ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit",
+                                  "--grpc-port=8001", "--http-port=8000", "--metrics-port=8002"]
+        assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "triton-http"}
+        assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+        env = env_of(persona)
+        assert env["PERSONA_TRITON_URL"] == "127.0.0.1:8001" and env["PERSONA_TRITON_REPOSITORY"] == "/models", name
+        # /models: one emptyDir per pod, written by persona, read by its Triton.
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["models"] == {"name": "models", "emptyDir": {}}, name
+        assert {"name": "models", "mountPath": "/models"} in persona["volumeMounts"], name
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in triton["volumeMounts"], name
+        assert volumes["shm"] == {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}, name
+        assert {"name": "shm", "mountPath": "/dev/shm"} in triton["volumeMounts"], name
+        port_names = [p["name"] for c in pod["containers"] for p in c["ports"]]
+        assert len(port_names) == len(set(port_names)), name  # unique in the pod
+    for name in ("caption", "mask", "train"):  # they never draw: no Triton, and /models is only a local folder
+        deployment = find(docs, "Deployment", f"demo-persona-{name}")
+        assert [c["name"] for c in pod_spec(deployment)["containers"]] == ["persona"], name
+        assert "PERSONA_TRITON_URL" not in env_of(container(deployment, "persona")), name
+        assert {"name": "models", "emptyDir": {}} in pod_spec(deployment)["volumes"], name
+    # The models PVC stays for the training worker pods (train.dispatcher: kubernetes) only.
+    env = env_of(container(find(docs, "Deployment", "demo-persona-train"), "persona"))
+    assert env["PERSONA_K8S_MODELS_CLAIM"] == "demo-persona-models"
+    find(docs, "PersistentVolumeClaim", "demo-persona-models")
+    threaded = render(helm, "-f", str(SPLIT_VALUES), "--set", "train.dispatcher=thread")
+    assert [d["metadata"]["name"] for d in threaded if d["kind"] == "PersistentVolumeClaim"] == ["demo-persona-data"]
+
+
+def test_split_service_placement_keeps_the_triton_deployment(helm):
+    docs = render(helm, "-f", str(SPLIT_VALUES), "--set", "triton.placement=service")
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"} == {
+        f"demo-persona-{name}" for name in SPLIT_SERVICES} | {"demo-persona-triton"}
+    find(docs, "Service", "demo-persona-triton")
+    assert find(docs, "ConfigMap", "demo-persona-env")["data"]["PERSONA_TRITON_URL"] == "demo-persona-triton:8001"
+    for name in SPLIT_SERVICES:
+        deployment = find(docs, "Deployment", f"demo-persona-{name}")
+        assert [c["name"] for c in pod_spec(deployment)["containers"]] == ["persona"], name
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod_spec(deployment)["volumes"]
+                  if "persistentVolumeClaim" in v}
+        assert claims == {"data": "demo-persona-data", "models": "demo-persona-models"}, name
+
+
+def test_combined_triton_sidecar(helm):
+    docs = render(helm, *SIDECAR, "--set", "triton.gpu.enabled=true",
+                  "--set-json", 'triton.gpu.nodeSelector={"nvidia.com/gpu.present":"true"}',
+                  "--set-json", f"triton.gpu.tolerations=[{json.dumps(GPU_TOLERATION)}]",
+                  "--set-json", f"persona.tolerations=[{json.dumps(GPU_TOLERATION)}]")
+    assert sorted(d["metadata"]["name"] for d in docs if d["kind"] == "Deployment") == ["demo-persona"]
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Service"] == ["demo-persona"]
+    # Nothing mounts the models PVC (no kubernetes dispatcher): not created.
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"] == ["demo-persona-data"]
+    deployment = find(docs, "Deployment", "demo-persona")
+    pod = pod_spec(deployment)
+    assert [c["name"] for c in pod["containers"]] == ["persona", "triton"]
+    persona, triton = container(deployment, "persona"), container(deployment, "triton")
+    assert env_of(persona) == {"PERSONA_TRITON_URL": "127.0.0.1:8001", "PERSONA_TRITON_REPOSITORY": "/models"}
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in persona["resources"].get("limits", {})  # persona.gpu is off
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [GPU_TOLERATION]  # persona's and Triton's, once
+    assert {"name": "models", "emptyDir": {}} in pod["volumes"]
+    assert {"name": "models", "mountPath": "/models"} in persona["volumeMounts"]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in triton["volumeMounts"]
+    assert {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}} in pod["volumes"]
+    # With the kubernetes dispatcher the worker pods still get the models PVC.
+    k8s = render(helm, *SIDECAR, "--set", "train.dispatcher=kubernetes", "--set", "database.postgresDsn=postgresql://db/p",
+                 "--set", "persistence.data.accessModes={ReadWriteMany}")
+    find(k8s, "PersistentVolumeClaim", "demo-persona-models")
+    assert env_of(container(find(k8s, "Deployment", "demo-persona"), "persona"))[
+        "PERSONA_K8S_MODELS_CLAIM"] == "demo-persona-models"
+
+
+def test_split_sidecar_needs_no_rwx_models_volume(helm):
+    docs = render(helm, *SPLIT_MINIMAL, *SIDECAR)  # no pod shares /models: the PVC is not created or mounted
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"] == ["demo-persona-data"]
+    result = run_helm(helm, "lint", "--strict", str(CHART), *SPLIT_MINIMAL, *SIDECAR,
+                      "--set", "persistence.models.accessModes={ReadWriteOnce}")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_rbac_allows_only_what_a_job_dispatcher_needs(helm):
     docs = render(helm, "--set", "rbac.create=true")
     assert find(docs, "Role", "demo-persona-jobs")["rules"] == JOB_DISPATCHER_RULES
@@ -247,8 +362,9 @@ def test_split_runs_one_deployment_and_service_per_service(helm):
     deployments = {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"}
     services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
     expected = {f"demo-persona-{name}" for name in SPLIT_SERVICES}
-    assert deployments == expected | {"demo-persona-triton"}
-    assert services == expected | {"demo-persona-triton"}
+    # values-split.yaml runs Triton as a sidecar of the generate and evaluate pods: no Triton Deployment or Service.
+    assert deployments == expected
+    assert services == expected
     for name in SPLIT_SERVICES:
         deployment = find(docs, "Deployment", f"demo-persona-{name}")
         service = find(docs, "Service", f"demo-persona-{name}")
@@ -271,13 +387,14 @@ def test_split_runs_one_deployment_and_service_per_service(helm):
         assert persona["resources"]["requests"], name
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod_spec(deployment)["volumes"]
                   if "persistentVolumeClaim" in v}
-        assert claims == {"data": "demo-persona-data", "models": "demo-persona-models"}, name
+        assert claims == {"data": "demo-persona-data"}, name  # /models: the pod's own emptyDir (sidecar placement)
     # Only generate and the stateless services scale; train is one Recreate pod.
     train = find(docs, "Deployment", "demo-persona-train")
     assert train["spec"]["replicas"] == 1 and train["spec"]["strategy"]["type"] == "Recreate"
     assert find(docs, "Deployment", "demo-persona-caption")["spec"]["replicas"] == 2
     assert find(docs, "Deployment", "demo-persona-caption")["spec"]["strategy"]["type"] == "RollingUpdate"
-    # Shared volumes are ReadWriteMany; metadata is Postgres (no chart Secret: the DSN is in the existing one).
+    # Shared volumes are ReadWriteMany (models: for the training worker pods only); metadata is Postgres (no chart
+    # Secret: the DSN is in the existing one).
     for claim in ("demo-persona-data", "demo-persona-models"):
         assert find(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
     assert not [d for d in docs if d["kind"] == "Secret"]
@@ -285,25 +402,26 @@ def test_split_runs_one_deployment_and_service_per_service(helm):
 
 def test_split_gpus_tolerations_and_hpas(helm):
     docs = render(helm, "-f", str(SPLIT_VALUES))
-    triton = find(docs, "Deployment", "demo-persona-triton")
-    assert container(triton, "tritonserver")["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert GPU_TOLERATION in pod_spec(triton)["tolerations"]
-    assert pod_spec(triton)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    for name in ("generate", "evaluate"):  # the Triton sidecar takes the GPU; its placement joins the pod's
+        drawing = find(docs, "Deployment", f"demo-persona-{name}")
+        assert container(drawing, "triton")["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+        assert "nvidia.com/gpu" not in container(drawing, "persona")["resources"].get("limits", {}), name
+        assert GPU_TOLERATION in pod_spec(drawing)["tolerations"], name
+        assert pod_spec(drawing)["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, name
     # With the kubernetes dispatcher the GPUs go to the training worker pods, described to the train service.
     env = env_of(container(find(docs, "Deployment", "demo-persona-train"), "persona"))
     assert env["PERSONA_K8S_GPU"] == "1"
     assert json.loads(env["PERSONA_K8S_NODE_SELECTOR"]) == {"nvidia.com/gpu.present": "true"}
     assert json.loads(env["PERSONA_K8S_TOLERATIONS"]) == [GPU_TOLERATION]
-    # The generate HPA (and Triton's); the generate Deployment leaves replicas to it.
+    # The generate HPA (persona and its Triton sidecar together); the generate Deployment leaves replicas to it.
     hpa = find(docs, "HorizontalPodAutoscaler", "demo-persona-generate")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": "demo-persona-generate"}
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    assert {m["type"] for m in hpa["spec"]["metrics"]} == {"Resource", "Pods"}
     assert "replicas" not in find(docs, "Deployment", "demo-persona-generate")["spec"]
-    assert find(docs, "HorizontalPodAutoscaler", "demo-persona-triton")
-    assert {d["metadata"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"} == {
-        "demo-persona-generate", "demo-persona-triton"}
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"} == {"demo-persona-generate"}
 
     # With the in-process dispatcher the train pod itself takes the GPU, node selector and toleration.
     threaded = render(helm, "-f", str(SPLIT_VALUES), "--set", "train.dispatcher=thread",
@@ -318,6 +436,10 @@ def test_split_gpus_tolerations_and_hpas(helm):
     for name in ("caption", "mask", "generate", "evaluate"):  # nobody else asked for one
         other = container(find(threaded, "Deployment", f"demo-persona-{name}"), "persona")
         assert "nvidia.com/gpu" not in other["resources"].get("limits", {}), name
+    for name in ("caption", "mask"):  # pods that do not draw have no Triton and no GPU placement
+        pod = pod_spec(find(threaded, "Deployment", f"demo-persona-{name}"))
+        assert [c["name"] for c in pod["containers"]] == ["persona"], name
+        assert "tolerations" not in pod and "nodeSelector" not in pod, name
 
 
 def test_split_kubernetes_dispatcher_settings_and_rbac_reach_only_the_train_pod(helm):
@@ -346,7 +468,6 @@ def test_split_kubernetes_dispatcher_settings_and_rbac_reach_only_the_train_pod(
         assert pod["serviceAccountName"] == "demo-persona", name
         assert pod["automountServiceAccountToken"] is False, name
         assert not {k for k in env_of(pod["containers"][0]) if k.startswith(("PERSONA_K8S_", "PERSONA_TRAIN_"))}
-    assert pod_spec(find(docs, "Deployment", "demo-persona-triton"))["automountServiceAccountToken"] is False
     accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
     assert set(accounts) == {"demo-persona", "demo-persona-train", "demo-persona-train-worker"}
     assert all(a["automountServiceAccountToken"] is False for a in accounts.values())
@@ -419,6 +540,9 @@ def test_notes_tell_how_to_call_each_topology(helm, tmp_path):
         assert f"export PERSONA_{name.upper()}_SERVER=localhost:" in split, name
     assert "export PERSONA_SERVER=localhost:50051" in split and "grpcurl -plaintext" in split
     assert "Train: exactly one" in split and "Kubernetes Jobs" in split
+    assert "Triton sidecar (container `triton`) in each generate and evaluate pod, at 127.0.0.1:8001" in split
+    assert "deploy/demo-persona-triton" not in split
+    assert "rollout status deploy/demo-persona-triton" in combined
 
 
 RWX_DATA = "persistence:\n  data:\n    accessModes: [ReadWriteMany]\n"
@@ -450,12 +574,21 @@ DSN = "database:\n  postgresDsn: postgresql://db/persona\n"
      "services.generate.autoscaling.minReplicas"),
     ("rbac:\n  create: \"yes\"\n", "rbac.create"),
     ("ingress:\n  defaultService: subjects\n", "ingress.defaultService"),
+    ("triton:\n  placement: pod\n", "triton.placement"),
+    ("triton:\n  placement: sidecar\npersona:\n  engine: embedded\n", "persona.engine"),
+    ("triton:\n  placement: sidecar\n  externalUrl: triton:8001\n", "triton.externalUrl"),
+    ("triton:\n  placement: sidecar\n  enabled: false\n", "triton.enabled"),
+    ("triton:\n  placement: sidecar\n  autoscaling:\n    enabled: true\n", "triton.autoscaling.enabled"),
+    ("triton:\n  placement: sidecar\n  replicas: 2\n", "triton.replicas"),
+    ("topology: split\n" + DSN + RWX_DATA + "persistence:\n  models:\n    accessModes: [ReadWriteOnce]\n",
+     "persistence.models.accessModes"),
 ], ids=["negative-replicas", "string-bool", "unknown-engine", "replicas-without-postgres", "replicas-without-rwx",
         "zero-max-replicas", "typo", "split-without-postgres", "split-without-rwx", "split-two-train-replicas",
         "split-unknown-service", "unknown-topology", "k8s-dispatcher-with-sqlite", "k8s-dispatcher-without-rwx",
         "unknown-dispatcher", "negative-worker-gpus", "dsn-with-existing-secret", "not-a-postgres-dsn",
         "k8s-dispatcher-dsn-secret-workers-cannot-load", "generate-hpa-zero-min", "rbac-string",
-        "ingress-unknown-service"])
+        "ingress-unknown-service", "unknown-placement", "sidecar-embedded-engine", "sidecar-external-url",
+        "sidecar-triton-disabled", "sidecar-triton-hpa", "sidecar-triton-replicas", "split-service-rwo-models"])
 def test_bad_values_fail_lint_naming_the_value(helm, tmp_path, values, named):
     bad = tmp_path / "bad.yaml"
     bad.write_text(values)
@@ -477,8 +610,13 @@ def test_bad_values_fail_lint_naming_the_value(helm, tmp_path, values, named):
     ([*SPLIT_MINIMAL, "--set", "services.generate.autoscaling.enabled=true",
       "--set", "services.generate.autoscaling.minReplicas=5", "--set", "services.generate.autoscaling.maxReplicas=2"],
      "`services.generate.autoscaling.maxReplicas` must be >= "),
+    ([*SIDECAR, "--set", "persona.engine=embedded"], "`persona.engine` is not triton"),
+    ([*SIDECAR, "--set", "triton.externalUrl=triton:8001"], "no `triton.externalUrl`"),
+    ([*SIDECAR, "--set", "triton.autoscaling.enabled=true"], "has no Triton Deployment to scale"),
+    ([*SIDECAR, "--set", "persona.port=8001"], "`persona.port` must differ from `triton.ports.*`"),
 ], ids=["combined-replicas-without-postgres", "split-without-postgres", "split-two-train-replicas",
-        "k8s-dispatcher-with-sqlite", "k8s-dispatcher-separate-dsn-secret", "generate-hpa-max-below-min"])
+        "k8s-dispatcher-with-sqlite", "k8s-dispatcher-separate-dsn-secret", "generate-hpa-max-below-min",
+        "sidecar-embedded-engine", "sidecar-external-url", "sidecar-triton-hpa", "sidecar-port-clash"])
 def test_render_time_checks_stop_with_a_message(helm, args, message):
     """The chart's own `fail`s, for what the schema cannot say (or when schema validation is skipped)."""
     result = run_helm(helm, "template", "demo", str(CHART), "--skip-schema-validation", *args)

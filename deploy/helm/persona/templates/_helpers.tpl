@@ -74,9 +74,31 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) }}
 {{- end }}
 
-{{/* gRPC HOST:PORT of Triton for PERSONA_TRITON_URL. */}}
+{{/* "true" when Triton runs as a sidecar in every persona pod that draws (triton.placement: sidecar): split's
+generate and evaluate pods, or the combined persona pod; else empty. */}}
+{{- define "persona.tritonSidecar" -}}
+{{- if and .Values.triton.enabled (eq .Values.triton.placement "sidecar") }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the chart runs Triton as its own Deployment + Service (+ HPA) (triton.placement: service). */}}
+{{- define "persona.tritonService" -}}
+{{- if and .Values.triton.enabled (eq .Values.triton.placement "service") }}true{{ end }}
+{{- end }}
+
+{{/* "true" when something mounts the models PVC: the persona pods and the Triton Deployment with placement: service
+(or an external Triton / the embedded engine, as before); with placement: sidecar every persona pod has its own
+emptyDir /models instead, and only the training worker pods of train.dispatcher: kubernetes mount the PVC
+(PERSONA_K8S_MODELS_CLAIM). */}}
+{{- define "persona.modelsClaimUsed" -}}
+{{- if or (not (include "persona.tritonSidecar" .)) (eq .Values.train.dispatcher "kubernetes") }}true{{ end }}
+{{- end }}
+
+{{/* gRPC HOST:PORT of Triton for PERSONA_TRITON_URL: the Triton Service, the pod's own sidecar (127.0.0.1), or
+triton.externalUrl. */}}
 {{- define "persona.tritonUrl" -}}
-{{- if .Values.triton.enabled }}
+{{- if include "persona.tritonSidecar" . }}
+{{- printf "127.0.0.1:%d" (int .Values.triton.ports.grpc) }}
+{{- else if .Values.triton.enabled }}
 {{- printf "%s:%d" (include "persona.tritonName" .) (int .Values.triton.ports.grpc) }}
 {{- else }}
 {{- .Values.triton.externalUrl }}
@@ -146,8 +168,9 @@ it. No other persona pod ever mounts one. */}}
 {{- end }}
 
 {{/* Environment of a persona container (what is not in the ConfigMap or Secret): the DSN from
-database.existingSecret, the kubernetes dispatcher's settings on the pod serving train, persona.extraEnv.
-include "persona.podEnv" (dict "ctx" $ "runsTrain" true). */}}
+database.existingSecret, the kubernetes dispatcher's settings on the pod serving train, the sidecar Triton's address
+and repository on a drawing pod with triton.placement: sidecar, persona.extraEnv.
+include "persona.podEnv" (dict "ctx" $ "runsTrain" true "sidecar" false). */}}
 {{- define "persona.podEnv" -}}
 {{- $ := .ctx }}
 {{- if $.Values.database.existingSecret }}
@@ -190,20 +213,108 @@ include "persona.podEnv" (dict "ctx" $ "runsTrain" true). */}}
   value: {{ join "," $names | quote }}
 {{- end }}
 {{- end }}
+{{- if .sidecar }}
+# triton.placement: sidecar — this pod's own Triton and the model repository they share (an emptyDir).
+- name: PERSONA_TRITON_URL
+  value: {{ include "persona.tritonUrl" $ | quote }}
+- name: PERSONA_TRITON_REPOSITORY
+  value: /models
+{{- end }}
 {{- with $.Values.persona.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* THE Triton container, one definition for both placements: the Triton Deployment's (service) and the sidecar in
+each drawing persona pod (sidecar). dict: ctx: $; name: container name; portPrefix: prefix of the port names (""
+in the Triton Deployment; "triton-" in a persona pod, whose persona container already names its port grpc);
+tmpVolume: the emptyDir mounted at /tmp. Mounts the pod's volumes `models` (/models, read-only: persona writes
+the repository, Triton reads it), tmpVolume and `shm` (persona.tritonShmVolume). */}}
+{{- define "persona.tritonContainer" -}}
+{{- $ := .ctx }}
+{{- $t := $.Values.triton }}
+{{- $pp := .portPrefix -}}
+- name: {{ .name }}
+  image: {{ include "persona.image" (dict "image" $t.image "ctx" $) | quote }}
+  imagePullPolicy: {{ $t.image.pullPolicy }}
+  args:
+    - tritonserver
+    - --model-repository=/models
+    - --model-control-mode=explicit
+    - --grpc-port={{ $t.ports.grpc }}
+    - --http-port={{ $t.ports.http }}
+    - --metrics-port={{ $t.ports.metrics }}
+  env:
+    - name: HOME
+      value: /tmp
+  ports:
+    - name: {{ $pp }}grpc
+      containerPort: {{ $t.ports.grpc }}
+      protocol: TCP
+    - name: {{ $pp }}http
+      containerPort: {{ $t.ports.http }}
+      protocol: TCP
+    - name: {{ $pp }}metrics
+      containerPort: {{ $t.ports.metrics }}
+      protocol: TCP
+  startupProbe:
+    httpGet:
+      path: /v2/health/live
+      port: {{ $pp }}http
+    periodSeconds: 10
+    failureThreshold: 30
+  livenessProbe:
+    httpGet:
+      path: /v2/health/live
+      port: {{ $pp }}http
+    periodSeconds: 20
+    timeoutSeconds: 5
+    failureThreshold: 3
+  readinessProbe:
+    httpGet:
+      path: /v2/health/ready
+      port: {{ $pp }}http
+    periodSeconds: 10
+    timeoutSeconds: 5
+  resources:
+    {{- $resources := deepCopy $t.resources }}
+    {{- if $t.gpu.enabled }}
+    {{- $limits := default dict $resources.limits }}
+    {{- $_ := set $limits "nvidia.com/gpu" (int $t.gpu.count) }}
+    {{- $_ := set $resources "limits" $limits }}
+    {{- end }}
+    {{- toYaml $resources | nindent 4 }}
+  securityContext:
+    {{- toYaml $t.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: models
+      mountPath: /models
+      readOnly: true
+    - name: {{ .tmpVolume }}
+      mountPath: /tmp
+    - name: shm
+      mountPath: /dev/shm
+{{- end }}
+
+{{/* Triton's in-memory /dev/shm (the python backend passes tensors through shared memory). */}}
+{{- define "persona.tritonShmVolume" -}}
+- name: shm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.triton.shmSize }}
 {{- end }}
 
 {{/* One persona server Deployment (combined, or one split service). dict:
   ctx: $; name: Deployment name; component: label; services: --services value ("" = all);
   pod: replicas, resources, gpu, nodeSelector, tolerations, affinity, podAnnotations; autoscaled: omit replicas;
   strategy: Recreate | RollingUpdate; serviceAccount; token: mount an API token; runsTrain: serves train;
-  readinessService: the grpc.health.v1 service name the readiness probe asks ("" = the server). */}}
+  readinessService: the grpc.health.v1 service name the readiness probe asks ("" = the server);
+  sidecar: this pod draws and triton.placement is sidecar, so it runs its own Triton container. */}}
 {{- define "persona.serverDeployment" -}}
 {{- $ := .ctx }}
 {{- $p := $.Values.persona }}
-{{- $pod := .pod -}}
+{{- $pod := .pod }}
+{{- $sidecarMode := include "persona.tritonSidecar" $ -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -263,7 +374,7 @@ spec:
             - name: grpc
               containerPort: {{ $p.port }}
               protocol: TCP
-          {{- with include "persona.podEnv" (dict "ctx" $ "runsTrain" .runsTrain) | trim }}
+          {{- with include "persona.podEnv" (dict "ctx" $ "runsTrain" .runsTrain "sidecar" .sidecar) | trim }}
           env:
             {{- . | nindent 12 }}
           {{- end }}
@@ -313,20 +424,47 @@ spec:
               mountPath: /models
             - name: tmp
               mountPath: /tmp
+        {{- if .sidecar }}
+        # triton.placement: sidecar — this pod's own Triton, reading the repository its persona container writes.
+        {{- include "persona.tritonContainer" (dict "ctx" $ "name" "triton" "portPrefix" "triton-" "tmpVolume" "triton-tmp") | nindent 8 }}
+        {{- end }}
       volumes:
         - name: data
           persistentVolumeClaim:
             claimName: {{ include "persona.dataClaim" $ }}
+        {{- if $sidecarMode }}
+        # triton.placement: sidecar — a model repository per pod (its own Triton's, where it draws; persona creates
+        # the folder in every pod). Rebuilt from the ONNX exports cached on the data volume, never re-exported.
+        - name: models
+          emptyDir: {}
+        {{- else }}
         - name: models
           persistentVolumeClaim:
             claimName: {{ include "persona.modelsClaim" $ }}
+        {{- end }}
         - name: tmp
           emptyDir: {}
+        {{- if .sidecar }}
+        - name: triton-tmp
+          emptyDir: {}
+        {{- include "persona.tritonShmVolume" $ | nindent 8 }}
+        {{- end }}
       {{- $nodeSelector := deepCopy $pod.nodeSelector }}
       {{- $tolerations := $pod.tolerations }}
       {{- if $pod.gpu.enabled }}
       {{- $nodeSelector = merge $nodeSelector $pod.gpu.nodeSelector }}
       {{- $tolerations = concat $tolerations $pod.gpu.tolerations }}
+      {{- end }}
+      {{- if .sidecar }}
+      {{- /* The Triton container's placement joins the pod's: triton.nodeSelector/tolerations, and its gpu ones. */}}
+      {{- $t := $.Values.triton }}
+      {{- $nodeSelector = merge $nodeSelector $t.nodeSelector }}
+      {{- $tolerations = concat $tolerations $t.tolerations }}
+      {{- if $t.gpu.enabled }}
+      {{- $nodeSelector = merge $nodeSelector $t.gpu.nodeSelector }}
+      {{- $tolerations = concat $tolerations $t.gpu.tolerations }}
+      {{- end }}
+      {{- $tolerations = uniq $tolerations }}
       {{- end }}
       {{- with $nodeSelector }}
       nodeSelector:
@@ -390,7 +528,8 @@ schema's); rendering stops with a message naming the value. */}}
 {{- $v := .Values }}
 {{- $postgres := include "persona.postgres" . }}
 {{- $dataRWX := has "ReadWriteMany" $v.persistence.data.accessModes }}
-{{- $modelsRWX := has "ReadWriteMany" $v.persistence.models.accessModes }}
+{{- /* With triton.placement: sidecar each pod has its own /models: the models PVC need not be shared. */}}
+{{- $modelsRWX := or (has "ReadWriteMany" $v.persistence.models.accessModes) (include "persona.tritonSidecar" .) }}
 {{- if eq $v.topology "split" }}
 {{- if not $postgres }}
 {{- fail "`topology: split` runs a pod per service over one metadata store, which SQLite cannot be: set `database.postgresDsn` (or `database.existingSecret`), or use topology: combined" }}
@@ -428,6 +567,20 @@ schema's); rendering stops with a message naming the value. */}}
 {{- end }}
 {{- if and (eq $v.persona.engine "triton") (not $v.triton.enabled) (not $v.triton.externalUrl) }}
 {{- fail "`persona.engine: triton` needs `triton.enabled: true` or `triton.externalUrl: HOST:PORT`" }}
+{{- end }}
+{{- if eq $v.triton.placement "sidecar" }}
+{{- if ne $v.persona.engine "triton" }}
+{{- fail "`triton.placement: sidecar` runs Triton in the pods that draw with it, but `persona.engine` is not triton: set persona.engine: triton, or triton.placement: service" }}
+{{- end }}
+{{- if or (not $v.triton.enabled) $v.triton.externalUrl }}
+{{- fail "`triton.placement: sidecar` runs the chart's own Triton in each drawing pod: it needs `triton.enabled: true` and no `triton.externalUrl` (an external Triton is placement: service)" }}
+{{- end }}
+{{- if or $v.triton.autoscaling.enabled (gt (int $v.triton.replicas) 1) }}
+{{- fail "`triton.placement: sidecar` has no Triton Deployment to scale: leave `triton.autoscaling.enabled` false and `triton.replicas` 1, and scale the drawing pods (services.generate.autoscaling, services.<name>.replicas)" }}
+{{- end }}
+{{- if has (int $v.persona.port) (list (int $v.triton.ports.grpc) (int $v.triton.ports.http) (int $v.triton.ports.metrics)) }}
+{{- fail "`triton.placement: sidecar` puts Triton in the persona pod: `persona.port` must differ from `triton.ports.*`" }}
+{{- end }}
 {{- end }}
 {{- if and $v.triton.autoscaling.enabled (lt (int $v.triton.autoscaling.maxReplicas) (int $v.triton.autoscaling.minReplicas)) }}
 {{- fail "`triton.autoscaling.maxReplicas` must be >= `triton.autoscaling.minReplicas`" }}
