@@ -42,6 +42,7 @@ from persona.services.train import concepts as train_concepts
 from persona.services.train import domain as train_domain
 from persona.services.train import exports as train_exports
 from persona.services.train import prior
+from persona.services.train.dispatch import train_dispatcher
 from persona.services.train.servicer import train_service
 from persona.services.train.settings import TrainSettings
 
@@ -189,7 +190,7 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
     served = parse_services(services)
     # With a shared metadata database (Postgres) several processes use one data dir (a ReadWriteMany volume in
     # Kubernetes: a pod per service, generate replicas), so none may take it for itself; with SQLite, one does.
-    lock = None if _metadata_is_shared(settings) else lock_data_dir(settings.data_dir)
+    lock = None if settings.database_url else lock_data_dir(settings.data_dir)
     try:
         return _build(settings, address, lock, subject_settings, caption_settings, train_settings,
                       generate_settings or GenerateSettings.from_env(), mask_settings or MaskSettings.from_env(),
@@ -199,12 +200,6 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
         if lock is not None:
             lock.close()
         raise
-
-
-def _metadata_is_shared(settings: RuntimeSettings) -> bool:
-    """Whether metadata lives in a database other processes share (settings.database_url, PERSONA_DATABASE_URL:
-    Postgres), as open_metadata decides."""
-    return bool(settings.database_url)
 
 
 def _generate_engine(settings: GenerateSettings, data_dir: Path):
@@ -229,30 +224,12 @@ def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: Sub
     masks = mask_domain.MaskDomain(db, artifacts, subjects, mask_settings)
     train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner, train_settings,
                                      settings.data_dir / "train", masks,
-                                     dispatcher=_train_dispatcher(settings, db, train_settings))
+                                     dispatcher=train_dispatcher(train_settings, settings.data_dir,
+                                                                 settings.database_url))
     generate = GenerateDomain(train, _generate_engine(generate_settings, settings.data_dir), generate_settings,
                               settings.data_dir / "generate")
     evaluate = EvaluateDomain(artifacts, runner, subjects, train, generate, masks, evaluate_settings)
     return Domains(artifacts, runner, subjects, captions, masks, train, generate, evaluate)
-
-
-def _train_dispatcher(settings: RuntimeSettings, db: MetadataStore, train_settings: TrainSettings):
-    """Where train jobs run (PERSONA_TRAIN_DISPATCHER); a worker gets the server's model settings explicitly,
-    so that settings given in code (tests, the embedded CLI) reach it too."""
-    from persona.services.runtime.dispatch import SubprocessDispatcher
-    from persona.services.train.dispatch import train_dispatcher
-
-    if train_settings.dispatcher == "kubernetes" and not getattr(db, "shared_between_processes", False):
-        raise FailedPrecondition(
-            "PERSONA_TRAIN_DISPATCHER=kubernetes runs training in other pods, which cannot share this server's "
-            "SQLite file: set PERSONA_DATABASE_URL to a PostgreSQL database (Helm: database.postgresDsn)")
-    dispatcher = train_dispatcher(train_settings, settings.data_dir)
-    if isinstance(dispatcher, SubprocessDispatcher):
-        dispatcher.env.update({"PERSONA_MODEL_CACHE": str(train_settings.base_model_cache_dir),
-                               "PERSONA_BASE_MODEL": train_settings.default_base_model,
-                               "PERSONA_TRAIN_DEVICE": train_settings.device or "",
-                               "PERSONA_DATABASE_URL": settings.database_url or ""})
-    return dispatcher
 
 
 def run_job(settings: RuntimeSettings, job_id: str, *, train_settings: TrainSettings | None = None) -> jobs.JobRecord:
@@ -280,43 +257,35 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subjec
            start_engine: bool, served: frozenset[str] | None = None) -> PersonaApp:
     db = open_metadata(settings)
     try:
-        return _serve(settings, address, lock, db, subject_settings, caption_settings, train_settings,
-                      generate_settings, mask_settings, evaluate_settings, start_engine, served)
+        d = _domains(settings, db, subject_settings, caption_settings, train_settings, generate_settings,
+                     mask_settings, evaluate_settings)
+        runner, subjects, generate = d.runner, d.subjects, d.generate
+        authenticator = auth.ApiKeyAuthenticator(db, settings.auth)
+        serving = frozenset(SERVICES) if served is None else served
+        if served is not None:  # None: every kind, as before `--services` existed
+            runner.serve_only(set().union(*(SERVICE_JOB_KINDS[name] for name in served)))
+        registrations = {"caption": caption_service(d.captions), "mask": mask_service(d.masks),
+                         "train": train_service(d.train), "generate": generate_service(generate),
+                         "evaluate": evaluate_service(d.evaluate)}
+        server = create_server(
+            [job_service(runner), subject_service(subjects), *(registrations[name] for name in SERVICES
+                                                               if name in serving)], address,
+            interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
+            workers=settings.rpc_workers,
+        )
+        if start_engine and serving & DRAWING_SERVICES:
+            try:
+                generate.engine.start()  # a broken Triton install shows now, not at the first Generate
+            except BaseException:
+                server.stop(0)
+                generate.engine.close()
+                raise
+        resumed = runner.recover(resume=settings.resume_interrupted_jobs)
+        if resumed:
+            log.info("found %d job(s) left by a previous run: %s", len(resumed), ", ".join(resumed))
+        server.set_serving(True)
+        return PersonaApp(**vars(d), settings=settings, db=db, authenticator=authenticator, server=server, lock=lock,
+                          services=serving)
     except BaseException:
         db.close()  # a bad setting (e.g. the kubernetes dispatcher on SQLite) or a busy port: nothing stays open
         raise
-
-
-def _serve(settings: RuntimeSettings, address: str, lock: IO[str] | None, db: MetadataStore,
-           subject_settings: SubjectSettings | None, caption_settings: CaptionSettings | None,
-           train_settings: TrainSettings | None, generate_settings: GenerateSettings, mask_settings: MaskSettings,
-           evaluate_settings: EvaluateSettings, start_engine: bool, served: frozenset[str] | None) -> PersonaApp:
-    d = _domains(settings, db, subject_settings, caption_settings, train_settings, generate_settings, mask_settings,
-                 evaluate_settings)
-    runner, subjects, generate = d.runner, d.subjects, d.generate
-    authenticator = auth.ApiKeyAuthenticator(db, settings.auth)
-    serving = frozenset(SERVICES) if served is None else served
-    if served is not None:  # None: every kind, as before `--services` existed
-        runner.serve_only(set().union(*(SERVICE_JOB_KINDS[name] for name in served)))
-    registrations = {"caption": caption_service(d.captions), "mask": mask_service(d.masks),
-                     "train": train_service(d.train), "generate": generate_service(generate),
-                     "evaluate": evaluate_service(d.evaluate)}
-    server = create_server(
-        [job_service(runner), subject_service(subjects), *(registrations[name] for name in SERVICES
-                                                           if name in serving)], address,
-        interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
-        workers=settings.rpc_workers,
-    )
-    if start_engine and serving & DRAWING_SERVICES:
-        try:
-            generate.engine.start()  # a broken Triton install shows now, not at the first Generate
-        except BaseException:
-            server.stop(0)
-            generate.engine.close()
-            raise
-    resumed = runner.recover(resume=settings.resume_interrupted_jobs)
-    if resumed:
-        log.info("found %d job(s) left by a previous run: %s", len(resumed), ", ".join(resumed))
-    server.set_serving(True)
-    return PersonaApp(**vars(d), settings=settings, db=db, authenticator=authenticator, server=server, lock=lock,
-                      services=serving)

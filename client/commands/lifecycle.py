@@ -88,16 +88,9 @@ def connect_address(address: str) -> str:
 
 
 def persona_serving(address: str, wait: bool = False) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from persona.services.runtime.healthcheck import check
 
-    with grpc.insecure_channel(connect_address(address)) as channel:
-        try:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S, wait_for_ready=wait).status
-        except grpc.RpcError:
-            return False
-    return status == health_pb2.HealthCheckResponse.SERVING
+    return check(connect_address(address), timeout=HEALTH_TIMEOUT_S, wait_for_ready=wait)[0]
 
 
 def triton_serving(url: str) -> bool:

@@ -235,8 +235,8 @@ class GenerateDomain:
                                          f"job {concept.job_id} (`persona-cli jobs watch {concept.job_id}`)")
             if self.engine.model_format in ("onnx", "tensorrt"):
                 fmt = self.engine.model_format
-                folder = self.train.exports.export_folder(tenant_id, concept_id, fmt, self.cache_dir / fmt / concept_id,
-                                                  fp16=self._onnx_fp16())
+                folder = self.train.exports.export_folder(tenant_id, concept_id, fmt,
+                                                          self.cache_dir / fmt / concept_id, fp16=self._onnx_fp16())
             else:
                 folder = self.train.exports.diffusers_folder(tenant_id, concept_id, self.cache_dir / concept_id)
             loaded = self.engine.load(concept_id, folder)

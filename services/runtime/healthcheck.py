@@ -28,8 +28,9 @@ def default_address() -> str:
     return f"127.0.0.1:{os.environ.get('PERSONA_PORT', '').strip() or '50051'}"
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
-    """One Health.Check call: (serving, a one-line description)."""
+def check(address: str, service: str = "", timeout: float = 3.0, wait_for_ready: bool = False) -> tuple[bool, str]:
+    """One Health.Check call: (serving, a one-line description). `wait_for_ready`: a server not listening yet is
+    waited for (up to `timeout`) instead of being unreachable at once."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -38,7 +39,7 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, 
         with grpc.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
-                                  wait_for_ready=False)
+                                  wait_for_ready=wait_for_ready)
     except grpc.RpcError as error:
         code = error.code() if callable(getattr(error, "code", None)) else None
         details = (error.details() if callable(getattr(error, "details", None)) else "") or ""

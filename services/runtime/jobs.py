@@ -161,12 +161,13 @@ class JobStore:
         A finished job stays finished: moving one that is already SUCCEEDED, FAILED or CANCELLED changes
         nothing and returns False (two processes may notice the same dead worker)."""
         with self.db.transaction():
-            if self.get(job_id).state in TERMINAL:
+            current = self.get(job_id)
+            if current.state in TERMINAL:
                 return False
             self.update(job_id, state=state, **fields)
             progress = fields.get("progress")
             if progress is None:
-                progress = self.get(job_id).progress
+                progress = current.progress
             self.append_event(job_id, EVENT_STATE, state=state, progress=progress, message=message)
         return True
 
@@ -177,6 +178,11 @@ class JobStore:
             " AND heartbeat_at = :beat AND state = :state",
             {"owner": owner, "now": time.time(), "id": job.job_id, "was": job.owner, "beat": job.heartbeat_at,
              "state": job.state}) == 1
+
+    def beat(self, owner: str) -> None:
+        """Refreshes the heartbeat of every unfinished job `owner` holds."""
+        self.db.execute("UPDATE jobs SET heartbeat_at = :now WHERE owner = :owner AND state IN (:q, :r)",
+                        {"now": time.time(), "owner": owner, "q": QUEUED, "r": RUNNING})
 
     def unfinished(self) -> list[JobRecord]:
         rows = self.db.query("SELECT * FROM jobs WHERE state IN (:q, :r) ORDER BY created_at",
@@ -298,7 +304,7 @@ class JobRunner:
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = 3 * heartbeat_s if stale_after_s is None else stale_after_s
         # SQLite: one process owns the store (the data dir lock), so every unfinished job at start is ours.
-        self.exclusive = not getattr(store.db, "shared_between_processes", False)
+        self.exclusive = not store.db.shared_between_processes
         self._kinds: dict[str, _Kind] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="persona-job")
         self._in_flight: set[Future] = set()
@@ -468,10 +474,12 @@ class JobRunner:
     # Dispatched jobs ----------------------------------------------------------------------------
 
     def _dispatcher_of(self, job: JobRecord) -> "dispatch.JobDispatcher | None":
+        """The dispatcher that started the job's worker, if this runner still uses it for the job's kind."""
         kind = self._kinds.get(job.kind)
-        name = job.dispatch_handle.partition(":")[0]
-        return kind.dispatcher if kind is not None and kind.dispatcher is not None and \
-            kind.dispatcher.name == name else None
+        dispatcher = kind.dispatcher if kind is not None else None
+        if dispatcher is None or dispatcher.name != job.dispatch_handle.partition(":")[0]:
+            return None
+        return dispatcher
 
     def _dispatch(self, job: JobRecord) -> None:
         dispatcher = self._kinds[job.kind].dispatcher
@@ -517,16 +525,13 @@ class JobRunner:
                 continue
             try:
                 state = dispatcher.state(handle.partition(":")[2])
-            except NotFound:
-                state = dispatch.GONE
             except Exception:
                 log.warning("could not read the %s worker of job %s; trying again", dispatcher.name, job_id,
                             exc_info=True)
                 continue
             if state in (dispatch.PENDING, dispatch.RUNNING):
                 continue
-            if self.store.get(job_id).state in TERMINAL:  # it recorded its outcome just before exiting
-                continue
+            # A worker that recorded its outcome just before exiting: the transition below changes nothing.
             if job.cancel_requested:
                 self.store.transition(job_id, CANCELLED, "cancelled (its worker stopped)")
             else:
@@ -549,9 +554,7 @@ class JobRunner:
     def _upkeep_loop(self) -> None:
         while not self._stopping.wait(self.heartbeat_s):
             try:
-                self.store.db.execute(
-                    "UPDATE jobs SET heartbeat_at = :now WHERE owner = :owner AND state IN (:q, :r)",
-                    {"now": time.time(), "owner": self.owner, "q": QUEUED, "r": RUNNING})
+                self.store.beat(self.owner)
                 self.check_dispatched()
                 if not self.exclusive:
                     self.recover()  # jobs of a replica that died

@@ -30,6 +30,10 @@ class Migration:
 class MetadataStore(ABC):
     """Transactions and queries over the metadata database."""
 
+    # Whether several processes may use this database at once (PostgreSQL), or one owns it (SQLite: the data dir
+    # lock): the job runner then takes over only jobs whose owner stopped beating.
+    shared_between_processes = False
+
     @abstractmethod
     def migrate(self, migrations: Sequence[Migration]) -> list[tuple[str, int]]:
         """Applies the migrations not applied yet, in (component, version) order; returns them."""

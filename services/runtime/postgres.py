@@ -247,6 +247,11 @@ def _configure_types(adapters) -> None:
 
 # -- DSN handling -----------------------------------------------------------------------------------------------
 
+# The password of a URL (scheme://user:PASSWORD@…, also when the URL does not parse) and of `password=…` (key=value
+# DSNs, ?password= parameters): group 1 is what comes before it, group 2 the password.
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:/*[^:@/\s]*:)([^@\s]*)@")
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
+
 def redact(dsn: str) -> str:
     """The DSN with its password replaced by ***, for messages and logs."""
     text = dsn
@@ -260,14 +265,14 @@ def redact(dsn: str) -> str:
         except ValueError:
             pass
     # Malformed URLs, key=value DSNs and ?password= parameters.
-    text = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*:/*[^:@/\s]*:)[^@\s]*@", r"\1***@", text)
-    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", text, flags=re.IGNORECASE)
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    text = _KEYWORD_PASSWORD.sub(r"\1***", text)
     return text
 
 
 def _passwords(dsn: str) -> list[str]:
-    found = re.findall(r"^[A-Za-z][A-Za-z0-9+.-]*:/*[^:@/\s]*:([^@\s]*)@", dsn)
-    found += [m.strip("'") for m in re.findall(r"password\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&]+)", dsn, re.IGNORECASE)]
+    found = [m.group(2) for m in _URL_PASSWORD.finditer(dsn)]
+    found += [m.group(2).strip("'") for m in _KEYWORD_PASSWORD.finditer(dsn)]
     try:
         from urllib.parse import unquote
 
@@ -287,7 +292,6 @@ class PostgresMetadataStore(MetadataStore):
     `lock_timeout_s` bounds every wait for a lock (the transaction lock included), as SQLite's busy timeout does.
     """
 
-    # Several processes may use the same database at once (the job runner reads this).
     shared_between_processes = True
 
     def __init__(self, dsn: str, *, max_connections: int = 16, connect_timeout_s: float = 10.0,

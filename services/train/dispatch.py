@@ -20,6 +20,8 @@ from typing import Any
 from persona.services.runtime import dispatch
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
+from .settings import TrainSettings
+
 NAME_PREFIX = "persona-train-"
 DATA_DIR, MODELS_DIR = "/data", "/models"
 # The chart's uid/gid (values.yaml persona.podSecurityContext).
@@ -31,14 +33,21 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123 label: n
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")  # ≤ 253
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")  # ≤ 63
 
-DISPATCHERS = ("thread", "subprocess", "kubernetes")
-
-
-def train_dispatcher(settings, data_dir: Path) -> "dispatch.JobDispatcher | None":
-    """The dispatcher train jobs go through, from TrainSettings (None: the runner's own threads)."""
+def train_dispatcher(settings: TrainSettings, data_dir: Path,
+                     database_url: str = "") -> "dispatch.JobDispatcher | None":
+    """The dispatcher train jobs go through, from TrainSettings (None: the runner's own threads). `database_url`
+    is the server's PERSONA_DATABASE_URL: workers in other pods need it (SQLite cannot be shared with them), and a
+    subprocess worker gets it with the server's model settings, so that settings given in code reach it too."""
     if settings.dispatcher == "subprocess":
-        return dispatch.SubprocessDispatcher(data_dir)
+        return dispatch.SubprocessDispatcher(data_dir, env={
+            "PERSONA_MODEL_CACHE": str(settings.base_model_cache_dir),
+            "PERSONA_BASE_MODEL": settings.default_base_model, "PERSONA_TRAIN_DEVICE": settings.device or "",
+            "PERSONA_DATABASE_URL": database_url})
     if settings.dispatcher == "kubernetes":
+        if not database_url:
+            raise FailedPrecondition(
+                "PERSONA_TRAIN_DISPATCHER=kubernetes runs training in other pods, which cannot share this server's "
+                "SQLite file: set PERSONA_DATABASE_URL to a PostgreSQL database (Helm: database.postgresDsn)")
         k = settings.kubernetes
         if not k.image:
             raise FailedPrecondition("PERSONA_TRAIN_DISPATCHER=kubernetes needs PERSONA_K8S_IMAGE: the image the "

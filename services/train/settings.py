@@ -11,6 +11,8 @@ from persona.services.runtime.settings import default_home, env_int
 
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Where train jobs run (TrainSettings.dispatcher); persona.services.train.dispatch builds them.
+DISPATCHERS = ("thread", "subprocess", "kubernetes")
 
 
 def _default_model_cache() -> Path:
@@ -83,7 +85,7 @@ class TrainSettings:
     def from_env(cls) -> "TrainSettings":
         cache = os.environ.get("PERSONA_MODEL_CACHE")
         dispatcher = os.environ.get("PERSONA_TRAIN_DISPATCHER", "").strip().lower() or "thread"
-        if dispatcher not in ("thread", "subprocess", "kubernetes"):
+        if dispatcher not in DISPATCHERS:
             raise FailedPrecondition(f"PERSONA_TRAIN_DISPATCHER is {dispatcher!r}: use thread, subprocess or kubernetes")
         return cls(
             dispatcher=dispatcher,

@@ -263,7 +263,7 @@ def test_dispatcher_settings_come_from_the_environment_and_bad_ones_are_named(mo
     assert (settings.dispatcher, k.namespace, k.gpu, k.node_selector, k.image_pull_secrets) == (
         "kubernetes", "persona", 2, {"nvidia.com/gpu.present": "true"}, ["regcred", "mirror"])
     with pytest.raises(FailedPrecondition, match="needs PERSONA_K8S_IMAGE"):
-        train_dispatcher(settings, "/data")
+        train_dispatcher(settings, "/data", database_url="postgresql://db/persona")
 
     monkeypatch.setenv("PERSONA_K8S_TOLERATIONS", '{"key": "x"}')
     with pytest.raises(FailedPrecondition, match="PERSONA_K8S_TOLERATIONS is .*set a JSON list"):
