@@ -20,6 +20,48 @@ pytest_plugins = ["fakevlm", "postgres_fixture"]
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = Path(os.environ.get("PERSONA_DREAMBENCH", REPO.parent / "shared" / "data" / "dreambench"))
 
+# Opt-in tests: marker → (the variable that turns them on, why they are off by default).
+OPT_IN = {
+    "images": ("PERSONA_TEST_IMAGES",
+               "the offline Docker image proof (deploy/docker/offline_build.sh) installs docker.io and debootstrap "
+               "with apt, keeps a ~170 MB cache under ~/.cache/persona-images and takes 10-25 min on 2 cores"),
+}
+
+# What pytest_collection_modifyitems deselected, per marker, for the terminal summary.
+OPT_IN_DESELECTED = pytest.StashKey[dict]()
+
+
+def opted_in(variable: str) -> bool:
+    return os.environ.get(variable, "").strip().lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config):
+    for marker, (variable, why) in OPT_IN.items():
+        config.addinivalue_line("markers", f"{marker}: opt-in with {variable}=1 ({why})")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects the opt-in tests unless their variable is set: reported as deselected, with the reason, never as
+    a skip of something that ran."""
+    kept, deselected = [], {}
+    for item in items:
+        marker = next((m for m in OPT_IN if item.get_closest_marker(m) and not opted_in(OPT_IN[m][0])), None)
+        if marker:
+            deselected.setdefault(marker, []).append(item)
+        else:
+            kept.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=[i for group in deselected.values() for i in group])
+        items[:] = kept
+        config.stash[OPT_IN_DESELECTED] = {m: len(group) for m, group in deselected.items()}
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for marker, count in config.stash.get(OPT_IN_DESELECTED, {}).items():
+        variable, why = OPT_IN[marker]
+        terminalreporter.write_line(f"opt-in: {count} `{marker}` test(s) deselected: {why}; set {variable}=1 to "
+                                    "run them")
+
 
 @pytest.fixture(scope="session")
 def dreambench() -> Path:
