@@ -75,6 +75,11 @@ class OpenAIVlm:
         if not self.model:
             raise FailedPrecondition(f"PERSONA_VLM_MODEL is empty: set it to a model of {self.base_url} that "
                                      "accepts images, e.g. gpt-4o or llava")
+        problem = unsendable_key(self.settings.vlm_api_key)
+        if problem:
+            raise FailedPrecondition(f"PERSONA_VLM_API_KEY {problem}, which an HTTP header cannot carry: set it to "
+                                     "your real key, not a placeholder such as the README's (local servers accept any "
+                                     "ASCII value, e.g. none)")
 
     def preflight(self) -> None:
         """Opens and closes a TCP connection to the endpoint, so an endpoint that is down fails the RPC.
@@ -130,6 +135,17 @@ class OpenAIVlm:
             return Unavailable(f"the VLM endpoint {self.base_url} failed with HTTP {e.status_code} "
                                f"({_detail(e)}): check its logs")
         return Unavailable(f"the VLM endpoint {self.base_url} sent an answer persona cannot read ({e})")
+
+
+def unsendable_key(key: str) -> str:
+    """Why `key` cannot go in an `Authorization: Bearer` header ('' when it can): HTTP clients send headers as
+    ASCII, so a pasted placeholder (`sk-…`), a curly quote or a space would fail every call. Names the character
+    and its position, never the key."""
+    for position, char in enumerate(key, 1):
+        if not "!" <= char <= "~":  # printable ASCII without space
+            shown = repr(char) if char.isprintable() and not char.isspace() else "a space or control character"
+            return f"holds {shown} (U+{ord(char):04X}) at character {position}"
+    return ""
 
 
 def _detail(e: openai.OpenAIError) -> str:

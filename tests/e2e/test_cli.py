@@ -152,6 +152,17 @@ def test_case_3_without_a_vlm_fails_with_the_server_code(cli, subject):
     assert "PERSONA_VLM_BASE_URL" in line
 
 
+@pytest.mark.parametrize("key, shown", [("sk-…", "'…' (U+2026) at character 4"),
+                                        ("sk-abc def", "a space or control character (U+0020) at character 7")])
+def test_a_key_no_http_header_can_carry_is_refused_naming_the_setting(cli, subject, fake_vlm, key, shown):
+    fake_vlm.script(COMPLIANT)
+    env = {"PERSONA_VLM_BASE_URL": fake_vlm.base_url, "PERSONA_VLM_MODEL": "fake-vlm", "PERSONA_VLM_API_KEY": key}
+    line = failed(cli("caption", subject["subject_id"], env=env), "FAILED_PRECONDITION")
+    assert f"PERSONA_VLM_API_KEY holds {shown}" in line and "real key" in line
+    assert key not in line  # the key itself is never echoed
+    assert fake_vlm.requests == []  # refused before any call
+
+
 def test_caption_job_that_fails_exits_1_with_its_error(cli, subject, fake_vlm):
     fake_vlm.script("a photo of a brown fluffy dog lying on a rug")  # describes the subject: never compliant
     env = {"PERSONA_VLM_BASE_URL": fake_vlm.base_url, "PERSONA_VLM_MODEL": "fake-vlm", "PERSONA_VLM_API_KEY": "x",
