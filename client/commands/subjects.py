@@ -20,7 +20,7 @@ app = typer.Typer(
 
 # What a folder given to `subjects add` contributes; a file named on its own is always sent (the
 # server decides whether it is an image).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".mpo", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif")
 
 
 def when(timestamp) -> str:
@@ -87,7 +87,10 @@ def add(
     ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(
         metavar="PHOTOS", show_default=False,
-        help="Image files, or folders whose .jpg/.jpeg/.png/.webp files are taken sorted by name.")],
+        help="Image files, or folders whose photos (.jpg/.jpeg/.mpo, .png, .webp, .gif, .bmp, .tif/.tiff, "
+             ".heic/.heif) are taken sorted by name. Multi-frame files give their first frame; EXIF orientation is "
+             "applied; CMYK, 16-bit, paletted and transparent images become RGB (transparency on white). HEIC "
+             "needs the server's optional extra: pip install 'persona[heic]'.")],
     class_name: Annotated[str, typer.Option(
         "--class", help="Class noun of the subject as prompts name it: dog, backpack, stuffed animal; "
                         "painting or cartoon for a style.", show_default=False)],

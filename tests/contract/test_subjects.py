@@ -111,7 +111,8 @@ BAD_UPLOADS = {
     "truncated JPEG": (lambda photos: dict(images=[photos[0][: len(photos[0]) // 2]]), "truncated"),
     "0x0 image": (lambda photos: dict(images=[zero_by_zero_png()]), "`images[0]"),
     "tiny image": (lambda photos: dict(images=[encode(Image.new("RGB", (8, 8)), "PNG")]), "at least 32 pixels"),
-    "GIF": (lambda photos: dict(images=[encode(Image.new("RGB", (64, 64)), "GIF")]), "JPEG, PNG or WebP"),
+    "PPM": (lambda photos: dict(images=[encode(Image.new("RGB", (64, 64)), "PPM")]),
+            "is a PPM image: send JPEG (MPO too), PNG, WebP, GIF, BMP, TIFF or HEIC"),
     "over the size limit": (lambda photos: dict(images=[photos[0] + b"\0" * (3 * 1024 * 1024)]), "the limit is"),
     "no images": (lambda photos: dict(images=[]), "`images` is empty"),
     "too many images": (lambda photos: dict(images=[photos[0]] * 21), "at most 20"),
@@ -154,3 +155,106 @@ def test_unknown_ids_name_the_field(client, dog_photos):
     error = rpc_error(client.subjects.GetSubjectImage, subjects_pb2.GetSubjectImageRequest(
         image=common_pb2.ImageRef(subject_id=subject.subject_id, image_id="img_nope")))
     assert error.code() == grpc.StatusCode.NOT_FOUND and "`image_id`" in error.details()
+
+
+def download(client, subject, index: int) -> Image.Image:
+    stored = client.subjects.GetSubjectImage(subjects_pb2.GetSubjectImageRequest(
+        image=common_pb2.ImageRef(subject_id=subject.subject_id, image_id=subject.images[index].image_id)))
+    return Image.open(io.BytesIO(stored.data))
+
+
+def test_every_dreambench_subject_uploads(client, dreambench):
+    """All of DreamBench, as phones and cameras wrote it: a quarter of its photos are MPO (multi-picture JPEG)."""
+    import numpy as np
+
+    folders = sorted(p for p in dreambench.iterdir() if p.is_dir())
+    formats = set()
+    for folder in folders:
+        paths = sorted(folder.glob("*.jpg"))
+        subject = upload(client, [p.read_bytes() for p in paths], class_name=folder.name.replace("_", " "))
+        assert len(subject.images) == len(paths), folder.name
+        for index, path in enumerate(paths):
+            original = Image.open(path)
+            formats.add(original.format)
+            image = subject.images[index]
+            assert (image.width, image.height, image.media_type) == (*original.size, "image/jpeg"), path
+            if original.format == "MPO":  # the primary image, re-encoded at quality 95: the same pixels, nearly
+                stored = np.asarray(download(client, subject, index).convert("RGB"), dtype=np.float32)
+                assert np.abs(stored - np.asarray(original.convert("RGB"), dtype=np.float32)).mean() < 2.0, path
+    assert len(folders) >= 25 and formats == {"JPEG", "MPO"}  # 25 subjects in ../shared, 31 of 132 photos MPO
+
+
+def test_an_exif_rotated_photo_is_stored_upright(client, dreambench):
+    """A real photo (a DreamBench dog, cropped to landscape) whose EXIF says "rotate 90° clockwise" is stored
+    with its pixels turned, so captions, masks and training all see it upright."""
+    import numpy as np
+
+    photo = Image.open(dreambench / "dog" / "00.jpg").convert("RGB").crop((0, 100, 600, 400))  # 600×300
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    subject = upload(client, [encode(photo, "JPEG", quality=95, exif=exif.tobytes())])
+    assert (subject.images[0].width, subject.images[0].height) == (300, 600)
+    stored = np.asarray(download(client, subject, 0).convert("RGB"), dtype=np.float32)
+    upright = np.asarray(photo.transpose(Image.Transpose.ROTATE_270), dtype=np.float32)
+    assert stored.shape == upright.shape == (600, 300, 3)
+    assert np.abs(stored - upright).mean() < 3.0  # two JPEG encodings apart, not a rotation apart
+    assert np.abs(stored - np.asarray(photo.resize((300, 600)), dtype=np.float32)).mean() > 20
+
+
+def _sixteen_bit_grey() -> bytes:
+    import numpy as np
+
+    return encode(Image.fromarray(np.full((40, 40), 32896, dtype=np.uint16)), "PNG")  # 32896 / 257 = 128
+
+
+def _transparent_palette() -> bytes:
+    image = Image.new("P", (40, 40), 0)
+    image.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    image.paste(1, (0, 0, 20, 40))  # left half blue, right half index 0 = transparent
+    return encode(image, "PNG", transparency=0)
+
+
+def _two_frame_gif() -> bytes:
+    frames = [Image.new("RGB", (40, 40), (255, 0, 0)), Image.new("RGB", (40, 40), (0, 255, 0))]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+
+def _two_page_tiff() -> bytes:
+    pages = [Image.new("RGB", (40, 48), (0, 0, 255)), Image.new("RGB", (40, 48), (255, 255, 0))]
+    return encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+
+
+# name -> (upload, stored media type, size, pixel at (5, 5), pixel at (35, 5))
+CONVERTED = {
+    "CMYK JPEG": (lambda: encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG", quality=100),
+                  "image/jpeg", (40, 40), (255, 0, 0), (255, 0, 0)),
+    "16-bit grey PNG": (_sixteen_bit_grey, "image/png", (40, 40), (128, 128, 128), (128, 128, 128)),
+    "paletted PNG with transparency": (_transparent_palette, "image/png", (40, 40), (0, 0, 255), (255, 255, 255)),
+    "RGBA PNG": (lambda: encode(Image.new("RGBA", (40, 40), (255, 0, 0, 0)), "PNG"), "image/png", (40, 40),
+                 (255, 255, 255), (255, 255, 255)),
+    "animated GIF": (_two_frame_gif, "image/png", (40, 40), (255, 0, 0), (255, 0, 0)),
+    "BMP": (lambda: encode(Image.new("RGB", (40, 40), (10, 20, 30)), "BMP"), "image/png", (40, 40), (10, 20, 30),
+            (10, 20, 30)),
+    "two-page TIFF": (_two_page_tiff, "image/png", (40, 48), (0, 0, 255), (0, 0, 255)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONVERTED))
+def test_other_formats_and_modes_are_stored_as_rgb(case, client):
+    make, media_type, size, left, right = CONVERTED[case]
+    subject = upload(client, [make()])
+    assert (subject.images[0].media_type, (subject.images[0].width, subject.images[0].height)) == (media_type, size)
+    stored = download(client, subject, 0)
+    assert stored.mode == "RGB" and stored.size == size
+    for (x, y), expected in (((5, 5), left), ((35, 5), right)):
+        assert all(abs(a - b) <= 2 for a, b in zip(stored.getpixel((x, y)), expected)), (case, stored.getpixel((x, y)))
+
+
+def test_heic_without_the_extra_is_refused_naming_it(client, monkeypatch):
+    from persona.services.subjects import images
+
+    monkeypatch.setattr(images, "heif_opener_registered", lambda: False)
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64  # the `ftyp` box an iPhone photo opens with
+    error = rpc_error(upload, client, [heic])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "`images[0].data` is a HEIC/HEIF photo" in error.details() and "persona[heic]" in error.details()
