@@ -40,6 +40,14 @@ def template_caption(mode: str, class_name: str, token: str) -> str:
     return f"a photo of {indefinite_article(class_name)} {token} {class_name}"
 
 
+def class_prompt(mode: str, class_name: str) -> str:
+    """The template without its identifier: what the base model draws for prior preservation, as DreamBooth's
+    "a photo of a dog" is its "a photo of a sks dog" without "sks"."""
+    if mode == "style":
+        return f"{indefinite_article(class_name).capitalize()} {class_name} in the style of art"
+    return f"a photo of {indefinite_article(class_name)} {class_name}"
+
+
 def _object_directions(case: int, mode: str, c: str) -> list[str]:
     keep_subject_plain = (
         f"Do not describe the {c} itself: never mention its colour, fur, hair, material, texture, pattern, "
