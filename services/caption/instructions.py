@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from persona.services.subjects.domain import indefinite_article
 
-INSTRUCTION_VERSION = "sid-2"  # sid-2: "a unicorn", "an hourglass" (article by sound, not spelling)
+# sid-2: "a unicorn", "an hourglass" (article by sound, not spelling); sid-3: the pose is asked for, not only allowed
+# (SID's pose bias: an unnamed pose binds to the identifier).
+INSTRUCTION_VERSION = "sid-3"
 
 CASES = (1, 2, 3, 4)
 DEFAULT_CASE = 3  # SID proper; Cases 1, 2 and 4 are the paper's baselines and ablation
@@ -52,7 +54,7 @@ def _object_directions(case: int, mode: str, c: str) -> list[str]:
     keep_subject_plain = (
         f"Do not describe the {c} itself: never mention its colour, fur, hair, material, texture, pattern, "
         f"markings, breed, make, type or any other feature; refer to it only as \"the {c}\". "
-        f"You may say what the {c} is doing and where it is."
+        f"Say what the {c} is doing, its pose (e.g. sitting, lying on its side, standing, jumping) and where it is."
     )
     if case == 2:
         return [
