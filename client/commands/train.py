@@ -24,6 +24,7 @@ from .subjects import name_the_file, photo_paths, read_uploads
 METHODS = ("dreambooth", "lora", "ti", "custom_diffusion", "svdiff")
 REGULARIZERS = ("prior", "mask", "spl", "core", "none")
 CAPTIONS = ("sid", "class", "case1", "case2", "case3", "case4")
+MODES = ("object", "style", "expression")
 # Loss terms shown beside the total, in this order, when the job reports them.
 LOSS_TERMS_SHOWN = ("instance", "prior", "spl", "core_emb", "core_attn")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -81,11 +82,12 @@ def subject_from_folder(s: Session, client: PersonaClient, folder: Path, class_n
     return subject
 
 
-def caption_subject(s: Session, client: PersonaClient, subject: subjects_pb2.Subject) -> None:
+def caption_subject(s: Session, client: PersonaClient, subject: subjects_pb2.Subject, mode: str | None = None) -> None:
     """SID captions (Case 3) when a VLM is configured, else the Case 1 template with a note saying so."""
     def start(case: int) -> common_pb2.Job:
         return client.captions.StartCaptioning(caption_pb2.StartCaptioningRequest(
-            subject_id=subject.subject_id, case=case, mode=caption_pb2.CAPTION_MODE_OBJECT))
+            subject_id=subject.subject_id, case=case,
+            mode=caption_pb2.CaptionMode.Value(f"CAPTION_MODE_{(mode or 'object').upper()}")))
 
     job = None
     if not s.embedded or vlm_configured_here():
@@ -218,21 +220,32 @@ def train(
              "projections and the new token (Kumari et al.). svdiff: shifts of the singular values of every UNet "
              "weight and the new token (Han et al.; ~1 MB files).", show_default="lora")] = None,
     regularizers: Annotated[Optional[list[str]], typer.Option(
-        "--reg", show_default="prior for dreambooth and lora, none for ti",
-        help="Regulariser; repeat for several. prior: prior preservation — the base model draws "
-             "--num-class-images images of the class (cached, reused) and training keeps drawing them, so "
-             "\"a dog\" still means any dog. mask: the loss weighted by each photo's subject mask "
-             "(`persona-cli mask` first), background at weight 0.1. spl: ClassDiffusion's semantic preservation "
-             "(\"a sks dog\" kept near \"a dog\"; needs a method that trains the token: ti, custom_diffusion, "
-             "svdiff, or --train-text-encoder). core: CoRe context regularisation of the token (ti, "
-             "custom_diffusion, svdiff). none: no regulariser (faster, may drift).")] = None,
+        "--reg", show_default="prior for dreambooth, lora, custom_diffusion and svdiff; none for ti",
+        help="Regulariser to add; repeat for several. Prior preservation is on by default and stays on when you "
+             "add others (--reg mask trains with prior + mask); turn it off explicitly with --reg none (alone: no "
+             "regulariser) or --no-prior. prior: prior preservation — the base model draws --num-class-images "
+             "images of the class (cached, reused) and training keeps drawing them, so \"a dog\" still means any "
+             "dog; SID captions need it. mask: the loss weighted by each photo's subject mask (`persona-cli mask` "
+             "first), background at weight 0.1. spl: ClassDiffusion's semantic preservation (\"a sks dog\" kept "
+             "near \"a dog\"; needs a method that trains the token: ti, custom_diffusion, svdiff, or "
+             "--train-text-encoder). core: CoRe context regularisation of the token (ti, custom_diffusion, "
+             "svdiff). none: the defaults off (faster, may drift).")] = None,
+    no_prior: Annotated[bool, typer.Option(
+        "--no-prior", help="Turn prior preservation off (the same as --reg none before the other --reg).")] = False,
     captions: Annotated[Optional[str], typer.Option(
         help="Training text per photo. sid: each photo's stored caption (SID: the subject named only by "
-             "\"TOKEN CLASS\", everything else described), the class template where a photo has none. "
-             "class (= case1): \"a photo of a TOKEN CLASS\" for every photo (the DreamBooth baseline). "
-             "case2, case3, case4: only captions of that SID case (the paper's ablation; caption with "
-             "`persona-cli caption SUBJECT --case N` first).",
+             "\"TOKEN CLASS\", everything else described); a photo with no stored caption trains on the Case 1 "
+             "template and the job says so in a warning naming the photos (a photo folder is captioned first). "
+             "class (= case1): the Case 1 template for every photo (the DreamBooth baseline): \"a photo of a "
+             "TOKEN CLASS\", or \"A CLASS in the style of TOKEN art\" with --mode style. case2, case3, case4: "
+             "only captions of that SID case (the paper's ablation; caption with `persona-cli caption SUBJECT "
+             "--case N` first).",
         show_default="sid")] = None,
+    mode: Annotated[Optional[str], typer.Option(
+        help="object, style (SID App. C.1: trains on \"A painting in the style of sks art\", class images of "
+             "\"A painting in the style of art\") or expression. Picks the template of --captions class, of the "
+             "fallback for uncaptioned photos, and the class prompt.",
+        show_default="the mode the subject was captioned in, else object")] = None,
     parent: Annotated[Optional[str], typer.Option(
         "--parent", metavar="CONCEPT",
         help="continue from a ti concept (CoRe stage 2: `persona-cli train SUBJECT --method ti --reg core --steps "
@@ -316,10 +329,13 @@ def train(
     _choice("method", method, METHODS)
     _choice("captions", captions, CAPTIONS)
     _choice("mixed_precision", mixed_precision, PRECISIONS)
+    _choice("mode", mode, MODES)
     for reg in regularizers or []:
         _choice("regularizers", reg, REGULARIZERS)
-    if regularizers and "none" in regularizers and len(regularizers) > 1:
-        fail("INVALID_ARGUMENT", "`regularizers`: `--reg none` cannot be combined with other regularisers")
+    if no_prior and "prior" in (regularizers or []):
+        fail("INVALID_ARGUMENT", "`--no-prior` and `--reg prior` contradict each other: drop one of them")
+    if no_prior:
+        regularizers = ["none", *(regularizers or [])]
     options = training_options(
         steps=steps, learning_rate=lr, batch_size=batch_size, resolution=resolution, seed=seed,
         train_text_encoder=train_text_encoder, lora_rank=rank, lora_alpha=alpha, mixed_precision=mixed_precision,
@@ -334,7 +350,7 @@ def train(
     if folder.is_dir():
         subject = subject_from_folder(s, client, folder, class_name, token, name)
         if captions != "class":  # `--captions class` trains on the template whatever is stored
-            caption_subject(s, client, subject)
+            caption_subject(s, client, subject, mode)
     else:
         if folder.exists():
             fail("INVALID_ARGUMENT", f"{source} is not a folder: pass a folder of photos or a subject id")
@@ -351,7 +367,7 @@ def train(
     request = train_pb2.StartTrainingRequest(
         subject_id=subject.subject_id, base_model=base_model or "", method=method or "",
         regularizers=regularizers or [], captions=captions or "", options=options, display_name=name or "",
-        parent_concept_id=parent or "")
+        parent_concept_id=parent or "", mode=mode or "")
     try:
         job = client.train.StartTraining(request)
     except grpc.RpcError as e:

@@ -7,7 +7,16 @@ the identifier (Tab. 1). "Attached" is a word-window heuristic, not a parser: wo
 mention up to its determiner ("a fluffy white dog"), and after it through "with", "'s", "its",
 "is"… when they qualify a body part or stand as a predicate ("dog with brown fur", "dog's golden
 coat"). A new noun phrase ("next to a black leather purse") ends the window, so other objects may
-be described freely.
+be described freely. A sentence opening with "It"/"Its" is read as the subject too ("It has brown
+fur").
+
+SID names the subject only as "[v] class": other names are repaired where the meaning is kept —
+a name ("named Max") and an apposition ("a dog, a corgi,") are dropped, a definite other name
+("the puppy", "the corgi") becomes "the dog" (and is then checked as the dog) — and an answer that
+does not open as instructed is re-opened when only its framing differs ("A dog lying…", "This is
+a photo of a dog…"). Case 3 must describe something besides the subject (a detail word: colour,
+material, texture, pattern, shape or size); Case 2 must not, materials included. What cannot be
+repaired is a problem, and the caller asks the VLM again (bounded by PERSONA_VLM_ATTEMPTS).
 """
 from __future__ import annotations
 
@@ -52,6 +61,23 @@ STYLE_WORDS = frozenset(
 STYLE_PAIRS = frozenset({("brush", "strokes"), ("oil", "paint"), ("oil", "painting"), ("oil", "on"),
                          ("color", "palette"), ("colour", "palette"), ("pop", "art"), ("line", "art")})
 
+SHAPES = frozenset("round square rectangular oval circular triangular tall short large small big tiny huge long wide "
+                   "narrow thick thin".split())
+# Other names a caption may give the subject, by the class's last word (breeds are in BREEDS).
+SYNONYMS = {
+    "dog": "puppy pup puppies doggy doggie canine hound pooch pet animal".split(),
+    "cat": "kitten kitty feline pet animal".split(),
+    "animal": "plushie plush teddy toy".split(),  # stuffed animal
+    "plushie": "plush teddy toy".split(),
+    "bear": "teddy plushie plush toy".split(),
+    "toy": "figure figurine plushie".split(),
+    "backpack": "bag rucksack knapsack".split(),
+    "sneaker": "shoe shoes trainer sneakers footwear".split(),
+    "boot": "shoe shoes boots footwear".split(),
+    "sunglasses": "glasses shades eyewear".split(),
+    "vase": "pot jar vessel".split(),
+    "car": "vehicle toy".split(),
+}
 # The subject's own parts: attribute words qualifying these after a mention describe the subject.
 PARTS = frozenset(
     "fur coat hair eyes eye ears ear nose tail paws paw feathers skin markings spots patches stripes face "
@@ -137,12 +163,18 @@ def _qualifies_part(words: list[str], k: int) -> bool:
     return False
 
 
+def _pronoun_mentions(words: list[str]) -> list[tuple[int, int]]:
+    """"It"/"Its" opening a sentence (or a clause after ";"): in a caption, the subject."""
+    return [(k, k) for k, w in enumerate(words) if w in ("it", "its") and k and words[k - 1] in _SENTENCE_END]
+
+
 def subject_descriptions(text: str, class_name: str, token: str,
                          allow_expression: bool = False) -> list[tuple[str, str]]:
     """Attribute words attached to the subject, as (word, category) pairs in text order."""
     words, class_words, token = _words(text), _words(class_name), token.lower()
     found: dict[int, tuple[str, str]] = {}
-    for number, (start, end) in enumerate(_mentions(words, class_words)):
+    mentions = sorted(_mentions(words, class_words) + _pronoun_mentions(words))
+    for number, (start, end) in enumerate(mentions):
         before: list[int] = []
         other_entity = False
         for k in range(start - 1, max(-1, start - 7), -1):  # back to the mention's determiner
@@ -208,6 +240,57 @@ def insert_identifier(text: str, mode: str, class_name: str, token: str) -> str 
     return text[:match.start()] + new + text[match.end():]
 
 
+def other_names(class_name: str) -> list[str]:
+    """Words that would name the subject otherwise: the class's synonyms and, for animals, breeds."""
+    head = _words(class_name)[-1] if _words(class_name) else ""
+    names = list(SYNONYMS.get(head, ()))
+    if head in ("dog", "cat", "puppy", "kitten"):
+        names += sorted(BREEDS)
+    return [n for n in names if n not in _words(class_name)]
+
+
+def repair_names(text: str, class_name: str) -> tuple[str, list[str]]:
+    """Drops a personal name ("named Max") and an apposition giving another name ("a dog, a corgi,"), and turns
+    a definite other name ("the puppy") into the class ("the dog"); returns the text and what was repaired."""
+    repairs: list[str] = []
+    name = re.compile(r"(,\s*)?\b(?:named|called|whose name is)\s+[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)?(\s*,)?")
+    for match in list(name.finditer(text))[::-1]:
+        repairs.append(f"dropped {match.group(0).strip(' ,')!r}")
+        text = text[:match.start()] + " " + text[match.end():]
+    others = other_names(class_name)
+    if others:
+        alternatives = "|".join(re.escape(o) for o in sorted(others, key=len, reverse=True))
+        cls = r"\s+".join(re.escape(w) for w in class_name.split())
+        apposition = re.compile(rf"\b({cls})\s*(?:,|\()\s*(?:an?|the)\s+(?:[\w-]+\s+){{0,3}}?(?:{alternatives})\s*(?:,|\))",
+                                re.I)
+        for match in list(apposition.finditer(text))[::-1]:
+            repairs.append(f"dropped {text[match.end(1):match.end()].strip(' ,()')!r}")
+            text = text[:match.end(1)] + " " + text[match.end():]
+        definite = re.compile(rf"\b(the|this|that)\s+(?:{alternatives})\b", re.I)
+        for match in list(definite.finditer(text))[::-1]:
+            repairs.append(f"replaced {match.group(0)!r} with '{match.group(1)} {class_name}'")
+            text = text[:match.start()] + f"{match.group(1)} {class_name}" + text[match.end():]
+    text = re.sub(r"\s+([,.;:!?])", r"\1", " ".join(text.split()))
+    return re.sub(r",\s*,", ",", text), repairs[::-1]
+
+
+def repair_opening(text: str, opening: str, class_name: str, token: str) -> str | None:
+    """`text` opened exactly with `opening` ("a photo of a dog") when only the framing before the subject differs:
+    none ("A dog lying…") or another "… photo of" ("This is a close-up photo of the dog…"); None when it cannot be
+    (something else comes first, or a word between the article and the class)."""
+    frame = opening.lower().rsplit(" of ", 1)[0] + " of "  # "a photo of ": the words before the subject
+    if text.lower().startswith(frame):
+        return text  # what follows is the subject's own check (a word before the class is a description)
+    cls = r"\s+".join(re.escape(w) for w in class_name.split())
+    match = re.match(rf"^((?:[\w'-]+,?\s+){{0,8}}?)(?:a|an|the|one)\s+(?:{re.escape(token)}\s+)?{cls}\b", text, re.I)
+    if match is None:
+        return None
+    framing = match.group(1).lower().replace(",", " ").split()
+    if framing and not (framing[-1] == "of" and {"photo", "image", "picture", "photograph", "shot"} & set(framing)):
+        return None
+    return opening + text[match.end():]
+
+
 def _quoted(words) -> str:
     return ", ".join(f"'{w}'" for w in words)
 
@@ -223,12 +306,24 @@ def check(answer: str, case: int, mode: str, class_name: str, token: str, openin
     if len(text) > MAX_CHARS:
         return Verdict(text, (f"the answer is {len(text)} characters; at most {MAX_CHARS}: write one sentence",))
     problems: list[str] = []
+    repairs: list[str] = []
+    opened = text.lower().startswith(opening.lower().rsplit(" art", 1)[0])
+    if mode != "style":
+        text, repairs = repair_names(text, class_name)
+        reopened = repair_opening(text, opening, class_name, token)
+        opened = reopened is not None
+        if opened and reopened != text:
+            repairs.append(f"re-opened with {opening!r}")
+            text = reopened
     inserted = insert_identifier(text, mode, class_name, token)
     if inserted is None:
         where = "\"in the style of art\"" if mode == "style" else f"the class word '{class_name}'"
         problems.append(f"it does not contain {where}: start exactly with \"{opening}\"")
     else:
         text = inserted
+        if not opened:
+            problems.append(f"it does not open as instructed: start exactly with \"{opening}\" and name the "
+                            f"{class_name} in no other way")
     if mode == "style" and not re.search(rf"\b{re.escape(class_name)}\b", text, re.I):
         problems.append(f"it does not name the {class_name}: start exactly with \"{opening}\"")
     if mode == "style" and case != 4:
@@ -236,8 +331,9 @@ def check(answer: str, case: int, mode: str, class_name: str, token: str, openin
         if words:
             problems.append(f"it describes the style itself: {_quoted(words)}; describe only what the "
                             f"{class_name} depicts, never how it is drawn or painted")
+    attached = subject_descriptions(text, class_name, token, allow_expression=mode == "expression") \
+        if mode != "style" else []
     if mode != "style" and case != 4:
-        attached = subject_descriptions(text, class_name, token, allow_expression=mode == "expression")
         if attached:
             kinds = ", ".join(dict.fromkeys(c for _, c in attached))
             allowed = " apart from its facial expression" if mode == "expression" else ""
@@ -245,12 +341,19 @@ def check(answer: str, case: int, mode: str, class_name: str, token: str, openin
                             f"say nothing about the {class_name}'s appearance{allowed}, only what it does and "
                             f"where, and describe the other objects instead")
     if case == 2:
-        details = [w for w in _words(text) if any(p in COLOURS | TEXTURES | PATTERNS for p in _parts(w))
+        details = [w for w in _words(text) if any(p in COLOURS | MATERIALS | TEXTURES | PATTERNS for p in _parts(w))
                    and w not in ("dark", "pale")]
         if details:
             problems.append(f"it gives details of objects: {_quoted(dict.fromkeys(details))}; name the other "
                             "objects by their class only, without adjectives")
-    warnings = []
+    if case == 3 and mode != "style":
+        own = {w for w, _ in attached}
+        details = [w for w in _words(text) if w not in own
+                   and any(p in COLOURS | MATERIALS | TEXTURES | PATTERNS | SHAPES for p in _parts(w))]
+        if not details:
+            problems.append(f"it gives no detail of anything but the {class_name}: describe the other objects and "
+                            "the background in detail (colours, materials, textures, patterns, shapes, positions)")
+    warnings = [f"repaired: {r} (SID names the subject only as '{token} {class_name}')" for r in repairs]
     count = clip_tokens_at_least(text)
     if count > CLIP_TOKEN_LIMIT:
         warnings.append(f"the caption is at least {count} CLIP tokens; training keeps the first "

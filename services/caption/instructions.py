@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from persona.services.subjects.domain import indefinite_article
 
-INSTRUCTION_VERSION = "sid-2"  # sid-2: "a unicorn", "an hourglass" (article by sound, not spelling)
+# sid-2: "a unicorn", "an hourglass" (article by sound, not spelling); sid-3: the pose is asked for, not only allowed
+# (SID's pose bias: an unnamed pose binds to the identifier).
+INSTRUCTION_VERSION = "sid-3"
 
 CASES = (1, 2, 3, 4)
 DEFAULT_CASE = 3  # SID proper; Cases 1, 2 and 4 are the paper's baselines and ablation
@@ -40,11 +42,19 @@ def template_caption(mode: str, class_name: str, token: str) -> str:
     return f"a photo of {indefinite_article(class_name)} {token} {class_name}"
 
 
+def class_prompt(mode: str, class_name: str) -> str:
+    """The template without its identifier: what the base model draws for prior preservation, as DreamBooth's
+    "a photo of a dog" is its "a photo of a sks dog" without "sks"."""
+    if mode == "style":
+        return f"{indefinite_article(class_name).capitalize()} {class_name} in the style of art"
+    return f"a photo of {indefinite_article(class_name)} {class_name}"
+
+
 def _object_directions(case: int, mode: str, c: str) -> list[str]:
     keep_subject_plain = (
         f"Do not describe the {c} itself: never mention its colour, fur, hair, material, texture, pattern, "
         f"markings, breed, make, type or any other feature; refer to it only as \"the {c}\". "
-        f"You may say what the {c} is doing and where it is."
+        f"Say what the {c} is doing, its pose (e.g. sitting, lying on its side, standing, jumping) and where it is."
     )
     if case == 2:
         return [

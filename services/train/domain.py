@@ -29,7 +29,7 @@ from persona.services.runtime.paging import Page
 
 from ..caption import instructions
 from ..caption.domain import CaptionDomain
-from ..subjects.domain import Subject, SubjectRepository
+from ..subjects.domain import Subject, SubjectRepository, indefinite_article
 from ..subjects.images import png_bytes
 from . import concepts as concept_store
 from .base_models import ResolvedBaseModel, resolve_base_model
@@ -56,7 +56,7 @@ REGULARIZERS = {"prior": ("dreambooth", "lora", "custom_diffusion", "svdiff"),
                 "mask": tuple(METHODS),
                 "spl": (*TEXT_SIDE_METHODS, "dreambooth", "lora"),
                 "core": (*TEXT_SIDE_METHODS, "dreambooth", "lora")}
-# On when a request names none.
+# On unless a request turns them off with "none"; named regularisers add to them.
 DEFAULT_REGULARIZERS = ("prior",)
 NO_REGULARIZERS = "none"
 # Continuing from a parent concept (CoRe's stage 2): the parent kinds whose token embedding is loaded and frozen,
@@ -95,6 +95,8 @@ class TrainRequest:
     display_name: str = ""
     # A READY ti concept of the same subject and base model to continue from (CoRe's stage 2); "" for none.
     parent_concept_id: str = ""
+    # object | style | expression; "": the mode of the subject's stored captions, else object.
+    mode: str = ""
 
 
 class TrainDomain:
@@ -134,10 +136,12 @@ class TrainDomain:
             raise InvalidArgument(f"`captions` is {request.captions!r}: use sid (the stored SID captions), class "
                                   "(the template 'a photo of a sks dog'), or case1–case4 (SID's ablation)")
         captions = "class" if captions == "case1" else captions
+        stored_captions = self.captions.list(tenant_id, subject.subject_id)
+        mode = _mode(request.mode, stored_captions)
         parent = self._parent(tenant_id, request.parent_concept_id.strip(), method, subject)
         base = resolve_base_model(request.base_model or (parent.base_model if parent else "")
                                   or self.settings.default_base_model, self.settings)
-        options, config = self._options(request.options or {}, method, subject, base, regularizers)
+        options, config = self._options(request.options or {}, method, subject, base, regularizers, mode)
         if parent is not None:
             self._check_parent_options(parent, request, base, options, regularizers)
         if "prior" in regularizers:
@@ -152,7 +156,7 @@ class TrainDomain:
             raise InvalidArgument(
                 f"`regularizers` {' and '.join(text_side)} act on the text side, which `method` {method} does not "
                 "train: set `train_text_encoder`, or use ti, custom_diffusion or svdiff")
-        training_captions = self._training_captions(tenant_id, subject, captions)
+        training_captions = self._training_captions(subject, captions, mode, stored_captions)
         display_name = request.display_name.strip() or f"{method} of {subject.display_name or subject.subject_id}"
         if len(display_name) > 200:
             raise InvalidArgument(f"`display_name` is {len(display_name)} characters; at most 200")
@@ -196,7 +200,7 @@ class TrainDomain:
     # Validation of a request -----------------------------------------------------------------------
 
     def _options(self, given: dict, method: str, subject: Subject, base: ResolvedBaseModel,
-                 regularizers: list[str]) -> tuple[dict, TrainConfig]:
+                 regularizers: list[str], mode: str) -> tuple[dict, TrainConfig]:
         """Every option with its default filled in, and the TrainConfig they make (validated)."""
         unknown = set(given) - set(_OPTION_NAMES)
         if unknown:
@@ -215,9 +219,10 @@ class TrainDomain:
         options["lora_targets"] = list(options.get("lora_targets") or DEFAULT_OPTIONS["lora_targets"])
         options["initializer_token"] = options.get("initializer_token") or subject.class_name.split()[-1]
         options["mixed_precision"] = options.get("mixed_precision") or ("fp16" if self._on_cuda() else "no")
-        options["class_prompt"] = options.get("class_prompt") or class_prompt_for(subject.class_name)
-        options["validation_prompts"] = list(options.get("validation_prompts") or
-                                             [f"a {subject.token} {subject.class_name} on the beach"])
+        options["class_prompt"] = options.get("class_prompt") or (
+            instructions.class_prompt(mode, subject.class_name) if mode == "style"
+            else class_prompt_for(subject.class_name))
+        options["validation_prompts"] = list(options.get("validation_prompts") or [_validation_prompt(mode, subject)])
         config = self._config(options, method, subject.token, regularizers, subject.class_name)
         config.validate()
         return options, config
@@ -313,11 +318,11 @@ class TrainDomain:
         if not options["class_prompt"].strip():
             raise InvalidArgument("`class_prompt` is empty: e.g. 'a photo of a dog'")
 
-    def _training_captions(self, tenant_id: str, subject: Subject, source: str) -> list[TrainingCaption]:
+    @staticmethod
+    def _training_captions(subject: Subject, source: str, mode: str, stored_captions) -> list[TrainingCaption]:
         """The text each image trains with, recorded now so the run does not change when captions do."""
-        template = instructions.template_caption("object", subject.class_name, subject.token)
-        stored = {c.image_id: c for c in self.captions.list(tenant_id, subject.subject_id)} \
-            if source != "class" else {}
+        template = instructions.template_caption(mode, subject.class_name, subject.token)
+        stored = {c.image_id: c for c in stored_captions} if source != "class" else {}
         if source.startswith("case"):  # SID's ablation: every photo captioned with exactly this case
             case = int(source[4:])
             wrong = [i.index for i in subject.images
@@ -377,6 +382,9 @@ class TrainDomain:
         config = self._config({k: v for k, v in concept.options.items() if k in _OPTION_NAMES},
                               concept.method, concept.token, concept.regularizers, concept.class_name)
         examples = [(self._image(concept, c.image_id), c.text) for c in concept.training_captions]
+        fallback = _caption_fallback_warning(concept)
+        if fallback:
+            ctx.warn(fallback)
         how = "resumed" if ctx.job.attempts > 1 else "started"
         ctx.log(f"training {how}: {concept.method} on {len(examples)} image(s), {config.steps} steps",
                 concept_id=concept.concept_id)
@@ -495,18 +503,58 @@ class _Progress:
 
 
 def _regularizers(requested, method: str) -> list[str]:
+    """The regularisers in effect: the defaults where they apply to `method` (prior preservation: SID captions
+    need it, see DESIGN) plus those named. Naming one adds it; "none" first clears the defaults, so turning prior
+    preservation off is always explicit (["none"], or ["none", "mask"] for the masked loss alone)."""
     names = [r.strip().lower() for r in requested if r.strip()]
-    if not names:
-        return [name for name in DEFAULT_REGULARIZERS if method in REGULARIZERS[name]]  # on where it applies
-    if names == [NO_REGULARIZERS]:
-        return []
+    cleared = NO_REGULARIZERS in names
+    names = [name for name in names if name != NO_REGULARIZERS]
     for name in names:
         if name not in REGULARIZERS:
             raise InvalidArgument(f"`regularizers` has {name!r}: use {', '.join(REGULARIZERS)} or none")
         if method not in REGULARIZERS[name]:
             raise InvalidArgument(f"`regularizers` {name!r} cannot be used with `method` {method!r}: it works with "
-                                  f"{', '.join(REGULARIZERS[name])}; drop it (regularizers: none) or change the method")
-    return list(dict.fromkeys(names))
+                                  f"{', '.join(REGULARIZERS[name])}; drop it or change the method")
+    both = [name for name in names if cleared and name in DEFAULT_REGULARIZERS]
+    if both:
+        raise InvalidArgument(f"`regularizers` has both none and {', '.join(both)}: none turns the defaults off; "
+                              "drop one of them")
+    defaults = [] if cleared else [name for name in DEFAULT_REGULARIZERS if method in REGULARIZERS[name]]
+    return list(dict.fromkeys(defaults + names))
+
+
+def _mode(requested: str, stored_captions) -> str:
+    """The subject's mode: the one requested, else the one its stored captions were written in (a person's
+    caption has none), else object."""
+    mode = requested.strip().lower()
+    if mode:
+        if mode not in instructions.MODES:
+            raise InvalidArgument(f"`mode` is {requested!r}: use one of {', '.join(instructions.MODES)}")
+        return mode
+    written = {c.mode for c in stored_captions if c.mode}
+    return written.pop() if len(written) == 1 else instructions.DEFAULT_MODE
+
+
+def _validation_prompt(mode: str, subject: Subject) -> str:
+    if mode == "style":
+        return (f"{indefinite_article(subject.class_name).capitalize()} {subject.class_name} of a lighthouse by the "
+                f"sea in the style of {subject.token} art")
+    return f"a {subject.token} {subject.class_name} on the beach"
+
+
+def _caption_fallback_warning(concept: Concept) -> str:
+    """With `captions` sid, the photos that had no stored caption and train on the Case 1 template: said at the
+    start of every run, so a subject never captioned does not silently train as Case 1."""
+    if concept.captions != "sid":
+        return ""
+    fallen = [i for i, c in enumerate(concept.training_captions) if c.source == "class"]
+    if not fallen:
+        return ""
+    which = "none of the photos has a stored caption" if len(fallen) == len(concept.training_captions) else \
+        f"photo(s) {', '.join(map(str, fallen))} of {len(concept.training_captions)} have no stored caption"
+    return (f"captions sid: {which}, so they train on the Case 1 template "
+            f"{concept.training_captions[fallen[0]].text!r}, not SID: caption them first with `persona-cli caption "
+            f"{concept.subject_id}` (a VLM is needed for SID), or pass --captions class to choose the template")
 
 
 def _resource_error(error: BaseException) -> BaseException:

@@ -19,6 +19,7 @@ import numpy as np
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
+from .crop import square_crop_box
 from .methods import METHODS, Components
 from .methods.lora import LEARNED_EMBEDS
 from .methods.textual_inversion import add_learned_token
@@ -493,9 +494,7 @@ def _to_tensor(image, resolution: int):
     from PIL import Image
 
     image = image.convert("RGB")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    image = image.crop(square_crop_box(*image.size)).resize((resolution, resolution), Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 

@@ -104,7 +104,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
             subject_id=request.subject_id, base_model=request.base_model, method=request.method,
             regularizers=tuple(request.regularizers), captions=request.captions,
             options=options_from_proto(request.options), display_name=request.display_name,
-            parent_concept_id=request.parent_concept_id))
+            parent_concept_id=request.parent_concept_id, mode=request.mode))
         return job_to_proto(job)
 
     def GetConcept(self, request, context):

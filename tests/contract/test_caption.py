@@ -111,8 +111,8 @@ STYLE_ANSWER = "A painting in the style of art, showing a red barn under a blue 
     (2, caption_pb2.CAPTION_MODE_OBJECT, "dog", "a photo of a dog next to a ball on a lawn",
      ["a photo of a dog", "class names only", "Do not describe the dog itself"], ["in detail"]),
     (3, caption_pb2.CAPTION_MODE_OBJECT, "dog", DEFAULT_ANSWER,
-     ["a photo of a dog", "describe every other object", "in detail", "Do not describe the dog itself"],
-     ["facial expression"]),
+     ["a photo of a dog", "describe every other object", "in detail", "Do not describe the dog itself",
+      "Say what the dog is doing, its pose"], ["facial expression", "You may say"]),
     (4, caption_pb2.CAPTION_MODE_OBJECT, "dog", "a photo of a brown fluffy dog on a green lawn",
      ["a photo of a dog", "Describe the dog itself in the same detail"], ["Do not describe the dog"]),
     (3, caption_pb2.CAPTION_MODE_STYLE, "painting", STYLE_ANSWER,
@@ -357,3 +357,36 @@ def test_resumed_job_skips_images_it_already_captioned(start_app, client_for, fa
     assert resumed.result["captioned"] == 3
     assert len(fake_vlm.requests) == 4  # only the missing image was asked for again
     assert {c.text for c in captions_of(client, subject.subject_id)} == {COMPLIANT}
+
+
+@pytest.mark.parametrize("first, stored, attempts", [
+    # Repaired in place: no second request.
+    ("A dog named Max lying on a green lawn next to a red rubber ball", COMPLIANT, 1),
+    ("a photo of a dog, a corgi, lying on a green lawn next to a red rubber ball", COMPLIANT, 1),
+    # Not repairable: asked again in the same conversation, with the broken rule named.
+    ("a photo of a dog lying on a green lawn; the puppy has brown fur", COMPLIANT, 2),
+    ("a photo of a dog on a green lawn. It has brown fluffy fur.", COMPLIANT, 2),
+    ("a photo of a dog", COMPLIANT, 2),
+    ("On a green lawn lies a dog next to a red rubber ball", COMPLIANT, 2),
+])
+def test_sid_rules_are_repaired_or_asked_again(vlm_client, fake_vlm, dog_photos, first, stored, attempts):
+    fake_vlm.script(first, DEFAULT_ANSWER)
+    client = vlm_client()
+    subject = make_subject(client, dog_photos[:1])
+    assert caption_run(client, subject.subject_id).state == SUCCEEDED
+    [caption] = captions_of(client, subject.subject_id)
+    assert (caption.text, caption.attempts, caption.failure) == (stored, attempts, "")
+    assert len(fake_vlm.requests) == attempts
+    if attempts == 2:
+        assert fake_vlm.requests[1]["messages"][1] == {"role": "assistant", "content": first}
+        assert "does not follow the instructions" in texts(fake_vlm.requests[1])[2]
+
+
+def test_material_words_break_case_2_through_the_service(vlm_client, fake_vlm, dog_photos):
+    fake_vlm.script("a photo of a dog next to a leather purse on a sofa")  # every answer: attempts run out
+    client = vlm_client(max_attempts=2)
+    subject = make_subject(client, dog_photos[:1])
+    job = caption_run(client, subject.subject_id, case=caption_pb2.DESCRIPTION_CASE_2)
+    assert job.state == FAILED and "'leather'" in job.error.message and len(fake_vlm.requests) == 2
+    [caption] = captions_of(client, subject.subject_id)
+    assert (caption.text, caption.attempts) == ("", 2) and "'leather'" in caption.failure

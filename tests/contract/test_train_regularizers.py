@@ -40,7 +40,7 @@ def _draws(client, concept_id: str) -> None:
 
 def test_masked_loss_trains_on_the_mask_services_masks(client, subject):
     client.masks.MaskFromText(mask_pb2.MaskFromTextRequest(subject_id=subject.subject_id))
-    final, steps = _finished(client, _start(client, subject.subject_id, "lora", ["prior", "mask"],
+    final, steps = _finished(client, _start(client, subject.subject_id, "lora", ["mask"],  # prior stays on
                                             learning_rate=1e-2, num_class_images=2, class_image_steps=2,
                                             unmasked_weight=0.2))
     concept = client.train.GetConcept(train_pb2.GetConceptRequest(concept_id=final.params["concept_id"]))
@@ -85,7 +85,7 @@ def _error(call) -> grpc.RpcError:
     ("dreambooth", ["core"], {}, "INVALID_ARGUMENT", ["core", "`train_text_encoder`"]),
     ("ti", ["prior"], {}, "INVALID_ARGUMENT", ["`regularizers`", "prior", "`method`"]),
     ("lora", ["mask"], {}, "FAILED_PRECONDITION", ["mask", "persona-cli mask"]),
-    ("lora", ["none", "mask"], {}, "INVALID_ARGUMENT", ["`regularizers`"]),
+    ("lora", ["none", "prior"], {}, "INVALID_ARGUMENT", ["`regularizers`", "none", "prior"]),
     ("lora", ["sharpen"], {}, "INVALID_ARGUMENT", ["`regularizers`", "sharpen"]),
     ("ti", ["spl"], {"spl_weight": -1}, "INVALID_ARGUMENT", ["`spl_weight`"]),
     ("lora", ["prior"], {"unmasked_weight": 2}, "INVALID_ARGUMENT", ["`unmasked_weight`"]),

@@ -7,7 +7,7 @@ IMAGE = "data:image/png;base64,AAAA"
 
 
 def test_version_and_choices():
-    assert instructions.INSTRUCTION_VERSION == "sid-2"
+    assert instructions.INSTRUCTION_VERSION == "sid-3"
     assert instructions.CASES == (1, 2, 3, 4) and instructions.DEFAULT_CASE == 3
     assert instructions.MODES == ("object", "style", "expression")
 

@@ -39,6 +39,27 @@ def test_masks_become_latent_coverage_and_weights():
     assert weights.flatten().tolist() == pytest.approx([1.0, 0.1, 0.1, 0.1 + 0.9 * 0.25])
 
 
+def test_a_mask_is_cropped_exactly_as_its_photo_on_a_non_square_photo():
+    """400×300 photo, the subject at the left edge: the training crop (the centred 300×300 square, x 50–350)
+    holds none of it, so the mask must mark no latent pixel; a subject inside the crop lands where its pixels do."""
+    from persona.services.train.loop import _to_tensor
+
+    edge = np.zeros((300, 400), dtype=bool)
+    edge[:, :40] = True
+    assert latent_mask(edge, 8).max().item() == 0.0
+
+    photo = np.zeros((300, 400, 3), dtype=np.uint8)
+    inside = np.zeros((300, 400), dtype=bool)
+    inside[75:150, 50:125] = True  # crop rows 75–150, columns 0–75: latent row 1, column 0 of a 4×4 grid
+    photo[inside] = 255
+    coverage = latent_mask(inside, 4)
+    assert coverage.tolist() == [[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    pixels = _to_tensor(Image.fromarray(photo), 32)  # what training sees, in [-1, 1]
+    white = pixels.mean(dim=0) > 0
+    lit = torch.nn.functional.interpolate(white[None, None].float(), size=(4, 4), mode="area")[0, 0]
+    assert torch.equal(lit > 0.5, coverage > 0.5)
+
+
 def test_spl_is_one_minus_cosine():
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
     assert semantic_preservation_loss(a, b).item() == pytest.approx(1 - 1 / math.sqrt(2))

@@ -114,7 +114,7 @@ class TrainingOptions(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., resolution: _Optional[int] = ..., seed: _Optional[int] = ..., train_text_encoder: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., initializer_token: _Optional[str] = ..., mixed_precision: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ..., min_snr_gamma: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., lr_warmup_steps: _Optional[int] = ..., use_8bit_adam: _Optional[bool] = ..., prior_loss_weight: _Optional[float] = ..., num_class_images: _Optional[int] = ..., class_prompt: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., validation_every: _Optional[int] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., max_grad_norm: _Optional[float] = ..., epochs: _Optional[int] = ..., class_image_steps: _Optional[int] = ..., unmasked_weight: _Optional[float] = ..., spl_weight: _Optional[float] = ..., core_emb_weight: _Optional[float] = ..., core_attn_weight: _Optional[float] = ..., core_variant: _Optional[str] = ..., core_rescale_start: _Optional[int] = ..., core_rescale_end: _Optional[int] = ...) -> None: ...
 
 class StartTrainingRequest(_message.Message):
-    __slots__ = ("subject_id", "base_model", "method", "regularizers", "captions", "options", "display_name", "parent_concept_id")
+    __slots__ = ("subject_id", "base_model", "method", "regularizers", "captions", "options", "display_name", "parent_concept_id", "mode")
     SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class StartTrainingRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     subject_id: str
     base_model: str
     method: str
@@ -131,7 +132,8 @@ class StartTrainingRequest(_message.Message):
     options: TrainingOptions
     display_name: str
     parent_concept_id: str
-    def __init__(self, subject_id: _Optional[str] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., regularizers: _Optional[_Iterable[str]] = ..., captions: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., display_name: _Optional[str] = ..., parent_concept_id: _Optional[str] = ...) -> None: ...
+    mode: str
+    def __init__(self, subject_id: _Optional[str] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., regularizers: _Optional[_Iterable[str]] = ..., captions: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., display_name: _Optional[str] = ..., parent_concept_id: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class TrainingCaption(_message.Message):
     __slots__ = ("image", "text", "source")

@@ -1,9 +1,9 @@
 """Masked loss: the diffusion loss weighted by the subject mask, so the background of the photos teaches `[v]`
 less (or nothing).
 
-Each instance photo's mask (from the mask service: clicks or Grounded-SAM) is resized to the latent grid by area
-averaging (a latent pixel half covered by the subject weighs half), then `w = unmasked_weight + (1 −
-unmasked_weight) · m`. `unmasked_weight` 0 trains on the subject alone; the default 0.1 (OneTrainer's default)
+Each instance photo's mask (from the mask service: clicks or Grounded-SAM) is cut as its photo is for training
+(the centred square) and resized to the latent grid by area averaging (a latent pixel half covered by the subject
+weighs half), then `w = unmasked_weight + (1 − unmasked_weight) · m`. `unmasked_weight` 0 trains on the subject alone; the default 0.1 (OneTrainer's default)
 keeps a little background so the model still learns a coherent image. Class images (prior preservation) and
 photos without a mask keep the plain loss; the job says which photos had none.
 """
@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..crop import square_crop_box
 from .base import Regularizer, RegularizerInputs
 
 
 def latent_mask(mask: np.ndarray, latent_size: int):
     """A bool (H, W) mask as a float (latent_size, latent_size) coverage map in [0, 1] (area averaging).
 
-    The training images are resized to a square `resolution` without cropping (loop._to_tensor), so the mask is
-    resized the same way."""
+    Cut exactly as its photo is for training (loop._to_tensor: the centred square, crop.square_crop_box), then
+    resized, so each latent pixel weighs the part of the photo it was encoded from."""
     import torch
     import torch.nn.functional as F
 
-    tensor = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
+    array = np.asarray(mask, dtype=np.float32)
+    left, top, right, bottom = square_crop_box(array.shape[1], array.shape[0])
+    tensor = torch.as_tensor(array[top:bottom, left:right])[None, None]
     return F.interpolate(tensor, size=(latent_size, latent_size), mode="area")[0, 0]
 
 
