@@ -29,6 +29,7 @@ from persona.services.mask.servicer import mask_service
 from persona.services.mask.settings import MaskSettings
 from persona.services.runtime import auth, jobs
 from persona.services.runtime.artifacts import LocalArtifactStore
+from persona.services.runtime.errorlog import close_error_log, open_error_log
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.runtime.interceptors import standard_interceptors
 from persona.services.runtime.job_service import job_service
@@ -128,6 +129,7 @@ class PersonaApp(Domains):
             self.db.close()
             if self.lock is not None:
                 self.lock.close()
+            close_error_log(self.settings.data_dir)
         return still_running
 
 
@@ -239,6 +241,7 @@ def run_job(settings: RuntimeSettings, job_id: str, *, train_settings: TrainSett
     # The worker runs the job itself: it builds no dispatcher (a pod has no Kubernetes API token, by design).
     train_settings = dataclasses.replace(train_settings or TrainSettings.from_env(), dispatcher="thread")
     db = open_metadata(settings)
+    open_error_log(settings.data_dir)
     try:
         d = _domains(settings, db, None, None, train_settings, GenerateSettings.from_env(), MaskSettings.from_env(),
                      EvaluateSettings.from_env(settings.data_dir / "evaluate"))
@@ -249,6 +252,7 @@ def run_job(settings: RuntimeSettings, job_id: str, *, train_settings: TrainSett
             d.generate.engine.close()
     finally:
         db.close()
+        close_error_log(settings.data_dir)
 
 
 def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subject_settings: SubjectSettings | None,
@@ -256,6 +260,7 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subjec
            generate_settings: GenerateSettings, mask_settings: MaskSettings, evaluate_settings: EvaluateSettings,
            start_engine: bool, served: frozenset[str] | None = None) -> PersonaApp:
     db = open_metadata(settings)
+    open_error_log(settings.data_dir)  # traces of failed jobs and calls, wherever stderr goes
     try:
         d = _domains(settings, db, subject_settings, caption_settings, train_settings, generate_settings,
                      mask_settings, evaluate_settings)
@@ -288,4 +293,5 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subjec
                           services=serving)
     except BaseException:
         db.close()  # a bad setting (e.g. the kubernetes dispatcher on SQLite) or a busy port: nothing stays open
+        close_error_log(settings.data_dir)
         raise

@@ -112,7 +112,7 @@ def caption(
     note(f"captioning {count} photo{'s' if count != 1 else ''} of {subject.subject_id} "
          f"(case {case.value}, {mode.value}): job {job.job_id}")
     job = follow_job(client, job, f"case {case.value}", embedded=s.embedded)
-    raise_unless_succeeded(job)
+    raise_unless_succeeded(job, s.error_log)
     captions = list_captions(client, subject.subject_id)
     only = set(image_ids) if image_ids else None
     shown = [c for c in captions if only is None or c.image.image_id in only]

@@ -67,7 +67,7 @@ def evaluate(
     job = client.evaluate.StartEvaluation(request)
     note(f"evaluating {', '.join(concept_ids)} as job {job.job_id}")
     final = follow_or_cancel(client, job, JobProgress(), f"cancelling {job.job_id}")
-    raise_unless_succeeded(final)
+    raise_unless_succeeded(final, s.error_log)
     result = client.evaluate.GetReport(evaluate_pb2.GetReportRequest(job_id=job.job_id))
     files = {report: result.html_artifact_id, report.with_suffix(".json"): result.json_artifact_id,
              report.with_suffix(".csv"): result.csv_artifact_id}

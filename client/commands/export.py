@@ -115,7 +115,7 @@ def export(
         note(f"exporting {concept_id} to {fmt.value} ({'fp16' if job.params['fp16'] else 'fp32'}): job {job.job_id}")
         job = follow_or_cancel(client, job, JobProgress(), f"cancelling {job.job_id}: it stops after the "
                                                            "component in progress…")
-        raise_unless_succeeded(job)
+        raise_unless_succeeded(job, s.error_log)
         request.fp16 = job.params["fp16"]  # the precision the server chose: its export is cached now
     with stderr_console().status(f"exporting {concept_id} to {fmt.value}…"):
         exported = client.train.ExportConcept(request)

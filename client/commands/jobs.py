@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import grpc
@@ -58,10 +59,14 @@ def follow_job(client: PersonaClient, job: common_pb2.Job, description: str, *, 
         raise
 
 
-def raise_unless_succeeded(job: common_pb2.Job) -> None:
-    """A FAILED or CANCELLED job becomes the CLI's one-line error and exit status 1."""
+def raise_unless_succeeded(job: common_pb2.Job, error_log: Path | None = None) -> None:
+    """A FAILED or CANCELLED job becomes the CLI's one-line error and exit status 1; an internal error of an
+    embedded job names `error_log`, the file holding its trace (Session.error_log)."""
     if job.state == common_pb2.JOB_STATE_FAILED:
-        raise CliError(job.error.code or "UNKNOWN", job.error.message or f"job {job.job_id} failed")
+        message = job.error.message or f"job {job.job_id} failed"
+        if job.error.code == "INTERNAL" and error_log is not None:
+            message += f"; trace in {error_log}"
+        raise CliError(job.error.code or "UNKNOWN", message)
     if job.state == common_pb2.JOB_STATE_CANCELLED:
         raise CliError("CANCELLED", f"job {job.job_id} was cancelled")
 
@@ -128,7 +133,7 @@ def watch(ctx: typer.Context, job_id: JobIdArgument, as_json: JsonOption = False
     job = client.jobs.GetJob(common_pb2.GetJobRequest(job_id=job_id))
     job = follow_job(client, job, f"{job.kind} {job.job_id}", embedded=s.embedded)
     s.output(as_json).emit(message_dict(job), render_job(job))
-    raise_unless_succeeded(job)
+    raise_unless_succeeded(job, s.error_log)
 
 
 @app.command("cancel")

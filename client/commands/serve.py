@@ -124,6 +124,7 @@ def run_server(ctx: typer.Context, host: str, port: int, data_dir, auth: AuthMod
     run/up.json names the processes while they serve; `services` (None = all) limits what it serves."""
     from persona.services.app import build_app
     from persona.services.generate.settings import GenerateSettings
+    from persona.services.runtime.errorlog import error_log_path
     from persona.services.runtime.server import serve_until_signal
 
     logging.basicConfig(level=log_level.value.upper(), stream=sys.stderr,
@@ -140,6 +141,7 @@ def run_server(ctx: typer.Context, host: str, port: int, data_dir, auth: AuthMod
     served = "" if services is None else f"services {','.join(sorted(app.services)) or 'none'} + subjects, jobs; "
     note(f"persona listening on {listening} ({served}data dir {settings.data_dir}, auth {auth.value}, "
          f"generation {engine.value}); stop with Ctrl-C or SIGTERM")
+    note(f"logging to stderr; traces of failed jobs and calls also in {error_log_path(settings.data_dir)}")
     if auth is AuthMode.api_key and not app.authenticator.list_keys():
         note(f"no API keys yet: create one with `persona-cli keys create TENANT --data-dir {settings.data_dir}`, "
              "then call with --api-key KEY or PERSONA_API_KEY")

@@ -47,6 +47,13 @@ class Session:
     def embedded(self) -> bool:
         return not self.server
 
+    @property
+    def error_log(self) -> Path | None:
+        """The file with the traces of the embedded server's failures (None with --server: the server keeps its own)."""
+        from persona.services.runtime.errorlog import error_log_path
+
+        return error_log_path(self.settings().data_dir) if self.embedded else None
+
     def settings(self, data_dir: Path | None = None, **overrides) -> RuntimeSettings:
         """Runtime settings from PERSONA_* variables, with `data_dir` (else the root --data-dir) on top."""
         return RuntimeSettings.from_env(data_dir=data_dir or self.data_dir, **overrides)

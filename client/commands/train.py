@@ -105,7 +105,7 @@ def caption_subject(s: Session, client: PersonaClient, subject: subjects_pb2.Sub
         note(CASE1_NOTE.format(token=subject.token, cls=subject.class_name, subject=subject.subject_id,
                                where=" on the server" if not s.embedded else ""))
     note(f"captioning {len(subject.images)} photos of {subject.subject_id}: job {job.job_id}")
-    raise_unless_succeeded(follow_job(client, job, description, embedded=s.embedded))
+    raise_unless_succeeded(follow_job(client, job, description, embedded=s.embedded), s.error_log)
 
 
 class TrainingProgress(JobProgress):
@@ -396,4 +396,4 @@ def train(
              f"export it with `persona-cli export {concept.concept_id} --format {fmt} --out {out}`")
     elif concept is not None and concept.state != train_pb2.CONCEPT_STATE_READY:
         note(f"{concept.concept_id} is {concept_state(concept.state)}")
-    raise_unless_succeeded(job)
+    raise_unless_succeeded(job, s.error_log)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from . import dispatch
+from .errorlog import describe
 from .errors import Cancelled, FailedPrecondition, NotFound, PersonaError, Unavailable
 from .metadata import MetadataStore, Migration
 from .paging import Page, keyset_clause, next_token
@@ -464,9 +465,11 @@ class JobRunner:
             self.store.transition(job_id, CANCELLED, "cancelled")
         except PersonaError as e:
             self.store.transition(job_id, FAILED, e.message, error_code=e.code, error_message=e.message)
-        except Exception:
+        except Exception as e:
             log.exception("job %s (%s) crashed", job_id, job.kind)
-            message = f"internal error in {job.kind} job (job_id={job_id}); the server log has the details"
+            # The cause, so a user without the server's log sees what went wrong; the trace stays in the log.
+            message = (f"{describe(e)} (internal error in {job.kind} job {job_id}; the server's error log has the "
+                       "full trace)")
             self.store.transition(job_id, FAILED, message, error_code="INTERNAL", error_message=message)
         else:
             self.store.transition(job_id, SUCCEEDED, "done", progress=1.0, result=result)

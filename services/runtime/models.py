@@ -38,6 +38,25 @@ TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json",
 _TRANSFORMERS_FIX = "pass a folder saved with `model.save_pretrained(...)` and `processor.save_pretrained(...)`"
 
 
+# Longest model reference accepted, and longest name of one of its path parts (what file systems allow).
+MAX_REFERENCE_CHARS = 1024
+MAX_NAME_CHARS = 255
+
+
+def check_path_reference(ref: str, field: str) -> None:
+    """Refuses a model reference no file system could hold (InvalidArgument naming `field`), before it is used as a
+    path: a part over 255 characters would be an OSError deep inside a loader."""
+    from .limits import quoted
+
+    if len(ref) > MAX_REFERENCE_CHARS or "\0" in ref:
+        raise InvalidArgument(f"`{field}` {quoted(ref)} is {len(ref)} characters; at most {MAX_REFERENCE_CHARS}, "
+                              "without NUL: pass a folder, file or hub id")
+    longest = max((len(part) for part in ref.split("/")), default=0)
+    if longest > MAX_NAME_CHARS:
+        raise InvalidArgument(f"`{field}` {quoted(ref)} has a name of {longest} characters; at most {MAX_NAME_CHARS} "
+                              "per path part: pass a folder, file or hub id")
+
+
 def hub_offline() -> bool:
     """Whether HF_HUB_OFFLINE forbids downloads now (1/ON/YES/TRUE, any case)."""
     # Read the environment at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import.
@@ -77,6 +96,7 @@ def resolve_model_folder(ref: str | Path, field: str, *, required: Sequence[Sequ
     check = missing or (lambda folder: missing_files(folder, required))
     if not ref:
         raise InvalidArgument(f"`{field}` is empty: pass a local {kind} folder or a hub id like owner/name")
+    check_path_reference(ref, field)
     local = Path(ref).expanduser()
     if local.is_dir():
         folder = local.resolve()

@@ -4,12 +4,19 @@ A reference is one of
 - `tiny`: a small random-weight Stable Diffusion built here (64 px, seconds on a CPU), for tests and smoke runs;
 - a local folder in diffusers layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/);
 - a Hugging Face hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`, taken from the local
-  Hugging Face cache (nothing is downloaded unless the settings allow it).
+  Hugging Face cache (nothing is downloaded unless the settings allow it);
+- a single-file checkpoint (`.safetensors` / `.ckpt`, as A1111 and ComfyUI hold them), converted once with diffusers'
+  single-file loader and the configs of its architecture into a diffusers folder under the model cache.
+
+Weights saved only as a variant (`diffusion_pytorch_model.fp16.safetensors`, the hub's `fp16` variant) are seen
+through a folder of links under their plain names, so every loader reads them without a `variant=` argument. Every
+loader names the dtype it wants: a base is used whatever dtype it is stored in.
 
 torch, diffusers and transformers are imported only by the builders, so resolving a folder stays cheap.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
-from persona.services.runtime.models import resolve_model_folder
+from persona.services.runtime.models import check_path_reference, resolve_model_folder
 
 from .settings import TrainSettings
 
@@ -33,6 +40,12 @@ TINY_SEED = 0
 
 # Folder names of the real-size configs under a config root (see build_random_base_model).
 RANDOM_FAMILIES = ("sd15", "sd21-base")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# Folders under the model cache: single files converted to diffusers, and variant-only folders seen as plain ones.
+SINGLE_FILE_DIRNAME = "single-file"
+VARIANTS_DIRNAME = "variants"
+# The pipeline class persona trains and draws (model_index.json's `_class_name`).
+SUPPORTED_PIPELINE = "StableDiffusionPipeline"
 
 # Stable Diffusion's noise schedule (v1 and v2 alike), as in the released scheduler configs.
 SD_SCHEDULER_CONFIG = dict(
@@ -65,7 +78,14 @@ _HUB_PATTERNS = [
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    # The hub's half-precision variant, used when the plain weights are not in the cache.
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "text_encoder/model.fp16.safetensors",
 ]
+# Plain weight file names of each weighted component; a variant inserts `.<variant>` before the suffix.
+_WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                 "text_encoder": "model.safetensors"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +110,7 @@ class ResolvedBaseModel:
     family: str
     # What the UNet predicts: "epsilon" or "v_prediction" (the training loss target depends on it).
     prediction_type: str
-    # "builtin", "folder" or "hub".
+    # "builtin", "folder", "hub" or "single-file".
     source: str
 
 
@@ -101,16 +121,21 @@ def resolve_base_model(ref: str, settings: TrainSettings) -> ResolvedBaseModel:
         raise InvalidArgument(
             "`base_model` is empty: pass `tiny`, a local diffusers folder, or a hub id such as "
             "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    check_path_reference(ref, "base_model")
+    local = Path(ref).expanduser()
     if ref == TINY:
         path, source = tiny_base_model(settings.base_model_cache_dir), "builtin"
+    elif local.is_file():
+        path, source = single_file_base_model(local, settings), "single-file"
     else:
         # An existing folder wins over a hub id spelled the same, as in the resolver.
-        source = "folder" if Path(ref).expanduser().is_dir() else "hub"
+        source = "folder" if local.is_dir() else "hub"
         # A diffusers pipeline, not a transformers model: its own file check, no .bin fallback.
         path = resolve_model_folder(
             ref, "base_model", missing=missing_components, allow_patterns=_HUB_PATTERNS, fallback_patterns=(),
             download=settings.download_base_models, kind="diffusers",
             fix="pass a Stable Diffusion folder saved with `pipeline.save_pretrained(...)`")
+        path = plain_weights_view(path, settings.base_model_cache_dir)
     configs = read_model_configs(path)
     family = TINY if source == "builtin" else configs.family
     return ResolvedBaseModel(ref=ref, path=path, native_resolution=configs.native_resolution, family=family,
@@ -118,13 +143,173 @@ def resolve_base_model(ref: str, settings: TrainSettings) -> ResolvedBaseModel:
 
 
 def missing_components(folder: Path) -> list[str]:
-    """Names of the diffusers components `folder` lacks (empty when it is a complete Stable Diffusion folder)."""
+    """Names of the diffusers components `folder` lacks (empty when it is a complete Stable Diffusion folder).
+
+    Raises InvalidArgument naming the pipeline when model_index.json says it is another architecture (SDXL, SD3, ...).
+    """
+    check_architecture(folder)
     missing = [name for name, rel in _REQUIRED.items() if not (folder / rel).exists()]
     for name in _WEIGHTED:
         if name not in missing and not any((folder / name).glob("*.safetensors")) \
                 and not any((folder / name).glob("*.bin")):
             missing.append(f"{name} weights")
     return missing
+
+
+def check_architecture(folder: Path) -> None:
+    """Refuses a diffusers folder whose pipeline is not Stable Diffusion 1.x/2.x, naming what it is."""
+    try:
+        found = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # missing or unreadable: the file check names it
+    if found and found != SUPPORTED_PIPELINE:
+        raise InvalidArgument(f"`base_model` {Path(folder).name!r} is a {found} model, which persona does not train: "
+                              f"pass a Stable Diffusion 1.x or 2.x base ({SUPPORTED_PIPELINE})")
+
+
+def plain_weights_view(folder: Path, cache_dir: Path) -> Path:
+    """`folder` itself when every weighted component has its plain weight file; else a folder under `cache_dir` of
+    links to `folder`'s files with a variant's weights (e.g. `model.fp16.safetensors`) under the plain names."""
+    folder = Path(folder)
+    renames = {}
+    for name, plain in _WEIGHT_FILES.items():
+        if (folder / name / plain).exists() or (folder / name / plain.replace(".safetensors", ".bin")).exists():
+            continue
+        stem, suffix = plain.rsplit(".", 1)
+        variants = sorted((folder / name).glob(f"{stem}.*.{suffix}"))
+        if not variants:
+            raise InvalidArgument(f"`base_model` {folder} has no {name} weights ({plain} or a variant of it)")
+        renames[name] = (variants[0].name, plain)
+    if not renames:
+        return folder
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    target = Path(cache_dir) / VARIANTS_DIRNAME / f"{folder.name}-{key}"
+
+    def link(tmp: Path) -> Path:
+        for source in folder.rglob("*"):
+            if source.is_dir() or source.name.startswith("."):
+                continue
+            relative = source.relative_to(folder)
+            component = relative.parts[0]
+            if component in renames and relative.name == renames[component][0]:
+                relative = relative.with_name(renames[component][1])
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(source.resolve(), tmp / relative)
+        return tmp
+
+    if not (target / "model_index.json").exists():
+        _build_atomically(target, link)
+    return target
+
+
+def single_file_base_model(path: Path, settings: TrainSettings) -> Path:
+    """The diffusers folder of the single-file checkpoint `path` (A1111/ComfyUI layout), converted on first use.
+
+    The architecture is read from the checkpoint's keys, and diffusers' single-file loader reads it with that
+    architecture's configs (`settings.single_file_configs/<family>`); one conversion per file content (path, size
+    and modification time), kept under the model cache.
+    """
+    path = Path(path).resolve()
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise InvalidArgument(f"`base_model` {path.name!r} is a file, but not a single-file checkpoint: pass a "
+                              ".safetensors or .ckpt checkpoint, or a diffusers folder")
+    family = single_file_family(path)
+    configs = Path(settings.single_file_configs) / family
+    if not (configs / "unet" / "config.json").exists():
+        raise FailedPrecondition(f"no {family} configs at {configs} to read `base_model` {path.name!r} with: set "
+                                 "PERSONA_SINGLE_FILE_CONFIGS to a folder holding sd15/ and sd21-base/ diffusers configs")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{configs.resolve()}".encode()).hexdigest()[:16]
+    target = Path(settings.base_model_cache_dir) / SINGLE_FILE_DIRNAME / f"{path.stem}-{key}"
+    if not (target / "model_index.json").exists():
+        _build_atomically(target, lambda tmp: _convert_single_file(path, configs, tmp))
+    return target
+
+
+def single_file_family(path: Path) -> str:
+    """"sd15" or "sd21-base" from a single-file checkpoint's keys; InvalidArgument naming any other architecture."""
+    keys, in_channels = _checkpoint_keys(path)
+    name = f"`base_model` {path.name!r}"
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise InvalidArgument(f"{name} is a Stable Diffusion XL checkpoint, which persona does not train: pass a "
+                              "Stable Diffusion 1.x or 2.x checkpoint")
+    if any(k.startswith(("lora_unet_", "lora_te_")) or ".lora_" in k for k in keys):
+        raise InvalidArgument(f"{name} is a LoRA, not a base model: pass the checkpoint it was trained on")
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        if any(k.startswith(("model.diffusion_model.joint_blocks", "double_blocks.", "transformer_blocks."))
+               for k in keys):
+            kind = "a diffusion-transformer checkpoint (SD3, Flux or similar)"
+        else:
+            kind = "not a Stable Diffusion checkpoint (no model.diffusion_model UNet weights)"
+        raise InvalidArgument(f"{name} is {kind}, which persona does not train: pass a Stable Diffusion 1.x or 2.x "
+                              "checkpoint")
+    if in_channels not in (None, 4):
+        raise InvalidArgument(f"{name} has a UNet of {in_channels} input channels (an inpainting or depth model), "
+                              "which persona does not train: pass a text-to-image Stable Diffusion checkpoint")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd21-base"  # OpenCLIP ViT-H: Stable Diffusion 2.x
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd15"  # CLIP ViT-L: Stable Diffusion 1.x
+    raise InvalidArgument(f"{name} has no text encoder weights (cond_stage_model): pass a full Stable Diffusion "
+                          "checkpoint, not a pruned UNet-only one")
+
+
+def _checkpoint_keys(path: Path) -> tuple[list[str], int | None]:
+    """The tensor names of a single-file checkpoint, and its UNet's input channels (None when not found)."""
+    first_conv = "model.diffusion_model.input_blocks.0.0.weight"
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+                shape = handle.get_slice(first_conv).get_shape() if first_conv in keys else None
+        else:
+            import torch
+
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
+            keys = [k for k in state if isinstance(k, str)]
+            shape = tuple(state[first_conv].shape) if first_conv in state else None
+    except Exception as e:  # a truncated or foreign file: say so, not a stack trace
+        raise InvalidArgument(f"`base_model` {path.name!r} could not be read as a checkpoint "
+                              f"({type(e).__name__}: {str(e)[:200]}): pass a .safetensors or .ckpt Stable Diffusion "
+                              "checkpoint") from None
+    return keys, (int(shape[1]) if shape is not None and len(shape) > 1 else None)
+
+
+def _convert_single_file(path: Path, configs: Path, target: Path) -> Path:
+    """Reads `path` with diffusers' single-file loader and the configs in `configs`; saves it as a diffusers folder."""
+    from diffusers import StableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory() as scratch:
+        # The loader wants a whole pipeline config: the family's components, a tokenizer and a model_index.json.
+        config_dir = Path(scratch) / "config"
+        shutil.copytree(configs, config_dir, symlinks=False,
+                        ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
+        if not (config_dir / "tokenizer").exists():
+            shutil.copytree(CLIP_TOKENIZER_DIR, config_dir / "tokenizer")
+        if not (config_dir / "model_index.json").exists():
+            (config_dir / "model_index.json").write_text(json.dumps(_MODEL_INDEX))
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config_dir), local_files_only=True, safety_checker=None,
+                requires_safety_checker=False)
+        except Exception as e:  # shapes that do not fit the family's configs, a damaged file
+            raise InvalidArgument(f"`base_model` {path.name!r} could not be read as a {configs.name} checkpoint "
+                                  f"({type(e).__name__}: {str(e)[:300]}): pass a Stable Diffusion 1.x or 2.x "
+                                  "checkpoint") from None
+    _save_pipeline(target, pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler)
+    return target
+
+
+# model_index.json of a Stable Diffusion pipeline without safety checker, for configs that ship none.
+_MODEL_INDEX = {
+    "_class_name": SUPPORTED_PIPELINE, "feature_extractor": [None, None], "safety_checker": [None, None],
+    "requires_safety_checker": False, "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+}
 
 
 def read_model_configs(folder: Path) -> ModelConfigs:

@@ -249,10 +249,12 @@ class ConceptExports:
             export_kohya_lora(source, out_dir / f"{concept.token}_{concept.class_name.replace(' ', '_')}.safetensors",
                               base_model_family=family)
         else:  # diffusers from an adapter: the base pipeline with the adapter merged in
+            import torch
             from diffusers import StableDiffusionPipeline
 
             base = resolve_base_model(concept.base_model, self.settings)
-            pipe = StableDiffusionPipeline.from_pretrained(base.path, safety_checker=None,
+            # fp32 whatever the base stores: the adapter merges at full precision, and exports are fp32.
+            pipe = StableDiffusionPipeline.from_pretrained(base.path, dtype=torch.float32, safety_checker=None,
                                                            requires_safety_checker=False)
             method.fuse_into_pipeline(pipe, weights_dir, concept.token)
             pipe.save_pretrained(out_dir, safe_serialization=True)

@@ -33,6 +33,7 @@ from .regularizers.core import CORE_VARIANTS
 # at batch 8); SVDiff one shift per singular value (svdiff-pytorch's train_svdiff.py: 1e-3).
 DEFAULT_LEARNING_RATES = {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4, "custom_diffusion": 1e-5, "svdiff": 1e-3}
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+TRAINED_DTYPES = ("fp32", "bf16")
 # diffusers.optimization.SchedulerType values.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "piecewise_constant")
@@ -74,6 +75,9 @@ class TrainConfig:
     initializer_token: str = "dog"
     # "no", "fp16" or "bf16" autocast; used only where the device supports it (else a warning, fp32).
     mixed_precision: str = "no"
+    # dtype the trained weights are kept in: "fp32", or "bf16" (half the memory of what trains, coarser updates)
+    # where the device has it (else a warning, fp32). Frozen weights use the compute dtype whatever this says.
+    trained_dtype: str = "fp32"
     # Recompute activations in backward: less memory, slower.
     gradient_checkpointing: bool = False
     # Min-SNR loss weighting (Hang et al. 2023), e.g. 5.0; None: plain MSE.
@@ -149,6 +153,11 @@ class TrainConfig:
             raise InvalidArgument("`initializer_token` is empty: pass the class word, e.g. dog")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise InvalidArgument(f"`mixed_precision` is {self.mixed_precision!r}: use one of no, fp16, bf16")
+        if self.trained_dtype not in TRAINED_DTYPES:
+            raise InvalidArgument(f"`trained_dtype` is {self.trained_dtype!r}: use one of {', '.join(TRAINED_DTYPES)}")
+        if self.trained_dtype == "bf16" and self.mixed_precision != "bf16":
+            raise InvalidArgument(f"`trained_dtype` bf16 needs `mixed_precision` bf16, not {self.mixed_precision!r}: "
+                                  "set mixed_precision bf16, or keep trained_dtype fp32")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise InvalidArgument(f"`min_snr_gamma` is {self.min_snr_gamma}: use a positive number, e.g. 5.0")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -276,13 +285,15 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
     started = time.perf_counter()
     warnings: list[str] = []
 
-    # 1. Load the components; the training noise schedule is DDPM with the folder's scheduler config.
+    # 1. Load the components in fp32 whatever dtype the folder stores (fp16 folders and variants are common):
+    #    the method prepares its weights in fp32, and frozen ones move to the compute dtype below.
+    #    The training noise schedule is DDPM with the folder's scheduler config.
     components = Components(
         base_model_dir=base_model_dir,
         tokenizer=CLIPTokenizer.from_pretrained(base_model_dir, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(base_model_dir, subfolder="text_encoder"),
-        vae=AutoencoderKL.from_pretrained(base_model_dir, subfolder="vae"),
-        unet=UNet2DConditionModel.from_pretrained(base_model_dir, subfolder="unet"),
+        text_encoder=CLIPTextModel.from_pretrained(base_model_dir, subfolder="text_encoder", dtype=torch.float32),
+        vae=AutoencoderKL.from_pretrained(base_model_dir, subfolder="vae", dtype=torch.float32),
+        unet=UNet2DConditionModel.from_pretrained(base_model_dir, subfolder="unet", dtype=torch.float32),
         noise_scheduler=DDPMScheduler.from_pretrained(base_model_dir, subfolder="scheduler"),
     )
     vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
@@ -309,13 +320,15 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         if method.trains_text_encoder:
             components.text_encoder.gradient_checkpointing_enable()
     autocast, dtype = _autocast(device, config.mixed_precision, warnings)
+    trained_dtype = _trained_dtype(device, config.trained_dtype, warnings)
     if dtype is not None and device.type == "cuda":
         # As the diffusers examples: frozen weights are stored in half precision (half the memory, no cast per
         # forward); what trains stays fp32 so small updates are not rounded away.
         for model in (components.text_encoder, components.vae, components.unet):
             model.to(dtype=dtype)
+    if dtype is not None and device.type == "cuda" or trained_dtype != torch.float32:
         for param in method.trainable_parameters():
-            param.data = param.data.float()
+            param.data = param.data.to(trained_dtype)
 
     # 3. Encode every image once into its latent distribution (a fresh sample is drawn each step).
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -465,7 +478,7 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         validate(config.steps)
     components.unet.eval()
     components.text_encoder.eval()
-    if dtype is not None and device.type == "cuda":  # saved files stay fp32, as the base model's
+    if dtype is not None and device.type == "cuda" or trained_dtype != torch.float32:  # saved files are fp32
         for model in (components.text_encoder, components.vae, components.unet):
             model.to(dtype=torch.float32)
     artifact = method.save(output_dir)
@@ -512,6 +525,17 @@ def _autocast(device, mixed_precision: str, warnings: list[str]):
         warnings.append(f"`mixed_precision` {mixed_precision} is not supported on {device.type}: training in fp32")
         return contextlib.nullcontext, None
     return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), dtype
+
+
+def _trained_dtype(device, name: str, warnings: list[str]):
+    """The torch dtype of the trained weights: bf16 where asked and `device` computes in it, else fp32."""
+    import torch
+
+    if name == "bf16":
+        if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        warnings.append(f"`trained_dtype` bf16 is not supported on {device.type}: keeping the trained weights in fp32")
+    return torch.float32
 
 
 class _TrainingState:

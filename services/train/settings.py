@@ -19,6 +19,10 @@ def _default_model_cache() -> Path:
     return default_home() / "models"
 
 
+def _default_single_file_configs() -> Path:
+    return Path(__file__).resolve().parent / "assets" / "sd-configs"
+
+
 @dataclass(frozen=True)
 class KubernetesJobSettings:
     """Where the Kubernetes dispatcher puts train jobs (PERSONA_K8S_*; the Helm chart sets them all)."""
@@ -71,6 +75,10 @@ class TrainSettings:
     # (PERSONA_TRAIN_DOWNLOAD_BASE_MODELS=1). Off by default: a server should not pull gigabytes
     # during a request; HF_HUB_OFFLINE=1 forbids it regardless.
     download_base_models: bool = False
+    # Folder with one diffusers config folder per architecture (sd15/, sd21-base/: unet, vae, text_encoder,
+    # scheduler configs) that single-file checkpoints are read with (PERSONA_SINGLE_FILE_CONFIGS; default: the
+    # released configs shipped with persona).
+    single_file_configs: Path = field(default_factory=_default_single_file_configs)
     # Base model when a request names none (PERSONA_BASE_MODEL).
     default_base_model: str = DEFAULT_BASE_MODEL
     # Training device, e.g. "cuda:1" or "cpu" (PERSONA_TRAIN_DEVICE); None: cuda when available, else cpu.
@@ -92,6 +100,8 @@ class TrainSettings:
             kubernetes=KubernetesJobSettings.from_env() if dispatcher == "kubernetes" else KubernetesJobSettings(),
             base_model_cache_dir=Path(cache) if cache else _default_model_cache(),
             download_base_models=os.environ.get("PERSONA_TRAIN_DOWNLOAD_BASE_MODELS", "") in ("1", "true", "yes"),
+            single_file_configs=Path(os.environ.get("PERSONA_SINGLE_FILE_CONFIGS", "").strip()
+                                     or _default_single_file_configs()),
             default_base_model=os.environ.get("PERSONA_BASE_MODEL", "").strip() or DEFAULT_BASE_MODEL,
             device=os.environ.get("PERSONA_TRAIN_DEVICE", "").strip() or None,
         )

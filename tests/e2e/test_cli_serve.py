@@ -235,3 +235,21 @@ def test_a_job_running_at_kill_9_is_resumed_not_running_forever(tmp_path, fake_v
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait()
+
+
+def test_a_failed_job_on_a_server_shows_its_cause_and_the_trace_goes_to_the_data_dir(served, dreambench, tmp_path):
+    from test_cli_train import corrupt_base_model
+
+    key = persona_cli("keys", "create", "acme", "--data-dir", served.data_dir).stdout.strip()
+    subject_id = json.loads(served.remote(key, "subjects", "add", dreambench / "dog" / "00.jpg", "--class", "dog",
+                                          "--json").stdout)["subject_id"]
+    base = corrupt_base_model(tmp_path / "broken-base")
+    result = served.remote(key, "train", subject_id, "--captions", "class", "--reg", "none", "--base-model", base,
+                           "--steps", "1", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after the progress notes
+    assert line.startswith("INTERNAL: OSError: ") and "diffusion_pytorch_model.safetensors" in line
+    assert "trace in" not in line  # a remote client is not told the server's paths
+    trace_file = served.data_dir / "logs" / "errors.log"
+    assert "Traceback" in trace_file.read_text()
+    assert f"traces of failed jobs and calls also in {trace_file}" in served.log.read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,27 @@ def test_generate_draws_the_trained_concept_into_png_files(trained, concept_id, 
         assert Image.open(image["path"]).size == (32, 32)  # the concept's training resolution
         assert image["concept_id"] == concept_id and image["scheduler"] == "SCHEDULER_DDIM"
     failed(cli("generate", concept_id, "a sks dog", "--width", "30", "--out", out), "INVALID_ARGUMENT")
+
+
+def corrupt_base_model(folder: Path) -> Path:
+    """The tiny base with its UNet weights overwritten: it resolves, and the training job fails loading it."""
+    from persona.services.train.base_models import tiny_base_model
+
+    shutil.copytree(tiny_base_model(folder.parent / "model-cache"), folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    return folder
+
+
+def test_a_failed_embedded_job_shows_its_cause_and_where_its_trace_is(clean_env, dreambench, tmp_path):
+    cli = Cli(tmp_path / "home")
+    photos = photo_folder(dreambench, tmp_path / "photos", count=1)
+    base = corrupt_base_model(tmp_path / "broken-base")
+    line = failed(cli("train", photos, "--class", "dog", "--reg", "none", "--base-model", base, "--steps", "1"),
+                  "INTERNAL")
+    # The error's class and message, not "see the server log" (there is none in the embedded default).
+    cause = line.removeprefix("INTERNAL: ").split(" (internal error in train job ")[0]
+    assert cause.startswith("OSError: ") and "diffusion_pytorch_model.safetensors" in cause
+    trace_file = tmp_path / "home" / "logs" / "errors.log"
+    assert line.endswith(f"trace in {trace_file}")
+    trace = trace_file.read_text()
+    assert "Traceback" in trace and "job_" in trace

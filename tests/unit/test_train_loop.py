@@ -167,6 +167,18 @@ def test_train_text_encoder_conflict_names_both_options():
     TrainConfig(method="lora", train_text_encoder=True).validate()
 
 
+def test_bf16_trained_weights_need_bf16_mixed_precision_and_save_in_fp32(base, dogs, tmp_path):
+    from safetensors.torch import load_file
+
+    with pytest.raises(InvalidArgument) as e:
+        TrainConfig(trained_dtype="bf16").validate()
+    assert "`trained_dtype`" in e.value.message and "`mixed_precision`" in e.value.message
+    config = TrainConfig(method="lora", steps=2, resolution=RESOLUTION, mixed_precision="bf16", trained_dtype="bf16")
+    result = train(base, dogs[:2], config, tmp_path / "lora")
+    assert result.steps == 2 and all(np.isfinite(result.losses))
+    assert {t.dtype for t in load_file(result.artifact).values()} == {torch.float32}
+
+
 def test_lora_on_the_text_encoder_loads_in_diffusers_and_matches_in_memory(base, dogs, tmp_path):
     from safetensors.torch import load_file
 
