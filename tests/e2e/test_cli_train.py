@@ -270,3 +270,14 @@ def test_generate_draws_the_trained_concept_into_png_files(trained, concept_id, 
         assert Image.open(image["path"]).size == (32, 32)  # the concept's training resolution
         assert image["concept_id"] == concept_id and image["scheduler"] == "SCHEDULER_DDIM"
     failed(cli("generate", concept_id, "a sks dog", "--width", "30", "--out", out), "INVALID_ARGUMENT")
+
+
+def test_generate_without_a_terminal_prints_a_line_per_image(trained, concept_id, tmp_path):
+    cli, _, _ = trained
+    out = tmp_path / "shots"
+    result = cli("generate", concept_id, "a sks dog on the beach", "-n", "2", "--steps", "2", "--out", out)
+    ok(result)  # CliRunner's stderr is no terminal: no progress bar, plain lines
+    lines = result.stderr.splitlines()
+    assert lines[0] == "loading the model and drawing 2 images…"
+    assert [line.split(" (")[0] for line in lines[1:3]] == ["image 1/2", "image 2/2"]
+    assert lines[2].endswith(str(out / "a-sks-dog-on-the-beach-1.png"))
