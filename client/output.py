@@ -135,10 +135,14 @@ def _exit_with(code: str, message: str) -> NoReturn:
 
 def quiet_libraries() -> None:
     """No per-model loading bars or info/warning lines from diffusers/transformers between the lines we print
-    (the embedded server and benchmarks load models in this process)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    (the embedded server and benchmarks load models in this process).
 
-    for logging in (diffusers_logging, transformers_logging):
-        logging.disable_progress_bar()
-        logging.set_verbosity_error()
+    Through the variables they read when imported, not by importing them: that imports torch, seconds of a
+    command (`subjects list`) that may never load a model. Variables the user set win."""
+    for name, value in (("TQDM_DISABLE", "1"), ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error")):
+        os.environ.setdefault(name, value)
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):  # already imported: their switches
+        logging = sys.modules.get(name)
+        if logging is not None:
+            logging.disable_progress_bar()
+            logging.set_verbosity_error()

@@ -7,9 +7,7 @@ services together.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable
@@ -29,6 +27,7 @@ from persona.services.mask.servicer import mask_service
 from persona.services.mask.settings import MaskSettings
 from persona.services.runtime import auth, jobs
 from persona.services.runtime.artifacts import LocalArtifactStore
+from persona.services.runtime.datadir import lock_data_dir
 from persona.services.runtime.errorlog import close_error_log, open_error_log
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.runtime.interceptors import standard_interceptors
@@ -133,29 +132,6 @@ class PersonaApp(Domains):
         return still_running
 
 
-def lock_data_dir(data_dir: Path) -> IO[str]:
-    """Takes the data dir for this process alone (released at exit, even by kill -9).
-
-    Job recovery at start assumes no other process runs this store's jobs; a second server or an
-    embedded CLI on the same folder would run them twice.
-    """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / "persona.lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "unknown"
-        handle.close()
-        raise FailedPrecondition(
-            f"data dir {data_dir} is in use by another persona process (pid {owner}): talk to it with "
-            "--server HOST:PORT (PERSONA_SERVER), or pass another --data-dir") from None
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
-
-
 def open_metadata(settings: RuntimeSettings) -> MetadataStore:
     """The metadata store, migrated to the current schema: PostgreSQL at `settings.database_url`
     (PERSONA_DATABASE_URL) when set, else SQLite in `settings.data_dir`."""
@@ -179,7 +155,7 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
               train_settings: TrainSettings | None = None,
               generate_settings: GenerateSettings | None = None, mask_settings: MaskSettings | None = None,
               evaluate_settings: EvaluateSettings | None = None, start_engine: bool = False,
-              services: str | Iterable[str] | None = None) -> PersonaApp:
+              services: str | Iterable[str] | None = None, unix_socket: Path | None = None) -> PersonaApp:
     """Builds every service on `settings.data_dir`, starts serving on `address`, resumes jobs. `start_engine`
     starts what the generate engine draws on (a tritonserver persona runs) before health says SERVING, instead
     of on first use.
@@ -188,7 +164,8 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
     is still built (they are cheap objects over the shared store), but only the named services' servicers are on
     the port, besides the job and subject services, health (overall "" and one status per service served) and
     reflection, and the job runner runs (and recovers) only those services' job kinds. A process per service needs
-    a metadata store they share (Postgres), not one SQLite data dir."""
+    a metadata store they share (Postgres), not one SQLite data dir. `unix_socket`: serve there too (the embedded
+    persona-cli's socket that a second persona-cli on the same data dir uses)."""
     served = parse_services(services)
     # With a shared metadata database (Postgres) several processes use one data dir (a ReadWriteMany volume in
     # Kubernetes: a pod per service, generate replicas), so none may take it for itself; with SQLite, one does.
@@ -197,7 +174,7 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
         return _build(settings, address, lock, subject_settings, caption_settings, train_settings,
                       generate_settings or GenerateSettings.from_env(), mask_settings or MaskSettings.from_env(),
                       evaluate_settings or EvaluateSettings.from_env(settings.data_dir / "evaluate"), start_engine,
-                      served)
+                      served, unix_socket)
     except BaseException:
         if lock is not None:
             lock.close()
@@ -258,7 +235,7 @@ def run_job(settings: RuntimeSettings, job_id: str, *, train_settings: TrainSett
 def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subject_settings: SubjectSettings | None,
            caption_settings: CaptionSettings | None, train_settings: TrainSettings | None,
            generate_settings: GenerateSettings, mask_settings: MaskSettings, evaluate_settings: EvaluateSettings,
-           start_engine: bool, served: frozenset[str] | None = None) -> PersonaApp:
+           start_engine: bool, served: frozenset[str] | None = None, unix_socket: Path | None = None) -> PersonaApp:
     db = open_metadata(settings)
     open_error_log(settings.data_dir)  # traces of failed jobs and calls, wherever stderr goes
     try:
@@ -276,7 +253,7 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subjec
             [job_service(runner), subject_service(subjects), *(registrations[name] for name in SERVICES
                                                                if name in serving)], address,
             interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
-            workers=settings.rpc_workers,
+            workers=settings.rpc_workers, unix_socket=unix_socket,
         )
         if start_engine and serving & DRAWING_SERVICES:
             try:

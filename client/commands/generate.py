@@ -64,6 +64,35 @@ def png_with_text(png: bytes, texts: dict[str, str]) -> bytes:
     return png[:ihdr_end] + chunks + png[ihdr_end:]
 
 
+class DrawingProgress:
+    """The images of one request as they arrive: a progress bar on stderr on a terminal, else (a log, a pipe, CI) a
+    plain line per image, as `train` prints its steps."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        console = stderr_console()
+        self.tty = console.is_terminal
+        self.progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True,
+                                 disable=not self.tty)
+        self.task = self.progress.add_task("loading and drawing…", total=total)
+
+    def __enter__(self) -> "DrawingProgress":
+        self.progress.__enter__()
+        if not self.tty:
+            note(f"loading the model and drawing {self.total} image{'s' if self.total != 1 else ''}…")
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def advance(self, image: generate_pb2.GeneratedImage, path: Path) -> None:
+        self.done += 1
+        self.progress.update(self.task, advance=1, description=f"drawing (last image {image.seconds:.1f} s)")
+        if not self.tty:
+            note(f"image {self.done}/{self.total} ({image.seconds:.1f} s): {path}")
+
+
 def generate(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(
@@ -112,15 +141,12 @@ def generate(
     client = s.client()
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    total = len(request.prompts) * (number or 1)
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=stderr_console(), transient=True) as progress:
-        task = progress.add_task("loading and drawing…", total=total)
+    with DrawingProgress(len(request.prompts) * (number or 1)) as progress:
         for image in client.generate.Generate(request):
             path = out / file_name(image)
             path.write_bytes(with_settings(image))
             written.append((image, path))
-            progress.update(task, advance=1, description=f"drawing (last image {image.seconds:.1f} s)")
+            progress.advance(image, path)
     data = [{**{k: v for k, v in message_dict(image).items() if k != "png"}, "path": str(path)}
             for image, path in written]
     s.output(as_json).emit(data, lambda: table(

@@ -10,10 +10,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from persona.services.runtime.datadir import data_dir_owner, local_socket
 from persona.services.runtime.settings import RuntimeSettings, env_float
 
-from ..output import Output, fail, quiet_libraries
-from ..sdk import SERVICE_ADDRESS_ENV, PersonaClient
+from ..output import Output, fail, note, quiet_libraries
+from ..sdk import SERVICE_ADDRESS_ENV, PersonaClient, PersonaClientError
+
+# How long a second persona-cli waits for the one owning the data dir to answer on its local socket.
+OWNER_CONNECT_TIMEOUT_S = 5.0
 
 SubjectArgument = Annotated[str, typer.Argument(metavar="SUBJECT", help="Subject id, e.g. subj_51d2…",
                                                 show_default=False)]
@@ -42,10 +46,14 @@ class Session:
     as_json: bool = False
     _client: PersonaClient | None = field(default=None, repr=False)
     _app: object | None = field(default=None, repr=False)
+    _socket: Path | None = field(default=None, repr=False)
+    # The embedded persona-cli that owns the data dir, when this one reaches it through its local socket.
+    _owner: str | None = field(default=None, repr=False)
 
     @property
     def embedded(self) -> bool:
-        return not self.server
+        """Whether the services (and so the jobs this command starts) run inside this process."""
+        return not self.server and self._owner is None
 
     @property
     def error_log(self) -> Path | None:
@@ -70,14 +78,43 @@ class Session:
                 fail("INVALID_ARGUMENT", f"{names} set without --server / PERSONA_SERVER: set that too, to any "
                                          "persona server of the deployment (every one serves subjects and jobs)")
             else:
-                from persona.services.app import build_app  # the embedded server only: remote calls skip its imports
-
-                quiet_libraries()
-
-                self._app = build_app(self.settings(auth="none"), "127.0.0.1:0")
-                client = PersonaClient.connect(self._app.address)
+                client = self._owner_client() or self._embedded_client()
             self._client = client
         return self._client
+
+    def _owner_client(self) -> PersonaClient | None:
+        """A client of the persona-cli that owns the data dir (another terminal's `train`), over its local socket;
+        None when no process owns it. Fails at once, before importing the services, when the owner takes no local
+        calls (`persona-cli serve` / `up`, or a socket path too long)."""
+        data_dir = self.settings().data_dir
+        pid = data_dir_owner(data_dir)
+        if pid is None:
+            return None
+        socket = local_socket(data_dir)
+        if socket is not None and socket.exists():
+            client = PersonaClient.connect(f"unix:{socket}")
+            try:
+                client.wait_until_ready(str(socket), OWNER_CONNECT_TIMEOUT_S)
+            except PersonaClientError:
+                client.close()
+            else:
+                self._owner = pid
+                note(f"data dir {data_dir} is in use by persona-cli (pid {pid}): running this command in it")
+                return client
+        fail("FAILED_PRECONDITION",
+             f"data dir {data_dir} is in use by another persona process (pid {pid}) that takes no local calls (a "
+             "`persona-cli serve` or `up`): talk to it with --server HOST:PORT (PERSONA_SERVER; `persona-cli "
+             "status` shows the address of `up`), or pass another --data-dir")
+
+    def _embedded_client(self) -> PersonaClient:
+        """The services started in this process on the data dir, listening on its local socket too."""
+        from persona.services.app import build_app  # the embedded server only: remote calls skip its imports
+
+        quiet_libraries()
+        settings = self.settings(auth="none")
+        self._socket = local_socket(settings.data_dir)
+        self._app = build_app(settings, "127.0.0.1:0", unix_socket=self._socket)
+        return PersonaClient.connect(self._app.address)
 
     def output(self, as_json: bool = False) -> Output:
         """Output of one command: JSON when --json was given on the root or on the command."""
@@ -90,6 +127,8 @@ class Session:
         if self._app is not None:
             self._app.stop(0)
             self._app = None
+            if self._socket is not None:
+                self._socket.unlink(missing_ok=True)  # no one listens there any more
 
 
 def session(ctx: typer.Context) -> Session:

@@ -9,17 +9,21 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
 
-import openai
 from PIL import Image
 
 from persona.services.runtime.errors import FailedPrecondition, PersonaError, ResourceExhausted, Unavailable
 
 from . import checker, instructions
 from .settings import CaptionSettings
+
+if TYPE_CHECKING:
+    import openai
 
 PREFLIGHT_TIMEOUT_S = 2.0  # StartCaptioning answers at once; a slower endpoint still fails in the job
 
@@ -53,13 +57,23 @@ class OpenAIVlm:
         self.settings = settings
         self.base_url = settings.vlm_base_url.rstrip("/")
         self.model = settings.vlm_model
-        # Built once and shared by the pool threads; it opens no connection until the first call.
-        self._client = openai.OpenAI(
-            base_url=self.base_url,
-            api_key=settings.vlm_api_key or "unset",  # local servers ignore it; the client refuses an empty one
-            timeout=settings.timeout_s,
-            max_retries=settings.network_retries,
-        ) if self.base_url else None
+        self._client = None
+        self._client_lock = threading.Lock()
+
+    def client(self):
+        """The openai client, built on first use and shared by the pool threads (importing openai takes ~0.4 s,
+        which a server that never captions with a VLM, or a quick CLI command, should not pay)."""
+        with self._client_lock:
+            if self._client is None:
+                import openai
+
+                self._client = openai.OpenAI(
+                    base_url=self.base_url,
+                    api_key=self.settings.vlm_api_key or "unset",  # local servers ignore it; the client refuses ""
+                    timeout=self.settings.timeout_s,
+                    max_retries=self.settings.network_retries,
+                )
+            return self._client
 
     def require_configured(self) -> None:
         """FailedPrecondition naming the variables to set when no usable endpoint or model is configured."""
@@ -100,8 +114,10 @@ class OpenAIVlm:
     def complete(self, messages: list[dict]) -> str:
         """One chat completion; the answer's text ('' when the model sent none)."""
         self.require_configured()
+        import openai
+
         try:
-            response = self._client.chat.completions.create(model=self.model, messages=messages)
+            response = self.client().chat.completions.create(model=self.model, messages=messages)
         except openai.OpenAIError as e:
             raise self._persona_error(e) from e
         if not response.choices:
@@ -113,6 +129,8 @@ class OpenAIVlm:
                 "PERSONA_VLM_BASE_URL")
 
     def _persona_error(self, e: openai.OpenAIError) -> PersonaError:
+        import openai
+
         if isinstance(e, openai.APITimeoutError):
             return Unavailable(f"the VLM endpoint {self.base_url} did not answer within "
                                f"{self.settings.timeout_s:g} s: check it, or raise PERSONA_VLM_TIMEOUT_S")

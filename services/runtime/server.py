@@ -7,6 +7,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import grpc
@@ -50,8 +51,9 @@ class RunningServer:
 
 def create_server(services: Sequence[ServiceRegistration], address: str, *,
                   interceptors: Sequence[grpc.ServerInterceptor], max_message_bytes: int,
-                  workers: int = 32) -> RunningServer:
-    """Builds and starts a server on `address` ("127.0.0.1:0" picks a free port).
+                  workers: int = 32, unix_socket: Path | None = None) -> RunningServer:
+    """Builds and starts a server on `address` ("127.0.0.1:0" picks a free port), and on `unix_socket` too when
+    given (owner-only: what an embedded persona-cli offers a second persona-cli on its data dir).
 
     Health reports NOT_SERVING until the caller calls `set_serving(True)` once it is ready.
     """
@@ -76,9 +78,14 @@ def create_server(services: Sequence[ServiceRegistration], address: str, *,
         port = 0
     if port == 0:
         raise Unavailable(f"cannot listen on {address}: is another server using that port? Pick another --port")
+    if unix_socket is not None:
+        unix_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        server.add_insecure_port(f"unix:{unix_socket}")  # a stale socket file is replaced
     running = RunningServer(server=server, port=port, health=health_servicer, service_names=names)
     running.set_serving(False)
     server.start()
+    if unix_socket is not None:
+        unix_socket.chmod(0o600)  # this user only: the embedded server asks for no API key
     return running
 
 

@@ -295,3 +295,14 @@ def test_a_failed_embedded_job_shows_its_cause_and_where_its_trace_is(clean_env,
     assert line.endswith(f"trace in {trace_file}")
     trace = trace_file.read_text()
     assert "Traceback" in trace and "job_" in trace
+
+
+def test_generate_without_a_terminal_prints_a_line_per_image(trained, concept_id, tmp_path):
+    cli, _, _ = trained
+    out = tmp_path / "shots"
+    result = cli("generate", concept_id, "a sks dog on the beach", "-n", "2", "--steps", "2", "--out", out)
+    ok(result)  # CliRunner's stderr is no terminal: no progress bar, plain lines
+    lines = result.stderr.splitlines()
+    assert lines[0] == "loading the model and drawing 2 images…"
+    assert [line.split(" (")[0] for line in lines[1:3]] == ["image 1/2", "image 2/2"]
+    assert lines[2].endswith(str(out / "a-sks-dog-on-the-beach-1.png"))
