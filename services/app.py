@@ -29,7 +29,7 @@ from persona.services.runtime import auth, jobs
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.datadir import lock_data_dir
 from persona.services.runtime.errorlog import close_error_log, open_error_log
-from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.interceptors import standard_interceptors
 from persona.services.runtime.job_service import job_service
 from persona.services.runtime.metadata import MetadataStore, SQLiteMetadataStore
