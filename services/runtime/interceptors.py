@@ -1,4 +1,5 @@
-"""Server interceptors: request id, access log, error mapping and auth, in that order (outermost first).
+"""Server interceptors: request id, access log, error mapping, auth and request checks, in that order (outermost
+first).
 
 Each interceptor wraps the method handler's behaviour in a scope (a context manager) that is
 entered for the whole call, streaming responses included.
@@ -15,7 +16,8 @@ import grpc
 
 from .auth import ApiKeyAuthenticator
 from .context import CallInfo, current_call, set_call
-from .errors import PersonaError
+from .errors import InvalidArgument, PersonaError
+from .validation import check_finite
 
 access_log = logging.getLogger("persona.access")
 log = logging.getLogger("persona.errors")
@@ -141,5 +143,57 @@ class AuthInterceptor(ScopedInterceptor):
         yield
 
 
+class _Undecodable:
+    """Stands for a request body that is not a valid message, so the RPC can answer INVALID_ARGUMENT after auth
+    (grpc's own answer to a deserializer's exception is INTERNAL, before any interceptor runs)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class RequestCheckInterceptor(grpc.ServerInterceptor):
+    """Innermost: a body that does not deserialise, or any NaN/infinite float in a request, is INVALID_ARGUMENT
+    before the servicer runs (so before anything is stored or queued)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def deserializer(data: bytes):
+            try:
+                return decode(data)
+            except Exception as e:  # protobuf's DecodeError, or a wrong wire type deep inside
+                return _Undecodable(e)
+
+        def checked(request):
+            if isinstance(request, _Undecodable):
+                raise InvalidArgument(f"the request body is not a valid message for {handler_call_details.method}: "
+                                      "send a serialised protobuf of the request type (regenerate your stubs from "
+                                      "protos/persona/v1)")
+            if hasattr(request, "ListFields"):
+                check_finite(request)
+            return request
+
+        def unary(behaviour):
+            return lambda request, context: behaviour(checked(request), context)
+
+        def streaming(behaviour):
+            return lambda requests, context: behaviour((checked(r) for r in requests), context)
+
+        kinds = {"unary_unary": (grpc.unary_unary_rpc_method_handler, unary),
+                 "unary_stream": (grpc.unary_stream_rpc_method_handler, unary),
+                 "stream_unary": (grpc.stream_unary_rpc_method_handler, streaming),
+                 "stream_stream": (grpc.stream_stream_rpc_method_handler, streaming)}
+        for attribute, (make, wrap) in kinds.items():
+            behaviour = getattr(handler, attribute)
+            if behaviour is not None:
+                return make(wrap(behaviour), request_deserializer=deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
+
+
 def standard_interceptors(authenticator: ApiKeyAuthenticator) -> list[grpc.ServerInterceptor]:
-    return [RequestIdInterceptor(), AccessLogInterceptor(), ErrorMappingInterceptor(), AuthInterceptor(authenticator)]
+    return [RequestIdInterceptor(), AccessLogInterceptor(), ErrorMappingInterceptor(), AuthInterceptor(authenticator),
+            RequestCheckInterceptor()]

@@ -26,6 +26,7 @@ from persona.services.runtime.errors import (Cancelled, FailedPrecondition, Inva
 from persona.services.runtime.jobs import TERMINAL, JobContext, JobRecord, JobRunner, hold
 from persona.services.runtime.metadata import MetadataStore
 from persona.services.runtime.paging import Page
+from persona.services.runtime.validation import check_range
 
 from ..caption import instructions
 from ..caption.domain import CaptionDomain
@@ -72,6 +73,13 @@ DEFAULT_OPTIONS = {
     "unmasked_weight": 0.1, "spl_weight": 1.0, "core_emb_weight": 1.5e-4, "core_attn_weight": 0.05,
     "core_variant": "cosine", "core_rescale_start": 120, "core_rescale_end": 180,
     "num_class_images": 100, "class_image_steps": 30, "checkpoint_every": 100, "validation_every": 0, "max_grad_norm": 1.0,
+}
+# Range of each float option: (low, high, low excluded). NaN and infinity never get here (the request check refuses
+# them), but 1e30 would, and then fails deep in the job.
+FLOAT_OPTION_RANGES = {
+    "learning_rate": (0.0, 1.0, True), "lora_alpha": (0.0, 1e4, True), "min_snr_gamma": (0.0, 1e3, True),
+    "prior_loss_weight": (0.0, 1e3, False), "max_grad_norm": (0.0, 1e6, False), "unmasked_weight": (0.0, 1.0, False),
+    "spl_weight": (0.0, 1e3, False), "core_emb_weight": (0.0, 1e3, False), "core_attn_weight": (0.0, 1e3, False),
 }
 # Options that are not TrainConfig fields (they shape the data, not the loop).
 _DATA_OPTIONS = ("num_class_images", "class_prompt", "epochs", "class_image_steps")
@@ -206,6 +214,8 @@ class TrainDomain:
         if unknown:
             raise InvalidArgument(f"unknown option(s) {', '.join(sorted(unknown))}: see TrainingOptions")
         options = {**DEFAULT_OPTIONS, **{k: v for k, v in given.items() if v is not None or k == "min_snr_gamma"}}
+        for name, (low, high, low_open) in FLOAT_OPTION_RANGES.items():
+            check_range(name, given.get(name), low, high, low_open=low_open)
         if "epochs" in given:
             if "steps" in given:
                 raise InvalidArgument("`steps` and `epochs` are both set: give one of them")
