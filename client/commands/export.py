@@ -35,6 +35,10 @@ FORMATS = {Format.diffusers: train_pb2.EXPORT_FORMAT_DIFFUSERS, Format.lora: tra
            Format.custom_diffusion: train_pb2.EXPORT_FORMAT_CUSTOM_DIFFUSION,
            Format.svdiff: train_pb2.EXPORT_FORMAT_SVDIFF}
 # Exported as a folder of files; the others are one .safetensors file.
+# How to load these exports in diffusers 0.42, printed by --help; tests run exactly these lines (OUT: --out).
+CUSTOM_DIFFUSION_LOADING = ('pipe.unet.load_attn_procs(OUT, weight_name="pytorch_custom_diffusion_weights.bin", '
+                            '_pipeline=pipe); pipe.load_textual_inversion(OUT, weight_name="learned_embeds.safetensors")')
+ONNX_LOADING = 'OnnxStableDiffusionPipeline.from_pretrained(OUT, provider="CPUExecutionProvider")'
 FOLDER_FORMATS = (Format.diffusers, Format.onnx, Format.tensorrt, Format.custom_diffusion)
 # Converted by a job with progress (minutes on real models); the others in one call.
 JOB_FORMATS = (Format.onnx, Format.tensorrt)
@@ -78,11 +82,15 @@ def export(
              "sd-scripts; lora concepts only. ti: a Textual Inversion embedding "
              "(`pipe.load_textual_inversion`), ti concepts only. onnx: text encoder, UNet and VAE decoder as "
              "ONNX graphs plus manifest.json, scheduler and tokenizer, for Triton's ONNX Runtime backend or "
-             "onnxruntime on any machine; any method (LoRA fused, TI token added), checked against torch. "
+             "onnxruntime on any machine; any method (LoRA fused, TI token added), checked against torch; the "
+             f"folder also loads in diffusers: `{ONNX_LOADING}` (model_index.json, a VAE encoder, and "
+             "text_encoder/ taking diffusers' int32 input_ids; persona's int64 graph is text_encoder_int64/). "
              "tensorrt: TensorRT engines built from that ONNX, for NVIDIA GPUs; needs TensorRT and a CUDA GPU "
              "on the server, and the engines run only on that GPU model and TensorRT version. custom_diffusion: "
-             "pytorch_custom_diffusion_weights.bin (`pipe.unet.load_attn_procs`) and the token's "
-             "learned_embeds.safetensors (`pipe.load_textual_inversion`); custom_diffusion concepts only. "
+             "pytorch_custom_diffusion_weights.bin and the token's learned_embeds.safetensors; load them into "
+             f"the base model's StableDiffusionPipeline `pipe` with `{CUSTOM_DIFFUSION_LOADING}` (diffusers "
+             "0.42 installs the processors only when given `_pipeline=pipe`; without it nothing changes, "
+             "silently); custom_diffusion concepts only. "
              "svdiff: spectral_shifts.safetensors, SVDiff's singular-value shifts of every UNet weight and the "
              "token's embedding (about 1 MB for SD-1.5); svdiff concepts only.")],
     out: Annotated[Path, typer.Option(

@@ -24,6 +24,7 @@ from . import concepts as concept_store
 from .base_models import resolve_base_model
 from .concepts import Concept, ConceptFile, ConceptStore
 from .methods import METHODS
+from .onnx_layout import add_diffusers_layout
 from .settings import TrainSettings
 
 EXPORT_JOB_KIND = "export"
@@ -189,6 +190,7 @@ class ConceptExports:
                       else "this is a bug: report it with the server log")
             raise FailedPrecondition(f"the {_format_label(plan)} export of {plan.concept.concept_id} differs from "
                                      f"torch by more than its tolerance (max abs diff: {diffs}): {advice}") from error
+        add_diffusers_layout(out_dir, model_dir)  # also a folder OnnxStableDiffusionPipeline.from_pretrained loads
 
     def _convert_tensorrt(self, plan: _ExportPlan, scratch: Path, out_dir: Path, ctx: JobContext | None) -> None:
         """The onnx export of the same precision (cached on the way) → TensorRT engines. Same precision because
@@ -229,6 +231,15 @@ class ConceptExports:
                 return materialize(self.artifacts, files, scratch / "donor-engines")
         return None
 
+    def _kohya_family(self, concept: Concept) -> tuple[str, str]:
+        """kohya.py's family of the concept's base model and what its UNet predicts (from its scheduler)."""
+        from .kohya import family_for
+
+        if concept.base_model_family == "tiny":
+            return "tiny", "epsilon"
+        prediction = resolve_base_model(concept.base_model, self.settings).prediction_type
+        return family_for(concept.base_model_family, prediction), prediction
+
     def _export_device(self) -> str:
         if self.settings.device:
             return self.settings.device
@@ -245,9 +256,11 @@ class ConceptExports:
             from .kohya import export_kohya_lora
 
             source = weights_dir / "pytorch_lora_weights.safetensors"
-            family = "sd21" if concept.base_model_family.startswith("sd2") else "sd15"
+            family, prediction = self._kohya_family(concept)
             export_kohya_lora(source, out_dir / f"{concept.token}_{concept.class_name.replace(' ', '_')}.safetensors",
-                              base_model_family=family)
+                              base_model_family=family, prediction_type=prediction, resolution=concept.resolution,
+                              base_model_name=concept.base_model, title=f"{concept.token} {concept.class_name}",
+                              extra_metadata={"persona_base_model_sha256": concept.base_model_sha256})
         else:  # diffusers from an adapter: the base pipeline with the adapter merged in
             import torch
             from diffusers import StableDiffusionPipeline

@@ -71,6 +71,16 @@ _FAMILIES = {
 FAMILIES = tuple(_FAMILIES)
 
 
+def family_for(base_model_family: str, prediction_type: str) -> str:
+    """The `_FAMILIES` entry of a base model from what its configs say (base_models.ModelConfigs): SD 2.x is
+    the 768 px v-prediction model only when its scheduler predicts v; SD-2.1-base predicts epsilon at 512."""
+    if base_model_family == "tiny":
+        return "tiny"
+    if base_model_family.startswith("sd2"):
+        return "sd21" if prediction_type == "v_prediction" else "sd21-base"
+    return "sd15"
+
+
 def kohya_module_name(diffusers_module: str) -> str:
     """`unet.down_blocks.0...attn1.to_q` -> `lora_unet_down_blocks_0_..._attn1_to_q`, as sd-scripts names it."""
     component, _, path = diffusers_module.partition(".")
@@ -205,8 +215,13 @@ def kohya_metadata(
     *,
     prediction_type: str | None = None,
     title: str | None = None,
+    resolution: int | None = None,
+    base_model_name: str = "",
 ) -> dict[str, str]:
-    """The header sd-scripts writes for a LoRA, so UIs show rank/alpha/base model and filter by version."""
+    """The header sd-scripts writes for a LoRA, so UIs show rank/alpha/base model and filter by version.
+
+    `resolution`: the side the LoRA was trained at (default: the family's); `base_model_name`: what it was trained
+    on (`ss_sd_model_name`, as kohya's --pretrained_model_name_or_path)."""
     if base_model_family not in _FAMILIES:
         raise InvalidArgument(f"`base_model_family` is {base_model_family!r}: use one of {', '.join(FAMILIES)}")
     family = dict(_FAMILIES[base_model_family])
@@ -220,7 +235,7 @@ def kohya_metadata(
     alphas = {float(v) for k, v in kohya_state_dict.items() if k.endswith(ALPHA)}
     unet = any(k.startswith(PREFIXES["unet"]) for k in kohya_state_dict)
     te = any(k.startswith(PREFIXES["text_encoder"]) for k in kohya_state_dict)
-    resolution = f"{family['res']}x{family['res']}"
+    side = int(resolution or family["res"])
     return {
         "ss_network_module": "networks.lora",
         # resize_lora.py's spelling when modules differ.
@@ -231,15 +246,33 @@ def kohya_metadata(
         "ss_network_train_unet_only": str(unet and not te),
         "ss_network_train_text_encoder_only": str(te and not unet),
         "ss_output_name": title or "",
+        # sd-scripts writes the tuple of --resolution as Python prints it.
+        "ss_resolution": f"({side}, {side})",
+        "ss_sd_model_name": base_model_name,
         "ss_training_comment": "exported by persona from a diffusers/peft LoRA",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{family['architecture']}/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title or "persona LoRA",
-        "modelspec.resolution": resolution,
+        "modelspec.resolution": f"{side}x{side}",
         "modelspec.prediction_type": "v" if family["prediction"] == "v_prediction" else "epsilon",
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def safetensors_hashes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` and `sshs_legacy_hash` as sd-scripts precomputes them (train_util.
+    precalculate_safetensors_hashes) for A1111's additional-networks and the UIs that index LoRAs by them: the file
+    saved with only the `ss_*` keys, then sha256 of everything after its header (new) and the first 8 hex digits
+    of sha256 of 64 KiB at 1 MiB (legacy)."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    data = save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[header_end:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
 
 
 def _number(x: float) -> str:
@@ -253,6 +286,8 @@ def export_kohya_lora(
     *,
     prediction_type: str | None = None,
     title: str | None = None,
+    resolution: int | None = None,
+    base_model_name: str = "",
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes `diffusers_lora_file` (our lora method's output) as a kohya-layout LoRA at `out_file`.
@@ -282,8 +317,10 @@ def export_kohya_lora(
     configs = read_adapter_metadata(header)
     modules = list(split_lora_keys(tensors))
     state_dict = to_kohya_state_dict(tensors, None, module_alphas=module_alphas_from_metadata(modules, configs))
-    metadata = kohya_metadata(state_dict, base_model_family, prediction_type=prediction_type, title=title)
+    metadata = kohya_metadata(state_dict, base_model_family, prediction_type=prediction_type, title=title,
+                              resolution=resolution, base_model_name=base_model_name)
     metadata.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
+    metadata.update(safetensors_hashes(state_dict, metadata))
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)

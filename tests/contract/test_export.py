@@ -102,7 +102,9 @@ def test_start_export_onnx_reports_each_component_and_caches_checked_graphs(app,
     half = client.train.ExportConcept(train_pb2.ExportConceptRequest(
         concept_id=lora.concept_id, format=train_pb2.EXPORT_FORMAT_ONNX, fp16=True))
     assert half.fp16 is True and {f.path for f in half.files} == set(result)
-    assert {f.artifact_id for f in half.files if f.path.endswith(".onnx")}.isdisjoint(result.values())
+    # (vae_encoder/ is the diffusers layout's, fp32 in both: the same file.)
+    assert {f.artifact_id for f in half.files if f.path.endswith(".onnx") and not f.path.startswith("vae_encoder/")
+            }.isdisjoint(result.values())
     roles = {r["role"] for r in app.db.query("SELECT DISTINCT role FROM concept_files WHERE concept_id = :c",
                                              {"c": lora.concept_id})}
     assert {"export:onnx-fp32", "export:onnx-fp16", "export:diffusers"} <= roles
@@ -134,9 +136,40 @@ def test_onnx_export_of_a_textual_inversion_concept_knows_its_token(client, subj
     assert token_id >= tokenizer.vocab_size  # an added token, past the base vocabulary
     ids = tokenizer("a sks dog", padding="max_length", max_length=8, truncation=True, return_tensors="np").input_ids
     assert token_id in ids
-    session = ort.InferenceSession(str(folder / "text_encoder" / "model.onnx"), providers=["CPUExecutionProvider"])
-    hidden = session.run(None, {"input_ids": ids.astype(np.int64)})[0]
+    # persona's graph (int64 ids, the manifest's path) and diffusers' (int32 ids) give the same embedding.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    persona = ort.InferenceSession(str(folder / manifest["components"]["text_encoder"]["path"]),
+                                   providers=["CPUExecutionProvider"])
+    hidden = persona.run(None, {"input_ids": ids.astype(np.int64)})[0]
+    diffusers_graph = ort.InferenceSession(str(folder / "text_encoder" / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
     assert np.isfinite(hidden).all()
+    assert np.array_equal(diffusers_graph.run(None, {"input_ids": ids.astype(np.int32)})[0], hidden)
+
+
+def test_onnx_export_is_a_folder_diffusers_onnx_pipeline_loads(client, lora, tmp_path):
+    """OnnxStableDiffusionPipeline.from_pretrained(folder) — what `persona-cli export --format onnx --help`
+    says loads it — loads the downloaded export and draws with it."""
+    from diffusers import OnnxStableDiffusionPipeline
+
+    final, _ = run_export(client, lora.concept_id, **FP32)
+    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    folder = download(client, client.train.ExportConcept(train_pb2.ExportConceptRequest(
+        concept_id=lora.concept_id, **FP32)), tmp_path / "onnx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["components"]["text_encoder"]["path"] == "text_encoder_int64/model.onnx"
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "OnnxStableDiffusionPipeline"
+
+    from persona.client.commands.export import ONNX_LOADING
+    from test_train_methods import _export_format_help
+    assert ONNX_LOADING in _export_format_help()
+    namespace = {"OnnxStableDiffusionPipeline": OnnxStableDiffusionPipeline, "OUT": folder}
+    exec(f"pipe = {ONNX_LOADING}", namespace)  # exactly what `persona-cli export --help` says
+    pipe = namespace["pipe"]
+    images = pipe("a sks dog", num_inference_steps=2, height=32, width=32, output_type="np",
+                  generator=np.random.RandomState(0)).images
+    side = 32 // 8 * manifest["vae_scale_factor"]  # the pipeline assumes SD's VAE factor 8; tiny's is smaller
+    assert images.shape == (1, side, side, 3) and np.isfinite(images).all() and images.std() > 0
 
 
 def test_cancel_stops_between_components_and_caches_nothing(app, client, lora, monkeypatch):

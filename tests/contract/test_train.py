@@ -117,8 +117,18 @@ def test_lora_trains_on_sid_captions_and_every_export_loads_in_plain_diffusers(a
     kohya_dir = export(client, concept.concept_id, train_pb2.EXPORT_FORMAT_KOHYA, tmp_path / "kohya")
     fused_dir = export(client, concept.concept_id, train_pb2.EXPORT_FORMAT_DIFFUSERS, tmp_path / "fused")
     kohya_file = next(kohya_dir.glob("*.safetensors"))
+    from safetensors import safe_open
     from safetensors.torch import load_file
     assert all(k.startswith("lora_unet_") for k in load_file(kohya_file))
+    with safe_open(str(kohya_file), framework="pt") as f:
+        header = f.metadata()
+    # `tiny` labelled at the size it trained at, with the base model UIs show and the hash they index by.
+    assert (header["ss_resolution"], header["modelspec.resolution"]) == ("(32, 32)", "32x32")
+    assert (header["ss_sd_model_name"], header["ss_base_model_version"]) == ("tiny", "sd_v1")
+    assert header["persona_base_model_sha256"] == concept.base_model_sha256
+    data = kohya_file.read_bytes()
+    import hashlib
+    assert header["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
 
     pipe = _pipe(base)
     plain = _sample(pipe)

@@ -69,8 +69,10 @@ def test_custom_diffusion_trains_exports_and_generates(app, client, subject, tmp
     assert native.format == train_pb2.EXPORT_FORMAT_CUSTOM_DIFFUSION and {f.path for f in native.files} == weights
     pipe = _pipe(tiny_base_model(app.train.settings.base_model_cache_dir))
     plain = _sample(pipe)
-    pipe.unet.load_attn_procs(native_dir, weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=pipe)
-    pipe.load_textual_inversion(native_dir, weight_name="learned_embeds.safetensors")
+    # Exactly what `persona-cli export --help` tells users to run, OUT being the folder written.
+    from persona.client.commands.export import CUSTOM_DIFFUSION_LOADING
+    assert CUSTOM_DIFFUSION_LOADING in _export_format_help()
+    exec(CUSTOM_DIFFUSION_LOADING, {"pipe": pipe, "OUT": native_dir})
     with_processors = _sample(pipe)
     assert np.abs(with_processors - plain).max() > 1e-4
 
@@ -168,3 +170,13 @@ def test_svdiff_defaults_refuse_train_text_encoder_and_its_format_other_methods(
             concept_id=ti.concept_id, format=train_pb2.EXPORT_FORMAT_SVDIFF))
     assert wrong.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "svdiff concept" in wrong.value.details()
+
+
+def _export_format_help() -> str:
+    """The help of `persona-cli export --format`, as --help prints it (unwrapped)."""
+    import typer
+
+    from persona.client.cli import app
+
+    command = typer.main.get_command(app).commands["export"]
+    return next(p.help for p in command.params if p.name == "fmt")

@@ -198,3 +198,50 @@ def test_alphas_follow_alpha_pattern_and_rslora(tmp_path):
     assert tensors[f"{kohya}_to_v.alpha"].item() == 16
     with pytest.raises(InvalidArgument, match=r"DoRA"):
         export({"r": 4, "lora_alpha": 8, "use_dora": True})
+
+
+SHARED_CONFIGS = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "configs"
+
+
+@pytest.mark.parametrize("prediction, version, v2, spec, side", [
+    (None, "sd_v2", "True", "epsilon", 512),  # SD-2.1-base as its configs are: epsilon at 512
+    ("v_prediction", "sd_v2_v", "True", "v", 768),  # SD 2.1 (768): its scheduler predicts v
+])
+def test_sd21_base_is_not_labelled_v_prediction_768(tmp_path, prediction, version, v2, spec, side):
+    import json
+    import shutil
+
+    from persona.services.train.base_models import read_model_configs
+    from persona.services.train.kohya import family_for
+
+    configs = tmp_path / "sd21"
+    shutil.copytree(SHARED_CONFIGS / "sd21-base", configs)
+    if prediction:
+        scheduler = configs / "scheduler" / "scheduler_config.json"
+        scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": prediction}))
+    read = read_model_configs(configs)
+    family = family_for(read.family, read.prediction_type)
+    sd = {"unet.mid_block.attentions.0.proj_in.lora.down.weight": torch.randn(4, 8),
+          "unet.mid_block.attentions.0.proj_in.lora.up.weight": torch.randn(8, 4)}
+    src = tmp_path / "in.safetensors"
+    save_file(sd, src)
+    _, header = _read(export_kohya_lora(src, tmp_path / "out.safetensors", family,
+                                        prediction_type=read.prediction_type, base_model_name="sd21"))
+    assert (header["ss_base_model_version"], header["ss_v2"], header["modelspec.prediction_type"]) == (
+        version, v2, spec)
+    assert (header["ss_resolution"], header["modelspec.resolution"]) == (f"({side}, {side})", f"{side}x{side}")
+    assert header["ss_sd_model_name"] == "sd21"
+
+
+def test_hashes_are_the_ones_sd_scripts_precomputes(kohya_lora):
+    """sshs_model_hash: sha256 of the tensor data (after the header); sshs_legacy_hash: 64 KiB at 1 MiB of the file
+    written with only the ss_* keys, as sd-scripts' precalculate_safetensors_hashes does."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    tensors, header = _read(kohya_lora)
+    data = kohya_lora.read_bytes()
+    assert header["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    training_only = save(tensors, {k: v for k, v in header.items() if k.startswith("ss_")})
+    assert header["sshs_legacy_hash"] == hashlib.sha256(training_only[0x100000:0x110000]).hexdigest()[:8]
