@@ -48,6 +48,7 @@ from PIL import Image
 from persona.services.runtime.errors import InvalidArgument
 # The project's one model-folder resolver; its transformers defaults (config.json, weights, .bin fallback)
 # fit the embedders (and it stays importable from here).
+from persona.services.runtime.model_loading import loading_models
 from persona.services.runtime.models import resolve_model_folder
 
 # DreamBench's models: CLIP ViT-B/32 for CLIP-I / CLIP-T, DINO ViT-S/16 for DINO.
@@ -308,7 +309,8 @@ class _Embedder:
 
             folder = resolve_model_folder(self.model, self.field, required=self.required_files,
                                           download=self.download)
-            self._loaded = self._load(folder, resolve_device(self.device))
+            with loading_models():  # one load at a time in the process (runtime.model_loading says why)
+                self._loaded = self._load(folder, resolve_device(self.device))
         return self._loaded
 
     def _load(self, folder: Path, device):

@@ -6,9 +6,10 @@ Triton model repository. Both run the same loop (sampling.py).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
@@ -143,6 +144,9 @@ class GenerateDomain:
         # Which tenant loaded which concept (the engine is shared; keys are concept ids or base:<ref>).
         self._owners: dict[str, str] = {}
         self._owners_lock = threading.Lock()
+        # Streams drawing each concept now (`_using`), and the condition `unload` waits on for them to end.
+        self._in_use: Counter[str] = Counter()
+        self._use = threading.Condition()
         self._export_lock = threading.Lock()
 
     def check(self, request: GenerateRequest) -> None:
@@ -194,21 +198,37 @@ class GenerateDomain:
                    for prompt_index, prompt in enumerate(prompts) for image_index in range(per_prompt)]
 
         def images() -> Iterator[GeneratedImage]:
-            # `batch_size` images per engine call (one UNet pass for all); each is streamed when its batch ends.
-            for start in range(0, len(planned), self.settings.batch_size):
-                chunk = planned[start:start + self.settings.batch_size]
-                started = time.perf_counter()
-                batch = [settings for _, _, settings in chunk]
-                try:
-                    drawn = self.engine.draw_batch(loaded.key, batch)
-                except KeyError:  # evicted or unloaded by another call since it was loaded: load it again
-                    self._load(tenant_id, request.concept_id, request.base_model)
-                    drawn = self.engine.draw_batch(loaded.key, batch)
-                seconds = (time.perf_counter() - started) / len(chunk)
-                for (prompt_index, image_index, settings), image in zip(chunk, drawn):
-                    yield GeneratedImage(prompt_index, image_index, settings, request.concept_id, request.base_model,
-                                         png_bytes(image), seconds, self.engine.name)
+            # While the images are drawn, UnloadConcept of this concept waits (it unloads once they are done).
+            with self._using(request.concept_id):
+                # `batch_size` images per engine call (one UNet pass for all); each is streamed when its batch ends.
+                for start in range(0, len(planned), self.settings.batch_size):
+                    chunk = planned[start:start + self.settings.batch_size]
+                    started = time.perf_counter()
+                    batch = [settings for _, _, settings in chunk]
+                    try:
+                        drawn = self.engine.draw_batch(loaded.key, batch)
+                    except KeyError:  # unloaded before this stream began, or evicted: load it again
+                        self._load(tenant_id, request.concept_id, request.base_model)
+                        drawn = self.engine.draw_batch(loaded.key, batch)
+                    seconds = (time.perf_counter() - started) / len(chunk)
+                    for (prompt_index, image_index, settings), image in zip(chunk, drawn):
+                        yield GeneratedImage(prompt_index, image_index, settings, request.concept_id,
+                                             request.base_model, png_bytes(image), seconds, self.engine.name)
         return images()
+
+    @contextlib.contextmanager
+    def _using(self, concept_id: str) -> Iterator[None]:
+        """Counts a stream drawing `concept_id` ("" for a base model) while it lasts, for `unload` to wait on."""
+        with self._use:
+            self._in_use[concept_id] += 1
+        try:
+            yield
+        finally:
+            with self._use:
+                self._in_use[concept_id] -= 1
+                if not self._in_use[concept_id]:
+                    del self._in_use[concept_id]
+                self._use.notify_all()
 
     def load(self, tenant_id: str, concept_id: str) -> LoadedModel:
         if not concept_id:
@@ -217,10 +237,13 @@ class GenerateDomain:
 
     def unload(self, tenant_id: str, concept_id: str) -> None:
         self.train.get(tenant_id, concept_id)  # NOT_FOUND for another tenant's concept
-        with self._owners_lock:
-            self._owners.pop(concept_id, None)
-        if not self.engine.unload(concept_id):
-            raise NotFound(f"concept {concept_id} is not loaded: see ListLoadedConcepts")
+        with self._use:
+            # After the streams drawing it end (none starts meanwhile): a draw never loses its model mid-way.
+            self._use.wait_for(lambda: not self._in_use.get(concept_id))
+            with self._owners_lock:
+                self._owners.pop(concept_id, None)
+            if not self.engine.unload(concept_id):
+                raise NotFound(f"concept {concept_id} is not loaded: see ListLoadedConcepts")
 
     def loaded(self, tenant_id: str) -> list[LoadedModel]:
         with self._owners_lock:

@@ -256,12 +256,15 @@ def _load_modules(model_dir: Path, torch_device) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    from persona.services.runtime.model_loading import loading_models
+
     # fp32 always: the reference for parity, and the converter makes fp16 from an fp32 graph.
-    modules = dict(
-        text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=torch.float32),
-        unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32),
-        vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=torch.float32),
-    )
+    with loading_models():  # one load at a time in the process (runtime.model_loading says why)
+        modules = dict(
+            text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=torch.float32),
+            unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=torch.float32),
+            vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32),
+        )
     for module in modules.values():
         module.to(torch_device).eval().requires_grad_(False)
     return modules

@@ -179,12 +179,15 @@ class TorchModels:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
+        from persona.services.runtime.model_loading import loading_models
+
         dtype = dtype or torch.float32
-        parts = dict(
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
-        )
+        with loading_models():  # one load at a time in the process (runtime.model_loading says why)
+            parts = dict(
+                text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
+                unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype),
+                vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype),
+            )
         for module in parts.values():
             module.to(device).eval()
         return cls(**parts, device=torch.device(device), dtype=dtype)

@@ -31,6 +31,7 @@ import numpy as np
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 # The project's one model-folder resolver and offline rule; `model_type` tells the three models apart.
+from persona.services.runtime.model_loading import loading_models
 from persona.services.runtime.models import resolve_model_folder
 
 # One Otsu for the mask service: P3S binarises its similarity map with the same rule.
@@ -275,7 +276,8 @@ def _load(field: str, ref: str, cls, folder: Path):
 
     kwargs = {"output_loading_info": True} if issubclass(cls, PreTrainedModel) else {}
     try:
-        loaded = cls.from_pretrained(folder, local_files_only=True, **kwargs)
+        with loading_models():  # one load at a time in the process (runtime.model_loading says why)
+            loaded = cls.from_pretrained(folder, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InvalidArgument(
             f"`{field}` {ref!r} could not be loaded by {cls.__name__} from {folder} ({_first_line(e)}): it needs "

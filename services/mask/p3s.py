@@ -45,6 +45,7 @@ import numpy as np
 
 from persona.services.runtime.errors import InvalidArgument
 # The project's one model-folder resolver and offline rule (a hub id comes from the local cache only).
+from persona.services.runtime.model_loading import loading_models
 from persona.services.runtime.models import resolve_model_folder
 
 if TYPE_CHECKING:
@@ -287,7 +288,8 @@ class ClipPatchFeatures:
             download=download, kind="CLIP vision model",
             fix="pass a folder saved with `save_pretrained` of a CLIP (vision) model and of its image processor")
         try:
-            model, info = CLIPVisionModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+            with loading_models():  # one load at a time in the process (runtime.model_loading says why)
+                model, info = CLIPVisionModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
             processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
         except OSError as e:
             # The files are there but do not load, e.g. a config of another architecture or truncated weights.

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import model_loading
 from .errors import Unavailable
 
 log = logging.getLogger("persona.server")
@@ -33,12 +34,16 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     service_names: list[str] = field(default_factory=list)
+    # Stops following model_loading (set by create_server: a broken loader turns health NOT_SERVING).
+    forget_loading: Callable[[], None] = lambda: None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def set_serving(self, serving: bool) -> None:
+        """SERVING or NOT_SERVING on every name; never SERVING once this process cannot load models."""
+        serving = serving and not model_loading.broken()
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             self.health.set(name, status)
@@ -46,6 +51,7 @@ class RunningServer:
     def stop(self, grace_s: float = 5.0) -> None:
         """Reports NOT_SERVING, lets in-flight calls finish for up to `grace_s`, then stops."""
         self.set_serving(False)
+        self.forget_loading()
         self.server.stop(grace_s).wait()
 
 
@@ -83,6 +89,7 @@ def create_server(services: Sequence[ServiceRegistration], address: str, *,
         server.add_insecure_port(f"unix:{unix_socket}")  # a stale socket file is replaced
     running = RunningServer(server=server, port=port, health=health_servicer, service_names=names)
     running.set_serving(False)
+    running.forget_loading = model_loading.on_broken(lambda reason: running.set_serving(False))
     server.start()
     if unix_socket is not None:
         unix_socket.chmod(0o600)  # this user only: the embedded server asks for no API key

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+from persona.services.runtime.model_loading import loading_models
 from persona.services.runtime.models import check_path_reference, resolve_model_folder
 
 from .settings import TrainSettings
@@ -362,7 +363,8 @@ def _build_atomically(target: Path, build: Callable[[Path], Path]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(tmp)
+        with loading_models():  # builds construct modules: one at a time in the process
+            build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

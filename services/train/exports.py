@@ -18,6 +18,7 @@ from typing import Callable, ContextManager
 
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+from persona.services.runtime.model_loading import loading_models
 from persona.services.runtime.jobs import JobContext, JobRecord, JobRunner, hold
 
 from . import concepts as concept_store
@@ -267,9 +268,10 @@ class ConceptExports:
 
             base = resolve_base_model(concept.base_model, self.settings)
             # fp32 whatever the base stores: the adapter merges at full precision, and exports are fp32.
-            pipe = StableDiffusionPipeline.from_pretrained(base.path, dtype=torch.float32, safety_checker=None,
-                                                           requires_safety_checker=False)
-            method.fuse_into_pipeline(pipe, weights_dir, concept.token)
+            with loading_models():
+                pipe = StableDiffusionPipeline.from_pretrained(base.path, dtype=torch.float32, safety_checker=None,
+                                                               requires_safety_checker=False)
+                method.fuse_into_pipeline(pipe, weights_dir, concept.token)
             pipe.save_pretrained(out_dir, safe_serialization=True)
 
     # Folders ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+from persona.services.runtime.model_loading import loading_models
 
 from .crop import square_crop_box
 from .methods import METHODS, Components
@@ -285,31 +286,33 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
     started = time.perf_counter()
     warnings: list[str] = []
 
-    # 1. Load the components in fp32 whatever dtype the folder stores (fp16 folders and variants are common):
-    #    the method prepares its weights in fp32, and frozen ones move to the compute dtype below.
-    #    The training noise schedule is DDPM with the folder's scheduler config.
-    components = Components(
-        base_model_dir=base_model_dir,
-        tokenizer=CLIPTokenizer.from_pretrained(base_model_dir, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(base_model_dir, subfolder="text_encoder", dtype=torch.float32),
-        vae=AutoencoderKL.from_pretrained(base_model_dir, subfolder="vae", dtype=torch.float32),
-        unet=UNet2DConditionModel.from_pretrained(base_model_dir, subfolder="unet", dtype=torch.float32),
-        noise_scheduler=DDPMScheduler.from_pretrained(base_model_dir, subfolder="scheduler"),
-    )
-    vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
-    resolution = config.resolution or components.unet.config.sample_size * vae_scale
-    if resolution % vae_scale:
-        raise InvalidArgument(f"`resolution` is {resolution}: use a multiple of {vae_scale} for this base model")
+    # Building modules patches process-wide state: one load at a time (runtime.model_loading), adapters included.
+    with loading_models():
+        # 1. Load the components in fp32 whatever dtype the folder stores (fp16 folders and variants are common):
+        #    the method prepares its weights in fp32, and frozen ones move to the compute dtype below.
+        #    The training noise schedule is DDPM with the folder's scheduler config.
+        components = Components(
+            base_model_dir=base_model_dir,
+            tokenizer=CLIPTokenizer.from_pretrained(base_model_dir, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(base_model_dir, subfolder="text_encoder", dtype=torch.float32),
+            vae=AutoencoderKL.from_pretrained(base_model_dir, subfolder="vae", dtype=torch.float32),
+            unet=UNet2DConditionModel.from_pretrained(base_model_dir, subfolder="unet", dtype=torch.float32),
+            noise_scheduler=DDPMScheduler.from_pretrained(base_model_dir, subfolder="scheduler"),
+        )
+        vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
+        resolution = config.resolution or components.unet.config.sample_size * vae_scale
+        if resolution % vae_scale:
+            raise InvalidArgument(f"`resolution` is {resolution}: use a multiple of {vae_scale} for this base model")
 
-    # 2. A parent's learned token joins the vocabulary first (frozen: the method must not train the text side).
-    #    Then let the method freeze, unfreeze and add its weights (adapters, new token), and move to the device.
-    method = METHODS[config.method]()
-    if parent_embedding is not None:
-        add_learned_token(components.tokenizer, components.text_encoder, *parent_embedding)
-    method.prepare(components, config)
-    if parent_embedding is not None and method.trains_text_encoder:
-        raise InvalidArgument(f"`method` {config.method} trains the text side, so the parent's embedding would not "
-                              "stay frozen: use dreambooth or lora without `train_text_encoder`")
+        # 2. A parent's learned token joins the vocabulary first (frozen: the method must not train the text side).
+        #    Then let the method freeze, unfreeze and add its weights (adapters, new token), and move to the device.
+        method = METHODS[config.method]()
+        if parent_embedding is not None:
+            add_learned_token(components.tokenizer, components.text_encoder, *parent_embedding)
+        method.prepare(components, config)
+        if parent_embedding is not None and method.trains_text_encoder:
+            raise InvalidArgument(f"`method` {config.method} trains the text side, so the parent's embedding would not "
+                                  "stay frozen: use dreambooth or lora without `train_text_encoder`")
     for model in (components.text_encoder, components.vae, components.unet):
         model.to(device)
     components.vae.eval()
@@ -407,10 +410,10 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
             batch = torch.cat([batch, n_instance + torch.randint(0, n_class, (config.batch_size,), generator=generator)])
         batch = batch.to(device)
         # Sample latents from the cached distributions.
-        eps = torch.randn(latent_mean[batch].shape, generator=generator).to(device)
+        eps = torch.randn(latent_mean[batch].shape, generator=generator, dtype=torch.float32).to(device)
         latents = (latent_mean[batch] + latent_std[batch] * eps) * scaling
         # Sample noise and a timestep per image, and noise the latents (forward diffusion).
-        noise = torch.randn(latents.shape, generator=generator).to(device)
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -481,7 +484,8 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
     if dtype is not None and device.type == "cuda" or trained_dtype != torch.float32:  # saved files are fp32
         for model in (components.text_encoder, components.vae, components.unet):
             model.to(dtype=torch.float32)
-    artifact = method.save(output_dir)
+    with loading_models():  # a method may load the base's other components to save a whole pipeline
+        artifact = method.save(output_dir)
     if parent_embedding is not None and not method.saves_pipeline:
         from safetensors.torch import save_file
 

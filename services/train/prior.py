@@ -27,6 +27,7 @@ from PIL import Image
 
 from persona.services.runtime.artifacts import ArtifactStore, file_sha256
 from persona.services.runtime.errors import InvalidArgument
+from persona.services.runtime.model_loading import loading_models
 from persona.services.subjects.domain import indefinite_article
 from persona.services.subjects.images import png_bytes
 from persona.services.runtime.metadata import MetadataStore, Migration
@@ -126,8 +127,9 @@ class DiffusersClassImageGenerator:
         # fp16 on a GPU halves memory and time; CPUs have no fast fp16 kernels.
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         # The folder's own scheduler (DDIM for `tiny`): class images should look like what the model draws.
-        pipe = StableDiffusionPipeline.from_pretrained(
-            base_model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        with loading_models():
+            pipe = StableDiffusionPipeline.from_pretrained(
+                base_model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         try:
