@@ -187,7 +187,7 @@ def _generate_engine(settings: GenerateSettings, data_dir: Path):
         from persona.services.generate.triton_engine import triton_engine_from_settings
 
         return triton_engine_from_settings(settings, data_dir)
-    return EmbeddedEngine(settings)
+    return EmbeddedEngine(settings, cache_dir=data_dir / "cache")
 
 
 def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: SubjectSettings | None,

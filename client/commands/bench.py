@@ -210,8 +210,14 @@ def flow(
 class SamplingPath(str, Enum):
     triton = "triton"
     embedded = "embedded"
+    embedded_compile = "embedded-compile"
     diffusers = "diffusers"
     diffusers_compile = "diffusers-compile"
+
+
+# torch.compile of even the tiny UNet took 439 s on this project's 2-core CPU machines: compile rows are opt-in there.
+CPU_COMPILE_NOTE = ("diffusers-compile and embedded-compile are not timed on CPU by default: torch.compile of even "
+                    "the tiny UNet takes minutes there (439 s measured on 2 cores); pass --path to time them")
 
 
 @app.command("generate")
@@ -225,8 +231,9 @@ def generate(
     path: Annotated[Optional[list[SamplingPath]], typer.Option(
         "--path", show_default="triton, embedded, diffusers (+ diffusers-compile on CUDA)",
         help="What to time; repeat for several. triton: persona's Triton path (a tritonserver started here, the "
-             "model in its repository, one request per batch); embedded: persona's in-process engine; diffusers: "
-             "StableDiffusionPipeline (fp16 + SDPA on CUDA); diffusers-compile: the same with "
+             "model in its repository, one request per batch); embedded: persona's in-process engine (fp16 and one "
+             "CUDA graph per shape on CUDA); embedded-compile: the same with torch.compile of the UNet under the "
+             "graph; diffusers: StableDiffusionPipeline (fp16 + SDPA on CUDA); diffusers-compile: the same with "
              "torch.compile(unet, mode=reduce-overhead).")] = None,
     batch: Annotated[Optional[list[int]], typer.Option(
         "--batch", min=1, show_default="1 and 4", help="Images per call; repeat for several.")] = None,
@@ -245,14 +252,15 @@ def generate(
     as_json: JsonOption = False,
 ) -> None:
     """Time sampling through persona's Triton path and in-process engine beside diffusers' StableDiffusionPipeline
-    (and + torch.compile), in one run on one device; and the time to hot-load a new concept into Triton.
+    (and + torch.compile), in one run on one device; plus start and hot-load times.
 
     Same prompts, seeds, DDIM steps, guidance and size everywhere. Prints seconds per image (median of
-    --repeats calls), peak GPU memory and diffusers ÷ path for each batch size, then Triton's first load and a
-    second concept's hot-load (its own UNet, the base's text encoder and VAE shared). Runs locally; --server is
-    not used.
+    --repeats calls), peak GPU memory and each row's speed-up over diffusers and over diffusers + compile for each
+    batch size; then, per persona path, seconds to the first image in a fresh process (first start, and cached
+    start on what the first left) and to hot-load a second concept of the same base (its own UNet; the base's text
+    encoder and VAE shared). Runs locally; --server is not used.
 
-    Example: `persona-cli bench generate --base-model sd15 --device cuda --batch 1 --batch 4 --batch 8`
+    Example: `persona-cli bench generate --base-model sd15 --device cuda --batch 1 --batch 8 --json`
     """
     from dataclasses import asdict
 
@@ -269,6 +277,7 @@ def generate(
     dev = resolve_device(device)
     paths = [p.value for p in path] if path else (
         ["triton", "embedded", "diffusers"] + (["diffusers-compile"] if dev.type == "cuda" else []))
+    notes = [] if path or dev.type == "cuda" else [CPU_COMPILE_NOTE]
     batches = list(dict.fromkeys(batch or [1, 4]))
     note(f"preparing base model {base_model}")
     folder = bench_base_model(base_model, cache, config_root)
@@ -278,22 +287,38 @@ def generate(
                                     warmup=warmup, on_stage=lambda stage: note(stage))
     data = {"device": result.device, "base_model": base_model, "base_model_dir": str(folder), "resolution": size,
             "steps": steps, "guidance_scale": guidance, "scheduler": "ddim", "repeats": repeats, "warmup": warmup,
-            "rows": [asdict(r) for r in result.rows], "triton_first_load_seconds": result.first_load_seconds,
-            "triton_hot_load_seconds": result.hot_load_seconds, "triton_components": result.triton_components}
+            "rows": [asdict(r) for r in result.rows], "starts": [asdict(r) for r in result.starts],
+            "triton_first_load_seconds": result.first_load_seconds,
+            "triton_hot_load_seconds": result.hot_load_seconds, "triton_components": result.triton_components,
+            "notes": notes}
 
     def render() -> str:
         header = (f"device {result.device}; base model {base_model}; {size}x{size}; {steps} DDIM steps, CFG "
                   f"{guidance:g}; median of {repeats} after {warmup} warmup")
-        body = table(["PATH", "BATCH", "S/IMAGE", "PEAK GPU MEM", "DIFFUSERS ÷ PATH"],
+        body = table(["PATH", "BATCH", "S/IMAGE", "PEAK GPU MEM", "DIFFUSERS ÷ PATH", "DIFFUSERS+COMPILE ÷ PATH"],
                      [(r.path, r.batch, f"{r.seconds_per_image:.3f}",
                        _gib(r.peak_gpu_mem_bytes) + (" (device)" if r.memory_scope == "device" and
                                                      r.peak_gpu_mem_bytes is not None else ""),
-                       f"{r.speedup_vs_diffusers:.2f}x" if r.speedup_vs_diffusers is not None else "n/a")
+                       _ratio(r.speedup_vs_diffusers), _ratio(r.speedup_vs_diffusers_compile))
                       for r in result.rows])
         lines = [header, body]
+        starts = [(r.path, _seconds(r.first_start_seconds), _seconds(r.cached_start_seconds),
+                   _seconds(r.hot_load_seconds), "n/a" if r.recaptured is None else ("yes" if r.recaptured else "no"))
+                  for r in result.starts]
         if result.hot_load_seconds is not None:
-            lines.append(f"triton ({result.triton_components} components): first load {result.first_load_seconds:.2f}"
-                         f" s; hot-load of a second concept {result.hot_load_seconds:.2f} s")
+            starts.append((f"triton ({result.triton_components} components)", _seconds(result.first_load_seconds)
+                           + " (load)", "n/a", _seconds(result.hot_load_seconds), "n/a"))
+        if starts:
+            lines.append(table(["PATH", "FIRST START", "CACHED START", "HOT-LOAD", "RECAPTURED"], starts))
+        lines += notes
         return "\n".join(lines)
 
     s.output(as_json).emit(data, render)
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} s"

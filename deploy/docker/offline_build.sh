@@ -172,6 +172,10 @@ t=$(date +%s)
 log "pip wheel: torch==$TORCH_VERSION, persona and its dependencies → wheelhouse"
 (cd "$CTX" && "$PYTHON" -m pip wheel -q --disable-pip-version-check -w "$CTX/wheelhouse" "torch==$TORCH_VERSION" ".[postgres,kubernetes]" \
   >"$WORK/pip-wheel.log" 2>&1) || { tail -20 "$WORK/pip-wheel.log" >&2; die "pip wheel failed (host index/PyPI)"; }
+# The stand-in for NVIDIA's tritonserver in the triton image's proof (not a persona dependency: --no-deps, its
+# metadata pins numpy < 2); Dockerfile.triton installs it when the wheelhouse has it.
+"$PYTHON" -m pip download -q --disable-pip-version-check --no-deps -d "$CTX/wheelhouse" nvidia-pytriton==0.7.0 \
+  >>"$WORK/pip-wheel.log" 2>&1 || { tail -20 "$WORK/pip-wheel.log" >&2; die "pip download nvidia-pytriton failed"; }
 rm -rf "$CTX/build" "$CTX"/*.egg-info
 ls "$CTX/wheelhouse" | sed -n 's/^\([^-]*\)-\([^-]*\)-.*\.whl$/\1==\2/p' | sort >"$CTX/wheelhouse/constraints.txt"
 result wheelhouse "$(ls "$CTX/wheelhouse"/*.whl | wc -l) wheels, $(du -sm "$CTX/wheelhouse" | cut -f1) MB, $(( $(date +%s) - t ))s"

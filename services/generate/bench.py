@@ -1,5 +1,5 @@
 """Sampling benchmark: persona's Triton path and in-process engine beside diffusers' StableDiffusionPipeline (and
-the pipeline with a `torch.compile`d UNet), on one device in one run; plus the time to hot-load a new concept.
+the pipeline with a `torch.compile`d UNet), on one device in one run; plus start and hot-load times.
 
 Every path draws the same prompts with the same seeds, scheduler (DDIM), steps, guidance and size, in batches of
 `batch` images; a path's figure is the median over `repeats` timed calls after `warmup` untimed ones, in seconds
@@ -8,9 +8,15 @@ live in other processes, the peak of the device's used memory (sampled) above wh
 started.
 
 Hot-load: a second concept that shares the base's text encoder and VAE but has its own UNet (the base UNet with
-its weights nudged, as a fused LoRA would be) is loaded while the first stays loaded; the figure is the wall time
-of `TritonEngine.load` for it, export excluded (exports are made once, at training's end or with
-`persona-cli export`).
+its weights nudged, as a fused LoRA would be). On Triton it is loaded while the first stays loaded; the figure is
+the wall time of `TritonEngine.load` for it, export excluded (exports are made once, at training's end or with
+`persona-cli export`). In the embedded engine (full, one model) it takes over the base's modules: its weights are
+copied in place into the captured graphs; the figure is `EmbeddedEngine.load`, and `recaptured` says whether
+drawing it then needed a new capture (it should not).
+
+Starts (embedded paths): seconds from nothing to the first image (engine, model load, capture or compile, one
+image at the first batch size) in a fresh process, twice on one cache folder: `first` with it empty, `cached` with
+what the first left (torch.compile's kernels; CUDA graphs are captured anew every start).
 """
 from __future__ import annotations
 
@@ -19,14 +25,15 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from persona.services.runtime.errors import InvalidArgument
 
-PATHS = ("triton", "embedded", "diffusers", "diffusers-compile")
-REFERENCE = "diffusers"
+PATHS = ("triton", "embedded", "embedded-compile", "diffusers", "diffusers-compile")
+REFERENCES = ("diffusers", "diffusers-compile")  # every row's ratio is to each of these
+COMPILED = ("embedded-compile", "diffusers-compile")
 PROMPT = "a photo of a sks dog on the beach, golden hour"
 NEGATIVE = "blurry, low quality"
 
@@ -39,17 +46,33 @@ class SamplingRow:
     # Bytes; None on CPU. `memory_scope` says what was measured ("process" or "device").
     peak_gpu_mem_bytes: int | None
     memory_scope: str
-    # diffusers' s/image ÷ this path's for the same batch (> 1: faster than diffusers); None without that row.
-    speedup_vs_diffusers: float | None
+    # diffusers' (and diffusers + compile's) s/image ÷ this path's for the same batch (> 1: this path is faster);
+    # None without that row.
+    speedup_vs_diffusers: float | None = None
+    speedup_vs_diffusers_compile: float | None = None
+
+
+@dataclass(frozen=True)
+class StartRow:
+    """Seconds from nothing to the first image in a fresh process: on an empty cache folder, then on what that
+    left; hot-load: a second concept of the same base into the loaded engine (`recaptured`: it needed a new CUDA
+    graph capture)."""
+
+    path: str
+    first_start_seconds: float | None
+    cached_start_seconds: float | None
+    hot_load_seconds: float | None
+    recaptured: bool | None = None
 
 
 @dataclass(frozen=True)
 class SamplingBenchmark:
     device: str
     rows: list[SamplingRow]
-    hot_load_seconds: float | None
-    first_load_seconds: float | None
+    hot_load_seconds: float | None  # Triton's
+    first_load_seconds: float | None  # Triton's
     triton_components: str | None
+    starts: list[StartRow]
 
 
 def run_sampling_benchmark(base_model_dir: Path, *, device, paths: Sequence[str] = PATHS,
@@ -67,6 +90,7 @@ def run_sampling_benchmark(base_model_dir: Path, *, device, paths: Sequence[str]
     own_work_dir = work_dir is None
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="persona-bench-generate-"))
     rows: list[SamplingRow] = []
+    starts: list[StartRow] = []
     hot_load = first_load = components = None
     try:
         for path in paths:
@@ -75,21 +99,32 @@ def run_sampling_benchmark(base_model_dir: Path, *, device, paths: Sequence[str]
                 timings, hot_load, first_load, components = _triton(base_model_dir, device, batch_sizes, steps,
                                                                     guidance_scale, resolution, repeats, warmup,
                                                                     work_dir, on_stage)
-            elif path == "embedded":
-                timings = _embedded(base_model_dir, device, batch_sizes, steps, guidance_scale, resolution, repeats,
-                                    warmup)
+            elif path.startswith("embedded"):
+                compiled = path == "embedded-compile"
+                cache = work_dir / f"cache-{path}"
+                on_stage(f"{path}: first and cached start, each in a fresh process")
+                first, cached = (_start_in_child(base_model_dir, device, compiled, cache, steps, guidance_scale,
+                                                 resolution) for _ in range(2))
+                timings, hot, recaptured = _embedded(base_model_dir, device, batch_sizes, steps, guidance_scale,
+                                                     resolution, repeats, warmup, compiled, cache, work_dir)
+                starts.append(StartRow(path, first, cached, hot, recaptured))
             else:
                 timings = _diffusers(base_model_dir, device, batch_sizes, steps, guidance_scale, resolution, repeats,
                                      warmup, compiled=path == "diffusers-compile")
             for batch, (seconds, memory, scope) in timings.items():
-                rows.append(SamplingRow(path, batch, seconds, memory, scope, None))
+                rows.append(SamplingRow(path, batch, seconds, memory, scope))
     finally:
         if own_work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
-    reference = {r.batch: r.seconds_per_image for r in rows if r.path == REFERENCE}
-    rows = [SamplingRow(r.path, r.batch, r.seconds_per_image, r.peak_gpu_mem_bytes, r.memory_scope,
-                        reference[r.batch] / r.seconds_per_image if r.batch in reference else None) for r in rows]
-    return SamplingBenchmark(_device_name(device), rows, hot_load, first_load, components)
+    reference = {(r.path, r.batch): r.seconds_per_image for r in rows if r.path in REFERENCES}
+
+    def ratio(to: str, row: SamplingRow) -> float | None:
+        seconds = reference.get((to, row.batch))
+        return None if seconds is None else seconds / row.seconds_per_image
+
+    rows = [replace(r, speedup_vs_diffusers=ratio("diffusers", r),
+                    speedup_vs_diffusers_compile=ratio("diffusers-compile", r)) for r in rows]
+    return SamplingBenchmark(_device_name(device), rows, hot_load, first_load, components, starts)
 
 
 # --- the paths ---------------------------------------------------------------------------------------------------
@@ -117,25 +152,76 @@ def _time(draw: Callable[[], object], device, repeats: int, warmup: int) -> floa
     return statistics.median(seconds)
 
 
-def _embedded(folder, device, batch_sizes, steps, guidance, resolution, repeats, warmup) -> dict:
-    import torch
-    from transformers import CLIPTokenizer
+def _embedded_engine(device, compiled: bool, cache_dir: Path):
+    from .domain import EmbeddedEngine
+    from .settings import GenerateSettings
 
-    from . import sampling
+    settings = GenerateSettings(device=str(device), max_loaded=1, cuda_graphs=True, compile=compiled)
+    return EmbeddedEngine(settings, cache_dir=cache_dir)
 
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+
+def _embedded(folder, device, batch_sizes, steps, guidance, resolution, repeats, warmup, compiled: bool,
+              cache_dir: Path, work_dir: Path) -> tuple[dict, float, bool]:
+    """persona's embedded engine as the service runs it (fp16 + one CUDA graph per shape on CUDA); then the
+    hot-load of a second concept into it. Returns (timings, hot-load seconds, whether drawing it recaptured)."""
     _reset_peak(device)
-    models = sampling.TorchModels.from_folder(folder, device=str(device), dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    config = sampling.scheduler_config(folder)
+    engine = _embedded_engine(device, compiled, cache_dir)
+    engine.load("bench-base", folder)
     timings = {}
     for batch in batch_sizes:
         settings = _batch(batch, steps, guidance, resolution)
-        seconds = _time(lambda: sampling.sample_batch(models, tokenizer, config, settings), device, repeats, warmup)
+        seconds = _time(lambda: engine.draw_batch("bench-base", settings), device, repeats, warmup)
         timings[batch] = (seconds / batch, _peak(device), "process")
-    models = None  # freed before the next path loads its own copy
+    models = engine._models["bench-base"][0]
+    shapes = dict(getattr(models, "_denoisers", {}))
+    concept = _nudged_unet_copy(folder, work_dir / "embedded-concept")
+    started = time.perf_counter()
+    engine.load("bench-concept", concept)  # full (one model): copied into the base's modules in place
+    engine.draw_batch("bench-concept", _batch(batch_sizes[0], 2, guidance, resolution))
+    _synchronize(device)
+    hot_load = time.perf_counter() - started
+    reused = engine._models["bench-concept"][0] is models
+    recaptured = not reused or getattr(models, "_denoisers", {}) != shapes
+    engine.close()
     _free(device)
-    return timings
+    return timings, hot_load, recaptured
+
+
+def _start_in_child(folder, device, compiled: bool, cache_dir: Path, steps: int, guidance: float,
+                    resolution: int) -> float:
+    """Seconds to the first image in a fresh Python process (imports excluded): see the module docstring."""
+    import json
+    import subprocess
+    import sys
+
+    arguments = json.dumps({"folder": str(folder), "device": str(device), "compiled": compiled,
+                            "cache_dir": str(cache_dir), "steps": steps, "guidance": guidance,
+                            "resolution": resolution})
+    done = subprocess.run([sys.executable, "-c", "import sys; from persona.services.generate.bench import "
+                           "start_child; start_child(sys.argv[1])", arguments],
+                          capture_output=True, text=True, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the start measurement failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return float(json.loads(lines[-1])["seconds"])
+
+
+def start_child(arguments: str) -> None:
+    """The child of `_start_in_child`: imports first, then the timed start; prints {"seconds": …}."""
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel  # noqa: F401 - imported before the clock starts
+    from transformers import CLIPTextModel  # noqa: F401
+
+    given = json.loads(arguments)
+    device = torch.device(given["device"])
+    started = time.perf_counter()
+    engine = _embedded_engine(device, given["compiled"], Path(given["cache_dir"]))
+    engine.load("bench-start", Path(given["folder"]))
+    engine.draw_batch("bench-start", _batch(1, given["steps"], given["guidance"], given["resolution"]))
+    _synchronize(device)
+    print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
 
 
 def _diffusers(folder, device, batch_sizes, steps, guidance, resolution, repeats, warmup, compiled: bool) -> dict:

@@ -86,18 +86,21 @@ class Engine(Protocol):
 
 
 class EmbeddedEngine:
-    """Models in this process (torch), the `max_loaded` most recently used kept; one image at a time."""
+    """Models in this process (torch), the `max_loaded` most recently used kept; one batch at a time. On CUDA each
+    shape's denoising step is a CUDA graph (settings.cuda_graphs); a model loaded when the engine is full takes over
+    the least recently used one's modules when the architecture is the same (a concept of the same base): its
+    weights are copied in place, so the captured graphs draw it with no new capture (the hot-load)."""
 
     name = "embedded"
     model_format = "diffusers"
 
-    def __init__(self, settings: GenerateSettings):
+    def __init__(self, settings: GenerateSettings, cache_dir: Path | None = None):
         self.settings = settings
-        self._models: OrderedDict[str, tuple] = OrderedDict()
+        self.cache_dir = cache_dir  # torch.compile's kernels (settings.compile), kept across restarts
+        self._models: OrderedDict[str, tuple] = OrderedDict()  # key → (models, tokenizer, scheduler, info, folder)
         self._lock = threading.RLock()
 
     def load(self, key: str, folder: Path) -> LoadedModel:
-        import torch
         from transformers import CLIPTokenizer
 
         with self._lock:
@@ -105,15 +108,43 @@ class EmbeddedEngine:
                 self._models.move_to_end(key)
                 return replace(self._models[key][3], load_seconds=0.0)
             started = time.perf_counter()
-            device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            dtype = torch.float16 if device.startswith("cuda") else torch.float32
-            models = sampling.TorchModels.from_folder(folder, device=device, dtype=dtype)
+            models = self._recycled(folder) or self._fresh(folder)
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
             info = LoadedModel(key, read_model_configs(folder).native_resolution, time.perf_counter() - started)
-            self._models[key] = (models, tokenizer, sampling.scheduler_config(folder), info)
+            self._models[key] = (models, tokenizer, sampling.scheduler_config(folder), info, Path(folder))
             while len(self._models) > self.settings.max_loaded:
                 self._models.popitem(last=False)
             return info
+
+    def _fresh(self, folder: Path):
+        import torch
+
+        device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        models = sampling.TorchModels.from_folder(folder, device=device, dtype=dtype,
+                                                  cuda_graphs=self.settings.cuda_graphs)
+        if self.settings.compile:
+            models.compile_unet(self.cache_dir / "torchinductor" if self.cache_dir else None)
+        return models
+
+    def _recycled(self, folder: Path):
+        """The least recently used model's modules with `folder`'s weights copied in, when the engine is full and
+        the architectures match; else None (and nothing changed)."""
+        import logging
+
+        if len(self._models) < self.settings.max_loaded or not self._models:
+            return None
+        oldest = next(iter(self._models))
+        models = self._models[oldest][0]
+        if not all((Path(folder) / name / "config.json").is_file() for name in models.COMPONENTS):
+            return None
+        del self._models[oldest]  # evicted either way; its modules may be half-copied on a mismatch
+        try:
+            models.load_weights(folder)
+        except ValueError as error:
+            logging.getLogger("persona.generate").info("loading %s afresh: %s", folder, error)
+            return None
+        return models
 
     def unload(self, key: str) -> bool:
         with self._lock:
@@ -132,7 +163,7 @@ class EmbeddedEngine:
 
     def draw_batch(self, key: str, batch: Sequence[SamplingSettings]) -> list:
         with self._lock:
-            models, tokenizer, scheduler_config, _ = self._models[key]
+            models, tokenizer, scheduler_config, _, _ = self._models[key]
             return sampling.sample_batch(models, tokenizer, scheduler_config, batch)
 
 

@@ -8,7 +8,7 @@ the same weights, seed, scheduler, steps and guidance the images equal the pipel
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 # Scheduler names of the API → diffusers classes (configured from the model's scheduler_config.json).
@@ -75,6 +75,21 @@ def make_scheduler(name: str, scheduler_config: dict):
     return getattr(diffusers, SCHEDULERS[name]).from_config(scheduler_config)
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """What every image of one pass of the loop shares (images differ only in prompt, negative prompt and seed)."""
+
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, settings: SamplingSettings) -> "LoopSettings":
+        return cls(settings.steps, settings.guidance_scale, settings.scheduler, settings.height, settings.width)
+
+
 def sample(models: SamplerModels, tokenizer, scheduler_config: dict, settings: SamplingSettings,
            on_step: Callable[[int, int], None] | None = None):
     """Draws one image for `settings`; returns it as a PIL image."""
@@ -87,56 +102,77 @@ def sample_batch(models: SamplerModels, tokenizer, scheduler_config: dict, batch
     returns PIL images in order. Entries may differ in prompt, negative prompt and seed; steps, guidance,
     scheduler and size must be equal (`batch_key` says which settings can share a batch). Image k equals what
     `sample` draws for `batch[k]` alone, as diffusers' pipeline with one generator per image does."""
-    import torch
-
     batch = list(batch)
     if not batch:
         return []
-    first = batch[0]
-    if any(batch_key(s) != batch_key(first) for s in batch):
+    loop = LoopSettings.of(batch[0])
+    if any(LoopSettings.of(s) != loop for s in batch):
         raise ValueError("settings in one batch must share steps, guidance_scale, scheduler, height and width")
+    pixels = sample_ids(models, scheduler_config, loop, tokenize(tokenizer, [s.prompt for s in batch]),
+                        tokenize(tokenizer, [s.negative_prompt for s in batch]), [s.seed for s in batch], on_step)
+    return to_pil(pixels)
+
+
+def tokenize(tokenizer, texts: Sequence[str]):
+    """(batch, model_max_length) int64 token ids, padded and truncated as diffusers' pipeline does."""
+    return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def sample_ids(models: SamplerModels, scheduler_config: dict, loop: LoopSettings, prompt_ids, negative_ids,
+               seeds: Sequence[int], on_step: Callable[[int, int], None] | None = None, static: bool = True):
+    """The loop on token ids (`tokenize`; negative ids are used only with guidance > 1): one image per seed, as
+    (batch, height, width, RGB) uint8 pixels (a numpy array). `static`: run the steps on static buffers where the
+    scheduler allows (denoise.py: the same images; on CUDA, with `models.cuda_graphs`, replayed from one CUDA graph
+    per shape); False: the plain loop."""
+    import torch
+
+    from . import denoise
+
     with torch.inference_mode():
-        scheduler = make_scheduler(first.scheduler, scheduler_config)
-        do_guidance = first.guidance_scale > 1.0
-        embeddings = _encode(models, tokenizer, [s.prompt for s in batch])
+        scheduler = make_scheduler(loop.scheduler, scheduler_config)
+        do_guidance = loop.guidance_scale > 1.0
+        embeddings = _encode(models, prompt_ids)
         if do_guidance:  # the unconditional half first, as diffusers orders the CFG batch
-            embeddings = torch.cat([_encode(models, tokenizer, [s.negative_prompt for s in batch]), embeddings])
+            embeddings = torch.cat([_encode(models, negative_ids), embeddings])
 
         # Starting noise from one CPU generator per image: the same seed gives the same image on any device and
         # in any batch.
-        shape = (1, models.latent_channels, first.height // models.vae_scale_factor,
-                 first.width // models.vae_scale_factor)
-        generators = [torch.Generator("cpu").manual_seed(s.seed) for s in batch]
+        shape = (1, models.latent_channels, loop.height // models.vae_scale_factor,
+                 loop.width // models.vae_scale_factor)
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
         latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
         latents = latents.to(models.device)
-        scheduler.set_timesteps(first.steps, device=models.device)
+        scheduler.set_timesteps(loop.steps, device=models.device)
         latents = latents * scheduler.init_noise_sigma
-        step_kwargs = _step_kwargs(scheduler, generators if len(generators) > 1 else generators[0])
 
-        timesteps = scheduler.timesteps
-        for index, t in enumerate(timesteps):
-            model_input = torch.cat([latents] * 2) if do_guidance else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            noise = models.predict_noise(model_input, t, embeddings).float()
-            if do_guidance:
-                uncond, text = noise.chunk(2)
-                noise = uncond + first.guidance_scale * (text - uncond)
-            latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
-            if on_step is not None:
-                on_step(index + 1, len(timesteps))
+        if static and denoise.supports(scheduler):
+            steps = denoise.denoiser(models, latents, embeddings, do_guidance, scheduler.config.prediction_type)
+            latents = steps.run(latents, embeddings, loop.guidance_scale, scheduler.timesteps,
+                                denoise.ddim_coefficients(scheduler), on_step)
+        else:
+            step_kwargs = _step_kwargs(scheduler, generators if len(generators) > 1 else generators[0])
+            for index, t in enumerate(scheduler.timesteps):
+                model_input = torch.cat([latents] * 2) if do_guidance else latents
+                model_input = scheduler.scale_model_input(model_input, t)
+                noise = models.predict_noise(model_input, t, embeddings).float()
+                if do_guidance:
+                    uncond, text = noise.chunk(2)
+                    noise = uncond + loop.guidance_scale * (text - uncond)
+                latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+                if on_step is not None:
+                    on_step(index + 1, len(scheduler.timesteps))
 
         images = models.decode(latents / models.scaling_factor).float()
-        return to_pil(images)
+        return to_pixels(images)
 
 
 def batch_key(settings: SamplingSettings) -> tuple:
     """Settings with equal keys can be drawn in one batch."""
-    return (settings.steps, settings.guidance_scale, settings.scheduler, settings.height, settings.width)
+    return astuple(LoopSettings.of(settings))
 
 
-def _encode(models: SamplerModels, tokenizer, texts: list[str]):
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+def _encode(models: SamplerModels, ids):
     return models.encode_text(ids.to(models.device)).float()
 
 
@@ -153,28 +189,45 @@ def _step_kwargs(scheduler, generator) -> dict:
     return kwargs
 
 
-def to_pil(images) -> list:
-    """(batch, 3, H, W) tensors in [-1, 1] → PIL images, as diffusers' VaeImageProcessor.postprocess("pil")."""
+def to_pixels(images):
+    """(batch, 3, H, W) tensors in [-1, 1] → (batch, H, W, 3) uint8 pixels, as diffusers'
+    VaeImageProcessor.postprocess("pil") rounds them."""
     import numpy as np
-    from PIL import Image
 
     array = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
-    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+    return (array * 255).round().astype(np.uint8)
+
+
+def to_pil(pixels) -> list:
+    """(batch, H, W, 3) uint8 pixels → PIL images."""
+    from PIL import Image
+
+    return [Image.fromarray(image) for image in pixels]
 
 
 class TorchModels:
-    """SamplerModels over the torch modules of a diffusers Stable Diffusion folder (the in-process engine)."""
+    """SamplerModels over the torch modules of a diffusers Stable Diffusion folder (the in-process engine).
 
-    def __init__(self, text_encoder, unet, vae, device, dtype=None):
+    `cuda_graphs`: on CUDA, each shape's denoising step is captured once and replayed (denoise.py); off by default
+    because hooks on the modules (evaluate's attention maps) would only see the capture. `compile_unet` adds
+    torch.compile (inductor) under that graph; `load_weights` swaps in a model of the same architecture in place."""
+
+    COMPONENTS = ("text_encoder", "unet", "vae")
+
+    def __init__(self, text_encoder, unet, vae, device, dtype=None, cuda_graphs: bool = False):
+        import torch
+
         self.text_encoder, self.unet, self.vae = text_encoder, unet, vae
-        self.device = device
+        self.device = torch.device(device)
         self.dtype = dtype or next(unet.parameters()).dtype
         self.latent_channels = unet.config.in_channels
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = vae.config.scaling_factor
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._unet_forward = unet
 
     @classmethod
-    def from_folder(cls, folder, device: str = "cpu", dtype=None) -> "TorchModels":
+    def from_folder(cls, folder, device: str = "cpu", dtype=None, cuda_graphs: bool = False) -> "TorchModels":
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
@@ -190,13 +243,55 @@ class TorchModels:
             )
         for module in parts.values():
             module.to(device).eval()
-        return cls(**parts, device=torch.device(device), dtype=dtype)
+        return cls(**parts, device=torch.device(device), dtype=dtype, cuda_graphs=cuda_graphs)
+
+    def compile_unet(self, cache_dir=None) -> None:
+        """torch.compile the UNet (inductor's default mode: max-autotune compiles for > 9 minutes on an H100), its
+        kernels cached under `cache_dir` (TORCHINDUCTOR_CACHE_DIR unless already set) so a restart reuses them;
+        the CUDA graph of the whole step (cuda_graphs) still removes the launches."""
+        import os
+
+        import torch
+
+        if cache_dir is not None:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+        self._unet_forward = torch.compile(self.unet, fullgraph=True, dynamic=False)
+
+    def load_weights(self, folder) -> None:
+        """Copies the weights of `folder` (a diffusers folder of the same architecture: a concept of the same base)
+        into these modules in place, so captured CUDA graphs draw the new model with no new capture; ValueError
+        when the architectures differ (then these modules may hold a mix: drop them)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from .denoise import copy_weights_in_place
+
+        folder = Path(folder)
+        for name in self.COMPONENTS:
+            module = getattr(self, name)
+            config = json.loads((folder / name / "config.json").read_text())
+            own = {k: v for k, v in module.config.to_dict().items() if not k.startswith("_")} if hasattr(
+                module.config, "to_dict") else dict(module.config)
+            differing = sorted(k for k, v in config.items() if not k.startswith("_") and k in own and own[k] != v
+                               and k not in ("torch_dtype", "dtype", "transformers_version"))
+            if differing:
+                raise ValueError(f"{folder / name} differs in architecture ({', '.join(differing[:3])})")
+            files = sorted(p for p in (folder / name).glob("*.safetensors") if ".fp16." not in p.name)
+            if not files:
+                raise ValueError(f"{folder / name} has no safetensors weights")
+            state = {}
+            for file in files:
+                state.update(load_file(file, device=str(self.device)))
+            copy_weights_in_place(module, state)
 
     def encode_text(self, input_ids):
         return self.text_encoder(input_ids)[0]
 
     def predict_noise(self, latents, timestep, text_embeddings):
-        return self.unet(latents.to(self.dtype), timestep, text_embeddings.to(self.dtype)).sample
+        return self._unet_forward(latents.to(self.dtype), timestep, text_embeddings.to(self.dtype),
+                                  return_dict=False)[0]
 
     def decode(self, latents):
         return self.vae.decode(latents.to(self.dtype)).sample

@@ -31,6 +31,12 @@ class GenerateSettings:
     device: str | None = None
     # Models the embedded engine keeps loaded, least recently used dropped first (PERSONA_GENERATE_MAX_LOADED).
     max_loaded: int = 2
+    # Embedded engine on CUDA: each shape's denoising step (UNet on both CFG halves + DDIM update) captured as one
+    # CUDA graph and replayed (PERSONA_GENERATE_CUDA_GRAPHS, default 1; denoise.py).
+    cuda_graphs: bool = True
+    # Embedded engine: torch.compile the UNet too (PERSONA_GENERATE_COMPILE=1; minutes on first use, kernels
+    # cached under <data dir>/cache/torchinductor for the next start).
+    compile: bool = False
     # Images drawn in one pass of the sampling loop (PERSONA_GENERATE_BATCH): more is faster per image on a GPU,
     # but each image is streamed only when its batch is done.
     batch_size: int = 1
@@ -70,6 +76,8 @@ class GenerateSettings:
             device=os.environ.get("PERSONA_GENERATE_DEVICE", "").strip() or None,
             max_loaded=max(1, env_int("PERSONA_GENERATE_MAX_LOADED", 2)),
             batch_size=env_int("PERSONA_GENERATE_BATCH", 1),
+            cuda_graphs=_env_bool("PERSONA_GENERATE_CUDA_GRAPHS") is not False,
+            compile=_env_bool("PERSONA_GENERATE_COMPILE") is True,
             triton_url=os.environ.get("PERSONA_TRITON_URL", "").strip() or None,
             triton_repository=Path(repository).expanduser() if repository else None,
             triton_component_backend=os.environ.get("PERSONA_TRITON_COMPONENT_BACKEND", "").strip() or None,

@@ -3,7 +3,8 @@
 A model is loaded by writing its ONNX export — or, with torch components, its diffusers folder — into the model
 repository (`TritonRepository`: shared component models, one `sd_pipeline` model, a folder per concept) and
 asking Triton to load what is not READY yet; drawing is one inference request to `sd_pipeline` per batch of
-images. Nothing restarts: new concepts arrive by Triton's explicit model control while others keep serving.
+images: prompts tokenised here with the concept's tokenizer and sent as INT64 token ids, the concept, scheduler and
+shared settings as request parameters (no BYTES tensor: triton_models says why). Nothing restarts: new concepts arrive by Triton's explicit model control while others keep serving.
 
 Where Triton lives (`TritonEndpoint`): a server persona starts itself on the repository (`ManagedTriton`: the
 `tritonserver` bundled in nvidia-pytriton, or NVIDIA's), or one someone else runs (`ExternalTriton`: a URL, e.g.
@@ -23,7 +24,7 @@ from typing import Protocol, Sequence
 from persona.services.runtime.errors import FailedPrecondition, NotFound, PersonaError, Unavailable
 
 from .domain import LoadedModel
-from .sampling import SamplingSettings
+from .sampling import LoopSettings, SamplingSettings, tokenize
 from .triton_models import PIPELINE_MODEL
 from .triton_repository import RepositoryEntry, TritonRepository, model_name
 from .triton_server import TritonServer, load_model, to_persona_error, unload_model
@@ -90,7 +91,7 @@ class TritonEngine:
         self.rpc_timeout_s = rpc_timeout_s
         self.load_timeout_s = load_timeout_s
         self.infer_timeout_s = infer_timeout_s
-        self._loaded: dict[str, tuple[RepositoryEntry, LoadedModel]] = {}
+        self._loaded: dict[str, tuple[RepositoryEntry, LoadedModel, object]] = {}  # key → (entry, info, tokenizer)
         self._lock = threading.RLock()
 
     @property
@@ -102,16 +103,19 @@ class TritonEngine:
     # -- Engine
 
     def load(self, key: str, folder: Path) -> LoadedModel:
+        from transformers import CLIPTokenizer
+
         with self._lock:
             if key in self._loaded:
-                entry, info = self._loaded[key]
+                entry, info, _ = self._loaded[key]
                 self._ensure_ready(entry)
                 return LoadedModel(key, info.resolution, 0.0)
             started = time.perf_counter()
             entry = self.repository.add(model_name(key), folder)
+            tokenizer = CLIPTokenizer.from_pretrained(Path(folder) / "tokenizer")  # every export format keeps it
             self._ensure_ready(entry)
             info = LoadedModel(key, entry.native_resolution, time.perf_counter() - started)
-            self._loaded[key] = (entry, info)
+            self._loaded[key] = (entry, info, tokenizer)
             return info
 
     def unload(self, key: str) -> bool:
@@ -119,7 +123,7 @@ class TritonEngine:
             found = self._loaded.pop(key, None)
             if found is None:
                 return False
-            in_use = {m for entry, _ in self._loaded.values() for m in entry.components.values()}
+            in_use = {m for entry, _, _ in self._loaded.values() for m in entry.components.values()}
             with self._client() as client:
                 for model in found[0].components.values():
                     if model not in in_use:
@@ -128,7 +132,7 @@ class TritonEngine:
 
     def loaded(self) -> list[LoadedModel]:
         with self._lock:
-            return [info for _, info in self._loaded.values()]
+            return [info for _, info, _ in self._loaded.values()]
 
     def start(self) -> None:
         """Starts a managed tritonserver now (an external one is only expected to be there)."""
@@ -149,14 +153,14 @@ class TritonEngine:
         from PIL import Image
 
         with self._lock:
-            entry, _ = self._loaded[key]
+            entry, _, tokenizer = self._loaded[key]
         try:
-            pixels = self._infer(entry, batch)
+            pixels = self._infer(entry, tokenizer, batch)
         except (FailedPrecondition, NotFound, Unavailable) as error:
             self.endpoint.ensure_running()  # a managed server that died is started again here
             if not self._reload_if_lost(entry):
                 raise error
-            pixels = self._infer(entry, batch)
+            pixels = self._infer(entry, tokenizer, batch)
         return [Image.fromarray(image) for image in pixels]
 
     # -- Triton calls
@@ -203,31 +207,29 @@ class TritonEngine:
         self._ensure_ready(entry)
         return True
 
-    def _infer(self, entry: RepositoryEntry, batch: Sequence[SamplingSettings]):
+    def _infer(self, entry: RepositoryEntry, tokenizer, batch: Sequence[SamplingSettings]):
+        from dataclasses import asdict
+
         import numpy as np
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
-        first = batch[0]
         columns = [
-            ("CONCEPT", np.array([entry.name.encode()], dtype=object), "BYTES"),
-            ("PROMPTS", np.array([s.prompt.encode() for s in batch], dtype=object), "BYTES"),
-            ("NEGATIVE_PROMPTS", np.array([s.negative_prompt.encode() for s in batch], dtype=object), "BYTES"),
-            ("SEEDS", np.array([s.seed for s in batch], dtype=np.int64), "INT64"),
-            ("STEPS", np.array([first.steps], dtype=np.int32), "INT32"),
-            ("GUIDANCE_SCALE", np.array([first.guidance_scale], dtype=np.float64), "FP64"),
-            ("SCHEDULER", np.array([first.scheduler.encode()], dtype=object), "BYTES"),
-            ("HEIGHT", np.array([first.height], dtype=np.int32), "INT32"),
-            ("WIDTH", np.array([first.width], dtype=np.int32), "INT32"),
+            ("PROMPT_IDS", tokenize(tokenizer, [s.prompt for s in batch]).numpy().astype(np.int64)),
+            ("NEGATIVE_IDS", tokenize(tokenizer, [s.negative_prompt for s in batch]).numpy().astype(np.int64)),
+            ("SEEDS", np.array([s.seed for s in batch], dtype=np.int64)),
         ]
         inputs = []
-        for name, array, dtype in columns:
-            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        for name, array in columns:
+            tensor = grpcclient.InferInput(name, list(array.shape), "INT64")
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
+        parameters = {"concept": entry.name, **asdict(LoopSettings.of(batch[0]))}
+        parameters["guidance_scale"] = float(parameters["guidance_scale"])  # a double, even when whole
         try:
             with self._client() as client:
-                result = client.infer(PIPELINE_MODEL, inputs, client_timeout=self.infer_timeout_s)
+                result = client.infer(PIPELINE_MODEL, inputs, parameters=parameters,
+                                      client_timeout=self.infer_timeout_s)
         except InferenceServerException as error:
             raise to_persona_error(error, f"drawing on Triton ({entry.name})") from error
         except PersonaError:

@@ -10,8 +10,18 @@ these classes, so what runs inside Triton is ordinary, importable, reviewable co
 - `TorchComponent` serves the same component from the diffusers weights with torch (fp16 on CUDA, optionally
   replayed from CUDA graphs), speaking exactly the ONNX graph's inputs and outputs: the GPU path where the server
   has only the python backend and the machine only a CPU onnxruntime (the nvidia-pytriton bundle).
-- `StableDiffusionPipelineModel` runs `sampling.sample_batch` — the same loop as the in-process engine — over
+- `StableDiffusionPipelineModel` runs `sampling.sample_ids` — the same loop as the in-process engine — over
   the three component models, calling them through BLS (business logic scripting) requests.
+
+Tensors cross the python backend by DLPack only (`from_triton`, `to_triton`), never through its numpy bridge
+(`as_numpy()`, `pb_utils.Tensor(name, ndarray)`), and no model has a BYTES tensor. The stub of the Triton 2.51
+bundled in nvidia-pytriton (and NVIDIA's images of that age) was built with pybind11 2.10, which predates numpy 2's
+ABI: under numpy ≥ 2 its numpy views of Triton's buffers read a dtype's itemsize as 0, so an INT64 input [1, 2, 3]
+arrives as [1, 1, 1], outputs come back empty, and a BYTES input, which the stub deserialises through numpy as
+soon as the request arrives, kills the stub (`unpack_from requires a buffer of at least 168430094 bytes`: the
+length prefix 0x0A read four times). python_backend#384 (pybind11 2.12) fixed it upstream; DLPack never went
+through that code, so this path works with numpy 1 and 2 and with every Triton since 2.1x. What is text (the
+concept, the scheduler) travels as request parameters (`request.parameters()`, JSON), prompts as token ids.
 
 `triton_python_backend_utils` exists only inside Triton's stub process, so it is imported where it is used, and
 heavy packages are imported in `initialize` (Triton imports model.py twice, once only to read it).
@@ -27,18 +37,18 @@ PIPELINE_MODEL = "sd_pipeline"
 CONCEPTS_FOLDER = "concepts"  # sd_pipeline/concepts/<name>/<version>/: what each concept is made of
 PIPELINE_FILE = "pipeline.json"  # in a concept's version folder: component model names, latent geometry
 
-# Inputs and outputs of the pipeline model: one row per image; the scalars apply to every image of the request.
+# Inputs and outputs of the pipeline model: one row per image, token ids from the concept's own tokenizer (the
+# caller tokenises: no text tensor crosses the python backend, see the module docstring).
 PIPELINE_INPUTS = (
-    ("CONCEPT", "BYTES", [1]),  # which concept folder (persona writes them; see triton_repository)
-    ("PROMPTS", "BYTES", [-1]),
-    ("NEGATIVE_PROMPTS", "BYTES", [-1]),
+    ("PROMPT_IDS", "INT64", [-1, -1]),  # [image, tokenizer.model_max_length]
+    ("NEGATIVE_IDS", "INT64", [-1, -1]),
     ("SEEDS", "INT64", [-1]),
-    ("STEPS", "INT32", [1]),
-    ("GUIDANCE_SCALE", "FP64", [1]),  # FP64: the scale drawn is exactly the scale reported
-    ("SCHEDULER", "BYTES", [1]),
-    ("HEIGHT", "INT32", [1]),
-    ("WIDTH", "INT32", [1]),
 )
+# Request parameters of the pipeline model (tritonclient `parameters=`), shared by every image of the request:
+# name → type. `concept` names the concept folder (persona writes them; see triton_repository); guidance_scale is
+# a double, so the scale drawn is exactly the scale reported.
+PIPELINE_PARAMETERS = {"concept": str, "scheduler": str, "steps": int, "guidance_scale": float, "height": int,
+                       "width": int}
 PIPELINE_OUTPUTS = (("IMAGES", "UINT8", [-1, -1, -1, 3]),)  # [image, height, width, RGB]
 
 # A torch component: its diffusers subfolder (under the model's version folder) and the input and output names of
@@ -85,17 +95,19 @@ class OnnxRuntimeComponent:
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def execute(self, requests: list) -> list:
+        import torch
         import triton_python_backend_utils as pb_utils
 
         responses = []
         for request in requests:  # exactly one response per request, errors included
             try:
-                feeds = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy().astype(dtype, copy=False)
-                         for name, dtype in self.inputs.items()}
+                # torch's numpy bridge, not the stub's (see the module docstring).
+                feeds = {name: from_triton(_input_tensor(pb_utils, request, name), "cpu").numpy().astype(
+                    dtype, copy=False) for name, dtype in self.inputs.items()}
                 wanted = list(request.requested_output_names()) or self.outputs
                 results = self.session.run(wanted, feeds)
                 responses.append(pb_utils.InferenceResponse(
-                    [pb_utils.Tensor(name, value) for name, value in zip(wanted, results)]))
+                    [to_triton(pb_utils, name, torch.from_numpy(value)) for name, value in zip(wanted, results)]))
             except Exception as error:  # a bad request must not take the model down
                 responses.append(_error_response(pb_utils, error))
         return responses
@@ -146,21 +158,14 @@ class TorchComponent:
                     raise ValueError(f"no output {', '.join(unknown)}: this model has {', '.join(self.outputs)}")
                 with torch.inference_mode():
                     results = dict(zip(self.outputs, self.forward(*inputs)))
-                responses.append(pb_utils.InferenceResponse([_to_triton(pb_utils, name, results[name])
+                responses.append(pb_utils.InferenceResponse([to_triton(pb_utils, name, results[name])
                                                              for name in wanted]))
             except Exception as error:  # a bad request must not take the model down
                 responses.append(_error_response(pb_utils, error))
         return responses
 
     def _input(self, pb_utils, request, name: str):
-        import torch
-
-        tensor = pb_utils.get_input_tensor_by_name(request, name)
-        if tensor is None:
-            raise ValueError(f"input {name} is missing")
-        if tensor.is_cpu():
-            return torch.from_numpy(tensor.as_numpy()).to(self.device)
-        return torch.from_dlpack(tensor.to_dlpack()).to(self.device)  # on the GPU already: no host copy
+        return from_triton(_input_tensor(pb_utils, request, name), self.device)
 
     def finalize(self) -> None:
         self.module = self.forward = None
@@ -203,13 +208,27 @@ def _torch_forward(component: str, module, dtype) -> Callable:
     return forward
 
 
-def _to_triton(pb_utils, name: str, value):
+def _input_tensor(pb_utils, request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise ValueError(f"input {name} is missing")
+    return tensor
+
+
+def from_triton(tensor, device=None):
+    """A python-backend tensor as a torch tensor (on `device` when given), by DLPack: no host copy of GPU tensors,
+    and none of the stub's numpy bridge (see the module docstring)."""
     import torch
 
-    value = value.contiguous()
-    if value.is_cuda:  # handed over by DLPack: stays on the GPU
-        return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value))
-    return pb_utils.Tensor(name, value.numpy())
+    value = torch.from_dlpack(tensor.to_dlpack())
+    return value if device is None else value.to(device)
+
+
+def to_triton(pb_utils, name: str, value):
+    """A torch tensor as a python-backend tensor, by DLPack (stays on its device)."""
+    import torch
+
+    return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
 
 
 def _warn(message: str) -> None:
@@ -290,25 +309,15 @@ class BlsModels:
         self.models = pipeline["models"]  # component → Triton model name
 
     def _call(self, component: str, inputs: dict, output: str):
-        import torch
         import triton_python_backend_utils as pb_utils
 
-        tensors = []
-        for name, value in inputs.items():
-            value = value.contiguous()
-            if value.is_cuda:  # stays on the GPU: handed over by DLPack, no host copy
-                tensors.append(pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value)))
-            else:
-                tensors.append(pb_utils.Tensor(name, value.numpy()))
+        tensors = [to_triton(pb_utils, name, value) for name, value in inputs.items()]  # GPU tensors stay there
         request = pb_utils.InferenceRequest(model_name=self.models[component], requested_output_names=[output],
                                             inputs=tensors)
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{component} model {self.models[component]}: {response.error().message()}")
-        result = pb_utils.get_output_tensor_by_name(response, output)
-        if result.is_cpu():
-            return torch.from_numpy(result.as_numpy()).to(self.device)
-        return torch.from_dlpack(result.to_dlpack()).to(self.device)
+        return from_triton(pb_utils.get_output_tensor_by_name(response, output), self.device)
 
     def encode_text(self, input_ids):
         return self._call("text_encoder", {"input_ids": input_ids.long()}, "last_hidden_state")
@@ -326,20 +335,19 @@ class BlsModels:
 
 
 class StableDiffusionPipelineModel:
-    """Text → images for any concept of the repository: reads the concept's folder (component model names,
-    tokenizer, scheduler), runs the shared sampling loop over BLS components, returns uint8 images."""
+    """Token ids → images for any concept of the repository: reads the concept's folder (component model names,
+    scheduler), runs the shared sampling loop over BLS components, returns uint8 images. The caller tokenises with
+    the concept's tokenizer (its folder keeps one for that)."""
 
     def initialize(self, args: dict) -> None:
         import torch
 
         self.concepts_dir = Path(args["model_repository"]) / CONCEPTS_FOLDER
         self.device = torch.device(_instance_device(args))
-        self._concepts: dict[str, tuple] = {}  # name → (version, models, tokenizer, scheduler config)
+        self._concepts: dict[str, tuple] = {}  # name → (version, models, scheduler config)
 
     def concept(self, name: str) -> tuple:
-        """(models, tokenizer, scheduler config) of the newest version of concept `name`, cached per version."""
-        from transformers import CLIPTokenizer
-
+        """(models, scheduler config) of the newest version of concept `name`, cached per version."""
         from persona.services.generate import sampling
 
         folder = self.concepts_dir / name
@@ -350,14 +358,12 @@ class StableDiffusionPipelineModel:
         if cached is None or cached[0] != versions[-1]:
             version_dir = folder / str(versions[-1])
             pipeline = json.loads((version_dir / PIPELINE_FILE).read_text())
-            scheduler_config = sampling.scheduler_config(version_dir)
-            tokenizer = CLIPTokenizer.from_pretrained(version_dir / "tokenizer")
-            cached = (versions[-1], BlsModels(pipeline, self.device), tokenizer, scheduler_config)
+            cached = (versions[-1], BlsModels(pipeline, self.device), sampling.scheduler_config(version_dir))
             self._concepts[name] = cached
         return cached[1:]
 
     def execute(self, requests: list) -> list:
-        import numpy as np
+        import torch
         import triton_python_backend_utils as pb_utils
 
         from persona.services.generate import sampling
@@ -365,37 +371,37 @@ class StableDiffusionPipelineModel:
         responses = []
         for request in requests:
             try:
-                get = lambda name: pb_utils.get_input_tensor_by_name(request, name)  # noqa: E731
-                models, tokenizer, scheduler_config = self.concept(_column(get, "CONCEPT")[0])
-                images = sampling.sample_batch(models, tokenizer, scheduler_config, settings_from_request(get))
-                pixels = np.stack([np.asarray(image, dtype=np.uint8) for image in images])
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("IMAGES", pixels)]))
+                parameters = request_parameters(request.parameters())
+                models, scheduler_config = self.concept(parameters.pop("concept"))
+                loop = sampling.LoopSettings(**parameters)
+                tensor = lambda name: from_triton(_input_tensor(pb_utils, request, name), "cpu")  # noqa: E731
+                prompt_ids, negative_ids, seeds = tensor("PROMPT_IDS"), tensor("NEGATIVE_IDS"), tensor("SEEDS")
+                if not prompt_ids.ndim == negative_ids.ndim == 2 or not (
+                        len(prompt_ids) == len(negative_ids) == len(seeds) > 0):
+                    raise ValueError("PROMPT_IDS and NEGATIVE_IDS ([image, token]) and SEEDS ([image]) need one row "
+                                     f"per image (got {list(prompt_ids.shape)}, {list(negative_ids.shape)}, "
+                                     f"{list(seeds.shape)})")
+                pixels = torch.from_numpy(sampling.sample_ids(models, scheduler_config, loop, prompt_ids, negative_ids,
+                                                              [int(s) for s in seeds.tolist()]))
+                responses.append(pb_utils.InferenceResponse([to_triton(pb_utils, "IMAGES", pixels)]))
             except Exception as error:
                 responses.append(_error_response(pb_utils, error))
         return responses
 
 
-def _column(get_tensor, name: str) -> list:
-    tensor = get_tensor(name)
-    if tensor is None:
-        raise ValueError(f"input {name} is missing")
-    values = tensor.as_numpy().reshape(-1).tolist()
-    return [v.decode("utf-8") if isinstance(v, bytes) else v for v in values]
-
-
-def settings_from_request(get_tensor) -> list:
-    """The batch of `SamplingSettings` a pipeline request asks for (`get_tensor(name)` → a Triton tensor)."""
-    from persona.services.generate.sampling import SamplingSettings
-
-    def column(name: str) -> list:
-        return _column(get_tensor, name)
-
-    prompts, negatives, seeds = column("PROMPTS"), column("NEGATIVE_PROMPTS"), column("SEEDS")
-    if not len(prompts) == len(negatives) == len(seeds) or not prompts:
-        raise ValueError(f"PROMPTS, NEGATIVE_PROMPTS and SEEDS need one row per image (got {len(prompts)}, "
-                         f"{len(negatives)}, {len(seeds)})")
-    shared = dict(steps=int(column("STEPS")[0]), guidance_scale=float(column("GUIDANCE_SCALE")[0]),
-                  scheduler=str(column("SCHEDULER")[0]), height=int(column("HEIGHT")[0]),
-                  width=int(column("WIDTH")[0]))
-    return [SamplingSettings(prompt=p, negative_prompt=n, seed=int(s), **shared)
-            for p, n, s in zip(prompts, negatives, seeds)]
+def request_parameters(raw: str | dict) -> dict:
+    """The `PIPELINE_PARAMETERS` of a pipeline request (`request.parameters()`: a JSON object), typed and checked;
+    a missing or mistyped one is an error naming it."""
+    given = json.loads(raw or "{}") if isinstance(raw, str) else dict(raw)
+    values = {}
+    for name, kind in PIPELINE_PARAMETERS.items():
+        value = given.get(name)
+        what = {str: "a string", int: "an integer", float: "a number"}[kind]
+        if value is None:
+            raise ValueError(f"request parameter `{name}` is missing: send {what} (persona's TritonEngine does)")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not kind:
+            raise ValueError(f"request parameter `{name}` is {value!r}: send {what}")
+        values[name] = value
+    return values

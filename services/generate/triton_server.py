@@ -5,7 +5,8 @@ Where the binary comes from (`find_tritonserver`, first match wins):
 1. `PERSONA_TRITONSERVER`: the binary itself, or an install root holding `bin/tritonserver`
    (NVIDIA's container: `/opt/tritonserver`);
 2. a `tritonserver` on `PATH`, then `/opt/tritonserver/bin/tritonserver`;
-3. the binary bundled in the `nvidia-pytriton` wheel (Triton 2.51, **python backend only**).
+3. the binary bundled in the `nvidia-pytriton` wheel (Triton 2.51, **python backend only**), installed on its own
+   with `pip install --no-deps nvidia-pytriton==0.7.0` (not a dependency of persona: its metadata pins numpy < 2).
 
 The bundled binary needs three things its wheel does not do on its own (measured, see DESIGN "Triton"):
 the python backend stub built for the running interpreter copied next to `libtriton_python.so`
@@ -49,10 +50,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ENV_TRITONSERVER = "PERSONA_TRITONSERVER"
 DEFAULT_INSTALL_ROOT = Path("/opt/tritonserver")
+# The bundled server for laptops and CI; --no-deps because nvidia-pytriton's metadata pins numpy < 2, which persona
+# does not need (it runs only the binary and python-backend files of the wheel; tritonclient comes with persona).
+BUNDLED_INSTALL = "pip install --no-deps nvidia-pytriton==0.7.0"
 INSTALL_ADVICE = (
-    "install the Python extra that bundles it (`pip install nvidia-pytriton tritonclient[grpc]`, "
-    "Linux x86_64/aarch64, python backend only), run inside NVIDIA's Triton container "
-    "(nvcr.io/nvidia/tritonserver, binary at /opt/tritonserver/bin/tritonserver), "
+    f"for a local one, `{BUNDLED_INSTALL}` (tritonserver 2.51, python backend only, Linux x86_64/aarch64); in "
+    "production run NVIDIA's Triton container (nvcr.io/nvidia/tritonserver, binary at "
+    "/opt/tritonserver/bin/tritonserver) and point persona at it with PERSONA_TRITON_URL; "
     f"or set {ENV_TRITONSERVER} to a tritonserver binary or install root")
 
 

@@ -1,7 +1,7 @@
 """GenerateService on the Triton engine, through a real gRPC server and the real `tritonserver` (bundled in
-nvidia-pytriton, python backend): concepts load from their ONNX exports without a restart, images equal
-diffusers' StableDiffusionPipeline on the concept's weights, a second concept hot-loads while the first serves,
-and a Triton that dies is UNAVAILABLE at once and serves again when it is back."""
+nvidia-pytriton, python backend) under numpy 2: concepts load from their ONNX exports without a restart, images
+equal diffusers' StableDiffusionPipeline on the concept's weights, a second concept hot-loads while the first
+serves, and a Triton that dies is UNAVAILABLE at once and serves again when it is back."""
 from __future__ import annotations
 
 import io
@@ -29,6 +29,13 @@ def _train(client, photos, method: str = "lora", steps: int = 3) -> str:
     final = client.wait_for_job(job.job_id, timeout_s=600)
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
     return job.params["concept_id"]
+
+
+def test_these_tests_run_under_numpy_2():
+    """The Triton python backend's stub (and its python models, which import this environment's numpy) misreads
+    numpy 2 arrays (services/generate/triton_models.py says how); `.[dev]` requires numpy ≥ 2 so that the tests
+    below prove persona's path avoids that, on the numpy every current CUDA stack has."""
+    assert int(np.__version__.split(".")[0]) >= 2, f"numpy {np.__version__}: reinstall with pip install -e '.[dev]'"
 
 
 @pytest.fixture

@@ -22,9 +22,12 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 TEST_LIMIT_S = 60
 
+# Through persona's DLPack helpers, as every persona model reads and writes tensors (the stub's numpy bridge reads
+# wrong values under numpy 2: triton_models says why).
 TOY_MODEL = '''\
-import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from persona.services.generate.triton_models import from_triton, to_triton
 
 
 class TritonPythonModel:
@@ -34,10 +37,10 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            a = pb_utils.get_input_tensor_by_name(request, "A").as_numpy()
-            b = pb_utils.get_input_tensor_by_name(request, "B").as_numpy()
+            a = from_triton(pb_utils.get_input_tensor_by_name(request, "A"))
+            b = from_triton(pb_utils.get_input_tensor_by_name(request, "B"))
             out = a + b if self.op == "add" else a * b
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", out.astype(np.float32))]))
+            responses.append(pb_utils.InferenceResponse([to_triton(pb_utils, "OUT", out.float())]))
         return responses
 '''
 
@@ -132,6 +135,19 @@ def test_find_tritonserver_names_the_missing_path_and_how_to_install(tmp_path, m
     assert str(missing) in err.value.message
     assert "nvidia-pytriton" in err.value.message and "/opt/tritonserver" in err.value.message
     assert err.value.code == "FAILED_PRECONDITION"
+
+
+def test_no_tritonserver_anywhere_names_the_install_command(tmp_path, monkeypatch):
+    """nvidia-pytriton is not a dependency of persona (its metadata pins numpy < 2): without it, and with no server
+    on PATH or in /opt, the error gives the one command that installs the bundled server, and the production way."""
+    monkeypatch.delenv(ts.ENV_TRITONSERVER, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(ts, "DEFAULT_INSTALL_ROOT", tmp_path / "opt-tritonserver")
+    monkeypatch.setattr(ts, "_pytriton_root", lambda: None)  # as if the wheel were not installed
+    with pytest.raises(FailedPrecondition) as err:
+        ts.find_tritonserver()
+    assert "pip install --no-deps nvidia-pytriton==0.7.0" in err.value.message
+    assert "PERSONA_TRITON_URL" in err.value.message and "nvcr.io/nvidia/tritonserver" in err.value.message
 
 
 def test_python_stub_preparation_is_idempotent_under_a_race(install, tmp_path):

@@ -1,5 +1,7 @@
-"""`persona-cli bench generate` on the tiny model (CPU): every path draws, each row carries its ratio to diffusers,
-and Triton reports its first load and a second concept's hot-load. Figures are printed, never asserted."""
+"""`persona-cli bench generate` on the tiny model (CPU): every path draws, each row carries its ratio to diffusers
+(and to diffusers + compile where that row exists), the embedded engine reports its first and cached start and a
+second concept's in-place hot-load, Triton its first load and hot-load, and the output says why compile rows are
+left out on a CPU. Figures are printed, never asserted."""
 from __future__ import annotations
 
 import json
@@ -26,3 +28,8 @@ def test_bench_generate_prints_every_path_beside_diffusers(tmp_path, monkeypatch
         rows[("diffusers", 1)]["seconds_per_image"] / rows[("triton", 1)]["seconds_per_image"])
     assert data["triton_hot_load_seconds"] > 0 and data["triton_first_load_seconds"] > 0
     assert data["triton_components"] == "python" and data["device"].startswith("cpu")
+    assert all(r["speedup_vs_diffusers_compile"] is None for r in rows.values())  # no compile row on CPU…
+    assert any("torch.compile" in line and "--path" in line for line in data["notes"])  # …and it says why
+    [start] = data["starts"]
+    assert start["path"] == "embedded" and start["first_start_seconds"] > 0 and start["cached_start_seconds"] > 0
+    assert start["hot_load_seconds"] > 0 and start["recaptured"] is False  # the base's modules, weights copied in

@@ -1,17 +1,16 @@
 """The Triton model repository writer on a real ONNX export of the tiny model: content-addressed components shared
 between concepts, one pipeline model, versioned concept folders, configs for the python backend and the native
-onnxruntime platform; and how a pipeline request becomes sampling settings."""
+onnxruntime platform; and how a pipeline request's parameters become the loop's settings."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 
 from persona.services.generate.onnx_export import export_pipeline_to_onnx
-from persona.services.generate.triton_models import settings_from_request
+from persona.services.generate.triton_models import request_parameters
 from persona.services.generate.triton_repository import TritonRepository, model_name
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
@@ -35,7 +34,10 @@ def test_a_concept_becomes_three_shared_components_and_a_versioned_folder(onnx_e
     assert "OnnxRuntimeComponent" in (unet / "1" / "model.py").read_text()
     pipeline = tmp_path / "models" / "sd_pipeline"
     assert "StableDiffusionPipelineModel" in (pipeline / "1" / "model.py").read_text()
-    assert 'name: "CONCEPT"' in (pipeline / "config.pbtxt").read_text()
+    # Token ids in, pixels out, no BYTES (TYPE_STRING) tensor in any model: triton_models says why.
+    pipeline_config = (pipeline / "config.pbtxt").read_text()
+    assert 'name: "PROMPT_IDS"' in pipeline_config and "TYPE_INT64" in pipeline_config
+    assert not [p for p in (tmp_path / "models").rglob("config.pbtxt") if "TYPE_STRING" in p.read_text()]
     described = json.loads((pipeline / "concepts" / "cpt_a" / "1" / "pipeline.json").read_text())
     assert described["models"] == entry.components and described["latent_channels"] == 4
 
@@ -88,30 +90,19 @@ def test_model_names_are_safe_and_stable():
     assert name != model_name("base:/home/me/models/sd 2.1")
 
 
-class _Tensor:
-    def __init__(self, values):
-        self.values = np.array(values, dtype=object if isinstance(values[0], bytes) else None)
-
-    def as_numpy(self):
-        return self.values
-
-
-def test_a_pipeline_request_is_one_settings_row_per_image():
-    inputs = {"PROMPTS": [b"a sks dog", "a sks dog in the snow".encode()], "NEGATIVE_PROMPTS": [b"", b"blurry"],
-              "SEEDS": [4, 5], "STEPS": [30], "GUIDANCE_SCALE": [7.25], "SCHEDULER": [b"ddim"], "HEIGHT": [512],
-              "WIDTH": [768]}
-    batch = settings_from_request(lambda name: _Tensor(inputs[name]) if name in inputs else None)
-    assert [(s.prompt, s.negative_prompt, s.seed) for s in batch] == [("a sks dog", "", 4),
-                                                                      ("a sks dog in the snow", "blurry", 5)]
-    assert {(s.steps, s.guidance_scale, s.scheduler, s.height, s.width) for s in batch} == {(30, 7.25, "ddim", 512,
-                                                                                              768)}
-    inputs["SEEDS"] = [4]
-    with pytest.raises(ValueError, match="one row per image"):
-        settings_from_request(lambda name: _Tensor(inputs[name]))
-    del inputs["STEPS"]
-    inputs["SEEDS"] = [4, 5]
-    with pytest.raises(ValueError, match="STEPS is missing"):
-        settings_from_request(lambda name: _Tensor(inputs[name]) if name in inputs else None)
+def test_a_pipeline_request_carries_its_shared_settings_as_typed_parameters():
+    """`request.parameters()` is JSON; a whole guidance scale arrives as an int and is still a float; a missing or
+    mistyped parameter is an error naming it."""
+    raw = json.dumps({"concept": "cpt_a", "scheduler": "ddim", "steps": 30, "guidance_scale": 7.25, "height": 512,
+                      "width": 768, "priority": 0})
+    assert request_parameters(raw) == {"concept": "cpt_a", "scheduler": "ddim", "steps": 30, "guidance_scale": 7.25,
+                                       "height": 512, "width": 768}
+    whole = request_parameters({**json.loads(raw), "guidance_scale": 7})["guidance_scale"]
+    assert whole == 7.0 and isinstance(whole, float)
+    with pytest.raises(ValueError, match="`steps` is missing"):
+        request_parameters({k: v for k, v in json.loads(raw).items() if k != "steps"})
+    with pytest.raises(ValueError, match="`height` is '512': send an integer"):
+        request_parameters({**json.loads(raw), "height": "512"})
 
 
 def test_tensorrt_engines_become_native_tensorrt_plan_models(onnx_export, tmp_path):

@@ -143,14 +143,17 @@ def test_component_backend_choice(tmp_path):
 
 
 class _Tensor:
+    """DLPack only, as persona uses the python backend's tensors (no as_numpy: its numpy bridge breaks on numpy 2)."""
+
     def __init__(self, name, value):
         self.name, self.value = name, np.asarray(value)
 
-    def is_cpu(self):
-        return True
+    def to_dlpack(self):
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self.value))
 
-    def as_numpy(self):
-        return self.value
+    @classmethod
+    def from_dlpack(cls, name, capsule):
+        return cls(name, torch.from_dlpack(capsule).numpy())
 
 
 class _Request:
