@@ -16,7 +16,7 @@ from typing import Iterator, Protocol, Sequence
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from ..subjects.images import png_bytes
-from ..train.base_models import read_model_configs, resolve_base_model
+from ..train.base_models import read_model_configs
 from ..train.domain import TrainDomain
 from . import sampling
 from .sampling import SamplingSettings
@@ -243,7 +243,7 @@ class GenerateDomain:
             with self._owners_lock:
                 self._owners[concept_id] = tenant_id
             return replace(loaded, resolution=concept.resolution or loaded.resolution)
-        base = resolve_base_model(base_model, self.train.settings)
+        base = self.train.resolve_base(base_model)
         folder = base.path if self.engine.model_format == "diffusers" else self._base_onnx(base.path)
         return self.engine.load(f"base:{base.path}", folder)
 

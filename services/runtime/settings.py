@@ -33,6 +33,18 @@ def env_float(name: str, default: float) -> float:
     return _env_number(name, default, float, "a number")
 
 
+def env_flag(name: str) -> bool | None:
+    """A yes/no environment variable (1/true/yes, 0/false/no); None when unset or empty."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no"):
+        return False
+    raise InvalidArgument(f"`{name}` is {raw!r}: use 1 or 0")
+
+
 AUTH_MODES = ("none", "api-key")
 
 
@@ -59,6 +71,17 @@ class RuntimeSettings:
     # several persona processes (pods, a train worker next to the server). Empty: SQLite in the data dir.
     # Left out of repr: it may hold a password.
     database_url: str = field(default="", repr=False)
+    # Whether a request may name any local folder as a model (`base_model`, a mask `model`): yes for the embedded
+    # CLI and `persona-cli up` (a user on their own files); `persona-cli serve` turns it off (PERSONA_MODEL_PATHS=0),
+    # leaving the operator's allow-list: `tiny`, folders under `models_root`, hub ids in the Hugging Face cache
+    # (only those in `allowed_models` when set) and `allowed_models` themselves.
+    model_paths: bool = True
+    # Folder of the base models a server offers by name (PERSONA_MODELS_ROOT); None: the model cache
+    # (PERSONA_MODEL_CACHE, default <data dir>/models).
+    models_root: Path | None = None
+    # References a server accepts exactly (PERSONA_ALLOWED_MODELS, comma-separated hub ids or folders); when set,
+    # the only hub ids accepted.
+    allowed_models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -83,7 +106,11 @@ class RuntimeSettings:
             rpc_workers=env_int("PERSONA_RPC_WORKERS", cls.rpc_workers),
             resume_interrupted_jobs=os.environ.get("PERSONA_RESUME_JOBS", "1") not in ("0", "false", "no"),
             database_url=os.environ.get("PERSONA_DATABASE_URL", "").strip(),
+            model_paths=env_flag("PERSONA_MODEL_PATHS"),
+            models_root=Path(os.environ["PERSONA_MODELS_ROOT"]) if os.environ.get("PERSONA_MODELS_ROOT") else None,
+            allowed_models=tuple(r.strip() for r in os.environ.get("PERSONA_ALLOWED_MODELS", "").split(",")
+                                 if r.strip()),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["data_dir"] = Path(values["data_dir"]).expanduser()
-        return cls(**values)
+        return cls(**{k: v for k, v in values.items() if v is not None})  # unset: the field's default
