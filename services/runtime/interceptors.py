@@ -76,12 +76,15 @@ def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
 
 
 class RequestIdInterceptor(ScopedInterceptor):
-    """Takes the client's `x-request-id` or makes one, and sends it back as initial metadata."""
+    """Takes the client's `x-request-id` or makes one, and sends it back as trailing metadata.
+
+    Not as initial metadata: a client commits a call once headers arrive, so an early header would stop grpc's
+    retry policy from retrying a RESOURCE_EXHAUSTED or UNAVAILABLE answer."""
 
     @contextlib.contextmanager
     def scope(self, details, context):
         request_id = _metadata(details).get("x-request-id") or uuid.uuid4().hex[:16]
-        context.send_initial_metadata((("x-request-id", request_id),))
+        context.set_trailing_metadata((("x-request-id", request_id),))
         previous = set_call(CallInfo(request_id=request_id, method=details.method))
         try:
             yield
@@ -116,6 +119,10 @@ class ErrorMappingInterceptor(ScopedInterceptor):
         try:
             yield
         except PersonaError as e:
+            retry_after_s = getattr(e, "retry_after_s", None)
+            if retry_after_s is not None:  # grpc's client retry policy waits this long before its next attempt
+                context.set_trailing_metadata((("x-request-id", current_call().request_id),
+                                               ("grpc-retry-pushback-ms", str(int(retry_after_s * 1000)))))
             context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), e.message)
         except Exception:
             request_id = current_call().request_id

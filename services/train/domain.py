@@ -240,6 +240,13 @@ class TrainDomain:
         options["class_prompt"] = options.get("class_prompt") or class_prompt_for(subject.class_name)
         options["validation_prompts"] = list(options.get("validation_prompts") or
                                              [f"a {subject.token} {subject.class_name} on the beach"])
+        limits = self.settings
+        if options["resolution"] > limits.max_resolution:
+            raise InvalidArgument(f"`resolution` is {options['resolution']}: this server trains at most "
+                                  f"{limits.max_resolution} (PERSONA_TRAIN_MAX_RESOLUTION); e.g. 512 for SD-1.5")
+        if options["batch_size"] > limits.max_batch_size:
+            raise InvalidArgument(f"`batch_size` is {options['batch_size']}: this server takes at most "
+                                  f"{limits.max_batch_size} (PERSONA_TRAIN_MAX_BATCH); e.g. 1, as DreamBooth")
         config = self._config(options, method, subject.token, regularizers, subject.class_name)
         config.validate()
         return options, config
