@@ -34,7 +34,7 @@ from persona.services.runtime.interceptors import standard_interceptors
 from persona.services.runtime.job_service import job_service
 from persona.services.runtime.metadata import MetadataStore, SQLiteMetadataStore
 from persona.services.runtime.model_access import ModelAccess
-from persona.services.runtime.server import RunningServer, create_server
+from persona.services.runtime.server import Pools, RunningServer, create_server
 from persona.services.runtime.settings import RuntimeSettings
 from persona.services.subjects import domain as subjects_domain
 from persona.services.subjects.servicer import subject_service
@@ -272,10 +272,12 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subjec
                          "train": train_service(d.train), "generate": generate_service(generate),
                          "evaluate": evaluate_service(d.evaluate)}
         server = create_server(
-            [job_service(runner), subject_service(subjects), *(registrations[name] for name in SERVICES
+            [job_service(runner, settings.max_watch_streams), subject_service(subjects), *(registrations[name] for name in SERVICES
                                                                if name in serving)], address,
             interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
-            workers=settings.rpc_workers,
+            workers=Pools(quick=settings.rpc_workers, work=settings.work_workers,
+                          # a few beyond the limit, so the call over it is turned away at once, not queued
+                          waiting=settings.max_watch_streams + 8),
         )
         if start_engine and serving & DRAWING_SERVICES:
             try:

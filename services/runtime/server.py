@@ -32,6 +32,8 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     service_names: list[str] = field(default_factory=list)
+    # The routed pools (PoolRoutingInterceptor), shut down with the server.
+    executors: tuple = ()
 
     @property
     def address(self) -> str:
@@ -46,18 +48,70 @@ class RunningServer:
         """Reports NOT_SERVING, lets in-flight calls finish for up to `grace_s`, then stops."""
         self.set_serving(False)
         self.server.stop(grace_s).wait()
+        for executor in self.executors:
+            executor.shutdown(wait=False)
+
+
+# RPCs that answer from the metadata store at once, whatever else runs: health, reflection, Get…/List…, cancels and
+# deletes. They have a thread pool of their own, so long calls and streams never make them wait (a busy pod's
+# health probe must not time out).
+QUICK_METHODS = ("Get", "List", "Cancel", "Delete", "Check", "SetCaption", "ServerReflectionInfo")
+# Server streams that mostly wait (a job's events): a pool of their own, sized by how many may be open at once.
+WAITING_METHODS = ("/persona.v1.JobService/WatchJob",)
+
+
+def is_quick(method: str) -> bool:
+    """Whether `method` ("/persona.v1.SubjectService/ListSubjects") is served from the quick pool."""
+    return method.startswith("/grpc.") or method.rsplit("/", 1)[-1].startswith(QUICK_METHODS)
+
+
+class PoolRoutingInterceptor(grpc.ServerInterceptor):
+    """Outermost: runs each call on the pool of its kind (quick, waiting streams, or work), by grpc's per-handler
+    `experimental_thread_pool`; the server's own pool is the quick one."""
+
+    def __init__(self, waiting: futures.ThreadPoolExecutor, work: futures.ThreadPoolExecutor):
+        self.waiting, self.work = waiting, work
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or is_quick(method):
+            return handler
+        pool = self.waiting if method in WAITING_METHODS else self.work
+        for attribute in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behaviour = getattr(handler, attribute)
+            if behaviour is not None:
+                def routed(*args, _behaviour=behaviour):
+                    return _behaviour(*args)
+
+                routed.experimental_thread_pool = pool
+                return handler._replace(**{attribute: routed})
+        return handler
+
+
+@dataclass(frozen=True)
+class Pools:
+    """Threads of a server: `quick` for health and cheap reads, `work` for everything long (generate, uploads,
+    exports, masks, starts), `waiting` for WatchJob streams (each holds one while open)."""
+
+    quick: int = 32
+    work: int = 32
+    waiting: int = 128
 
 
 def create_server(services: Sequence[ServiceRegistration], address: str, *,
                   interceptors: Sequence[grpc.ServerInterceptor], max_message_bytes: int,
-                  workers: int = 32) -> RunningServer:
+                  workers: int | Pools = Pools()) -> RunningServer:
     """Builds and starts a server on `address` ("127.0.0.1:0" picks a free port).
 
     Health reports NOT_SERVING until the caller calls `set_serving(True)` once it is ready.
     """
+    pools = workers if isinstance(workers, Pools) else Pools(quick=workers)
+    waiting = futures.ThreadPoolExecutor(max_workers=pools.waiting, thread_name_prefix="persona-watch")
+    work = futures.ThreadPoolExecutor(max_workers=pools.work, thread_name_prefix="persona-work")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="persona-rpc"),
-        interceptors=list(interceptors),
+        futures.ThreadPoolExecutor(max_workers=pools.quick, thread_name_prefix="persona-rpc"),
+        interceptors=[PoolRoutingInterceptor(waiting, work), *interceptors],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -76,7 +130,8 @@ def create_server(services: Sequence[ServiceRegistration], address: str, *,
         port = 0
     if port == 0:
         raise Unavailable(f"cannot listen on {address}: is another server using that port? Pick another --port")
-    running = RunningServer(server=server, port=port, health=health_servicer, service_names=names)
+    running = RunningServer(server=server, port=port, health=health_servicer, service_names=names,
+                            executors=(waiting, work))
     running.set_serving(False)
     server.start()
     return running

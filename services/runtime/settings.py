@@ -60,8 +60,14 @@ class RuntimeSettings:
     max_message_bytes: int = 128 * 1024 * 1024
     # Worker threads executing jobs (PERSONA_JOB_WORKERS).
     job_workers: int = 2
-    # Threads serving RPCs (PERSONA_RPC_WORKERS); a WatchJob stream holds one while it lasts.
+    # Threads serving health and quick reads (PERSONA_RPC_WORKERS): Get…, List…, cancels, deletes. They never wait
+    # behind the rest.
     rpc_workers: int = 32
+    # Threads serving long calls (PERSONA_WORK_WORKERS): Generate (itself queued: PERSONA_GENERATE_CONCURRENCY,
+    # PERSONA_GENERATE_QUEUE), uploads, masks, exports, Start… calls.
+    work_workers: int = 32
+    # WatchJob streams open at once (PERSONA_MAX_WATCH_STREAMS), a thread each; one more is RESOURCE_EXHAUSTED.
+    max_watch_streams: int = 128
     # On start, resume jobs a crash interrupted when their service can (PERSONA_RESUME_JOBS=0 fails
     # them instead, with an error that says so).
     resume_interrupted_jobs: bool = True
@@ -86,6 +92,10 @@ class RuntimeSettings:
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
             raise InvalidArgument(f"`auth` is {self.auth!r}: use one of {', '.join(AUTH_MODES)}")
+        for name, value in (("rpc_workers", self.rpc_workers), ("work_workers", self.work_workers),
+                            ("max_watch_streams", self.max_watch_streams)):
+            if value < 1:
+                raise InvalidArgument(f"`{name}` is {value}: use 1 or more")
         if self.max_message_bytes < 1024 * 1024:
             raise InvalidArgument("`max_message_bytes` is below 1 MiB: raise PERSONA_MAX_MESSAGE_BYTES")
         url = self.database_url
@@ -104,6 +114,8 @@ class RuntimeSettings:
             max_message_bytes=env_int("PERSONA_MAX_MESSAGE_BYTES", cls.max_message_bytes),
             job_workers=env_int("PERSONA_JOB_WORKERS", cls.job_workers),
             rpc_workers=env_int("PERSONA_RPC_WORKERS", cls.rpc_workers),
+            work_workers=env_int("PERSONA_WORK_WORKERS", cls.work_workers),
+            max_watch_streams=env_int("PERSONA_MAX_WATCH_STREAMS", cls.max_watch_streams),
             resume_interrupted_jobs=os.environ.get("PERSONA_RESUME_JOBS", "1") not in ("0", "false", "no"),
             database_url=os.environ.get("PERSONA_DATABASE_URL", "").strip(),
             model_paths=env_flag("PERSONA_MODEL_PATHS"),
