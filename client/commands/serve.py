@@ -80,6 +80,16 @@ def serve(
 
     Logs go to stderr; SIGTERM or Ctrl-C stops it gracefully, letting calls in flight finish.
 
+    Limits (environment, default): health and quick reads (Get…/List…/cancels) have their own threads, so they
+    answer under any load (PERSONA_RPC_WORKERS 32); long calls share PERSONA_WORK_WORKERS (32); WatchJob streams
+    PERSONA_MAX_WATCH_STREAMS (128). Generate draws PERSONA_GENERATE_CONCURRENCY calls at once (1) with
+    PERSONA_GENERATE_QUEUE more waiting (8); beyond that RESOURCE_EXHAUSTED with a time to retry after. One Generate
+    draws at most PERSONA_GENERATE_MAX_PIXELS per image (1048576), PERSONA_GENERATE_MAX_IMAGES images (16) and
+    PERSONA_GENERATE_MAX_MEGAPIXEL_STEPS steps × megapixels (256); training at most PERSONA_TRAIN_MAX_RESOLUTION
+    (1024) and PERSONA_TRAIN_MAX_BATCH (16); an upload PERSONA_MAX_UPLOAD_PIXELS (256000000) in all, photos decoded
+    within PERSONA_DECODE_BUDGET_PIXELS at once (128000000). Requests never name server paths as models unless
+    --model-paths.
+
     Example: `persona-cli serve --host 0.0.0.0 --port 50051 --data-dir /srv/persona`, or one service:
     `persona-cli serve --services train …`
     """
