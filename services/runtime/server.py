@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .errors import Unavailable
+from .interceptors import rebuilt_handler
 
 log = logging.getLogger("persona.server")
 
@@ -78,15 +79,15 @@ class PoolRoutingInterceptor(grpc.ServerInterceptor):
         if handler is None or is_quick(method):
             return handler
         pool = self.waiting if method in WAITING_METHODS else self.work
-        for attribute in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behaviour = getattr(handler, attribute)
-            if behaviour is not None:
-                def routed(*args, _behaviour=behaviour):
-                    return _behaviour(*args)
 
-                routed.experimental_thread_pool = pool
-                return handler._replace(**{attribute: routed})
-        return handler
+        def routed(kind, behaviour):
+            def call(*args):
+                return behaviour(*args)
+
+            call.experimental_thread_pool = pool
+            return call
+
+        return rebuilt_handler(handler, routed)
 
 
 @dataclass(frozen=True)
