@@ -4,8 +4,10 @@ PersonaClientError(code, message)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -61,6 +63,18 @@ class _CallDetails(grpc.ClientCallDetails):
         self.compression = getattr(details, "compression", None)
 
 
+# grpc's own retries, for every call: a server restarting (UNAVAILABLE) or busy (RESOURCE_EXHAUSTED, whose
+# grpc-retry-pushback-ms says when to come back) is tried again with exponential backoff, up to 5 attempts.
+# A server stream is retried only until its first message; `wait_for_job` re-attaches to a job's stream itself.
+RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.5s", "maxBackoff": "10s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]},
+}]})
+# How long `wait_for_job` keeps trying to re-attach to a job's stream when the server goes away (a restart).
+REATTACH_S = 120.0
+
+
 def open_channel(address: str, api_key: str | None = None) -> grpc.Channel:
     """A channel to `address` that sends `api_key` (if any) with every call.
 
@@ -68,7 +82,8 @@ def open_channel(address: str, api_key: str | None = None) -> grpc.Channel:
     for a server behind a TLS-terminating ingress or load balancer, verified against the system's roots or the
     PEM bundle in PERSONA_TLS_CA (a private CA)."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
     if address.startswith("grpcs://"):
         ca_path = os.environ.get("PERSONA_TLS_CA", "").strip()
         try:
@@ -131,11 +146,41 @@ class PersonaClient:
         """The channel `service`'s calls use ("caption", "train", …): its own address if given, else the default."""
         return self.service_channels.get(service, self.channel)
 
-    def wait_for_job(self, job_id: str, on_event=lambda event: None, timeout_s: float | None = None) -> common_pb2.Job:
-        """Follows WatchJob until the job ends, calling `on_event` for each event; returns the final Job."""
-        for event in self.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job_id), timeout=timeout_s):
-            on_event(event)
-        return self.jobs.GetJob(common_pb2.GetJobRequest(job_id=job_id))
+    def wait_for_job(self, job_id: str, on_event=lambda event: None, timeout_s: float | None = None,
+                     reattach_s: float = REATTACH_S) -> common_pb2.Job:
+        """Follows WatchJob until the job ends, calling `on_event` for each event once; returns the final Job.
+
+        When the server goes away (UNAVAILABLE: a restart, a rolling update), it re-attaches after the last event
+        seen, retrying with backoff for up to `reattach_s` seconds (a job resumed by the restarted server goes on)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        seen, backoff, lost = 0, 0.5, None  # lost: when the stream was last lost, unless an event came since
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                for event in self.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job_id, after_sequence=seen),
+                                                timeout=left):
+                    seen, backoff, lost = event.sequence, 0.5, None
+                    on_event(event)
+                return self.jobs.GetJob(common_pb2.GetJobRequest(job_id=job_id), timeout=left)
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise
+                lost = lost or time.monotonic()
+                if not self._reconnect(lost + reattach_s if deadline is None else min(deadline, lost + reattach_s),
+                                       backoff):
+                    raise
+                backoff = min(backoff * 2, 10.0)
+
+    def _reconnect(self, until: float, backoff: float) -> bool:
+        """Waits `backoff` seconds, then until the channel is connected again or `until`; whether it is."""
+        if time.monotonic() >= until:
+            return False
+        time.sleep(min(backoff, max(0.0, until - time.monotonic())))
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=max(0.0, until - time.monotonic()))
+            return True
+        except grpc.FutureTimeoutError:
+            return False
 
     def wait_until_ready(self, address: str, timeout_s: float) -> None:
         """Waits up to `timeout_s` for the channel to connect; PersonaClientError UNAVAILABLE if it does not."""

@@ -33,7 +33,8 @@ from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.interceptors import standard_interceptors
 from persona.services.runtime.job_service import job_service
 from persona.services.runtime.metadata import MetadataStore, SQLiteMetadataStore
-from persona.services.runtime.server import RunningServer, create_server
+from persona.services.runtime.model_access import ModelAccess
+from persona.services.runtime.server import Pools, RunningServer, create_server
 from persona.services.runtime.settings import RuntimeSettings
 from persona.services.subjects import domain as subjects_domain
 from persona.services.subjects.servicer import subject_service
@@ -197,14 +198,17 @@ def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: Sub
     """The domains of a server (`_build`) or of a job worker (`run_job`): the one place they are wired together."""
     train_settings = train_settings or TrainSettings.from_env()
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
+    access = ModelAccess(paths=settings.model_paths, root=settings.models_root or train_settings.base_model_cache_dir,
+                         allowed=settings.allowed_models)
     runner = jobs.JobRunner(jobs.JobStore(db), workers=settings.job_workers)
     subjects = subjects_domain.SubjectRepository(db, artifacts, subject_settings or SubjectSettings.from_env())
     captions = caption_domain.CaptionDomain(db, subjects, runner, caption_settings or CaptionSettings.from_env())
-    masks = mask_domain.MaskDomain(db, artifacts, subjects, mask_settings)
+    masks = mask_domain.MaskDomain(db, artifacts, subjects, mask_settings, access=access)
     train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner, train_settings,
                                      settings.data_dir / "train", masks,
                                      dispatcher=train_dispatcher(train_settings, settings.data_dir,
-                                                                 settings.database_url))
+                                                                 settings.database_url),
+                                     model_access=access)
     generate = GenerateDomain(train, _generate_engine(generate_settings, settings.data_dir), generate_settings,
                               settings.data_dir / "generate")
     evaluate = EvaluateDomain(artifacts, runner, subjects, train, generate, masks, evaluate_settings)
@@ -250,10 +254,13 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subjec
                          "train": train_service(d.train), "generate": generate_service(generate),
                          "evaluate": evaluate_service(d.evaluate)}
         server = create_server(
-            [job_service(runner), subject_service(subjects), *(registrations[name] for name in SERVICES
+            [job_service(runner, settings.max_watch_streams), subject_service(subjects), *(registrations[name] for name in SERVICES
                                                                if name in serving)], address,
             interceptors=standard_interceptors(authenticator), max_message_bytes=settings.max_message_bytes,
-            workers=settings.rpc_workers, unix_socket=unix_socket,
+            workers=Pools(quick=settings.rpc_workers, work=settings.work_workers,
+                          # a few beyond the limit, so the call over it is turned away at once, not queued
+                          waiting=settings.max_watch_streams + 8),
+            unix_socket=unix_socket,
         )
         if start_engine and serving & DRAWING_SERVICES:
             try:

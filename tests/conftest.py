@@ -134,9 +134,10 @@ def start_app(tmp_path, model_cache, mask_models, eval_models):
 
     def start(data_dir: Path | None = None, auth: str = "api-key", caption_settings: CaptionSettings | None = None,
               train_settings: TrainSettings | None = None, generate_settings: GenerateSettings | None = None,
-              mask_settings=None, evaluate_settings=None, services=None, **runtime) -> PersonaApp:
+              mask_settings=None, evaluate_settings=None, services=None, subject_settings=None,
+              **runtime) -> PersonaApp:
         settings = RuntimeSettings(data_dir=data_dir or tmp_path / "data", auth=auth, **runtime)
-        app = build_app(settings, caption_settings=caption_settings or CaptionSettings(),
+        app = build_app(settings, caption_settings=caption_settings or CaptionSettings(), subject_settings=subject_settings,
                         train_settings=train_settings or TrainSettings(base_model_cache_dir=model_cache, device="cpu"),
                         generate_settings=generate_settings or GenerateSettings(device="cpu"),
                         mask_settings=mask_settings or default_mask_settings(),

@@ -41,6 +41,13 @@ PortOption = Annotated[int, typer.Option(
     envvar="PERSONA_PORT", min=0, max=65535, help="TCP port; 0 picks a free one (printed on stderr).")]
 LogLevelOption = Annotated[LogLevel, typer.Option(
     envvar="PERSONA_LOG_LEVEL", help="Log level on stderr; info logs one line per call.")]
+ModelPathsOption = Annotated[bool, typer.Option(
+    "--model-paths/--no-model-paths", envvar="PERSONA_MODEL_PATHS",
+    help="Let requests name any folder on this machine as a model (`base_model`, a mask `model`). Off for `serve`: "
+         "callers get the operator's allow-list only — `tiny`, folders under PERSONA_MODELS_ROOT (default the model "
+         "cache, PERSONA_MODEL_CACHE) by name, hub ids in the Hugging Face cache (only those in "
+         "PERSONA_ALLOWED_MODELS when set, a comma-separated list of exact references); another tenant's concepts "
+         "are reachable only by concept id. On for `up` and the embedded CLI (a user on their own files).")]
 TritonUrlOption = Annotated[str, typer.Option(
     envvar="PERSONA_TRITON_URL", metavar="HOST:PORT",
     help="gRPC address of a Triton someone else runs (its model repository must be PERSONA_TRITON_REPOSITORY); "
@@ -66,18 +73,30 @@ def serve(
         help="Serve only these of caption, mask, train, generate, evaluate (comma-separated), e.g. one per "
              "Kubernetes Deployment; subjects, jobs, health and reflection are always served, and the job runner "
              "runs only these services' jobs. Several processes need a shared metadata store (Postgres).")] = "",
+    model_paths: ModelPathsOption = False,
 ) -> None:
     """Serve every persona service (subjects, captions, masks, training, generation, evaluation, jobs), with gRPC
     health and reflection, in one process; `--services` for a subset.
 
     Logs go to stderr; SIGTERM or Ctrl-C stops it gracefully, letting calls in flight finish.
 
+    Limits (environment, default): health and quick reads (Get…/List…/cancels) have their own threads, so they
+    answer under any load (PERSONA_RPC_WORKERS 32); long calls share PERSONA_WORK_WORKERS (32); WatchJob streams
+    PERSONA_MAX_WATCH_STREAMS (128). Generate draws PERSONA_GENERATE_CONCURRENCY calls at once (1) with
+    PERSONA_GENERATE_QUEUE more waiting (8); beyond that RESOURCE_EXHAUSTED with a time to retry after. One Generate
+    draws at most PERSONA_GENERATE_MAX_PIXELS per image (1048576), PERSONA_GENERATE_MAX_IMAGES images (16) and
+    PERSONA_GENERATE_MAX_MEGAPIXEL_STEPS steps × megapixels (256); training at most PERSONA_TRAIN_MAX_RESOLUTION
+    (1024) and PERSONA_TRAIN_MAX_BATCH (16); an upload PERSONA_MAX_UPLOAD_PIXELS (256000000) in all, photos decoded
+    within PERSONA_DECODE_BUDGET_PIXELS at once (128000000). Requests never name server paths as models unless
+    --model-paths.
+
     Example: `persona-cli serve --host 0.0.0.0 --port 50051 --data-dir /srv/persona`, or one service:
     `persona-cli serve --services train …`
     """
     from persona.services.app import parse_services
 
-    run_server(ctx, host, port, data_dir, auth, engine, triton_url, log_level, services=parse_services(services))
+    run_server(ctx, host, port, data_dir, auth, engine, triton_url, log_level, services=parse_services(services),
+               model_paths=model_paths)
 
 
 def up(
@@ -119,7 +138,7 @@ def up(
 
 def run_server(ctx: typer.Context, host: str, port: int, data_dir, auth: AuthMode, engine: EngineChoice,
                triton_url: str, log_level: LogLevel, write_state: bool = False,
-               services: frozenset[str] | None = None) -> None:
+               services: frozenset[str] | None = None, model_paths: bool = True) -> None:
     """Builds the app on the data dir and serves until SIGTERM or Ctrl-C; with `write_state`, the data dir's
     run/up.json names the processes while they serve; `services` (None = all) limits what it serves."""
     from persona.services.app import build_app
@@ -129,7 +148,7 @@ def run_server(ctx: typer.Context, host: str, port: int, data_dir, auth: AuthMod
 
     logging.basicConfig(level=log_level.value.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = session(ctx).settings(data_dir, auth=auth.value)
+    settings = session(ctx).settings(data_dir, auth=auth.value, model_paths=model_paths)
     generate_settings = GenerateSettings.from_env(engine=engine.value, triton_url=triton_url or None)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     # A busy port is UNAVAILABLE, a busy data dir FAILED_PRECONDITION.

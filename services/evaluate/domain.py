@@ -113,7 +113,7 @@ class EvaluateDomain:
         # Sampling values are checked by the generate service's own rules now, not after minutes of work.
         probe = GenerateRequest(prompts=("probe",), concept_id=concept_ids[0], seed=params["seed"],
                                 steps=params["steps"], guidance_scale=params["guidance_scale"],
-                                width=request.resolution, height=request.resolution)
+                                width=request.resolution, height=request.resolution, images_per_prompt=n)
         self.generate.check(probe)
         return self.runner.submit(tenant_id, KIND, params)
 

@@ -14,18 +14,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
+from persona.services.runtime.budget import Budget
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from ..subjects.images import png_bytes
-from ..train.base_models import read_model_configs, resolve_base_model
+from ..train.base_models import read_model_configs
 from ..train.domain import TrainDomain
 from . import sampling
 from .sampling import SamplingSettings
 from .settings import GenerateSettings
 
 MAX_IMAGES_PER_PROMPT = 16
+# Seeds of one request run from seed to seed + this (the most images any setting allows).
 MAX_IMAGES_PER_REQUEST = 64
 MAX_PROMPT_CHARS = 1000
+# Longest a queued Generate waits for a slot (it stops waiting at once when its client goes away).
+QUEUE_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,9 @@ class GenerateDomain:
         self._in_use: Counter[str] = Counter()
         self._use = threading.Condition()
         self._export_lock = threading.Lock()
+        # Generate calls drawing at once, and a bounded queue behind them (the servicer holds a slot per call).
+        self.admission = Budget(settings.concurrency, queue=settings.queue, wait_s=QUEUE_WAIT_S,
+                                what="Generate calls", settings="PERSONA_GENERATE_CONCURRENCY, PERSONA_GENERATE_QUEUE")
 
     def check(self, request: GenerateRequest) -> None:
         """Raises InvalidArgument for what `generate` would refuse, without loading anything (other services
@@ -187,6 +194,23 @@ class GenerateDomain:
         for name, side in (("width", request.width), ("height", request.height)):
             if side is not None:
                 _side(name, side, 0)
+        if request.width is not None and request.height is not None:
+            checked = self._validated(request)
+            self._check_cost(request.width, request.height, checked["steps"],
+                             checked["per_prompt"] * len(checked["prompts"]))
+
+    def _check_cost(self, width: int, height: int, steps: int, images: int) -> None:
+        """Refuses a request over the settings' bounds on pixels per image and steps × megapixels."""
+        s = self.settings
+        if width * height > s.max_pixels:
+            raise InvalidArgument(f"`width` × `height` is {width}×{height} = {width * height:,} pixels; this server "
+                                  f"draws at most {s.max_pixels:,} (PERSONA_GENERATE_MAX_PIXELS): draw smaller")
+        work = steps * width * height * images / 1e6
+        if work > s.max_megapixel_steps:
+            raise InvalidArgument(
+                f"`steps` × `width` × `height` × images is {steps} × {width}×{height} × {images} = {work:.0f} "
+                f"megapixel-steps; this server allows {s.max_megapixel_steps:g} per request "
+                "(PERSONA_GENERATE_MAX_MEGAPIXEL_STEPS): use fewer steps, smaller or fewer images")
 
     def _validated(self, request: GenerateRequest) -> dict:
         prompts = _prompts(request.prompts)
@@ -194,9 +218,10 @@ class GenerateDomain:
             raise InvalidArgument("give exactly one of `concept_id` and `base_model`: e.g. concept_id from "
                                   "`persona-cli concepts list`, or base_model tiny")
         per_prompt = _in_range("images_per_prompt", request.images_per_prompt, 1, 1, MAX_IMAGES_PER_PROMPT)
-        if per_prompt * len(prompts) > MAX_IMAGES_PER_REQUEST:
+        if per_prompt * len(prompts) > min(self.settings.max_images, MAX_IMAGES_PER_REQUEST):
             raise InvalidArgument(f"`prompts` × `images_per_prompt` is {per_prompt * len(prompts)} images; at most "
-                                  f"{MAX_IMAGES_PER_REQUEST} per request: split it")
+                                  f"{min(self.settings.max_images, MAX_IMAGES_PER_REQUEST)} per request "
+                                  "(PERSONA_GENERATE_MAX_IMAGES): split it")
         steps = _in_range("steps", request.steps, sampling.DEFAULT_STEPS, 1, sampling.MAX_STEPS)
         guidance = sampling.DEFAULT_GUIDANCE if request.guidance_scale is None else request.guidance_scale
         if not 0 <= guidance <= 50:
@@ -221,6 +246,7 @@ class GenerateDomain:
         loaded = self._load(tenant_id, request.concept_id, request.base_model)
         width = _side("width", request.width, loaded.resolution)
         height = _side("height", request.height, loaded.resolution)
+        self._check_cost(width, height, steps, len(prompts) * per_prompt)
 
         planned = [(prompt_index, image_index, SamplingSettings(
                         prompt=prompt, negative_prompt=request.negative_prompt, seed=seed + prompt_index * per_prompt
@@ -297,7 +323,7 @@ class GenerateDomain:
             with self._owners_lock:
                 self._owners[concept_id] = tenant_id
             return replace(loaded, resolution=concept.resolution or loaded.resolution)
-        base = resolve_base_model(base_model, self.train.settings)
+        base = self.train.resolve_base(base_model)
         folder = base.path if self.engine.model_format == "diffusers" else self._base_onnx(base.path)
         return self.engine.load(f"base:{base.path}", folder)
 

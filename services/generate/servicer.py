@@ -29,12 +29,18 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
     def Generate(self, request, context):
         if request.scheduler not in SCHEDULERS:
             raise InvalidArgument(f"`scheduler` is {request.scheduler}: use SCHEDULER_DDIM, _DPMPP or _EULER")
-        images = self.domain.generate(current_tenant(), GenerateRequest(
+        request = GenerateRequest(
             prompts=tuple(request.prompts), concept_id=request.concept_id, base_model=request.base_model,
             negative_prompt=request.negative_prompt, seed=_optional(request, "seed"),
             steps=_optional(request, "steps"), guidance_scale=_optional(request, "guidance_scale"),
             scheduler=SCHEDULERS[request.scheduler], width=_optional(request, "width"),
-            height=_optional(request, "height"), images_per_prompt=_optional(request, "images_per_prompt")))
+            height=_optional(request, "height"), images_per_prompt=_optional(request, "images_per_prompt"))
+        self.domain.check(request)  # a bad request is refused at once, not after its turn in the queue
+        with self.domain.admission.hold(is_active=context.is_active):
+            yield from self._images(self.domain.generate(current_tenant(), request))
+
+    @staticmethod
+    def _images(images):
         for image in images:
             s = image.settings
             yield generate_pb2.GeneratedImage(

@@ -62,11 +62,31 @@ class GenerateSettings:
     # Seconds a model load may take (PERSONA_TRITON_LOAD_TIMEOUT_S).
     triton_load_timeout_s: float = 600.0
 
+    # What one Generate may cost, so no request runs for minutes or fills the memory: pixels of one image
+    # (PERSONA_GENERATE_MAX_PIXELS, default 1024²), images (PERSONA_GENERATE_MAX_IMAGES) and steps × megapixels
+    # summed over the images (PERSONA_GENERATE_MAX_MEGAPIXEL_STEPS; 256 = four 1024² images at 60 steps, or
+    # sixteen 512² at 60).
+    max_pixels: int = 1024 * 1024
+    max_images: int = 16
+    max_megapixel_steps: float = 256.0
+    # Generate calls drawing at once (PERSONA_GENERATE_CONCURRENCY) and waiting behind them
+    # (PERSONA_GENERATE_QUEUE); a call beyond both is RESOURCE_EXHAUSTED at once, with a time to retry after.
+    concurrency: int = 1
+    queue: int = 8
+
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise InvalidArgument(f"`PERSONA_GENERATE_ENGINE` is {self.engine!r}: use one of {', '.join(ENGINES)}")
         if self.batch_size < 1:
             raise InvalidArgument(f"`PERSONA_GENERATE_BATCH` is {self.batch_size}: use 1 or more")
+        for name, value in (("PERSONA_GENERATE_MAX_PIXELS", self.max_pixels),
+                            ("PERSONA_GENERATE_MAX_IMAGES", self.max_images),
+                            ("PERSONA_GENERATE_MAX_MEGAPIXEL_STEPS", self.max_megapixel_steps),
+                            ("PERSONA_GENERATE_CONCURRENCY", self.concurrency)):
+            if not value > 0:
+                raise InvalidArgument(f"`{name}` is {value}: use a positive number")
+        if self.queue < 0:
+            raise InvalidArgument(f"`PERSONA_GENERATE_QUEUE` is {self.queue}: use 0 or more")
 
     @classmethod
     def from_env(cls, **overrides) -> "GenerateSettings":
@@ -85,6 +105,11 @@ class GenerateSettings:
             onnx_fp16=_env_bool("PERSONA_GENERATE_ONNX_FP16"),
             triton_rpc_timeout_s=env_float("PERSONA_TRITON_RPC_TIMEOUT_S", 10.0),
             triton_load_timeout_s=env_float("PERSONA_TRITON_LOAD_TIMEOUT_S", 600.0),
+            max_pixels=env_int("PERSONA_GENERATE_MAX_PIXELS", cls.max_pixels),
+            max_images=env_int("PERSONA_GENERATE_MAX_IMAGES", cls.max_images),
+            max_megapixel_steps=env_float("PERSONA_GENERATE_MAX_MEGAPIXEL_STEPS", cls.max_megapixel_steps),
+            concurrency=env_int("PERSONA_GENERATE_CONCURRENCY", cls.concurrency),
+            queue=env_int("PERSONA_GENERATE_QUEUE", cls.queue),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

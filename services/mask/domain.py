@@ -20,6 +20,7 @@ from PIL import Image
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import InvalidArgument, NotFound
 from persona.services.runtime.metadata import MetadataStore, Migration
+from persona.services.runtime.model_access import ModelAccess
 
 from ..subjects.domain import Subject, SubjectRepository
 from .settings import MaskSettings
@@ -97,8 +98,10 @@ class MaskModels:
 
 class MaskDomain:
     def __init__(self, db: MetadataStore, artifacts: LocalArtifactStore, subjects: SubjectRepository,
-                 settings: MaskSettings, models: MaskModels | None = None):
+                 settings: MaskSettings, models: MaskModels | None = None, access: ModelAccess | None = None):
         self.db, self.artifacts, self.subjects, self.settings = db, artifacts, subjects, settings
+        # Which models a request's `model` may name (default: any folder, as the embedded CLI).
+        self.access = access or ModelAccess()
         self.models = models or MaskModels(settings)
 
     def from_points(self, tenant_id: str, subject_id: str, image_id: str, positive: Sequence[tuple[int, int]],
@@ -119,8 +122,8 @@ class MaskDomain:
                     raise InvalidArgument(
                         f"`{name}[{index}]` ({x}, {y}) is outside the {image.width}×{image.height} image: x must be "
                         f"in 0–{image.width - 1}, y in 0–{image.height - 1}")
-        mask, models = self.models.point_mask(image, list(positive), list(negative),
-                                              model.strip() or self.settings.clip_model)
+        model = self.access.locate(model, "model") if model.strip() else self.settings.clip_model
+        mask, models = self.models.point_mask(image, list(positive), list(negative), model)
         return self._store(tenant_id, subject, image_id, mask, POINTS, models,
                            positive=tuple(map(tuple, positive)), negative=tuple(map(tuple, negative)))
 

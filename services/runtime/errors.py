@@ -30,6 +30,8 @@ class FailedPrecondition(PersonaError):
 
 class ResourceExhausted(PersonaError):
     code = "RESOURCE_EXHAUSTED"
+    # Seconds a client should wait before trying again (sent as grpc-retry-pushback-ms); None: no advice.
+    retry_after_s: float | None = None
 
 
 class Unavailable(PersonaError):

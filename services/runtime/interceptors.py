@@ -29,6 +29,23 @@ PUBLIC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRe
 Scope = Callable[[grpc.HandlerCallDetails, grpc.ServicerContext], ContextManager[None]]
 
 
+_MAKERS = {"unary_unary": grpc.unary_unary_rpc_method_handler, "unary_stream": grpc.unary_stream_rpc_method_handler,
+           "stream_unary": grpc.stream_unary_rpc_method_handler,
+           "stream_stream": grpc.stream_stream_rpc_method_handler}
+
+
+def rebuilt_handler(handler: grpc.RpcMethodHandler, wrap: Callable[[str, Callable], Callable],
+                    request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour replaced by `wrap(kind, behaviour)` (kind: "unary_stream", …) and, when given,
+    its request deserializer."""
+    for kind, make in _MAKERS.items():
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            return make(wrap(kind, behaviour), request_deserializer=request_deserializer or handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+    return handler
+
+
 def _wrap(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails, scope: Scope) -> grpc.RpcMethodHandler:
     """A handler like `handler` whose behaviour runs inside `scope(details, context)`."""
 
@@ -44,18 +61,7 @@ def _wrap(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails, scop
                 yield from behaviour(request_or_iterator, context)
         return call
 
-    kinds = {
-        "unary_unary": (grpc.unary_unary_rpc_method_handler, unary),
-        "unary_stream": (grpc.unary_stream_rpc_method_handler, streaming),
-        "stream_unary": (grpc.stream_unary_rpc_method_handler, unary),
-        "stream_stream": (grpc.stream_stream_rpc_method_handler, streaming),
-    }
-    for attribute, (make, wrap) in kinds.items():
-        behaviour = getattr(handler, attribute)
-        if behaviour is not None:
-            return make(wrap(behaviour), request_deserializer=handler.request_deserializer,
-                        response_serializer=handler.response_serializer)
-    return handler
+    return rebuilt_handler(handler, lambda kind, b: streaming(b) if kind.endswith("_stream") else unary(b))
 
 
 class ScopedInterceptor(grpc.ServerInterceptor):
@@ -76,12 +82,15 @@ def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
 
 
 class RequestIdInterceptor(ScopedInterceptor):
-    """Takes the client's `x-request-id` or makes one, and sends it back as initial metadata."""
+    """Takes the client's `x-request-id` or makes one, and sends it back as trailing metadata.
+
+    Not as initial metadata: a client commits a call once headers arrive, so an early header would stop grpc's
+    retry policy from retrying a RESOURCE_EXHAUSTED or UNAVAILABLE answer."""
 
     @contextlib.contextmanager
     def scope(self, details, context):
         request_id = _metadata(details).get("x-request-id") or uuid.uuid4().hex[:16]
-        context.send_initial_metadata((("x-request-id", request_id),))
+        context.set_trailing_metadata((("x-request-id", request_id),))
         previous = set_call(CallInfo(request_id=request_id, method=details.method))
         try:
             yield
@@ -116,6 +125,10 @@ class ErrorMappingInterceptor(ScopedInterceptor):
         try:
             yield
         except PersonaError as e:
+            retry_after_s = getattr(e, "retry_after_s", None)
+            if retry_after_s is not None:  # grpc's client retry policy waits this long before its next attempt
+                context.set_trailing_metadata((("x-request-id", current_call().request_id),
+                                               ("grpc-retry-pushback-ms", str(int(retry_after_s * 1000)))))
             context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), e.message)
         except Exception:
             request_id = current_call().request_id
@@ -176,22 +189,12 @@ class RequestCheckInterceptor(grpc.ServerInterceptor):
                 check_finite(request)
             return request
 
-        def unary(behaviour):
+        def wrap(kind, behaviour):
+            if kind.startswith("stream_"):
+                return lambda requests, context: behaviour((checked(r) for r in requests), context)
             return lambda request, context: behaviour(checked(request), context)
 
-        def streaming(behaviour):
-            return lambda requests, context: behaviour((checked(r) for r in requests), context)
-
-        kinds = {"unary_unary": (grpc.unary_unary_rpc_method_handler, unary),
-                 "unary_stream": (grpc.unary_stream_rpc_method_handler, unary),
-                 "stream_unary": (grpc.stream_unary_rpc_method_handler, streaming),
-                 "stream_stream": (grpc.stream_stream_rpc_method_handler, streaming)}
-        for attribute, (make, wrap) in kinds.items():
-            behaviour = getattr(handler, attribute)
-            if behaviour is not None:
-                return make(wrap(behaviour), request_deserializer=deserializer,
-                            response_serializer=handler.response_serializer)
-        return handler
+        return rebuilt_handler(handler, wrap, deserializer)
 
 
 def standard_interceptors(authenticator: ApiKeyAuthenticator) -> list[grpc.ServerInterceptor]:

@@ -5,6 +5,7 @@ import grpc
 
 from persona.v1 import common_pb2, common_pb2_grpc
 
+from .budget import Budget
 from .context import current_tenant
 from .errors import InvalidArgument
 from .jobs import JobEventRecord, JobRecord, JobRunner
@@ -42,9 +43,12 @@ def _require_job_id(job_id: str) -> str:
 
 
 class JobServicer(common_pb2_grpc.JobServiceServicer):
-    def __init__(self, runner: JobRunner):
+    def __init__(self, runner: JobRunner, max_streams: int = 128):
         self.runner = runner
         self.store = runner.store
+        # Open WatchJob streams (each holds a thread): one more is turned away, not queued.
+        self.streams = Budget(max_streams, queue=0, wait_s=0, what="WatchJob streams",
+                              settings="PERSONA_MAX_WATCH_STREAMS")
 
     def GetJob(self, request, context):
         return job_to_proto(self.store.get(_require_job_id(request.job_id), current_tenant()))
@@ -58,16 +62,16 @@ class JobServicer(common_pb2_grpc.JobServiceServicer):
     def WatchJob(self, request, context: grpc.ServicerContext):
         if request.after_sequence < 0:
             raise InvalidArgument("`after_sequence` is negative: pass 0 to replay the whole history")
-        events = self.store.watch(current_tenant(), _require_job_id(request.job_id), request.after_sequence,
-                                  is_active=context.is_active)
-        for event in events:
-            yield event_to_proto(event)
+        job_id = _require_job_id(request.job_id)
+        with self.streams.hold():
+            for event in self.store.watch(current_tenant(), job_id, request.after_sequence, is_active=context.is_active):
+                yield event_to_proto(event)
 
     def CancelJob(self, request, context):
         return job_to_proto(self.runner.cancel(current_tenant(), _require_job_id(request.job_id)))
 
 
-def job_service(runner: JobRunner) -> ServiceRegistration:
-    servicer = JobServicer(runner)
+def job_service(runner: JobRunner, max_streams: int = 128) -> ServiceRegistration:
+    servicer = JobServicer(runner, max_streams)
     return ServiceRegistration("persona.v1.JobService",
                                lambda server: common_pb2_grpc.add_JobServiceServicer_to_server(servicer, server))

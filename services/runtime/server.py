@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import model_loading
 from .errors import Unavailable
+from .interceptors import rebuilt_handler
 
 log = logging.getLogger("persona.server")
 
@@ -36,6 +37,8 @@ class RunningServer:
     service_names: list[str] = field(default_factory=list)
     # Stops following model_loading (set by create_server: a broken loader turns health NOT_SERVING).
     forget_loading: Callable[[], None] = lambda: None
+    # The routed pools (PoolRoutingInterceptor), shut down with the server.
+    executors: tuple = ()
 
     @property
     def address(self) -> str:
@@ -53,19 +56,71 @@ class RunningServer:
         self.set_serving(False)
         self.forget_loading()
         self.server.stop(grace_s).wait()
+        for executor in self.executors:
+            executor.shutdown(wait=False)
+
+
+# RPCs that answer from the metadata store at once, whatever else runs: health, reflection, Get…/List…, cancels and
+# deletes. They have a thread pool of their own, so long calls and streams never make them wait (a busy pod's
+# health probe must not time out).
+QUICK_METHODS = ("Get", "List", "Cancel", "Delete", "Check", "SetCaption", "ServerReflectionInfo")
+# Server streams that mostly wait (a job's events): a pool of their own, sized by how many may be open at once.
+WAITING_METHODS = ("/persona.v1.JobService/WatchJob",)
+
+
+def is_quick(method: str) -> bool:
+    """Whether `method` ("/persona.v1.SubjectService/ListSubjects") is served from the quick pool."""
+    return method.startswith("/grpc.") or method.rsplit("/", 1)[-1].startswith(QUICK_METHODS)
+
+
+class PoolRoutingInterceptor(grpc.ServerInterceptor):
+    """Outermost: runs each call on the pool of its kind (quick, waiting streams, or work), by grpc's per-handler
+    `experimental_thread_pool`; the server's own pool is the quick one."""
+
+    def __init__(self, waiting: futures.ThreadPoolExecutor, work: futures.ThreadPoolExecutor):
+        self.waiting, self.work = waiting, work
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or is_quick(method):
+            return handler
+        pool = self.waiting if method in WAITING_METHODS else self.work
+
+        def routed(kind, behaviour):
+            def call(*args):
+                return behaviour(*args)
+
+            call.experimental_thread_pool = pool
+            return call
+
+        return rebuilt_handler(handler, routed)
+
+
+@dataclass(frozen=True)
+class Pools:
+    """Threads of a server: `quick` for health and cheap reads, `work` for everything long (generate, uploads,
+    exports, masks, starts), `waiting` for WatchJob streams (each holds one while open)."""
+
+    quick: int = 32
+    work: int = 32
+    waiting: int = 128
 
 
 def create_server(services: Sequence[ServiceRegistration], address: str, *,
                   interceptors: Sequence[grpc.ServerInterceptor], max_message_bytes: int,
-                  workers: int = 32, unix_socket: Path | None = None) -> RunningServer:
+                  workers: int | Pools = Pools(), unix_socket: Path | None = None) -> RunningServer:
     """Builds and starts a server on `address` ("127.0.0.1:0" picks a free port), and on `unix_socket` too when
     given (owner-only: what an embedded persona-cli offers a second persona-cli on its data dir).
 
     Health reports NOT_SERVING until the caller calls `set_serving(True)` once it is ready.
     """
+    pools = workers if isinstance(workers, Pools) else Pools(quick=workers)
+    waiting = futures.ThreadPoolExecutor(max_workers=pools.waiting, thread_name_prefix="persona-watch")
+    work = futures.ThreadPoolExecutor(max_workers=pools.work, thread_name_prefix="persona-work")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="persona-rpc"),
-        interceptors=list(interceptors),
+        futures.ThreadPoolExecutor(max_workers=pools.quick, thread_name_prefix="persona-rpc"),
+        interceptors=[PoolRoutingInterceptor(waiting, work), *interceptors],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -87,7 +142,8 @@ def create_server(services: Sequence[ServiceRegistration], address: str, *,
     if unix_socket is not None:
         unix_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         server.add_insecure_port(f"unix:{unix_socket}")  # a stale socket file is replaced
-    running = RunningServer(server=server, port=port, health=health_servicer, service_names=names)
+    running = RunningServer(server=server, port=port, health=health_servicer, service_names=names,
+                            executors=(waiting, work))
     running.set_serving(False)
     running.forget_loading = model_loading.on_broken(lambda reason: running.set_serving(False))
     server.start()

@@ -33,6 +33,18 @@ def env_float(name: str, default: float) -> float:
     return _env_number(name, default, float, "a number")
 
 
+def env_flag(name: str) -> bool | None:
+    """A yes/no environment variable (1/true/yes, 0/false/no); None when unset or empty."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no"):
+        return False
+    raise InvalidArgument(f"`{name}` is {raw!r}: use 1 or 0")
+
+
 AUTH_MODES = ("none", "api-key")
 
 
@@ -48,8 +60,14 @@ class RuntimeSettings:
     max_message_bytes: int = 128 * 1024 * 1024
     # Worker threads executing jobs (PERSONA_JOB_WORKERS).
     job_workers: int = 2
-    # Threads serving RPCs (PERSONA_RPC_WORKERS); a WatchJob stream holds one while it lasts.
+    # Threads serving health and quick reads (PERSONA_RPC_WORKERS): Get…, List…, cancels, deletes. They never wait
+    # behind the rest.
     rpc_workers: int = 32
+    # Threads serving long calls (PERSONA_WORK_WORKERS): Generate (itself queued: PERSONA_GENERATE_CONCURRENCY,
+    # PERSONA_GENERATE_QUEUE), uploads, masks, exports, Start… calls.
+    work_workers: int = 32
+    # WatchJob streams open at once (PERSONA_MAX_WATCH_STREAMS), a thread each; one more is RESOURCE_EXHAUSTED.
+    max_watch_streams: int = 128
     # On start, resume jobs a crash interrupted when their service can (PERSONA_RESUME_JOBS=0 fails
     # them instead, with an error that says so).
     resume_interrupted_jobs: bool = True
@@ -59,10 +77,25 @@ class RuntimeSettings:
     # several persona processes (pods, a train worker next to the server). Empty: SQLite in the data dir.
     # Left out of repr: it may hold a password.
     database_url: str = field(default="", repr=False)
+    # Whether a request may name any local folder as a model (`base_model`, a mask `model`): yes for the embedded
+    # CLI and `persona-cli up` (a user on their own files); `persona-cli serve` turns it off (PERSONA_MODEL_PATHS=0),
+    # leaving the operator's allow-list: `tiny`, folders under `models_root`, hub ids in the Hugging Face cache
+    # (only those in `allowed_models` when set) and `allowed_models` themselves.
+    model_paths: bool = True
+    # Folder of the base models a server offers by name (PERSONA_MODELS_ROOT); None: the model cache
+    # (PERSONA_MODEL_CACHE, default <data dir>/models).
+    models_root: Path | None = None
+    # References a server accepts exactly (PERSONA_ALLOWED_MODELS, comma-separated hub ids or folders); when set,
+    # the only hub ids accepted.
+    allowed_models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
             raise InvalidArgument(f"`auth` is {self.auth!r}: use one of {', '.join(AUTH_MODES)}")
+        for name, value in (("rpc_workers", self.rpc_workers), ("work_workers", self.work_workers),
+                            ("max_watch_streams", self.max_watch_streams)):
+            if value < 1:
+                raise InvalidArgument(f"`{name}` is {value}: use 1 or more")
         if self.max_message_bytes < 1024 * 1024:
             raise InvalidArgument("`max_message_bytes` is below 1 MiB: raise PERSONA_MAX_MESSAGE_BYTES")
         url = self.database_url
@@ -81,9 +114,15 @@ class RuntimeSettings:
             max_message_bytes=env_int("PERSONA_MAX_MESSAGE_BYTES", cls.max_message_bytes),
             job_workers=env_int("PERSONA_JOB_WORKERS", cls.job_workers),
             rpc_workers=env_int("PERSONA_RPC_WORKERS", cls.rpc_workers),
+            work_workers=env_int("PERSONA_WORK_WORKERS", cls.work_workers),
+            max_watch_streams=env_int("PERSONA_MAX_WATCH_STREAMS", cls.max_watch_streams),
             resume_interrupted_jobs=os.environ.get("PERSONA_RESUME_JOBS", "1") not in ("0", "false", "no"),
             database_url=os.environ.get("PERSONA_DATABASE_URL", "").strip(),
+            model_paths=env_flag("PERSONA_MODEL_PATHS"),
+            models_root=Path(os.environ["PERSONA_MODELS_ROOT"]) if os.environ.get("PERSONA_MODELS_ROOT") else None,
+            allowed_models=tuple(r.strip() for r in os.environ.get("PERSONA_ALLOWED_MODELS", "").split(",")
+                                 if r.strip()),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["data_dir"] = Path(values["data_dir"]).expanduser()
-        return cls(**values)
+        return cls(**{k: v for k, v in values.items() if v is not None})  # unset: the field's default

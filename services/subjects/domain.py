@@ -7,11 +7,12 @@ import uuid
 from dataclasses import dataclass, field
 
 from persona.services.runtime.artifacts import ArtifactStore
+from persona.services.runtime.budget import Budget
 from persona.services.runtime.errors import InvalidArgument, NotFound
 from persona.services.runtime.metadata import MetadataStore, Migration
 from persona.services.runtime.paging import Page, keyset_clause, next_token
 
-from .images import ValidatedImage, validate_image
+from .images import ValidatedImage, image_pixels, validate_image
 from .settings import SubjectSettings
 
 MIGRATIONS = [
@@ -102,6 +103,26 @@ class SubjectRepository:
         self.db = db
         self.artifacts = artifacts
         self.settings = settings
+        # Pixels decoded at once across concurrent uploads: the memory uploads may take.
+        self.decoding = Budget(max(settings.decode_budget_pixels, settings.max_image_pixels), queue=64,
+                               wait_s=settings.decode_wait_s, what="photo decoding",
+                               settings="PERSONA_DECODE_BUDGET_PIXELS")
+
+    def _validated(self, uploads: list[tuple[bytes, str]]) -> list[ValidatedImage]:
+        """Every photo decoded and checked, one at a time, within the process's decode budget."""
+        limits = self.settings
+        # From the headers, before decoding anything; photos over the per-photo limit are refused by validate_image.
+        pixels = [image_pixels(data) for data, _ in uploads]
+        total = sum(n for n in pixels if n <= limits.max_image_pixels)
+        if total > limits.max_request_pixels:
+            raise InvalidArgument(f"`images` hold {total / 1e6:.0f} megapixels together; one upload takes at most "
+                                  f"{limits.max_request_pixels / 1e6:.0f} (PERSONA_MAX_UPLOAD_PIXELS): downscale the "
+                                  "photos or upload fewer")
+        validated = []
+        for i, ((data, filename), n) in enumerate(zip(uploads, pixels)):
+            with self.decoding.hold(n if n <= limits.max_image_pixels else 0):
+                validated.append(validate_image(f"images[{i}]", data, filename, limits))
+        return validated
 
     def create(self, tenant_id: str, class_name: str, token: str, display_name: str,
                uploads: list[tuple[bytes, str]]) -> Subject:
@@ -116,9 +137,7 @@ class SubjectRepository:
         if len(uploads) > self.settings.max_images:
             raise InvalidArgument(f"`images` has {len(uploads)} photos; at most {self.settings.max_images} "
                                   "(PERSONA_MAX_IMAGES_PER_SUBJECT): pick the 3–7 most varied")
-        validated: list[ValidatedImage] = [
-            validate_image(f"images[{i}]", data, filename, self.settings) for i, (data, filename) in enumerate(uploads)
-        ]
+        validated = self._validated(uploads)
         subject_id = f"subj_{uuid.uuid4().hex[:16]}"
         now = time.time()
         digests = [self.artifacts.put(v.data) for v in validated]  # content-addressed: safe before the commit

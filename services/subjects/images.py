@@ -136,6 +136,18 @@ def _stored_bytes(image: Image.Image, fmt: str) -> tuple[bytes, str]:
     return buffer.getvalue(), "image/png"
 
 
+def image_pixels(data: bytes) -> int:
+    """width × height from the header alone (nothing decoded): what decoding `data` will take; 0 when the header
+    is unreadable (validate_image then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data)).size
+        return width * height
+    except Exception:  # any unreadable header: validate_image names the problem
+        return 0
+
+
 def png_bytes(image: Image.Image) -> bytes:
     """`image` as RGB PNG bytes with no metadata: equal pixels give equal bytes, so a content-addressed
     store keeps one copy."""

@@ -10,6 +10,7 @@ Exports of a concept to other formats live in exports.py (`TrainDomain.exports`)
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import threading
@@ -25,6 +26,7 @@ from persona.services.runtime.errors import (Cancelled, FailedPrecondition, Inva
                                              ResourceExhausted)
 from persona.services.runtime.jobs import TERMINAL, JobContext, JobRecord, JobRunner, hold
 from persona.services.runtime.metadata import MetadataStore
+from persona.services.runtime.model_access import ModelAccess
 from persona.services.runtime.paging import Page
 from persona.services.runtime.validation import check_range
 
@@ -112,11 +114,13 @@ class TrainDomain:
 
     def __init__(self, db: MetadataStore, artifacts: LocalArtifactStore, subjects: SubjectRepository,
                  captions: CaptionDomain, runner: JobRunner, settings: TrainSettings, work_dir: Path,
-                 masks=None, dispatcher=None):
+                 masks=None, dispatcher=None, model_access: ModelAccess | None = None):
         self.db, self.artifacts, self.subjects, self.captions = db, artifacts, subjects, captions
         # The mask service's domain (MaskDomain): subject masks for the masked loss.
         self.masks = masks
         self.runner, self.settings, self.work_dir = runner, settings, work_dir
+        # Which base models a request may name (default: any folder, as the embedded CLI).
+        self.model_access = model_access or ModelAccess()
         self.concepts = ConceptStore(db)
         self.class_images = ClassImageCache(db, artifacts)
         # One training run per process at a time: two runs on one GPU would both run out of memory.
@@ -147,8 +151,7 @@ class TrainDomain:
         stored_captions = self.captions.list(tenant_id, subject.subject_id)
         mode = _mode(request.mode, stored_captions)
         parent = self._parent(tenant_id, request.parent_concept_id.strip(), method, subject)
-        base = resolve_base_model(request.base_model or (parent.base_model if parent else "")
-                                  or self.settings.default_base_model, self.settings)
+        base = self.resolve_base(request.base_model or (parent.base_model if parent else ""))
         options, config = self._options(request.options or {}, method, subject, base, regularizers, mode)
         if parent is not None:
             self._check_parent_options(parent, request, base, options, regularizers)
@@ -181,6 +184,15 @@ class TrainDomain:
             raise
         self.concepts.update(concept.concept_id, job_id=job.job_id)
         return job
+
+    def resolve_base(self, ref: str) -> ResolvedBaseModel:
+        """A request's base model (empty: the server's default), through the model access policy; its `ref` stays
+        as the request named it."""
+        ref = (ref or "").strip()
+        if not ref or ref == self.settings.default_base_model:  # the operator's own choice
+            return resolve_base_model(ref or self.settings.default_base_model, self.settings)
+        return dataclasses.replace(resolve_base_model(self.model_access.locate(ref, "base_model"), self.settings),
+                                   ref=ref)
 
     def get(self, tenant_id: str, concept_id: str) -> Concept:
         return self._reconciled(self.concepts.get(concept_id, tenant_id))
@@ -233,6 +245,13 @@ class TrainDomain:
             instructions.class_prompt(mode, subject.class_name) if mode == "style"
             else class_prompt_for(subject.class_name))
         options["validation_prompts"] = list(options.get("validation_prompts") or [_validation_prompt(mode, subject)])
+        limits = self.settings
+        if options["resolution"] > limits.max_resolution:
+            raise InvalidArgument(f"`resolution` is {options['resolution']}: this server trains at most "
+                                  f"{limits.max_resolution} (PERSONA_TRAIN_MAX_RESOLUTION); e.g. 512 for SD-1.5")
+        if options["batch_size"] > limits.max_batch_size:
+            raise InvalidArgument(f"`batch_size` is {options['batch_size']}: this server takes at most "
+                                  f"{limits.max_batch_size} (PERSONA_TRAIN_MAX_BATCH); e.g. 1, as DreamBooth")
         config = self._config(options, method, subject.token, regularizers, subject.class_name)
         config.validate()
         return options, config
@@ -385,7 +404,7 @@ class TrainDomain:
             raise mapped from error
 
     def _train(self, ctx: JobContext, concept: Concept) -> dict:
-        base = resolve_base_model(concept.base_model, self.settings)
+        base = self.resolve_base(concept.base_model)
         if base_model_identity(base.path) != concept.base_model_sha256:
             raise FailedPrecondition(f"base model {concept.base_model!r} changed on disk since the job started: "
                                      "start the training again")

@@ -88,6 +88,10 @@ class TrainSettings:
     # metadata store, PERSONA_DATABASE_URL, and `kubernetes` below).
     dispatcher: str = "thread"
     kubernetes: KubernetesJobSettings = field(default_factory=KubernetesJobSettings)
+    # Bounds of one training run's cost (PERSONA_TRAIN_MAX_RESOLUTION, PERSONA_TRAIN_MAX_BATCH): the image side in
+    # pixels (1024 fits SDXL-size bases; SD-1.5 trains at 512) and subject images per step.
+    max_resolution: int = 1024
+    max_batch_size: int = 16
 
     @classmethod
     def from_env(cls) -> "TrainSettings":
@@ -104,4 +108,6 @@ class TrainSettings:
                                      or _default_single_file_configs()),
             default_base_model=os.environ.get("PERSONA_BASE_MODEL", "").strip() or DEFAULT_BASE_MODEL,
             device=os.environ.get("PERSONA_TRAIN_DEVICE", "").strip() or None,
+            max_resolution=env_int("PERSONA_TRAIN_MAX_RESOLUTION", cls.max_resolution),
+            max_batch_size=env_int("PERSONA_TRAIN_MAX_BATCH", cls.max_batch_size),
         )

@@ -132,3 +132,18 @@ def test_garbage_bodies_never_get_internal(app, client, path, method):
         if not public:  # without a key, authentication answers before the body is even looked at
             assert _call(keyless, method, body)[0] == grpc.StatusCode.UNAUTHENTICATED
     assert undecodable >= 3  # the handmade bodies that cannot parse, at least
+
+
+def test_garbage_in_the_reflection_stream_is_invalid_argument(app):
+    call = grpc.insecure_channel(app.address).stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    for body in HANDMADE_GARBAGE:
+        try:
+            list(call(iter([body]), timeout=60))
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            code = e.code()
+        assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (body, code)
+    with pytest.raises(grpc.RpcError) as info:
+        list(call(iter([HANDMADE_GARBAGE[0]]), timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid message" in info.value.details()

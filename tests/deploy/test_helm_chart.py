@@ -236,3 +236,24 @@ def test_render_time_checks_stop_with_a_message(helm, args, message):
     result = run_helm(helm, "template", "demo", str(CHART), "--skip-schema-validation", *args)
     assert result.returncode != 0, result.stdout
     assert message in result.stderr
+
+
+def test_limits_and_the_model_allow_list_reach_the_config_map(helm):
+    config = find(render(helm), "ConfigMap", "demo-persona-env")["data"]
+    assert {k: config[k] for k in ("PERSONA_RPC_WORKERS", "PERSONA_GENERATE_QUEUE", "PERSONA_GENERATE_MAX_PIXELS",
+                                   "PERSONA_MAX_UPLOAD_PIXELS", "PERSONA_GENERATE_MAX_MEGAPIXEL_STEPS")} == {
+        "PERSONA_RPC_WORKERS": "32", "PERSONA_GENERATE_QUEUE": "8", "PERSONA_GENERATE_MAX_PIXELS": "1048576",
+        "PERSONA_MAX_UPLOAD_PIXELS": "256000000", "PERSONA_GENERATE_MAX_MEGAPIXEL_STEPS": "256"}
+    assert "PERSONA_MODELS_ROOT" not in config and "PERSONA_ALLOWED_MODELS" not in config  # persona's defaults
+    config = find(render(helm, "--set", "persona.limits.generateQueue=2", "--set", "persona.models.root=/base-models",
+                         "--set", "persona.models.allowed={owner/a,owner/b}"), "ConfigMap", "demo-persona-env")["data"]
+    assert config["PERSONA_GENERATE_QUEUE"] == "2" and config["PERSONA_MODELS_ROOT"] == "/base-models"
+    assert config["PERSONA_ALLOWED_MODELS"] == "owner/a,owner/b"
+
+
+@pytest.mark.parametrize("setting", ["persona.limits.generateQueue=-1", "persona.limits.maxWatchStreams=0",
+                                     "persona.limits.generateMaxImages=65", "persona.limits.queue=3",
+                                     "persona.models.root=relative/path"])
+def test_bad_limits_are_refused_by_the_schema(helm, setting):
+    result = run_helm(helm, "template", "demo", str(CHART), "--set", setting)
+    assert result.returncode != 0 and "values don't meet the specifications of the schema" in result.stderr, setting
