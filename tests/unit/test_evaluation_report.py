@@ -54,11 +54,10 @@ def test_json_and_csv_carry_the_numbers():
 def test_concepts_with_the_same_label_are_told_apart():
     from persona.services.evaluate.report import make_labels_unique
 
-    results = [ConceptResult("cpt_a", "bruno · lora · sid captions"), ConceptResult("cpt_b", "bruno · lora · sid captions"),
-               ConceptResult("cpt_c", "bruno · ti · sid captions")]
+    same = "bruno · lora · sid captions"
+    results = [ConceptResult("cpt_a", same), ConceptResult("cpt_b", same), ConceptResult("cpt_c", "bruno · ti")]
     make_labels_unique(results)
-    assert [r.label for r in results] == ["bruno · lora · sid captions · cpt_a", "bruno · lora · sid captions · cpt_b",
-                                          "bruno · ti · sid captions"]
+    assert [r.label for r in results] == [f"{same} · cpt_a", f"{same} · cpt_b", "bruno · ti"]
 
 
 def test_pareto_axes_span_a_readable_range():
