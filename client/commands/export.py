@@ -36,8 +36,9 @@ FORMATS = {Format.diffusers: train_pb2.EXPORT_FORMAT_DIFFUSERS, Format.lora: tra
            Format.svdiff: train_pb2.EXPORT_FORMAT_SVDIFF}
 # Exported as a folder of files; the others are one .safetensors file.
 # How to load these exports in diffusers 0.42, printed by --help; tests run exactly these lines (OUT: --out).
-CUSTOM_DIFFUSION_LOADING = ('pipe.unet.load_attn_procs(OUT, weight_name="pytorch_custom_diffusion_weights.bin", '
-                            '_pipeline=pipe); pipe.load_textual_inversion(OUT, weight_name="learned_embeds.safetensors")')
+CUSTOM_DIFFUSION_LOADING = (
+    'pipe.unet.load_attn_procs(OUT, weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=pipe); '
+    'pipe.load_textual_inversion(OUT, weight_name="learned_embeds.safetensors")')
 ONNX_LOADING = 'OnnxStableDiffusionPipeline.from_pretrained(OUT, provider="CPUExecutionProvider")'
 FOLDER_FORMATS = (Format.diffusers, Format.onnx, Format.tensorrt, Format.custom_diffusion)
 # Converted by a job with progress (minutes on real models); the others in one call.

@@ -201,8 +201,8 @@ def train(
     source: Annotated[str, typer.Argument(
         metavar="SUBJECT_OR_PHOTO_DIR", show_default=False,
         help="A subject id (subj_…), or a folder of 3–7 photos (the formats `persona-cli subjects add` takes) that "
-             "becomes a new subject first (then --class is required) and is captioned: SID (Case 3) when a VLM is configured, else the "
-             "Case 1 template.")],
+             "becomes a new subject first (then --class is required) and is captioned: SID (Case 3) when a VLM is "
+             "configured, else the Case 1 template.")],
     class_name: Annotated[Optional[str], typer.Option(
         "--class", show_default=False,
         help="Class noun of the subject (dog, backpack, stuffed animal; painting for a style). Required with a "

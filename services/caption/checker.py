@@ -261,13 +261,16 @@ def repair_names(text: str, class_name: str) -> tuple[str, list[str]]:
     if others:
         alternatives = "|".join(re.escape(o) for o in sorted(others, key=len, reverse=True))
         cls = r"\s+".join(re.escape(w) for w in class_name.split())
-        apposition = re.compile(rf"\b({cls})\s*(?:,|\()\s*(?:an?|the)\s+(?:[\w-]+\s+){{0,3}}?(?:{alternatives})\s*(?:,|\))",
-                                re.I)
+        apposition = re.compile(
+            rf"\b({cls})\s*(?:,|\()\s*(?:an?|the)\s+(?:[\w-]+\s+){{0,3}}?(?:{alternatives})\s*(?:,|\))", re.I)
         for match in list(apposition.finditer(text))[::-1]:
             repairs.append(f"dropped {text[match.end(1):match.end()].strip(' ,()')!r}")
             text = text[:match.end(1)] + " " + text[match.end():]
-        definite = re.compile(rf"\b(the|this|that)\s+(?:{alternatives})\b", re.I)
+        definite = re.compile(rf"\b(the|this|that)\s+({alternatives})\b", re.I)
         for match in list(definite.finditer(text))[::-1]:
+            introduced = rf"\b(?:{'|'.join(INDEFINITE)})\s+(?:[\w-]+\s+){{0,3}}?{re.escape(match.group(2))}\b"
+            if re.search(introduced, text[:match.start()], re.I):
+                continue  # "next to a leather bag; the bag is brown": another object, not the subject
             repairs.append(f"replaced {match.group(0)!r} with '{match.group(1)} {class_name}'")
             text = text[:match.start()] + f"{match.group(1)} {class_name}" + text[match.end():]
     text = re.sub(r"\s+([,.;:!?])", r"\1", " ".join(text.split()))

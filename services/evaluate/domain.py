@@ -154,6 +154,7 @@ class EvaluateDomain:
                 ctx.progress((index + fraction) / total, f"{concept_id}: {message}", concept_id=concept_id)
 
             results.append(self._measure(ctx, tenant_id, concept_id, params, wanted, clip, dino, progress))
+        report.make_labels_unique(results)
         meta = report.ReportMeta(
             title=f"persona evaluation of {', '.join(r.label for r in results)}",
             settings={"prompt set": params["prompt_set"] or "own prompts", "images per prompt":
@@ -168,7 +169,9 @@ class EvaluateDomain:
                 "csv_artifact_id": csv_id, "images": sum(len(p.images) for r in results for p in r.prompts),
                 "seconds": time.perf_counter() - started,
                 "metrics": [{"concept_id": r.concept_id, "metric": m, "value": v, "source": meta.sources.get(m, "")}
-                            for r in results for m, v in r.metrics.items()]}
+                            for r in results for m, v in r.metrics.items()]
+                + [{"concept_id": r.concept_id, "metric": report.NO_SUBJECT, "value": float(r.no_subject_images),
+                    "source": report.NO_SUBJECT_SOURCE} for r in results if r.no_subject_images is not None]}
 
     def _measure(self, ctx, tenant_id, concept_id, params, wanted, clip, dino, progress) -> report.ConceptResult:
         concept = self.train.get(tenant_id, concept_id)
@@ -205,7 +208,10 @@ class EvaluateDomain:
         label = f"{concept.display_name or concept.token} · {concept.method} · {concept.captions} captions"
         if concept.regularizers:
             label += " · " + "+".join(concept.regularizers)
-        return report.ConceptResult(concept_id, label, {k: v for k, v in overall.items() if k in wanted}, per_prompt)
+        no_subject = overall.get("no_subject_images")
+        return report.ConceptResult(concept_id, label, {k: v for k, v in overall.items() if k in wanted}, per_prompt,
+                                    None if no_subject is None else int(no_subject),
+                                    sum(len(p.images) for p in per_prompt))
 
     def _reference_mask(self, tenant_id: str, subject, image_id: str) -> np.ndarray:
         """The photo's stored mask, else Grounded-SAM on the class name (stored, so the next report reuses it)."""
@@ -240,8 +246,11 @@ class _References:
             embedded["dino"] = self.dino.image_embeddings(images)
             scores["dino"] = metrics.dino(embedded["dino"], self.dino_photos)
         if self.wanted & {"r_ci", "e_ci", "r_di", "e_di"}:
-            # CustomContrast scores subject against subject: the generated images are segmented too.
-            segments = [metrics.subject_segment(image, masks.segment(image, class_name)) for image in images]
+            # CustomContrast scores subject against subject: the generated images are segmented too. An image in
+            # which Grounded-SAM finds no subject is scored as one without it (an all-black segment) and counted.
+            found = [masks.segment(image, class_name) for image in images]
+            scores["no_subject"] = float(sum(not np.asarray(m).any() for m in found))
+            segments = [metrics.subject_segment(image, m, empty_ok=True) for image, m in zip(images, found)]
             scores["segment_clip_i"] = metrics.clip_i(self.clip.image_embeddings(segments), self.clip_subjects)
             if self.dino is not None:
                 scores["segment_dino"] = metrics.dino(self.dino.image_embeddings(segments), self.dino_subjects)
@@ -259,6 +268,8 @@ class _References:
             dino_images = np.concatenate(all_dino)
             result["dino"] = metrics.dino(dino_images, self.dino_photos)
             result["dino_var"] = metrics.variance(metrics.per_image_scores(dino_images, self.dino_photos))
+        if all("no_subject" in s for s in scores):
+            result["no_subject_images"] = sum(s["no_subject"] for s in scores)
         for segment, (r_name, e_name) in (("segment_clip_i", ("r_ci", "e_ci")), ("segment_dino", ("r_di", "e_di"))):
             if all(segment in s for s in scores):
                 split = metrics.split_scores([s[segment] for s in scores], kinds)

@@ -205,15 +205,21 @@ def _rows(x: Any, field: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 
 def subject_segment(image: Any, mask: Any, size: int | None = SEGMENT_SIZE, crop: bool = True,
-                    fill: tuple[int, int, int] = SEGMENT_FILL) -> Image.Image:
+                    fill: tuple[int, int, int] = SEGMENT_FILL, empty_ok: bool = False) -> Image.Image:
     """SID's r ⊙ s(r): the subject's pixels, the rest `fill` (black), cropped to the mask's box, square, resized.
 
     With `crop` the bounding box of the mask is padded with `fill` to a square centred on the subject and
     resized to `size` x `size` (None keeps the square's side); without it, the full frame is returned as is.
+    An empty mask is refused, unless `empty_ok`: then the segment is what r ⊙ s(r) is with s(r) = 0, all `fill`
+    (a generated image in which the segmenter found no subject: it scores as an image without the subject).
     """
     pixels, subject = _image_and_mask(image, mask)
     if not subject.any():
-        raise InvalidArgument("`mask` selects no pixel: the subject segment is empty; pass the subject's mask")
+        if not empty_ok:
+            raise InvalidArgument("`mask` selects no pixel: the subject segment is empty; pass the subject's mask")
+        side = size if crop and size is not None else None
+        shape = (side, side) if side else pixels.shape[:2] if not crop else (min(pixels.shape[:2]),) * 2
+        return Image.fromarray(np.full((*shape, 3), fill, dtype=np.uint8))
     out = np.where(subject[..., None], pixels, np.asarray(fill, dtype=np.uint8))
     if not crop:
         return Image.fromarray(out)

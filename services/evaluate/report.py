@@ -23,6 +23,13 @@ METRIC_LABELS = {
 }
 # (x, y) metric pairs for the Pareto plot, the first one every concept has wins.
 PARETO_AXES = (("ta", "sa"), ("clip_t", "dino"), ("clip_t", "clip_i"))
+# The plot's axes span at least this much, so close concepts sit close instead of at opposite corners of a
+# 0.772–0.773 window: similarities of these encoders differ meaningfully by hundredths, not by thousandths.
+MIN_AXIS_SPAN = 0.1
+# Images in which Grounded-SAM found no subject (R/E-CI, R/E-DI), counted per concept.
+NO_SUBJECT = "no_subject_images"
+NO_SUBJECT_SOURCE = ("generated images in which Grounded-SAM found no subject: their R/E segment is empty (all "
+                     "black), scored as an image without the subject")
 
 
 @dataclass
@@ -40,6 +47,20 @@ class ConceptResult:
     label: str  # e.g. "bruno · lora · sid captions · prior"
     metrics: dict[str, float] = field(default_factory=dict)
     prompts: list[PromptResult] = field(default_factory=list)
+    # Generated images the segmenter found no subject in (None: no segmentation ran), of `images` drawn.
+    no_subject_images: int | None = None
+    images: int = 0
+
+
+def make_labels_unique(results: list[ConceptResult]) -> None:
+    """Concepts whose labels coincide (two concepts of one subject and method) get their concept id appended, so
+    the grid, table and plot tell them apart."""
+    from collections import Counter
+
+    counts = Counter(r.label for r in results)
+    for r in results:
+        if counts[r.label] > 1:
+            r.label = f"{r.label} · {r.concept_id}"
 
 
 @dataclass
@@ -54,6 +75,7 @@ def render_json(results: list[ConceptResult], meta: ReportMeta) -> str:
     return json.dumps({
         "title": meta.title, "settings": meta.settings, "sources": meta.sources,
         "concepts": [{"concept_id": r.concept_id, "label": r.label, "metrics": r.metrics,
+                      NO_SUBJECT: r.no_subject_images, "images": r.images,
                       "prompts": [{k: v for k, v in asdict(p).items() if k not in ("images", "attention")}
                                   for p in r.prompts]} for r in results],
     }, indent=2)
@@ -67,6 +89,8 @@ def render_csv(results: list[ConceptResult]) -> str:
     for r in results:
         for metric, value in r.metrics.items():
             writer.writerow([r.concept_id, "all", "", "", metric, f"{value:.6f}"])
+        if r.no_subject_images is not None:
+            writer.writerow([r.concept_id, "all", "", "", NO_SUBJECT, str(r.no_subject_images)])
         for p in r.prompts:
             for metric, value in p.scores.items():
                 writer.writerow([r.concept_id, "prompt", p.text, p.kind, metric, f"{value:.6f}"])
@@ -84,6 +108,11 @@ def render_html(results: list[ConceptResult], meta: ReportMeta) -> str:
         + "".join(_cell(r.metrics.get(m), r.metrics.get(m) == best[m] and len(results) > 1) for m in metrics)
         + "</tr>" for r in results)
     table = f"<table><tr><th>concept</th>{head}</tr>{rows}</table>"
+    missing = [r for r in results if r.no_subject_images]
+    if missing:
+        table += "<p>Grounded-SAM found no subject in " + "; ".join(
+            f"{r.no_subject_images} of {r.images} images of <b>{e(r.label)}</b>" for r in missing) + \
+            " (scored as images without the subject in R-CI, E-CI, R-DI, E-DI).</p>"
     sources = "".join(f"<li><b>{e(METRIC_LABELS.get(m, m))}</b>: {e(s)}</li>" for m, s in meta.sources.items())
     settings = ", ".join(f"{e(str(k))} {e(str(v))}" for k, v in meta.settings.items())
     sections = []
@@ -181,16 +210,21 @@ def _pareto_svg(results: list[ConceptResult]) -> str:
 <line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#333"/>
 <text x="{width / 2}" y="{height - 16}" text-anchor="middle" font-size="13">{METRIC_LABELS[x_name]} →</text>
 <text x="18" y="{height / 2}" text-anchor="middle" font-size="13" transform="rotate(-90 18 {height / 2})">{METRIC_LABELS[y_name]} →</text>
-<text x="{pad}" y="{height - pad + 16}" font-size="10">{x_low:.3f}</text>
-<text x="{width - pad}" y="{height - pad + 16}" font-size="10" text-anchor="end">{x_high:.3f}</text>
-<text x="{pad - 6}" y="{height - pad}" font-size="10" text-anchor="end">{y_low:.3f}</text>
-<text x="{pad - 6}" y="{pad + 4}" font-size="10" text-anchor="end">{y_high:.3f}</text>
+<text x="{pad}" y="{height - pad + 16}" font-size="10">{x_low:.2f}</text>
+<text x="{width - pad}" y="{height - pad + 16}" font-size="10" text-anchor="end">{x_high:.2f}</text>
+<text x="{pad - 6}" y="{height - pad}" font-size="10" text-anchor="end">{y_low:.2f}</text>
+<text x="{pad - 6}" y="{pad + 4}" font-size="10" text-anchor="end">{y_high:.2f}</text>
 <polyline points="{line}" fill="none" stroke="#1a73e8" stroke-dasharray="5 4"/>
 {dots}
 </svg>"""
 
 
 def _span(values: list[float]) -> tuple[float, float]:
+    """An axis range holding `values` with a 15% margin, at least MIN_AXIS_SPAN wide (centred on them)."""
     low, high = min(values), max(values)
-    margin = (high - low) * 0.15 or max(abs(high) * 0.05, 0.01)
-    return low - margin, high + margin
+    margin = (high - low) * 0.15
+    low, high = low - margin, high + margin
+    if high - low < MIN_AXIS_SPAN:
+        centre = (low + high) / 2
+        low, high = centre - MIN_AXIS_SPAN / 2, centre + MIN_AXIS_SPAN / 2
+    return low, high

@@ -67,7 +67,7 @@ def test_an_evaluation_measures_every_metric_and_writes_the_report(app, client, 
     assert [p["kind"] for p in data["concepts"][0]["prompts"]] == ["reconstruction", "editing"]
     client.read_report_file(job.job_id, report.csv_artifact_id, tmp_path / "report.csv")
     rows = list(csv.DictReader(io.StringIO((tmp_path / "report.csv").read_text())))
-    assert {r["metric"] for r in rows if r["scope"] == "all"} == set(METRICS) - {"attention"}
+    assert {r["metric"] for r in rows if r["scope"] == "all"} == set(METRICS) - {"attention"} | {"no_subject_images"}
 
     # The reference photos' masks were made (Grounded-SAM on the class) and stored for the next report.
     subject_id = app.train.get("acme", concepts[0]).subject_id
@@ -108,3 +108,39 @@ def test_the_report_of_a_running_or_unknown_job_is_refused(client):
     assert unknown.code() == grpc.StatusCode.NOT_FOUND
     empty = _error(lambda: client.evaluate.GetReport(evaluate_pb2.GetReportRequest()))
     assert empty.code() == grpc.StatusCode.INVALID_ARGUMENT and "`job_id`" in empty.details()
+
+
+def test_images_where_grounded_sam_finds_nothing_are_scored_and_counted(app, client, dog_photos, tmp_path):
+    """The real GroundingDINO + SAM, with a box threshold no detection reaches: every generated image has no subject.
+    R/E-CI and R/E-DI score them as images without the subject, the report counts them, the job succeeds."""
+    from persona.services.mask.grounded import GroundedSamMasker
+    from persona.v1 import mask_pb2
+
+    subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
+        class_name="dog", images=[subjects_pb2.ImageUpload(data=d) for d in dog_photos[:2]]))
+    for image in subject.images:  # the reference photos' masks from clicks, so only generated images are segmented
+        client.masks.MaskFromPoints(mask_pb2.MaskFromPointsRequest(
+            subject_id=subject.subject_id, image_id=image.image_id,
+            positive=[mask_pb2.Point(x=image.width // 2, y=image.height // 2)]))
+    first, second = _train(client, subject.subject_id, "lora"), _train(client, subject.subject_id, "lora")
+    settings = app.masks.settings
+    app.masks.models._loaded[("grounded-sam", settings.detector_model, settings.segmenter_model)] = GroundedSamMasker(
+        settings.detector_model, settings.segmenter_model, device="cpu", box_threshold=1.01)  # detects nothing
+
+    job = client.evaluate.StartEvaluation(evaluate_pb2.StartEvaluationRequest(
+        concept_ids=[first, second], prompts=["a {} on the beach", "E: a red {}"], images_per_prompt=2, steps=2,
+        metrics=["r_ci", "e_ci", "r_di", "e_di", "sa", "ta"]))
+    final = client.wait_for_job(job.job_id, timeout_s=600)
+    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    report = client.evaluate.GetReport(evaluate_pb2.GetReportRequest(job_id=job.job_id))
+    measured = {(m.concept_id, m.metric): m.value for m in report.metrics}
+    assert measured[(first, "no_subject_images")] == measured[(second, "no_subject_images")] == 4.0
+    assert all(-1 <= measured[(c, m)] <= 1 for c in (first, second) for m in ("r_ci", "e_ci", "r_di", "e_di"))
+
+    client.read_report_file(job.job_id, report.json_artifact_id, tmp_path / "report.json")
+    data = json.loads((tmp_path / "report.json").read_text())
+    labels = [c["label"] for c in data["concepts"]]
+    assert len(set(labels)) == 2 and first in labels[0] and second in labels[1]  # same subject and method
+    assert [c["no_subject_images"] for c in data["concepts"]] == [4, 4]
+    client.read_report_file(job.job_id, report.html_artifact_id, tmp_path / "report.html")
+    assert "Grounded-SAM found no subject in 4 of 4 images" in (tmp_path / "report.html").read_text()

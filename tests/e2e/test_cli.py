@@ -276,3 +276,25 @@ def test_help_teaches_with_an_example(command):
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Example" in result.stdout and "persona-cli" in result.stdout
+
+
+def test_subjects_add_takes_a_folder_of_phone_photos(cli, dreambench):
+    """bear_plushie's photos are all MPO (the multi-picture JPEG phones write): the folder uploads as is."""
+    folder = dreambench / "bear_plushie"
+    subject = ok_json(cli("subjects", "add", folder, "--class", "stuffed animal", "--json"))
+    assert len(subject["images"]) == len(list(folder.glob("*.jpg")))
+    assert {i["media_type"] for i in subject["images"]} == {"image/jpeg"}
+
+
+def test_train_help_states_the_defaults(cli):
+    """--help says what the defaults do now: prior preservation stays on when regularisers are added, uncaptioned
+    photos are warned about, style subjects use SID's style template."""
+    import typer
+
+    ok(cli("train", "--help"))
+    command = typer.main.get_command(app).commands["train"]
+    text = " ".join(p.help or "" for p in command.params)  # what --help prints, before rich wraps it in a box
+    for phrase in ("stays on when you add others", "--no-prior", "the job says so in a warning",
+                   "A painting in the style of sks art"):
+        assert phrase in text, phrase
+    assert "contradict" in failed(cli("train", "subj_x", "--no-prior", "--reg", "prior"), "INVALID_ARGUMENT")

@@ -135,6 +135,11 @@ def test_other_names_still_describing_the_subject_are_problems(answer, words):
     assert not verdict.ok and any(f"describes the dog itself: {words}" in p for p in verdict.problems), verdict
 
 
+def test_another_object_named_like_the_subject_is_left_alone():
+    verdict = check("a photo of a backpack next to a leather bag; the bag is brown", class_name="backpack")
+    assert verdict.ok and verdict.text.endswith("the bag is brown") and verdict.warnings == ()
+
+
 def test_case_3_needs_detail_and_case_2_no_material():
     [problem] = check("a photo of a dog").problems
     assert "gives no detail of anything but the dog" in problem
