@@ -1,4 +1,4 @@
-"""Server interceptors: request id, access log, error mapping and auth, in that order (outermost first).
+"""Server interceptors: request id, access log, error mapping, auth and request limits, in that order (outermost first).
 
 Each interceptor wraps the method handler's behaviour in a scope (a context manager) that is
 entered for the whole call, streaming responses included.
@@ -16,6 +16,7 @@ import grpc
 from .auth import ApiKeyAuthenticator
 from .context import CallInfo, current_call, set_call
 from .errors import PersonaError
+from .limits import bounded_message, check_ids
 
 access_log = logging.getLogger("persona.access")
 log = logging.getLogger("persona.errors")
@@ -114,12 +115,33 @@ class ErrorMappingInterceptor(ScopedInterceptor):
         try:
             yield
         except PersonaError as e:
-            context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), e.message)
+            context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), bounded_message(e.message))
         except Exception:
             request_id = current_call().request_id
             log.exception("unexpected error in %s request_id=%s", details.method, request_id)
             context.abort(grpc.StatusCode.INTERNAL,
                           f"internal error (request_id={request_id}); the server log has the details")
+
+
+class RequestLimitsInterceptor(grpc.ServerInterceptor):
+    """Refuses a request whose ids are longer than an id can be (limits.check_ids), before the servicer sees it."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+
+        def checked(behaviour):
+            def call(request, context):
+                check_ids(request)
+                return behaviour(request, context)
+            return call
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(checked(handler.unary_unary), handler.request_deserializer,
+                                                       handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(checked(handler.unary_stream), handler.request_deserializer,
+                                                    handler.response_serializer)
 
 
 class AuthInterceptor(ScopedInterceptor):
@@ -142,4 +164,5 @@ class AuthInterceptor(ScopedInterceptor):
 
 
 def standard_interceptors(authenticator: ApiKeyAuthenticator) -> list[grpc.ServerInterceptor]:
-    return [RequestIdInterceptor(), AccessLogInterceptor(), ErrorMappingInterceptor(), AuthInterceptor(authenticator)]
+    return [RequestIdInterceptor(), AccessLogInterceptor(), ErrorMappingInterceptor(), AuthInterceptor(authenticator),
+            RequestLimitsInterceptor()]
