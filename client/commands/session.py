@@ -71,7 +71,9 @@ class Session:
                                          "persona server of the deployment (every one serves subjects and jobs)")
             else:
                 from persona.services.app import build_app  # the embedded server only: remote calls skip its imports
+                from persona.services.runtime.caches import keep_caches_in
 
+                keep_caches_in(self.settings().data_dir)  # before quiet_libraries imports torch
                 quiet_libraries()
 
                 self._app = build_app(self.settings(auth="none"), "127.0.0.1:0")
