@@ -28,6 +28,7 @@ from persona.services.mask.settings import MaskSettings
 from persona.services.runtime import auth, jobs
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.datadir import lock_data_dir
+from persona.services.runtime.caches import keep_caches_in
 from persona.services.runtime.errorlog import close_error_log, open_error_log
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.interceptors import standard_interceptors
@@ -168,6 +169,7 @@ def build_app(settings: RuntimeSettings, address: str = "127.0.0.1:0", *,
     a metadata store they share (Postgres), not one SQLite data dir. `unix_socket`: serve there too (the embedded
     persona-cli's socket that a second persona-cli on the same data dir uses)."""
     served = parse_services(services)
+    keep_caches_in(settings.data_dir)  # before anything imports torch: its compile cache is placed at import
     # With a shared metadata database (Postgres) several processes use one data dir (a ReadWriteMany volume in
     # Kubernetes: a pod per service, generate replicas), so none may take it for itself; with SQLite, one does.
     lock = None if settings.database_url else lock_data_dir(settings.data_dir)
@@ -196,7 +198,7 @@ def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: Sub
              generate_settings: GenerateSettings, mask_settings: MaskSettings,
              evaluate_settings: EvaluateSettings) -> Domains:
     """The domains of a server (`_build`) or of a job worker (`run_job`): the one place they are wired together."""
-    train_settings = train_settings or TrainSettings.from_env()
+    train_settings = train_settings or TrainSettings.from_env(settings.data_dir)
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     access = ModelAccess(paths=settings.model_paths, root=settings.models_root or train_settings.base_model_cache_dir,
                          allowed=settings.allowed_models)
@@ -220,7 +222,9 @@ def run_job(settings: RuntimeSettings, job_id: str, *, train_settings: TrainSett
     dispatcher. No server, and no data dir lock: the server that dispatched the job holds it (SQLite) or the store
     is shared (Postgres)."""
     # The worker runs the job itself: it builds no dispatcher (a pod has no Kubernetes API token, by design).
-    train_settings = dataclasses.replace(train_settings or TrainSettings.from_env(), dispatcher="thread")
+    train_settings = dataclasses.replace(train_settings or TrainSettings.from_env(settings.data_dir),
+                                         dispatcher="thread")
+    keep_caches_in(settings.data_dir)
     db = open_metadata(settings)
     open_error_log(settings.data_dir)
     try:

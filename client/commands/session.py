@@ -109,9 +109,11 @@ class Session:
     def _embedded_client(self) -> PersonaClient:
         """The services started in this process on the data dir, listening on its local socket too."""
         from persona.services.app import build_app  # the embedded server only: remote calls skip its imports
+        from persona.services.runtime.caches import keep_caches_in
 
-        quiet_libraries()
         settings = self.settings(auth="none")
+        keep_caches_in(settings.data_dir)  # before quiet_libraries imports torch
+        quiet_libraries()
         self._socket = local_socket(settings.data_dir)
         self._app = build_app(settings, "127.0.0.1:0", unix_socket=self._socket)
         return PersonaClient.connect(self._app.address)

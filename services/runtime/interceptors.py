@@ -1,5 +1,5 @@
-"""Server interceptors: request id, access log, error mapping, auth and request checks, in that order (outermost
-first).
+"""Server interceptors: request id, access log, error mapping, auth, request limits and request checks, in that
+order (outermost first).
 
 Each interceptor wraps the method handler's behaviour in a scope (a context manager) that is
 entered for the whole call, streaming responses included.
@@ -17,6 +17,7 @@ import grpc
 from .auth import ApiKeyAuthenticator
 from .context import CallInfo, current_call, set_call
 from .errors import InvalidArgument, PersonaError
+from .limits import bounded_message, check_ids
 from .validation import check_finite
 
 access_log = logging.getLogger("persona.access")
@@ -129,12 +130,33 @@ class ErrorMappingInterceptor(ScopedInterceptor):
             if retry_after_s is not None:  # grpc's client retry policy waits this long before its next attempt
                 context.set_trailing_metadata((("x-request-id", current_call().request_id),
                                                ("grpc-retry-pushback-ms", str(int(retry_after_s * 1000)))))
-            context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), e.message)
+            context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN), bounded_message(e.message))
         except Exception:
             request_id = current_call().request_id
             log.exception("unexpected error in %s request_id=%s", details.method, request_id)
             context.abort(grpc.StatusCode.INTERNAL,
                           f"internal error (request_id={request_id}); the server log has the details")
+
+
+class RequestLimitsInterceptor(grpc.ServerInterceptor):
+    """Refuses a request whose ids are longer than an id can be (limits.check_ids), before the servicer sees it."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+
+        def checked(behaviour):
+            def call(request, context):
+                check_ids(request)
+                return behaviour(request, context)
+            return call
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(checked(handler.unary_unary), handler.request_deserializer,
+                                                       handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(checked(handler.unary_stream), handler.request_deserializer,
+                                                    handler.response_serializer)
 
 
 class AuthInterceptor(ScopedInterceptor):
@@ -199,4 +221,4 @@ class RequestCheckInterceptor(grpc.ServerInterceptor):
 
 def standard_interceptors(authenticator: ApiKeyAuthenticator) -> list[grpc.ServerInterceptor]:
     return [RequestIdInterceptor(), AccessLogInterceptor(), ErrorMappingInterceptor(), AuthInterceptor(authenticator),
-            RequestCheckInterceptor()]
+            RequestCheckInterceptor(), RequestLimitsInterceptor()]

@@ -245,6 +245,18 @@ class JobContext:
     def cancel_requested(self) -> bool:
         return self.store.get(self.job.job_id).cancel_requested
 
+    def cancel_poll(self, every_s: float = 0.5) -> Callable[[], bool]:
+        """A `should_stop` for code that asks very often (every block of a model): reads the store at most once per
+        `every_s` seconds, and says yes from the first read that finds a cancellation on."""
+        last = [float("-inf"), False]
+
+        def should_stop() -> bool:
+            now = time.monotonic()
+            if not last[1] and now - last[0] >= every_s:
+                last[0], last[1] = now, self.cancel_requested
+            return last[1]
+        return should_stop
+
     def check_cancelled(self) -> None:
         """Raises Cancelled when CancelJob was called; call it between units of work."""
         if self.cancel_requested:

@@ -429,7 +429,7 @@ class TrainDomain:
                      if "mask" in concept.regularizers else None)
             result = train(
                 base.path, examples, config, output_dir, class_examples=class_examples, instance_masks=masks,
-                on_step=progress.step, should_stop=lambda: ctx.cancel_requested,
+                on_step=progress.step, should_stop=ctx.cancel_poll(),
                 checkpoint_dir=work / "checkpoint", parent_embedding=self._parent_embedding(concept),
                 on_validation=lambda step, images: self._store_validation(ctx, concept, step, images, progress))
         for warning in result.warnings:

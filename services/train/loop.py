@@ -397,6 +397,7 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
             on_validation(step, _validation_images(components, config, resolution, device, autocast))
 
     stopped = False
+    interrupter = _StepInterrupter(components.unet, should_stop) if should_stop is not None else None
     for step in range(start_step + 1, config.steps + 1):
         if should_stop is not None and should_stop():
             stopped = True
@@ -417,44 +418,58 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        with autocast():
-            # Condition on the captions: cached, or encoded now so gradients reach the text encoder.
-            text = cached_text[batch] if cached_text is not None else components.text_encoder(input_ids[batch])[0]
-            # Predict the noise (or velocity) the scheduler's config asks for.
-            pred = components.unet(noisy, timesteps, text).sample
-        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-        # MSE per image (latent pixels weighted where a regulariser asks, e.g. by the subject mask), min-SNR
-        # weighted when asked; instance and prior halves averaged separately.
-        weights = None
-        for regularizer in regularizers:
-            extra = regularizer.pixel_weights(batch)
-            if extra is not None:
-                weights = extra if weights is None else weights * extra
-        squared = F.mse_loss(pred.float(), target.float(), reduction="none")
-        per_image = weighted_pixel_mean(squared, weights)
-        if config.min_snr_gamma is not None:
-            per_image = per_image * _min_snr_weights(compute_snr(noise_scheduler, timesteps), config.min_snr_gamma,
-                                                     prediction_type)
-        instance_loss = per_image[:config.batch_size].mean()
-        terms = {"instance": instance_loss}
-        loss = instance_loss
-        if n_class:
-            terms["prior"] = per_image[config.batch_size:].mean()
-            loss = instance_loss + config.prior_loss_weight * terms["prior"]
-        step_inputs = {"noisy": noisy.detach(), "timesteps": timesteps, "step": step}
-        for regularizer in regularizers:
-            for name, (value, weight) in regularizer.loss_terms(batch, step_inputs).items():
-                terms[name] = value
-                loss = loss + weight * value
-        terms["loss"] = loss
-        # One device-to-host copy for every term: each .item() would be a GPU sync of its own.
-        step_losses = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist()))
-        # Backward, clip, optimiser and schedule step; then let the method fix what must not move.
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
+        # Forward and backward can take minutes at a large resolution: the UNet's blocks ask should_stop as they
+        # run (_StepInterrupter), and a stop abandons the step; the weights stay those of the step before.
+        try:
+            if interrupter is not None:
+                interrupter.armed = True
+            with autocast():
+                # Condition on the captions: cached, or encoded now so gradients reach the text encoder.
+                text = cached_text[batch] if cached_text is not None else components.text_encoder(input_ids[batch])[0]
+                # Predict the noise (or velocity) the scheduler's config asks for.
+                pred = components.unet(noisy, timesteps, text).sample
+            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+            # MSE per image (latent pixels weighted where a regulariser asks, e.g. by the subject mask), min-SNR
+            # weighted when asked; instance and prior halves averaged separately.
+            weights = None
+            for regularizer in regularizers:
+                extra = regularizer.pixel_weights(batch)
+                if extra is not None:
+                    weights = extra if weights is None else weights * extra
+            squared = F.mse_loss(pred.float(), target.float(), reduction="none")
+            per_image = weighted_pixel_mean(squared, weights)
+            if config.min_snr_gamma is not None:
+                per_image = per_image * _min_snr_weights(compute_snr(noise_scheduler, timesteps), config.min_snr_gamma,
+                                                         prediction_type)
+            instance_loss = per_image[:config.batch_size].mean()
+            terms = {"instance": instance_loss}
+            loss = instance_loss
+            if n_class:
+                terms["prior"] = per_image[config.batch_size:].mean()
+                loss = instance_loss + config.prior_loss_weight * terms["prior"]
+            step_inputs = {"noisy": noisy.detach(), "timesteps": timesteps, "step": step}
+            for regularizer in regularizers:
+                for name, (value, weight) in regularizer.loss_terms(batch, step_inputs).items():
+                    terms[name] = value
+                    loss = loss + weight * value
+            terms["loss"] = loss
+            # One device-to-host copy for every term: each .item() would be a GPU sync of its own.
+            step_losses = dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist()))
+            # Backward, clip, optimiser and schedule step; then let the method fix what must not move.
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+        except _StepInterrupted:
+            optimizer.zero_grad(set_to_none=True)
+            stopped = True
+            if step - 1 > resumed_from:
+                checkpoint(step - 1)
+            break
+        finally:
+            if interrupter is not None:
+                interrupter.armed = False  # validation images and the rest between steps run uninterrupted
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         if scaler is not None:
@@ -476,6 +491,9 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         if config.validation_every and step % config.validation_every == 0 and step < config.steps:
             validate(step)
 
+    if interrupter is not None:
+        interrupter.remove()
+
     # 7. Final validation images, then save in the method's ecosystem format.
     if not stopped and len(losses) == config.steps and config.steps > resumed_from:
         validate(config.steps)
@@ -494,6 +512,44 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
     return TrainResult(method=config.method, output_dir=output_dir, artifact=artifact, steps=len(losses),
                        stopped=stopped, losses=tuple(losses), seconds=time.perf_counter() - started,
                        warnings=tuple(warnings), resumed_from=resumed_from, components=components)
+
+
+class _StepInterrupted(Exception):
+    """should_stop() said yes in the middle of a step."""
+
+
+class _StepInterrupter:
+    """Asks `should_stop` before each UNet block, attention and resnet runs forward and as its gradient comes back
+    in backward, and raises _StepInterrupted when it says yes, so a stop does not wait for a long step to end.
+    `should_stop` is called a few hundred times a step: a costly one should throttle itself."""
+
+    # What is asked about besides the up/down/mid blocks: the units a block's time goes to.
+    UNITS = ("Attention", "ResnetBlock2D", "Transformer2DModel")
+
+    def __init__(self, unet, should_stop: ShouldStop):
+        self.should_stop = should_stop
+        # Only while the loop runs a step's forward and backward.
+        self.armed = False
+        units = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        units += [m for m in unet.modules() if type(m).__name__ in self.UNITS]
+        self.handles = [unit.register_forward_pre_hook(self._before) for unit in units if unit is not None]
+        self.handles += [unit.register_forward_hook(self._after) for unit in units if unit is not None]
+
+    def check(self, *_) -> None:
+        if self.armed and self.should_stop():
+            raise _StepInterrupted()
+
+    def _before(self, module, args) -> None:
+        self.check()
+
+    def _after(self, module, args, output) -> None:
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        if getattr(first, "requires_grad", False):
+            first.register_hook(self.check)  # runs when this block's gradient is computed in backward
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _min_snr_weights(snr, gamma: float, prediction_type: str):

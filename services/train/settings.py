@@ -94,7 +94,8 @@ class TrainSettings:
     max_batch_size: int = 16
 
     @classmethod
-    def from_env(cls) -> "TrainSettings":
+    def from_env(cls, data_dir: Path | None = None) -> "TrainSettings":
+        """Settings from PERSONA_* variables; the model cache defaults to `data_dir`/models (else PERSONA_HOME's)."""
         cache = os.environ.get("PERSONA_MODEL_CACHE")
         dispatcher = os.environ.get("PERSONA_TRAIN_DISPATCHER", "").strip().lower() or "thread"
         if dispatcher not in DISPATCHERS:
@@ -102,7 +103,8 @@ class TrainSettings:
         return cls(
             dispatcher=dispatcher,
             kubernetes=KubernetesJobSettings.from_env() if dispatcher == "kubernetes" else KubernetesJobSettings(),
-            base_model_cache_dir=Path(cache) if cache else _default_model_cache(),
+            base_model_cache_dir=Path(cache) if cache else (Path(data_dir) / "models" if data_dir is not None
+                                                            else _default_model_cache()),
             download_base_models=os.environ.get("PERSONA_TRAIN_DOWNLOAD_BASE_MODELS", "") in ("1", "true", "yes"),
             single_file_configs=Path(os.environ.get("PERSONA_SINGLE_FILE_CONFIGS", "").strip()
                                      or _default_single_file_configs()),

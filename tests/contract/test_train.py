@@ -2,6 +2,7 @@
 load in plain diffusers, cancel, isolation, out-of-memory, and every bad input with its code and field."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -215,6 +216,21 @@ def test_cancel_stops_within_a_step_and_keeps_usable_weights(client, subject, tm
     assert concept.state == train_pb2.CONCEPT_STATE_CANCELLED and 2 <= concept.steps_done < 5000
     exported = export(client, concept.concept_id, train_pb2.EXPORT_FORMAT_LORA, tmp_path / "lora")
     assert (exported / "pytorch_lora_weights.safetensors").stat().st_size > 0
+
+
+def test_cancel_stops_a_long_step_in_the_middle(client, subject):
+    """At 192 px the tiny UNet attends over 9 216 latent pixels: a step takes seconds on a CPU, and a cancel
+    asked during one ends the job without finishing it (the loop asks between the UNet's attentions and resnets)."""
+    job = start(client, subject.subject_id, steps=50, resolution=192)
+    for event in client.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job.job_id), timeout=600):
+        if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.data["step"] >= 1:
+            break
+    asked = time.monotonic()
+    client.jobs.CancelJob(common_pb2.CancelJobRequest(job_id=job.job_id))
+    final, concept = finish(client, job)
+    print(f"cancelled {time.monotonic() - asked:.1f} s after CancelJob, at step {concept.steps_done} of 50")
+    assert final.state == common_pb2.JOB_STATE_CANCELLED and concept.state == train_pb2.CONCEPT_STATE_CANCELLED
+    assert 1 <= concept.steps_done < 50
 
 
 def test_two_jobs_for_one_subject_run_apart(app, client, subject):

@@ -272,3 +272,22 @@ def test_validation_images_every_n_steps_do_not_change_training(base, dogs, tmp_
     prompt, image = drawn[0][1][0]
     assert prompt == "a sks dog on the beach" and image.size == (RESOLUTION, RESOLUTION)
     assert a.losses == b.losses
+
+
+@pytest.mark.parametrize("calls_before_stop", [1, 3, 20, 40])
+def test_a_stop_asked_in_the_middle_of_a_step_ends_the_run_without_finishing_it(base, dogs, tmp_path,
+                                                                                calls_before_stop):
+    """should_stop is asked once before the step and again inside its forward and backward: a yes there abandons the
+    step (1: before the first block's forward; 3, 20: further in; 40: in backward, the tiny UNet's forward asking
+    25 times and its backward as many)."""
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(True)
+        return len(calls) > calls_before_stop
+
+    config = TrainConfig(method="lora", steps=1, resolution=RESOLUTION)
+    result = train(base, dogs[:1], config, tmp_path / "lora", should_stop=should_stop)
+    assert result.stopped and result.steps == 0 and result.losses == ()
+    assert len(calls) == calls_before_stop + 1  # nothing asked after the stop
+    assert result.artifact.exists()  # the weights as they were are still saved
