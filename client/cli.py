@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
+from persona.services.runtime.cpus import limit_threads_to_available_cpus
+
 from .commands import (bench, captions, concepts, evaluate, export, generate, jobs, keys, lifecycle, mask, serve,
                        subjects, train, worker)
 from .commands.session import DataDirOption, Session
@@ -81,6 +83,8 @@ app.add_typer(bench.app, name="bench")
 
 def main() -> None:
     """Console entry point of `persona-cli`."""
+    # Before torch is imported (by any command that trains or draws): as many threads as CPUs the process has.
+    limit_threads_to_available_cpus()
     app()
 
 

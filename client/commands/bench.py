@@ -11,8 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..output import note, quiet_libraries, table
+from ..output import message_dict, note, quiet_libraries, table
 from .session import JsonOption, session
+from .train import STAGES
 
 app = typer.Typer(help="Measure persona's speed against reference implementations, on this machine.",
                   no_args_is_help=True, rich_markup_mode="markdown")
@@ -26,6 +27,9 @@ def bench() -> None:
 class BenchMethod(str, Enum):
     lora = "lora"
     dreambooth = "dreambooth"
+    ti = "ti"
+    custom_diffusion = "custom_diffusion"
+    svdiff = "svdiff"
 
 
 class Precision(str, Enum):
@@ -45,7 +49,9 @@ def train(
     method: Annotated[Optional[list[BenchMethod]], typer.Option(
         "--method", show_default="lora and dreambooth",
         help="Method to time; repeat for several. lora: rank-4 adapters on to_q/to_k/to_v/to_out.0 "
-             "(train_dreambooth_lora.py); dreambooth: the whole UNet (train_dreambooth.py).")] = None,
+             "(train_dreambooth_lora.py); dreambooth: the whole UNet (train_dreambooth.py); ti, custom_diffusion, "
+             "svdiff: our loop only (no diffusers DreamBooth counterpart), ratio vs our lora when it runs too.")]
+    = None,
     steps: Annotated[int, typer.Option(min=1, help="Steps timed per run, after the warmup.")] = 20,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed steps first (allocator, kernels, caches).")] = 3,
     resolution: Annotated[Optional[int], typer.Option(
@@ -113,7 +119,9 @@ def train(
     def render() -> str:
         header = (f"device {name}; base model {base_model}; {size} px; {steps} steps timed after {warmup}; "
                   f"mixed precision {precision}; reference: diffusers DreamBooth example loop"
-                  + ("; lora+REG rows: vs plain lora (ours)" if regularizer else ""))
+                  + ("; lora+REG rows: vs plain lora (ours)" if regularizer else "")
+                  + ("; ti/custom_diffusion/svdiff rows: ours only, vs plain lora (ours)"
+                     if set(methods) - set(BENCH_METHODS) else ""))
         body = table(
             ["METHOD", "LOOP", "IT/S", "IT/S (MEDIAN STEP)", "PEAK GPU MEM", "VS REFERENCE"],
             [(r.method, r.loop, f"{r.it_per_s:.2f}", f"{r.median_it_per_s:.2f}", _gib(r.peak_gpu_mem_bytes),
@@ -194,12 +202,20 @@ def flow(
     timed("export", lambda: trainer.ExportConcept(train_pb2.ExportConceptRequest(
         concept_id=concept_id, format=train_pb2.EXPORT_FORMAT_LORA)))
     total = sum(seconds.values())
+    # Where the train job's time went, as the server measured it (class images, training, saving, …).
+    reported = (message_dict(job).get("result") or {}).get("stage_seconds", {})
+    train_stages = {stage: reported[stage] for stage in (*STAGES, *reported) if stage in reported}  # in run order
     data = {"base_model": base_model, "steps": steps, "photos": len(files), "caption_case": case,
             "concept_id": concept_id, "seconds": seconds, "total_seconds": total,
-            "train_it_per_s": steps / seconds["train"]}
+            "train_it_per_s": steps / seconds["train"], "train_stage_seconds": train_stages}
 
     def render() -> str:
-        rows = [(stage, f"{value:.1f}") for stage, value in seconds.items()] + [("total", f"{total:.1f}")]
+        rows = []
+        for stage, value in seconds.items():
+            rows.append((stage, f"{value:.1f}"))
+            if stage == "train":
+                rows += [(f"  {name}", f"{part:.1f}") for name, part in train_stages.items()]
+        rows.append(("total", f"{total:.1f}"))
         return (f"{len(files)} photos, captions case {case}, {steps} LoRA steps on {base_model} "
                 f"({steps / seconds['train']:.2f} steps/s including model loading and class images)\n"
                 + table(["STAGE", "SECONDS"], rows))

@@ -31,6 +31,11 @@ from .regularizers import REGULARIZER_PLUGINS
 
 # Methods both loops implement (textual inversion has no diffusers DreamBooth counterpart).
 BENCH_METHODS = ("lora", "dreambooth")
+# Methods timed with our loop only (no reference row; their ratio is vs our LoRA in the same run): textual inversion
+# (one token embedding, no prior preservation), Custom Diffusion and SVDiff (with prior preservation, as trained).
+OURS_ONLY_METHODS = ("ti", "custom_diffusion", "svdiff")
+# Methods trained without class images.
+NO_PRIOR_METHODS = ("ti",)
 OURS, REFERENCE = "ours", "reference"
 INSTANCE_PROMPT = "a photo of sks dog"
 CLASS_PROMPT = "a photo of dog"
@@ -94,6 +99,9 @@ def run_train_benchmark(
     `regularizers` ("mask", "spl", "core") add a row each: our LoRA loop with that regulariser (centred square
     masks for "mask"; the text encoder's LoRA on for "spl" and "core", which act on the text side), whose
     `vs_reference` is its it/s over plain LoRA's in the same run — what the regulariser costs.
+
+    `methods` may also name OURS_ONLY_METHODS (ti, custom_diffusion, svdiff): one row each, our loop only, with the
+    method's default learning rate; `vs_reference` is its it/s over our LoRA's when lora runs too, else None.
     """
     import torch
 
@@ -101,8 +109,8 @@ def run_train_benchmark(
     if not methods:
         raise InvalidArgument(f"`methods` is empty: pass one or more of {', '.join(BENCH_METHODS)}")
     for method in methods:
-        if method not in BENCH_METHODS:
-            raise InvalidArgument(f"`method` is {method!r}: use one of {', '.join(BENCH_METHODS)}")
+        if method not in BENCH_METHODS + OURS_ONLY_METHODS:
+            raise InvalidArgument(f"`method` is {method!r}: use one of {', '.join(BENCH_METHODS + OURS_ONLY_METHODS)}")
     for regularizer in regularizers:
         if regularizer not in REGULARIZER_PLUGINS:
             raise InvalidArgument(f"`regularizers` has {regularizer!r}: use some of {', '.join(REGULARIZER_PLUGINS)}")
@@ -132,7 +140,8 @@ def run_train_benchmark(
     klass = [(image, CLASS_PROMPT) for image in _noise_images(num_images, seed + 1)]
     total = warmup_steps + steps
     rows: list[BenchRow] = []
-    for method in methods:
+    plain_lora = None
+    for method in (m for m in methods if m in BENCH_METHODS):
         if on_run is not None:
             on_run(method, OURS)
         ours = _measure(dev, lambda timer: _run_ours(base_model_dir, method, instance, klass, total, resolution,
@@ -153,6 +162,13 @@ def run_train_benchmark(
         timed = _measure(dev, lambda timer: _run_ours(base_model_dir, "lora", instance, klass, total, resolution,
                                                         dev, precision, seed, timer, regularizer), warmup_steps)
         rows.append(_row(name, OURS, timed, plain_lora))
+    for method in (m for m in methods if m in OURS_ONLY_METHODS):
+        if on_run is not None:
+            on_run(method, OURS)
+        classes = [] if method in NO_PRIOR_METHODS else klass
+        timed = _measure(dev, lambda timer: _run_ours(base_model_dir, method, instance, classes, total, resolution,
+                                                        dev, precision, seed, timer), warmup_steps)
+        rows.append(_row(method, OURS, timed, plain_lora))
     return rows
 
 
@@ -241,10 +257,10 @@ def _speed(timer: _StepTimer) -> tuple[float, float]:
     return seconds, (steps / seconds if seconds > 0 else 0.0)
 
 
-def _row(method: str, loop: str, timer: _StepTimer, reference: _StepTimer) -> BenchRow:
+def _row(method: str, loop: str, timer: _StepTimer, reference: _StepTimer | None) -> BenchRow:
     steps = len(timer.losses)
     seconds, it_per_s = _speed(timer)
-    _, ref_it_per_s = _speed(reference)
+    ref_it_per_s = _speed(reference)[1] if reference is not None else 0.0
     median = statistics.median(timer.step_seconds) if timer.step_seconds else 0.0
     return BenchRow(method=method, loop=loop, steps=steps, seconds=seconds, it_per_s=it_per_s,
                     median_it_per_s=1.0 / median if median > 0 else 0.0, peak_gpu_mem_bytes=timer.peak,
@@ -258,7 +274,7 @@ def _run_ours(base_model_dir, method, instance, klass, total_steps, resolution, 
     start, on_step its end."""
     import numpy as np
 
-    config = TrainConfig(method=method, steps=total_steps, learning_rate=LEARNING_RATES[method], batch_size=1,
+    config = TrainConfig(method=method, steps=total_steps, learning_rate=LEARNING_RATES.get(method), batch_size=1,
                          resolution=resolution, seed=seed, lora_rank=LORA_RANK, lora_alpha=LORA_RANK,
                          lora_targets=LORA_TARGETS, mixed_precision=precision, device=str(device),
                          regularizers=(regularizer,) if regularizer else (),

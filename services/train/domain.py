@@ -404,6 +404,7 @@ class TrainDomain:
             raise mapped from error
 
     def _train(self, ctx: JobContext, concept: Concept) -> dict:
+        watch = Stopwatch()
         base = self.resolve_base(concept.base_model)
         if base_model_identity(base.path) != concept.base_model_sha256:
             raise FailedPrecondition(f"base model {concept.base_model!r} changed on disk since the job started: "
@@ -414,12 +415,15 @@ class TrainDomain:
         fallback = _caption_fallback_warning(concept)
         if fallback:
             ctx.warn(fallback)
+        watch.lap("preparing")
         how = "resumed" if ctx.job.attempts > 1 else "started"
         ctx.log(f"training {how}: {concept.method} on {len(examples)} image(s), {config.steps} steps",
                 concept_id=concept.concept_id)
 
         with self._device(ctx):
+            watch.lap("waiting")  # for another job to finish with the device
             class_examples, prior_stats = self._class_examples(ctx, concept, base, config)
+            watch.lap("class_images")
             work = self._work_dir(concept.concept_id)
             output_dir = work / "output"
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -432,6 +436,7 @@ class TrainDomain:
                 on_step=progress.step, should_stop=ctx.cancel_poll(),
                 checkpoint_dir=work / "checkpoint", parent_embedding=self._parent_embedding(concept),
                 on_validation=lambda step, images: self._store_validation(ctx, concept, step, images, progress))
+            watch.lap("training")  # loading the base model included
         for warning in result.warnings:
             ctx.warn(warning)
 
@@ -441,13 +446,15 @@ class TrainDomain:
         self.concepts.update(concept.concept_id, steps_done=result.steps, final_loss=final_loss,
                              state=concept_store.CANCELLED if result.stopped else concept_store.READY)
         shutil.rmtree(work, ignore_errors=True)  # the checkpoint is only for resuming this job
+        watch.lap("saving")
         if result.stopped:
             raise Cancelled(f"training of {concept.concept_id} cancelled after step {result.steps}; the weights "
                             "of that step are kept")
         every = max(1, -(-len(result.losses) // MAX_CURVE_POINTS))
         return {"concept_id": concept.concept_id, "steps": result.steps, "final_loss": final_loss,
                 "resumed_from_step": result.resumed_from, "loss_curve_every": every,
-                "loss_curve": [round(v, 6) for v in result.losses[::every]], **prior_stats}
+                "loss_curve": [round(v, 6) for v in result.losses[::every]], **prior_stats,
+                "stage_seconds": watch.seconds}
 
     def _device(self, ctx: JobContext | None):
         """Waits (cancellably) until no training run or GPU export holds the device."""
@@ -502,6 +509,21 @@ class TrainDomain:
                                                                                                concept_store.FAILED)
         self.concepts.update(concept.concept_id, state=state)
         return self.concepts.get(concept.concept_id)
+
+
+class Stopwatch:
+    """Seconds per stage of one job, in the order they ran: the job result's `stage_seconds`, which persona-cli
+    prints as where the time went."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, stage: str) -> None:
+        """Charges the time since the previous lap (or the start) to `stage`."""
+        now = time.monotonic()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 3)
+        self._last = now
 
 
 class _Progress:

@@ -150,7 +150,8 @@ def test_train_from_a_folder_needs_a_class(clean_env, dreambench, tmp_path):
     assert ok_json(cli("subjects", "list", "--json")) == {"subjects": []}  # checked before any upload
 
 
-def test_prior_preservation_run_with_json_and_class_captions(clean_env, dreambench, tmp_path):
+def test_prior_preservation_run_with_json_and_class_captions(clean_env, dreambench, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_command, "LONG_RUN_S", 0.0)  # every run is "long": it says where the time went
     cli = Cli(tmp_path / "home")
     photos = photo_folder(dreambench, tmp_path / "photos", count=2)
     result = cli("train", photos, "--class", "dog", "--reg", "prior", "--num-class-images", "2", "--class-image-steps", "2",
@@ -162,6 +163,9 @@ def test_prior_preservation_run_with_json_and_class_captions(clean_env, dreamben
     assert int(concept["options"]["seed"]) == 7
     assert {c["source"] for c in concept["training_captions"]} == {"class"}
     assert "Case 1" not in result.stderr  # --captions class: nothing is captioned
+    spent = result.stderr.strip().splitlines()[-1]
+    assert spent.startswith("took ") and "class images " in spent and "training " in spent
+    assert "(2 drawn once and kept: the next concept of this class on this base model skips them)" in spent
 
     ok(cli("concepts", "rm", concept["concept_id"]))
     failed(cli("concepts", "show", concept["concept_id"]), "NOT_FOUND")

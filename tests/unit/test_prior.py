@@ -185,3 +185,9 @@ def test_class_prompt_for(name, prompt):
 def test_class_prompt_for_an_empty_class_names_it():
     with pytest.raises(InvalidArgument, match="`class_name`"):
         class_prompt_for(" ")
+
+
+@pytest.mark.parametrize("resolution, size", [(512, 4), (64, 16), (256, 16), (384, 7), (768, 1), (2048, 1)])
+def test_class_images_per_pipeline_call_follow_a_pixel_budget(resolution, size):
+    # 4 images of 512² per call (DreamBooth's sample_batch_size): 4·512²/384² = 7.1 → 7; at most 16, at least 1.
+    assert prior.batch_size_for(resolution) == size

@@ -51,9 +51,25 @@ def test_regulariser_rows_are_priced_against_plain_lora(tiny):
         run_train_benchmark(tiny, methods=("lora",), steps=1, device="cpu", regularizers=("sharpen",))
 
 
+def test_methods_without_a_reference_are_timed_with_ours_and_priced_against_lora(tiny):
+    rows = run_train_benchmark(tiny, methods=("lora", "ti", "custom_diffusion", "svdiff"), steps=1, warmup_steps=1,
+                               resolution=RESOLUTION, device="cpu", num_images=1)
+    by_method = {(r.method, r.loop): r for r in rows}
+    assert list(by_method) == [("lora", OURS), ("lora", REFERENCE), ("ti", OURS), ("custom_diffusion", OURS),
+                               ("svdiff", OURS)]
+    plain = by_method[("lora", OURS)]
+    for name in ("ti", "custom_diffusion", "svdiff"):
+        row = by_method[(name, OURS)]
+        assert row.steps == 1 and row.it_per_s > 0 and math.isfinite(row.mean_loss)
+        assert row.vs_reference == pytest.approx(row.it_per_s / plain.it_per_s)
+    alone = run_train_benchmark(tiny, methods=("ti",), steps=1, warmup_steps=0, resolution=RESOLUTION, device="cpu",
+                                num_images=1)
+    assert [(r.method, r.loop, r.vs_reference) for r in alone] == [("ti", OURS, None)]
+
+
 def test_benchmark_rejects_unknown_method(tiny):
     with pytest.raises(InvalidArgument, match="`method`"):
-        run_train_benchmark(tiny, methods=("ti",), steps=1, device="cpu")
+        run_train_benchmark(tiny, methods=("hypernetwork",), steps=1, device="cpu")
 
 
 def test_cli_prints_json(model_cache, tiny, monkeypatch):
@@ -83,3 +99,6 @@ def test_bench_flow_times_every_stage_from_photos_to_an_exported_lora(tmp_path, 
     assert list(data["seconds"]) == ["upload", "captions", "train", "export"]
     assert data["caption_case"] == 1 and data["steps"] == 2 and data["concept_id"].startswith("cpt_")
     assert data["total_seconds"] == pytest.approx(sum(data["seconds"].values()))
+    # the train stage split as the server measured it
+    assert list(data["train_stage_seconds"]) == ["preparing", "waiting", "class_images", "training", "saving"]
+    assert sum(data["train_stage_seconds"].values()) <= data["seconds"]["train"]
