@@ -269,3 +269,11 @@ def spread(values: Sequence[float]) -> tuple[float, float]:
     """(mean, sample standard deviation; 0 for one value) of per-seed figures."""
     array = np.asarray(values, dtype=np.float64)
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def default_toyworld() -> Path:
+    """The shared toy world: PERSONA_TOYWORLD, else ../shared/toyworld beside a persona checkout."""
+    import os
+
+    given = os.environ.get("PERSONA_TOYWORLD", "").strip()
+    return Path(given) if given else Path(__file__).resolve().parents[2].parent / "shared" / "toyworld"
