@@ -38,7 +38,7 @@ def test_bench_quality_trains_each_configuration_per_seed_and_reports(cli, tmp_p
     assert data["options"] == {"steps": 2, "num_class_images": 1, "class_image_steps": 1, "resolution": 32}
     page = report.read_text()
     assert "lora sid+prior" in page and "nearby-object leakage" in page and page.count("<img") == 2 * 2
-    assert "red-ring: a photo of a sks ring next to a small purple circle" in page
+    assert "red-ring: a photo of a sks ring next to a small black circle" in page
     assert json.loads(report.with_suffix(".json").read_text())["rows"][0]["config"] == "lora case1"
     # The bench leaves no subject or concept behind.
     assert ok_json(cli("--json", "subjects", "list")) in ([], {"subjects": []})
