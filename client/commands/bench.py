@@ -338,3 +338,177 @@ def _ratio(value: float | None) -> str:
 
 def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} s"
+
+
+@app.command("quality")
+def quality(
+    ctx: typer.Context,
+    reference_sets: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="REFERENCE_SET…", show_default="the three shared sets (../shared/toyworld/references/*)",
+        help="Toy-world reference sets: folders of photos with a scene.json (subject, background, nearby object, "
+             "class, and per photo its case1/case3/full captions).")] = None,
+    base_model: Annotated[Optional[str], typer.Option(
+        metavar="PATH|ID", show_default="the shared toy base (../shared/toyworld/base, or $PERSONA_TOYWORLD/base)",
+        help="Base model every configuration trains on; its pictures must mean something (the toy base).")] = None,
+    config: Annotated[Optional[list[str]], typer.Option(
+        "--config", show_default="case1, case1+prior, sid, sid+prior",
+        help="Configuration to train; repeat for several. case1 (\"a photo of a sks ring\") or sid (the Case 3 "
+             "captions), joined by '+' with regularisers: prior, mask (the subject clicked at the centre of its "
+             "colours: needs the mask service's CLIP model), core, spl (these two train the text encoder).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(
+        "--method", show_default="lora", help="lora or dreambooth; repeat for both (each config runs per method).")]
+    = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds 0…N-1: each trains its own concept and draws its own "
+                                                   "images; the spread is over them.")] = 3,
+    images: Annotated[int, typer.Option("-n", "--images", min=1, max=16, help="Images per prompt and seed.")] = 8,
+    prompts: Annotated[int, typer.Option(min=1, max=2, help="Prompts of each kind (background unsaid with a new "
+                                                            "nearby object; a new plain background asked).")] = 2,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps.", show_default="the train service's")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.", show_default="the method's")] = None,
+    num_class_images: Annotated[Optional[int], typer.Option(help="Class images for prior preservation.",
+                                                            show_default="the train service's")] = None,
+    class_image_steps: Annotated[Optional[int], typer.Option(help="Sampling steps of each class image.",
+                                                             show_default="the train service's")] = None,
+    prior_weight: Annotated[Optional[float], typer.Option(help="Weight of the prior-preservation loss.",
+                                                          show_default="the train service's")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE", help="Any other TrainingOptions field, e.g. --set lora_rank=8 "
+                                           "--set lora_targets=to_k,to_v; repeat for several.")] = None,
+    report: Annotated[Optional[Path], typer.Option(
+        "--report", dir_okay=False, help="Write an HTML report (image grids of the first seed, metric table) here, "
+                                         "and its JSON beside it.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure what each training configuration does to entanglement, on the toy world (../shared/toyworld).
+
+    For every reference set, configuration and seed, a concept trains through the services (subjects uploaded,
+    captions stored with SetCaption), then draws on prompts that leave the background unsaid ("a photo of a sks
+    ring next to a small purple circle") and ask for a new plain one ("… on a plain cyan background"), in colours
+    none of the photos has. Each image's pixels are mapped to the world's ten colours and counted. Prints per
+    configuration, averaged over the sets, as mean ± standard deviation over seeds:
+
+    - nearby: fraction of pixels in the photos' nearby object's colour (lower is better);
+    - background: fraction of the outer 5-px frame in the photos' background colours, background unsaid (lower);
+    - asked bg: fraction of asked-background images where that colour covers ≥ 40 % (text alignment, higher);
+    - subject: fraction of images where the subject's colours cover ≥ 3 % (fidelity, higher);
+    - ÷ case1: nearby and background leakage over the Case 1 row's (same method and prior setting).
+
+    Example: `persona-cli bench quality ../shared/toyworld/references/red-ring --config case1+prior --config
+    sid+prior --seeds 3 --report quality.html`
+    """
+    import json
+
+    from persona.services.evaluate import report as report_module
+    from persona.services.evaluate import toyworld as tw
+    from persona.services.runtime.errors import InvalidArgument
+
+    from ..output import fail
+    from ..quality import DEFAULT_CONFIGS, Configuration, QualityBenchmark
+
+    s = session(ctx)
+    quiet_libraries()
+    world = tw.default_toyworld()
+    folders = reference_sets or sorted(p for p in (world / "references").glob("*") if p.is_dir())
+    if not folders:
+        fail("INVALID_ARGUMENT", f"`REFERENCE_SET` not given and {world / 'references'} holds none: pass toy-world "
+                                 "reference folders, or set PERSONA_TOYWORLD to the shared toy world")
+    try:
+        references = [tw.read_reference_set(f) for f in folders]
+    except InvalidArgument as e:
+        fail("INVALID_ARGUMENT", str(e))
+    base = base_model or str(world / "base")
+    try:
+        configs = [Configuration.parse(c, m) for m in dict.fromkeys(method or ["lora"])
+                   for c in dict.fromkeys(config or DEFAULT_CONFIGS)]
+    except ValueError as e:
+        fail("INVALID_ARGUMENT", str(e))
+    given = {"steps": steps, "learning_rate": lr, "num_class_images": num_class_images,
+             "class_image_steps": class_image_steps, "prior_loss_weight": prior_weight}
+    options = {k: v for k, v in given.items() if v is not None}
+    options.update(_training_option_pairs(option or []))
+    bench = QualityBenchmark(s.client(), base, images_per_prompt=images, prompts_per_kind=prompts, options=options,
+                             on_stage=note)
+    rows = bench.run(references, configs, list(range(seeds)))
+    data = {"base_model": base, "reference_sets": [str(r.folder) for r in references], "seeds": seeds,
+            "images_per_prompt": images, "options": options,
+            "rows": [{"config": r.config.name, "method": r.config.method, "captions": r.config.captions,
+                      "regularizers": list(r.config.regularizers),
+                      "metrics": {m: {"mean": r.mean(m), "std": r.std(m), "per_seed": r.per_seed[m]}
+                                  for m in tw.METRICS if m in r.per_seed},
+                      "per_reference": r.per_reference, "baseline": r.baseline, "ratio_to_case1": r.ratios}
+                     for r in rows]}
+    if report is not None:
+        results = [report_module.ConceptResult(
+            concept_id=r.config.name, label=r.config.name,
+            metrics={m: r.mean(m) for m in tw.METRICS if m in r.per_seed},
+            prompts=[report_module.PromptResult(text=text, kind="editing", images=pngs)
+                     for text, pngs in r.images.items()]) for r in rows]
+        meta = report_module.ReportMeta(
+            title="persona bench quality: entanglement on the toy world",
+            settings={"base model": base, "sets": ", ".join(r.name for r in references), "seeds": seeds,
+                      "images per prompt": images, **options},
+            sources={m: text for m, text in _QUALITY_SOURCES.items()})
+        report.write_text(report_module.render_html(results, meta))
+        report.with_suffix(".json").write_text(json.dumps(data, indent=2))
+        note(f"report: {report} (and {report.with_suffix('.json')})")
+
+    def cell(r, metric: str) -> str:
+        mean, std = r.mean(metric), r.std(metric)
+        return "n/a" if mean is None else f"{mean:.3f} ± {std:.3f}"
+
+    def ratio(r, metric: str) -> str:
+        return f"{r.ratios[metric]:.2f}x" if metric in r.ratios else "n/a"
+
+    def render() -> str:
+        header = (f"base model {base}; sets {', '.join(r.name for r in references)}; seeds {seeds}; "
+                  f"{images} images per prompt; options {options or 'the train service defaults'}")
+        body = table(["CONFIG", "NEARBY", "BACKGROUND", "ASKED BG", "SUBJECT", "NEARBY ÷ CASE1", "BG ÷ CASE1"],
+                     [(r.config.name, cell(r, "nearby_leakage"), cell(r, "background_leakage"),
+                       cell(r, "text_alignment"), cell(r, "subject_fidelity"), ratio(r, "nearby_leakage"),
+                       ratio(r, "background_leakage")) for r in rows])
+        return header + "\n" + body
+
+    s.output(as_json).emit(data, render)
+
+
+_QUALITY_SOURCES = {
+    "nearby_leakage": "mean fraction of pixels nearest the reference nearby object's colour, background-unsaid prompts",
+    "background_leakage": "mean fraction of the outer 5-px frame nearest the reference background's colours, "
+                          "background-unsaid prompts",
+    "text_alignment": "fraction of asked-background images where that colour covers >= 40 %",
+    "subject_fidelity": "fraction of images where the subject's colours (body + stripes) cover >= 3 %",
+}
+
+
+def _training_option_pairs(pairs: list[str]) -> dict:
+    """--set KEY=VALUE → TrainingOptions values: numbers and booleans parsed, commas make a list."""
+    from persona.v1 import train_pb2
+
+    from ..output import fail
+
+    fields = train_pb2.TrainingOptions.DESCRIPTOR.fields_by_name
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            fail("INVALID_ARGUMENT", f"`--set` {pair!r}: use KEY=VALUE with a TrainingOptions field, e.g. "
+                                     "lora_rank=8")
+        kind = fields[key]
+        try:
+            result[key] = _parse_option(kind, value)
+        except ValueError:
+            fail("INVALID_ARGUMENT", f"`--set` {pair!r}: {key} takes a number, e.g. --set {key}=8")
+    return result
+
+
+def _parse_option(kind, value: str):
+    if kind.is_repeated:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if kind.type == kind.TYPE_BOOL:
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if kind.type in (kind.TYPE_INT32, kind.TYPE_INT64):
+        return int(value)
+    if kind.type in (kind.TYPE_DOUBLE, kind.TYPE_FLOAT):
+        return float(value)
+    return value

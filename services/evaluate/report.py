@@ -20,7 +20,12 @@ METRIC_LABELS = {
     "sa": "SA (SID)", "nsd": "NSD (SID)", "ta": "TA (SID)", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO",
     "clip_i_var": "CLIP-Iv (P3S)", "dino_var": "DINO-v (P3S)", "r_ci": "R-CI", "e_ci": "E-CI", "r_di": "R-DI",
     "e_di": "E-DI",
+    # The toy world's entanglement measures (toyworld.py; `persona-cli bench quality`).
+    "nearby_leakage": "nearby-object leakage", "background_leakage": "background leakage",
+    "text_alignment": "asked background", "subject_fidelity": "subject fidelity",
 }
+# Metrics where less is better (the best cell is the lowest).
+LOWER_IS_BETTER = ("clip_i_var", "dino_var", "nearby_leakage", "background_leakage")
 # (x, y) metric pairs for the Pareto plot, the first one every concept has wins.
 PARETO_AXES = (("ta", "sa"), ("clip_t", "dino"), ("clip_t", "clip_i"))
 # The plot's axes span at least this much, so close concepts sit close instead of at opposite corners of a
@@ -101,7 +106,7 @@ def render_html(results: list[ConceptResult], meta: ReportMeta) -> str:
     e = html.escape
     metrics = [m for m in METRIC_LABELS if any(m in r.metrics for r in results)]
     head = "".join(f"<th>{e(METRIC_LABELS[m])}</th>" for m in metrics)
-    best = {m: (min if m in ("clip_i_var", "dino_var") else max)(r.metrics[m] for r in results if m in r.metrics)
+    best = {m: (min if m in LOWER_IS_BETTER else max)(r.metrics[m] for r in results if m in r.metrics)
             for m in metrics}
     rows = "".join(
         f"<tr><td><b>{e(r.label)}</b><br><code>{e(r.concept_id)}</code></td>"

@@ -202,24 +202,28 @@ class BenchPrompt:
 
 
 def free_colours(reference: ReferenceSet) -> list[str]:
-    """Palette colours in none of the reference's photos: a new object or background in one of them cannot be
-    mistaken for leakage or for the subject."""
-    return [c for c in COLOURS if c not in reference.colours]
+    """Palette colours in none of the reference's photos, farthest from them first: a new object or background in
+    one of them cannot be mistaken for leakage or for the subject, and its blurred edges (a purple beside a blue
+    nearby object) do not land on the reference's colours."""
+    def distance(colour: str) -> float:
+        return min(float(np.sum((np.array(PALETTE[colour]) - np.array(PALETTE[c])) ** 2)) for c in reference.colours)
+
+    return sorted((c for c in COLOURS if c not in reference.colours), key=lambda c: (-distance(c), COLOURS.index(c)))
 
 
 def bench_prompts(reference: ReferenceSet, count: int = 2) -> list[BenchPrompt]:
     """`count` prompts of each kind in the world's grammar: 'a photo of a sks ring next to a small purple circle'
     (background unsaid) and 'a photo of a sks ring on a plain orange background' (a new one asked)."""
     free = free_colours(reference)
-    if len(free) < count:
+    if len(free) < 2 * count:
         raise InvalidArgument(f"`reference set` {reference.name} uses {len(reference.colours)} colours: fewer than "
-                              f"{count} are left for new objects and backgrounds; use a set with fewer colours")
+                              f"{2 * count} are left for new objects and backgrounds; use a set with fewer colours")
     subject = f"a photo of {_article(reference.token)} {reference.token} {reference.class_name}"
     shape = next(s for s in ("circle", "triangle", "square") if s not in (reference.subject_shape,
                                                                           reference.nearby_shape))
     unsaid = [BenchPrompt(f"{subject} next to a small {c} {shape}", UNSAID, c) for c in free[:count]]
-    # Backgrounds from the other end of the free colours, so each asked colour differs from the new objects'.
-    asked = [BenchPrompt(f"{subject} on a plain {c} background", ASKED, c) for c in free[::-1][:count]]
+    # The next free colours for the backgrounds, so each asked colour differs from the new objects'.
+    asked = [BenchPrompt(f"{subject} on a plain {c} background", ASKED, c) for c in free[count:2 * count]]
     return unsaid + asked
 
 
@@ -269,3 +273,11 @@ def spread(values: Sequence[float]) -> tuple[float, float]:
     """(mean, sample standard deviation; 0 for one value) of per-seed figures."""
     array = np.asarray(values, dtype=np.float64)
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def default_toyworld() -> Path:
+    """The shared toy world: PERSONA_TOYWORLD, else ../shared/toyworld beside a persona checkout."""
+    import os
+
+    given = os.environ.get("PERSONA_TOYWORLD", "").strip()
+    return Path(given) if given else Path(__file__).resolve().parents[2].parent / "shared" / "toyworld"

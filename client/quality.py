@@ -1,0 +1,207 @@
+"""`persona-cli bench quality`'s runner: trains one concept per configuration and seed through the real services,
+draws each on the toy world's prompts and measures entanglement (persona.services.evaluate.toyworld).
+
+Per reference set, one subject per caption kind is uploaded and its photos captioned through the caption service's
+SetCaption (Case 1 or the SID Case 3 text of the set's scene.json); each configuration trains on the stored
+captions (`captions` "sid") with its method and regularisers. Per seed s the concept trains with seed s and draws
+with seeds from 1000·s, so seeds differ in both training and sampling.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from PIL import Image
+
+from persona.services.evaluate import toyworld as tw
+from persona.v1 import caption_pb2, common_pb2, generate_pb2, mask_pb2, subjects_pb2, train_pb2
+
+from .sdk import PersonaClient, PersonaClientError
+
+CAPTION_KINDS = ("case1", "sid")
+METHODS = ("lora", "dreambooth")
+BENCH_REGULARIZERS = ("prior", "mask", "core", "spl")
+# core and spl act on the text side: dreambooth and lora need it trained for them.
+TEXT_SIDE = ("core", "spl")
+# The README's four rows: Case 1 and SID, each with and without prior preservation.
+DEFAULT_CONFIGS = ("case1", "case1+prior", "sid", "sid+prior")
+# The toy base's sampling (its README: 30 DDIM steps, guidance 6).
+SAMPLING_STEPS, GUIDANCE = 30, 6.0
+
+
+@dataclass(frozen=True)
+class Configuration:
+    method: str
+    captions: str  # "case1" | "sid"
+    regularizers: tuple[str, ...]  # () = none
+
+    @classmethod
+    def parse(cls, text: str, method: str) -> "Configuration":
+        """'sid+prior+core' → SID captions with prior preservation and CoRe; raises ValueError naming the part."""
+        parts = [p.strip().lower() for p in text.split("+") if p.strip()]
+        if not parts or parts[0] not in CAPTION_KINDS:
+            raise ValueError(f"`--config` {text!r} must start with case1 or sid, e.g. sid+prior")
+        unknown = [p for p in parts[1:] if p not in BENCH_REGULARIZERS]
+        if unknown:
+            raise ValueError(f"`--config` {text!r} has {', '.join(unknown)}: join case1|sid with some of "
+                             f"{', '.join(BENCH_REGULARIZERS)} by '+', e.g. sid+prior+mask")
+        if method not in METHODS:
+            raise ValueError(f"`--method` is {method!r}: use lora or dreambooth")
+        return cls(method, parts[0], tuple(dict.fromkeys(parts[1:])))
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {'+'.join((self.captions,) + self.regularizers)}"
+
+    @property
+    def prior(self) -> bool:
+        return "prior" in self.regularizers
+
+
+@dataclass
+class Row:
+    """One configuration's figures: per metric the per-seed values (each the mean over the reference sets)."""
+
+    config: Configuration
+    per_seed: dict[str, list[float]] = field(default_factory=dict)
+    per_reference: dict[str, dict[str, float]] = field(default_factory=dict)  # set name → metric → mean over seeds
+    baseline: str | None = None  # the Case 1 row the ratios are taken against
+    ratios: dict[str, float] = field(default_factory=dict)
+    # prompt text → PNGs of the first seed, for the report's grids (reference set name prefixed).
+    images: dict[str, list[bytes]] = field(default_factory=dict)
+
+    def mean(self, metric: str) -> float | None:
+        values = self.per_seed.get(metric)
+        return tw.spread(values)[0] if values else None
+
+    def std(self, metric: str) -> float | None:
+        values = self.per_seed.get(metric)
+        return tw.spread(values)[1] if values else None
+
+
+def _options(config: Configuration, seed: int, given: dict) -> train_pb2.TrainingOptions:
+    options = train_pb2.TrainingOptions(seed=seed)
+    for name, value in given.items():
+        if isinstance(value, (list, tuple)):
+            getattr(options, name).extend(value)
+        else:
+            setattr(options, name, value)
+    if any(r in TEXT_SIDE for r in config.regularizers):
+        options.train_text_encoder = True
+    return options
+
+
+class QualityBenchmark:
+    """Runs the configurations over the reference sets and seeds against one persona server (embedded or not)."""
+
+    def __init__(self, client: PersonaClient, base_model: str, *, images_per_prompt: int = 8,
+                 prompts_per_kind: int = 2, options: dict | None = None, sampling_steps: int = SAMPLING_STEPS,
+                 guidance: float = GUIDANCE, on_stage: Callable[[str], None] = lambda message: None):
+        self.client, self.base_model = client, base_model
+        self.images_per_prompt, self.prompts_per_kind = images_per_prompt, prompts_per_kind
+        self.options, self.sampling_steps, self.guidance = dict(options or {}), sampling_steps, guidance
+        self.on_stage = on_stage
+        self._created: list[str] = []
+
+    def run(self, references: Sequence[tw.ReferenceSet], configs: Sequence[Configuration],
+            seeds: Sequence[int]) -> list[Row]:
+        rows = [Row(c) for c in configs]
+        try:
+            for reference in references:
+                prompts = tw.bench_prompts(reference, self.prompts_per_kind)
+                subjects = {kind: self._subject(reference, kind, any(c.captions == kind and "mask" in c.regularizers
+                                                                     for c in configs))
+                            for kind in dict.fromkeys(c.captions for c in configs)}
+                for row in rows:
+                    per_seed = []
+                    for seed in seeds:
+                        concept_id = self._train(subjects[row.config.captions], row.config, seed, reference)
+                        per_seed.append(self._measure(concept_id, prompts, reference, seed, row, first=seed == seeds[0]))
+                        self.client.train.DeleteConcept(train_pb2.DeleteConceptRequest(concept_id=concept_id))
+                    for metric in tw.METRICS:
+                        values = [s[metric] for s in per_seed if metric in s]
+                        if values:
+                            row.per_reference.setdefault(reference.name, {})[metric] = tw.spread(values)[0]
+                            row.per_seed.setdefault(metric, [0.0] * len(seeds))
+                            for index, value in enumerate(values):
+                                row.per_seed[metric][index] += value / len(references)
+        finally:
+            for subject_id in self._created:
+                self.client.subjects.DeleteSubject(subjects_pb2.DeleteSubjectRequest(subject_id=subject_id))
+        _set_ratios(rows)
+        return rows
+
+    def _subject(self, reference: tw.ReferenceSet, kind: str, masks: bool) -> str:
+        """Uploads the set's photos as a subject and stores each photo's Case 1 or SID caption through SetCaption."""
+        self.on_stage(f"{reference.name}: uploading {len(reference.photos)} photos with {kind} captions")
+        subject = self.client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
+            class_name=reference.class_name, token=reference.token, display_name=f"bench {reference.name} {kind}",
+            images=[subjects_pb2.ImageUpload(data=p.path.read_bytes(), filename=p.path.name)
+                    for p in reference.photos]))
+        self._created.append(subject.subject_id)
+        by_name = {p.path.name: p for p in reference.photos}
+        for image in subject.images:
+            photo = by_name[image.filename] if image.filename in by_name else reference.photos[image.index]
+            self.client.captions.SetCaption(caption_pb2.SetCaptionRequest(
+                image=common_pb2.ImageRef(subject_id=subject.subject_id, image_id=image.image_id),
+                text=photo.case1 if kind == "case1" else photo.case3))
+            if masks:  # a click on the subject: the centroid of its colours
+                x, y = _subject_centre(Image.open(photo.path), reference)
+                self.client.masks.MaskFromPoints(mask_pb2.MaskFromPointsRequest(
+                    subject_id=subject.subject_id, image_id=image.image_id, positive=[mask_pb2.Point(x=x, y=y)]))
+        return subject.subject_id
+
+    def _train(self, subject_id: str, config: Configuration, seed: int, reference: tw.ReferenceSet) -> str:
+        self.on_stage(f"{reference.name}: training {config.name}, seed {seed}")
+        job = self.client.train.StartTraining(train_pb2.StartTrainingRequest(
+            subject_id=subject_id, base_model=self.base_model, method=config.method,
+            regularizers=list(config.regularizers) or ["none"], captions="sid",
+            options=_options(config, seed, self.options), display_name=f"bench {config.name} seed {seed}"))
+        final = self.client.wait_for_job(job.job_id)
+        if final.state != common_pb2.JOB_STATE_SUCCEEDED:
+            raise PersonaClientError(final.error.code or "ABORTED",
+                                     f"training {config.name} (seed {seed}) on {reference.name} ended "
+                                     f"{common_pb2.JobState.Name(final.state)}: {final.error.message}")
+        return job.params["concept_id"]
+
+    def _measure(self, concept_id: str, prompts: list[tw.BenchPrompt], reference: tw.ReferenceSet, seed: int,
+                 row: Row, first: bool) -> dict[str, float]:
+        self.on_stage(f"{reference.name}: drawing {row.config.name}, seed {seed}: {len(prompts)} prompts × "
+                      f"{self.images_per_prompt}")
+        scores = []
+        for image in self.client.generate.Generate(generate_pb2.GenerateRequest(
+                concept_id=concept_id, prompts=[p.text for p in prompts], seed=1000 * seed,
+                steps=self.sampling_steps, guidance_scale=self.guidance, scheduler=generate_pb2.SCHEDULER_DDIM,
+                images_per_prompt=self.images_per_prompt)):
+            prompt = prompts[image.prompt_index]
+            scores.append(tw.score_image(Image.open(io.BytesIO(image.png)), prompt, reference))
+            if first:
+                row.images.setdefault(f"{reference.name}: {prompt.text}", []).append(image.png)
+        return tw.summarise(scores)
+
+
+def _subject_centre(image: Image.Image, reference: tw.ReferenceSet) -> tuple[int, int]:
+    import numpy as np
+
+    labels = tw.palette_labels(image)
+    ys, xs = np.nonzero(np.isin(labels, [tw.COLOURS.index(c) for c in reference.subject_colours]))
+    if not len(xs):
+        return image.width // 2, image.height // 2
+    return int(np.median(xs)), int(np.median(ys))
+
+
+def _set_ratios(rows: list[Row]) -> None:
+    """Each row's figures over its Case 1 row's: same method and prior setting where there is one."""
+    for row in rows:
+        candidates = [r for r in rows if r.config.captions == "case1" and r.config.method == row.config.method]
+        same_prior = [r for r in candidates if r.config.prior == row.config.prior and
+                      r.config.regularizers == tuple(x for x in row.config.regularizers if x == "prior")]
+        baseline = (same_prior or candidates or [None])[0]
+        if baseline is None:
+            continue
+        row.baseline = baseline.config.name
+        for metric in tw.METRICS:
+            mine, theirs = row.mean(metric), baseline.mean(metric)
+            if mine is not None and theirs:
+                row.ratios[metric] = mine / theirs
