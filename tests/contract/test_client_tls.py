@@ -25,8 +25,8 @@ def tls_server(tmp_path_factory):
     server.stop(0)
 
 
-def check(client: PersonaClient) -> int:
-    return health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+def check(client: PersonaClient, timeout: float = 5) -> int:
+    return health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
 
 
 def test_grpcs_addresses_speak_tls_verified_against_the_given_ca(tls_server, monkeypatch):
@@ -39,7 +39,7 @@ def test_grpcs_addresses_speak_tls_verified_against_the_given_ca(tls_server, mon
     monkeypatch.delenv("PERSONA_TLS_CA")  # the system's roots do not know this self-signed certificate
     client = PersonaClient.connect(f"grpcs://localhost:{port}")
     with pytest.raises(grpc.RpcError) as caught:
-        check(client)
+        check(client, timeout=30)  # the SDK retries UNAVAILABLE 4 times first (backoff at most 7.5 s in all)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     client.close()
 
