@@ -94,7 +94,8 @@ def served(tmp_path):
 def one_error_line(result: subprocess.CompletedProcess, code: str) -> str:
     assert result.returncode == 1, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
     assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
+    # generate says what it starts before the answer comes (a plain line when stderr is no terminal)
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("loading the model")]
     assert len(lines) == 1 and lines[0].startswith(f"{code}: "), result.stderr
     return lines[0]
 
@@ -243,8 +244,9 @@ def test_a_failed_job_on_a_server_shows_its_cause_and_the_trace_goes_to_the_data
     key = persona_cli("keys", "create", "acme", "--data-dir", served.data_dir).stdout.strip()
     subject_id = json.loads(served.remote(key, "subjects", "add", dreambench / "dog" / "00.jpg", "--class", "dog",
                                           "--json").stdout)["subject_id"]
-    base = corrupt_base_model(tmp_path / "broken-base")
-    result = served.remote(key, "train", subject_id, "--captions", "class", "--reg", "none", "--base-model", base,
+    # A server opens only folders under its models root (by default its model cache), named without their path.
+    corrupt_base_model(Path(served.data_dir) / "models" / "broken-base")
+    result = served.remote(key, "train", subject_id, "--captions", "class", "--reg", "none", "--base-model", "broken-base",
                            "--steps", "1", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     line = result.stderr.strip().splitlines()[-1]  # after the progress notes

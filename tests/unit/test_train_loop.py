@@ -232,13 +232,12 @@ def test_crash_then_resume_equals_uninterrupted_run(base, dogs, tmp_path):
 def test_stop_writes_a_checkpoint_that_resumes(base, dogs, tmp_path):
     config = TrainConfig(method="ti", steps=5, resolution=RESOLUTION, learning_rate=1e-1)
     uninterrupted = train(base, dogs[:2], config, tmp_path / "straight")
-    calls = []
+    steps_done = []  # should_stop is also asked inside a step (between UNet blocks): stop by steps, not by calls
 
     def stop_after_two():
-        calls.append(1)
-        return len(calls) > 2
+        return len(steps_done) >= 2
     stopped = train(base, dogs[:2], config, tmp_path / "stopped", should_stop=stop_after_two,
-                    checkpoint_dir=tmp_path / "ckpt")
+                    on_step=lambda step, *rest, **kw: steps_done.append(step), checkpoint_dir=tmp_path / "ckpt")
     assert stopped.stopped and stopped.steps == 2 and stopped.artifact.exists()
     resumed = train(base, dogs[:2], config, tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt")
     assert resumed.resumed_from == 2
