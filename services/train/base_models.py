@@ -287,7 +287,8 @@ def _convert_single_file(path: Path, configs: Path, target: Path) -> Path:
     """Reads `path` with diffusers' single-file loader and the configs in `configs`; saves it as a diffusers folder."""
     from diffusers import StableDiffusionPipeline
 
-    with tempfile.TemporaryDirectory() as scratch:
+    # Scratch beside the build folder, under the model cache: not in $TMPDIR, which may be small or not persona's.
+    with tempfile.TemporaryDirectory(prefix=".config-", dir=Path(target).parent) as scratch:
         # The loader wants a whole pipeline config: the family's components, a tokenizer and a model_index.json.
         config_dir = Path(scratch) / "config"
         shutil.copytree(configs, config_dir, symlinks=False,
