@@ -35,7 +35,7 @@ from ..caption.domain import CaptionDomain
 from ..subjects.domain import Subject, SubjectRepository, indefinite_article
 from ..subjects.images import png_bytes
 from . import concepts as concept_store
-from .base_models import ResolvedBaseModel, resolve_base_model
+from .base_models import TINY, ResolvedBaseModel, resolve_base_model
 from .concepts import Concept, ConceptFile, ConceptStore, TrainingCaption
 from .exports import ConceptExports, store_folder
 from .loop import DEFAULT_LEARNING_RATES, TrainConfig, train
@@ -83,6 +83,9 @@ FLOAT_OPTION_RANGES = {
     "prior_loss_weight": (0.0, 1e3, False), "max_grad_norm": (0.0, 1e6, False), "unmasked_weight": (0.0, 1.0, False),
     "spl_weight": (0.0, 1e3, False), "core_emb_weight": (0.0, 1e3, False), "core_attn_weight": (0.0, 1e3, False),
 }
+# Class-image steps when the base model is the built-in `tiny` and the request names none: its random weights draw
+# noise at any step count, and 100 images at 30 steps were ~150 CPU-s, most of the README's laptop flow.
+TINY_CLASS_IMAGE_STEPS = 10
 # Options that are not TrainConfig fields (they shape the data, not the loop).
 _DATA_OPTIONS = ("num_class_images", "class_prompt", "epochs", "class_image_steps")
 # Progress events are written at most this often (plus the first and last step): a fast GPU run
@@ -235,6 +238,8 @@ class TrainDomain:
                 raise InvalidArgument(f"`epochs` is {given['epochs']}: use 1 or more")
             per_epoch = -(-len(subject.images) // max(1, options["batch_size"]))
             options["steps"] = given["epochs"] * per_epoch
+        if base.family == TINY and "class_image_steps" not in given:
+            options["class_image_steps"] = TINY_CLASS_IMAGE_STEPS
         options.setdefault("learning_rate", DEFAULT_LEARNING_RATES[method])
         options.setdefault("resolution", base.native_resolution)
         options.setdefault("lora_alpha", options["lora_rank"])
