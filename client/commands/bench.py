@@ -88,7 +88,7 @@ def train(
 
     Example: `persona-cli bench train --base-model sd15 --device cuda --mixed-precision fp16 --steps 50`
     """
-    from persona.services.train.base_models import read_model_configs
+    from persona.services.models.base_models import read_model_configs
     from persona.services.train.bench import BENCH_METHODS, bench_base_model, device_name, resolve_device, \
         run_train_benchmark
     from persona.services.train.settings import TrainSettings
@@ -281,7 +281,7 @@ def generate(
     from dataclasses import asdict
 
     from persona.services.generate.bench import run_sampling_benchmark
-    from persona.services.train.base_models import read_model_configs
+    from persona.services.models.base_models import read_model_configs
     from persona.services.train.bench import bench_base_model, resolve_device
     from persona.services.train.settings import TrainSettings
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from persona.services.train.base_models import CLIP_TOKENIZER_DIR
+from persona.services.models.base_models import CLIP_TOKENIZER_DIR
 
 # Input side and patch size of both tiny vision towers: 4x4 patches + CLS.
 TINY_IMAGE_SIZE = 32

@@ -18,7 +18,7 @@ from pathlib import Path
 
 # CLIP_TOKENIZER_DIR: the public openai/clip-vit-large-patch14 tokenizer shipped with the train service;
 # CLIPSeg tokenizes with it too. TINY_SEED: every tiny model's seed, so each build gives the same weights.
-from persona.services.train.base_models import CLIP_TOKENIZER_DIR, TINY_SEED
+from persona.services.models.base_models import CLIP_TOKENIZER_DIR, TINY_SEED
 
 # BERT special tokens plus the words GroundingDINO queries are made of: DreamBench's class names,
 # the article and the period that ends each phrase. Anything else tokenizes to [UNK], which is harmless.

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
-from .base_models import RANDOM_FAMILIES, TINY, missing_components, tiny_base_model
+from persona.services.models.base_models import RANDOM_FAMILIES, TINY, missing_components, tiny_base_model
 from .loop import MIXED_PRECISIONS, TrainConfig, train
 from .regularizers import REGULARIZER_PLUGINS
 
@@ -492,7 +492,7 @@ def _instance_images(images_dir: Path | None, count: int, seed: int) -> list:
 def bench_base_model(ref: str, cache_dir: Path, config_root: Path | None = None) -> Path:
     """The diffusers folder for `ref`: `tiny`, `sd15` / `sd21-base` (real-size random weights from the configs
     under `config_root`, built once into `cache_dir`), or a local diffusers folder."""
-    from .base_models import build_random_base_model
+    from persona.services.models.base_models import build_random_base_model
 
     ref = (ref or "").strip()
     if ref == TINY:

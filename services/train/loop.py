@@ -17,12 +17,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from persona.services.models.fusing import LEARNED_EMBEDS
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.runtime.model_loading import loading_models
 
 from .crop import square_crop_box
 from .methods import METHODS, Components
-from .methods.lora import LEARNED_EMBEDS
 from .methods.textual_inversion import add_learned_token
 from .regularizers import REGULARIZER_PLUGINS, RegularizerInputs, weighted_pixel_mean
 from .regularizers.core import CORE_VARIANTS
