@@ -110,10 +110,10 @@ def test_start_export_onnx_reports_each_component_and_caches_checked_graphs(app,
     assert {"export:onnx-fp32", "export:onnx-fp16", "export:diffusers"} <= roles
 
     # The Triton engine's view: the cached export copied into a folder once, reused after.
-    target = app.train.exports.onnx_folder("acme", lora.concept_id, tmp_path / "repo" / lora.concept_id, fp16=False)
+    target = app.models.exports.onnx_folder("acme", lora.concept_id, tmp_path / "repo" / lora.concept_id, fp16=False)
     assert (target / "manifest.json").read_bytes() == (folder / "manifest.json").read_bytes()
     stamp = (target / "unet" / "model.onnx").stat().st_mtime_ns
-    assert app.train.exports.onnx_folder("acme", lora.concept_id, target, fp16=False) == target
+    assert app.models.exports.onnx_folder("acme", lora.concept_id, target, fp16=False) == target
     assert (target / "unet" / "model.onnx").stat().st_mtime_ns == stamp
 
 
