@@ -21,7 +21,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Protocol
 
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
@@ -44,6 +44,13 @@ EXPORT_FORMATS = {"diffusers": None, "lora": ("lora",), "kohya": ("lora",), "ti"
 EXPORT_NATIVE = {"lora": "lora", "ti": "ti", "custom_diffusion": "custom_diffusion", "svdiff": "svdiff"}
 # Formats exported (and cached) once per precision, fp16 or fp32.
 PRECISION_FORMATS = ("onnx", "tensorrt")
+
+
+class ExportSettings(BaseModelSettings, Protocol):
+    """What exports read of the train service's settings (train/settings.py)."""
+
+    # The device of exports, e.g. "cuda:1" or "cpu"; None: cuda when available, else cpu.
+    device: str | None
 
 
 @dataclass(frozen=True)
@@ -84,11 +91,11 @@ class _ExportPlan:
 
 
 class ConceptExports:
-    """The exports of every tenant's concepts. `get_concept(tenant, id)` reads a concept as the train domain shows
-    it (NotFound for other tenants'); `device(ctx)` holds the training device (a GPU export waits for a run);
-    `on_cuda()` says whether exports run on a GPU (fp16 by default then)."""
+    """The exports of every tenant's concepts and of base models (ModelLibrary.exports). `get_concept(tenant, id)`
+    reads a concept as the library shows it (NotFound for other tenants'); `device(ctx)` holds the device (a GPU
+    export waits for a training run); `on_cuda()` says whether exports run on a GPU (fp16 by default then)."""
 
-    def __init__(self, concepts: ConceptStore, artifacts: LocalArtifactStore, settings: BaseModelSettings,
+    def __init__(self, concepts: ConceptStore, artifacts: LocalArtifactStore, settings: ExportSettings,
                  work_dir: Path, runner: JobRunner, get_concept: Callable[[str, str], Concept],
                  device: Callable[[JobContext | None], ContextManager], on_cuda: Callable[[], bool]):
         self.concepts, self.artifacts, self.settings, self.work_dir = concepts, artifacts, settings, work_dir

@@ -18,18 +18,16 @@ from persona.services.runtime.model_access import ModelAccess
 from persona.services.runtime.paging import Page
 
 from . import concepts as concept_store
-from .base_models import BaseModelSettings, ResolvedBaseModel, resolve_base_model
+from .base_models import ResolvedBaseModel, resolve_base_model
 from .concepts import Concept, ConceptStore
-from .exports import ConceptExports
+from .exports import ConceptExports, ExportSettings
 
 
-class LibrarySettings(BaseModelSettings, Protocol):
-    """What the library reads of the train service's settings (train/settings.py, env PERSONA_TRAIN_*)."""
+class LibrarySettings(ExportSettings, Protocol):
+    """What the library reads of the train service's settings (train/settings.py)."""
 
     # The base model of a request that names none (the operator's choice: any folder or hub id, unchecked by access).
     default_base_model: str
-    # The device of training and exports, e.g. "cuda:1" or "cpu"; None: cuda when available, else cpu.
-    device: str | None
 
 
 class ModelLibrary:
