@@ -208,8 +208,8 @@ def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: Sub
     subjects = subjects_domain.SubjectRepository(db, artifacts, subject_settings or SubjectSettings.from_env())
     captions = caption_domain.CaptionDomain(db, subjects, runner, caption_settings or CaptionSettings.from_env())
     masks = mask_domain.MaskDomain(db, artifacts, subjects, mask_settings, access=access)
-    # Exports work in the train folder, beside training (its scratch space, as before the library).
-    models = ModelLibrary(db, artifacts, runner, train_settings, settings.data_dir / "train", model_access=access)
+    # The library's work folder: export scratch space and the records of base models' exports.
+    models = ModelLibrary(db, artifacts, runner, train_settings, settings.data_dir / "exports", model_access=access)
     train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner, train_settings,
                                      settings.data_dir / "train", models, masks,
                                      dispatcher=train_dispatcher(train_settings, settings.data_dir,

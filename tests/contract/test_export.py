@@ -197,7 +197,7 @@ def test_cancel_stops_between_components_and_caches_nothing(app, client, lora, m
     stored = app.db.query("SELECT role FROM concept_files WHERE concept_id = :c AND role LIKE 'export:onnx%'",
                           {"c": lora.concept_id})
     assert stored == []
-    assert not any((app.settings.data_dir / "train" / ".scratch").iterdir())  # staging and scratch removed
+    assert not any((app.settings.data_dir / "exports" / ".scratch").iterdir())  # staging and scratch removed
 
 
 def test_a_parity_failure_fails_the_job_with_its_diffs(app, client, lora, monkeypatch):
