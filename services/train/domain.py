@@ -21,7 +21,7 @@ from typing import Iterator
 from PIL import Image
 
 from persona.services.models import concepts as concept_store
-from persona.services.models.base_models import ResolvedBaseModel
+from persona.services.models.base_models import ResolvedBaseModel, base_model_identity
 from persona.services.models.concepts import Concept, ConceptFile, TrainingCaption
 from persona.services.models.exports import store_folder
 from persona.services.models.fusing import read_learned_embeds
@@ -41,7 +41,7 @@ from ..subjects.images import png_bytes
 from .loop import DEFAULT_LEARNING_RATES, TrainConfig, train
 from .methods import METHODS
 from .methods.textual_inversion import WEIGHT_NAME as TI_WEIGHT_NAME
-from .prior import MAX_CLASS_IMAGES, ClassImageCache, base_model_identity, class_prompt_for
+from .prior import MAX_CLASS_IMAGES, ClassImageCache, class_prompt_for
 from .settings import TrainSettings
 
 log = logging.getLogger("persona.train")
