@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from persona.services.runtime.artifacts import LocalArtifactStore
+from persona.services.runtime.devices import device_name
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from persona.services.runtime.jobs import JobContext, JobRecord, JobRunner
 
@@ -306,7 +307,7 @@ class _AttentionDrawer:
 
             folder = self.train.exports.diffusers_folder(self.tenant_id, self.concept.concept_id,
                                                  self.settings.work_dir / self.concept.concept_id)
-            device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = device_name(self.settings.device)
             dtype = torch.float16 if device.startswith("cuda") else torch.float32
             self._loaded = (TorchModels.from_folder(folder, device=device, dtype=dtype),
                             CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 from persona.services.runtime.budget import Budget
+from persona.services.runtime.devices import cuda_available, device_name
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 from ..subjects.images import png_bytes
@@ -123,7 +124,7 @@ class EmbeddedEngine:
     def _fresh(self, folder: Path):
         import torch
 
-        device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device_name(self.settings.device)
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         models = sampling.TorchModels.from_folder(folder, device=device, dtype=dtype,
                                                   cuda_graphs=self.settings.cuda_graphs)
@@ -331,9 +332,7 @@ class GenerateDomain:
         """fp16 graphs where the engine's GPU can run them; fp32 on CPU (fp16 there is slow, not smaller)."""
         if self.settings.onnx_fp16 is not None:
             return self.settings.onnx_fp16
-        import torch
-
-        return torch.cuda.is_available()
+        return cuda_available()
 
     def _base_onnx(self, path: Path) -> Path:
         """A base model's ONNX export (and TensorRT engines, for that engine), made once per folder and precision

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from persona.services.runtime.devices import cuda_available
 from persona.services.runtime.errors import FailedPrecondition, NotFound, PersonaError, Unavailable
 
 from .domain import LoadedModel
@@ -251,9 +252,7 @@ def triton_engine_from_settings(settings, data_dir: Path) -> TritonEngine:
         native_tensorrt = backends is not None and (backends / "tensorrt").is_dir()
     gpu = settings.triton_gpu
     if gpu is None:
-        import torch
-
-        gpu = torch.cuda.is_available()
+        gpu = cuda_available()
     # TensorRT engines on a GPU where the server runs plans and this process can build them (NVIDIA's image);
     # else native onnxruntime where the server has it; else torch on GPU instances (the python backend running ONNX
     # Runtime would compute on the CPU there: the nvidia-pytriton machines have a CPU onnxruntime only); else ONNX

@@ -22,6 +22,7 @@ from typing import Iterator
 from PIL import Image
 
 from persona.services.runtime.artifacts import LocalArtifactStore
+from persona.services.runtime.devices import cuda_available
 from persona.services.runtime.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, PersonaError,
                                              ResourceExhausted)
 from persona.services.runtime.jobs import TERMINAL, JobContext, JobRecord, JobRunner, hold
@@ -381,11 +382,7 @@ class TrainDomain:
         device = self.settings.device
         if device:
             return device.startswith("cuda")
-        try:
-            import torch
-        except ImportError:
-            return False
-        return torch.cuda.is_available()
+        return cuda_available()
 
     # The job ------------------------------------------------------------------------------------------
 

@@ -242,9 +242,7 @@ class ConceptExports:
         return family_for(concept.base_model_family, prediction), prediction
 
     def _export_device(self) -> str:
-        if self.settings.device:
-            return self.settings.device
-        return "cuda" if self.on_cuda() else "cpu"
+        return self.settings.device or ("cuda" if self.on_cuda() else "cpu")
 
     def _convert(self, concept: Concept, format_name: str, scratch: Path, out_dir: Path) -> None:
         weights_dir = materialize(self.artifacts, concept.files_of(concept_store.WEIGHTS), scratch / "weights")

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 from PIL import Image
 
 from persona.services.runtime.artifacts import ArtifactStore, file_sha256
+from persona.services.runtime.devices import device_name
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.model_loading import loading_models
 from persona.services.subjects.domain import indefinite_article
@@ -130,7 +131,7 @@ class DiffusersClassImageGenerator:
         import torch
         from diffusers import StableDiffusionPipeline
 
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device_name(self.device)
         # fp16 on a GPU halves memory and time; CPUs have no fast fp16 kernels.
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         # The folder's own scheduler (DDIM for `tiny`): class images should look like what the model draws.

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persona.services.runtime.errors import FailedPrecondition
-from persona.services.runtime.settings import default_home, env_int
+from persona.services.runtime.errors import InvalidSetting
+from persona.services.runtime.settings import default_home, env_flag, env_int
 
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -52,7 +52,7 @@ class KubernetesJobSettings:
                 value = e
             if not isinstance(value, kind):
                 what, example = ("object", "{}") if kind is dict else ("list", "[]")
-                raise FailedPrecondition(f"{name} is {raw!r}: set a JSON {what}, e.g. {name}='{example}'")
+                raise InvalidSetting(f"{name} is {raw!r}: set a JSON {what}, e.g. {name}='{example}'")
             return value
 
         return cls(namespace=text("PERSONA_K8S_NAMESPACE", cls.namespace), image=text("PERSONA_K8S_IMAGE", ""),
@@ -99,13 +99,13 @@ class TrainSettings:
         cache = os.environ.get("PERSONA_MODEL_CACHE")
         dispatcher = os.environ.get("PERSONA_TRAIN_DISPATCHER", "").strip().lower() or "thread"
         if dispatcher not in DISPATCHERS:
-            raise FailedPrecondition(f"PERSONA_TRAIN_DISPATCHER is {dispatcher!r}: use thread, subprocess or kubernetes")
+            raise InvalidSetting(f"PERSONA_TRAIN_DISPATCHER is {dispatcher!r}: use thread, subprocess or kubernetes")
         return cls(
             dispatcher=dispatcher,
             kubernetes=KubernetesJobSettings.from_env() if dispatcher == "kubernetes" else KubernetesJobSettings(),
             base_model_cache_dir=Path(cache) if cache else (Path(data_dir) / "models" if data_dir is not None
                                                             else _default_model_cache()),
-            download_base_models=os.environ.get("PERSONA_TRAIN_DOWNLOAD_BASE_MODELS", "") in ("1", "true", "yes"),
+            download_base_models=env_flag("PERSONA_TRAIN_DOWNLOAD_BASE_MODELS") is True,
             single_file_configs=Path(os.environ.get("PERSONA_SINGLE_FILE_CONFIGS", "").strip()
                                      or _default_single_file_configs()),
             default_base_model=os.environ.get("PERSONA_BASE_MODEL", "").strip() or DEFAULT_BASE_MODEL,
