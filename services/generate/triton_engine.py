@@ -28,7 +28,8 @@ from .domain import LoadedModel
 from .sampling import LoopSettings, SamplingSettings, tokenize
 from .triton_models import PIPELINE_MODEL
 from .triton_repository import RepositoryEntry, TritonRepository, model_name
-from .triton_server import TritonServer, load_model, to_persona_error, unload_model
+from .triton_client import load_model, to_persona_error, unload_model
+from .triton_server import TritonServer
 
 log = logging.getLogger("persona.generate.triton")
 
@@ -144,9 +145,6 @@ class TritonEngine:
         stop = getattr(self.endpoint, "stop", None)
         if stop is not None:
             stop()
-
-    def draw(self, key: str, settings: SamplingSettings):
-        return self.draw_batch(key, [settings])[0]
 
     def draw_batch(self, key: str, batch: Sequence[SamplingSettings]) -> list:
         """One `sd_pipeline` request for the whole batch; a Triton that lost its models (restarted) gets them
@@ -272,6 +270,6 @@ def _can_build_tensorrt() -> bool:
 
 
 def _find_install():
-    from .triton_server import find_tritonserver
+    from .triton_install import find_tritonserver
 
     return find_tritonserver()

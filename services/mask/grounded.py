@@ -14,7 +14,7 @@ the model references that made it. Pure domain code: no grpc; errors are persona
 
 Models are a hub id taken from the local Hugging Face cache (downloaded only when `download` is set and
 HF_HUB_OFFLINE is not, as for base models) or a local folder saved with `save_pretrained` (model and processor);
-`tiny_models` builds random-weight stand-ins of all three. Each masker loads its models once, on first use
+The tests' `tiny_models.py` builds random-weight stand-ins of all three. Each masker loads its models once, on first use
 (or `load()`), on `device` (default cuda when available, else cpu). torch and transformers are imported there.
 """
 from __future__ import annotations
@@ -212,11 +212,8 @@ class GroundedSamMasker:
                 self._loaded = (det_processor, detector.to(device).eval(), sam_processor, sam.to(device).eval())
         return self._loaded
 
-    def detect(self, image: "Image.Image", text: str) -> list[Detection]:
-        """GroundingDINO's boxes for `text` above the box threshold, best first, in pixels clipped to the image."""
-        return self._detect(image.convert("RGB"), grounding_query(text))
-
     def _detect(self, image: "Image.Image", query: str) -> list[Detection]:
+        """GroundingDINO's boxes for `query` above the box threshold, best first, in pixels clipped to the image."""
         import torch
 
         processor, detector, _, _ = self.load()
