@@ -1,12 +1,11 @@
 """Settings of the generate service, env PERSONA_GENERATE_* and PERSONA_TRITON_*."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from persona.services.runtime.errors import InvalidSetting
-from persona.services.runtime.settings import env_flag, env_float, env_int
+from persona.services.runtime.settings import env_flag, env_float, env_int, env_text
 
 ENGINES = ("embedded", "triton")
 
@@ -79,17 +78,17 @@ class GenerateSettings:
 
     @classmethod
     def from_env(cls, **overrides) -> "GenerateSettings":
-        repository = os.environ.get("PERSONA_TRITON_REPOSITORY", "").strip()
+        repository = env_text("PERSONA_TRITON_REPOSITORY")
         values = dict(
-            engine=os.environ.get("PERSONA_GENERATE_ENGINE", "").strip() or "embedded",
-            device=os.environ.get("PERSONA_GENERATE_DEVICE", "").strip() or None,
+            engine=env_text("PERSONA_GENERATE_ENGINE", "embedded"),
+            device=env_text("PERSONA_GENERATE_DEVICE"),
             max_loaded=max(1, env_int("PERSONA_GENERATE_MAX_LOADED", 2)),
             batch_size=env_int("PERSONA_GENERATE_BATCH", 1),
             cuda_graphs=env_flag("PERSONA_GENERATE_CUDA_GRAPHS") is not False,
             compile=env_flag("PERSONA_GENERATE_COMPILE") is True,
-            triton_url=os.environ.get("PERSONA_TRITON_URL", "").strip() or None,
+            triton_url=env_text("PERSONA_TRITON_URL"),
             triton_repository=Path(repository).expanduser() if repository else None,
-            triton_component_backend=os.environ.get("PERSONA_TRITON_COMPONENT_BACKEND", "").strip() or None,
+            triton_component_backend=env_text("PERSONA_TRITON_COMPONENT_BACKEND"),
             triton_gpu=env_flag("PERSONA_TRITON_GPU"),
             onnx_fp16=env_flag("PERSONA_GENERATE_ONNX_FP16"),
             triton_rpc_timeout_s=env_float("PERSONA_TRITON_RPC_TIMEOUT_S", 10.0),

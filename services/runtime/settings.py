@@ -13,6 +13,16 @@ def default_home() -> Path:
     return Path(os.environ.get("PERSONA_HOME") or Path.home() / ".persona")
 
 
+def env_text(name: str, default: str | None = None) -> str | None:
+    """A text environment variable, surrounding spaces dropped; `default` when unset or blank."""
+    return os.environ.get(name, "").strip() or default
+
+
+def env_list(name: str) -> tuple[str, ...]:
+    """A comma-separated environment variable as its non-blank items, spaces dropped."""
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
+
+
 def _env_number(name: str, default, parse, kind: str):
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -128,11 +138,10 @@ class RuntimeSettings:
             work_workers=env_int("PERSONA_WORK_WORKERS", cls.work_workers),
             max_watch_streams=env_int("PERSONA_MAX_WATCH_STREAMS", cls.max_watch_streams),
             resume_interrupted_jobs=env_flag("PERSONA_RESUME_JOBS"),
-            database_url=os.environ.get("PERSONA_DATABASE_URL", "").strip(),
+            database_url=env_text("PERSONA_DATABASE_URL", ""),
             model_paths=env_flag("PERSONA_MODEL_PATHS"),
             models_root=Path(os.environ["PERSONA_MODELS_ROOT"]) if os.environ.get("PERSONA_MODELS_ROOT") else None,
-            allowed_models=tuple(r.strip() for r in os.environ.get("PERSONA_ALLOWED_MODELS", "").split(",")
-                                 if r.strip()),
+            allowed_models=env_list("PERSONA_ALLOWED_MODELS"),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["data_dir"] = Path(values["data_dir"]).expanduser()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona.services.runtime.errors import InvalidSetting
-from persona.services.runtime.settings import default_home, env_flag, env_int
+from persona.services.runtime.settings import default_home, env_flag, env_int, env_list, env_text
 
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -41,9 +41,6 @@ class KubernetesJobSettings:
 
     @classmethod
     def from_env(cls) -> "KubernetesJobSettings":
-        def text(name: str, default: str) -> str:
-            return os.environ.get(name, "").strip() or default
-
         def json_env(name: str, kind: type):
             raw = os.environ.get(name, "").strip()
             try:
@@ -55,15 +52,15 @@ class KubernetesJobSettings:
                 raise InvalidSetting(f"{name} is {raw!r}: set a JSON {what}, e.g. {name}='{example}'")
             return value
 
-        return cls(namespace=text("PERSONA_K8S_NAMESPACE", cls.namespace), image=text("PERSONA_K8S_IMAGE", ""),
-                   service_account=text("PERSONA_K8S_SERVICE_ACCOUNT", cls.service_account),
-                   data_claim=text("PERSONA_K8S_DATA_CLAIM", cls.data_claim),
-                   models_claim=text("PERSONA_K8S_MODELS_CLAIM", cls.models_claim),
+        return cls(namespace=env_text("PERSONA_K8S_NAMESPACE", cls.namespace),
+                   image=env_text("PERSONA_K8S_IMAGE", ""),
+                   service_account=env_text("PERSONA_K8S_SERVICE_ACCOUNT", cls.service_account),
+                   data_claim=env_text("PERSONA_K8S_DATA_CLAIM", cls.data_claim),
+                   models_claim=env_text("PERSONA_K8S_MODELS_CLAIM", cls.models_claim),
                    gpu=env_int("PERSONA_K8S_GPU", cls.gpu), node_selector=json_env("PERSONA_K8S_NODE_SELECTOR", dict),
                    tolerations=json_env("PERSONA_K8S_TOLERATIONS", list),
-                   config_map=text("PERSONA_K8S_CONFIGMAP", ""), secret=text("PERSONA_K8S_SECRET", ""),
-                   image_pull_secrets=[n.strip() for n in os.environ.get("PERSONA_K8S_IMAGE_PULL_SECRETS", "").split(",")
-                                       if n.strip()])
+                   config_map=env_text("PERSONA_K8S_CONFIGMAP", ""), secret=env_text("PERSONA_K8S_SECRET", ""),
+                   image_pull_secrets=list(env_list("PERSONA_K8S_IMAGE_PULL_SECRETS")))
 
 
 @dataclass(frozen=True)
@@ -106,10 +103,9 @@ class TrainSettings:
             base_model_cache_dir=Path(cache) if cache else (Path(data_dir) / "models" if data_dir is not None
                                                             else _default_model_cache()),
             download_base_models=env_flag("PERSONA_TRAIN_DOWNLOAD_BASE_MODELS") is True,
-            single_file_configs=Path(os.environ.get("PERSONA_SINGLE_FILE_CONFIGS", "").strip()
-                                     or _default_single_file_configs()),
-            default_base_model=os.environ.get("PERSONA_BASE_MODEL", "").strip() or DEFAULT_BASE_MODEL,
-            device=os.environ.get("PERSONA_TRAIN_DEVICE", "").strip() or None,
+            single_file_configs=Path(env_text("PERSONA_SINGLE_FILE_CONFIGS") or _default_single_file_configs()),
+            default_base_model=env_text("PERSONA_BASE_MODEL", DEFAULT_BASE_MODEL),
+            device=env_text("PERSONA_TRAIN_DEVICE"),
             max_resolution=env_int("PERSONA_TRAIN_MAX_RESOLUTION", cls.max_resolution),
             max_batch_size=env_int("PERSONA_TRAIN_MAX_BATCH", cls.max_batch_size),
         )

@@ -68,3 +68,15 @@ def test_every_bad_setting_is_one_error_class_a_failed_precondition(monkeypatch)
     monkeypatch.setenv("PERSONA_TRAIN_DISPATCHER", "slurm")
     with pytest.raises(InvalidSetting, match="PERSONA_TRAIN_DISPATCHER is 'slurm'"):
         TrainSettings.from_env()
+
+
+def test_text_and_list_settings_drop_spaces_and_fall_back_when_blank(monkeypatch):
+    from persona.services.mask.settings import MaskSettings
+    from persona.services.runtime.settings import env_list, env_text
+
+    monkeypatch.setenv("PERSONA_MASK_DEVICE", "  ")
+    monkeypatch.setenv("PERSONA_MASK_CLIP_MODEL", " /models/clip ")
+    assert env_text("PERSONA_MASK_DEVICE") is None and env_text("PERSONA_MASK_DEVICE", "cpu") == "cpu"
+    assert MaskSettings.from_env().clip_model == "/models/clip" and MaskSettings.from_env().device is None
+    monkeypatch.setenv("PERSONA_ALLOWED_MODELS", " a/b, ,c ")
+    assert env_list("PERSONA_ALLOWED_MODELS") == ("a/b", "c") == RuntimeSettings.from_env().allowed_models
