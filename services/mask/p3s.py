@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from persona.services.runtime.devices import device_name
+from persona.services.runtime.devices import torch_device
 from persona.services.runtime.errors import InvalidArgument
 # The project's one model-folder resolver and offline rule (a hub id comes from the local cache only).
 from persona.services.runtime.model_loading import loading_models
@@ -273,7 +273,6 @@ class ClipPatchFeatures:
 
     def __init__(self, clip_model: str | Path = DEFAULT_CLIP_MODEL, *, download: bool = False,
                  device: str | None = None):
-        import torch
         from transformers import CLIPImageProcessor, CLIPVisionModel
 
         ref = str(clip_model).strip()
@@ -302,7 +301,7 @@ class ClipPatchFeatures:
             raise InvalidArgument(
                 f"`clip_model` {ref!r} has no weights for {len(missing)} CLIP vision tensors (e.g. {missing[0]}): "
                 "pass a CLIP or CLIP vision checkpoint")
-        self.device = torch.device(device_name(device))
+        self.device = torch_device(device)
         self.model = model.to(self.device).eval()
         self.processor = processor
         config = model.config

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from persona.services.runtime.devices import device_name
+from persona.services.runtime.devices import torch_device
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.runtime.model_loading import loading_models
 
@@ -263,7 +263,7 @@ def train(
     config.validate()
     if not examples:
         raise InvalidArgument("`examples` is empty: pass at least one (image, caption) pair")
-    device = torch.device(device_name(config.device))
+    device = torch_device(config.device)
     # Seed in a forked RNG: the run is reproducible and the caller's random stream is left alone.
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):

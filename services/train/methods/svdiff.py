@@ -6,7 +6,7 @@ import functools
 import json
 from pathlib import Path
 
-from persona.services.runtime.devices import device_name
+from persona.services.runtime.devices import torch_device
 from persona.services.runtime.errors import FailedPrecondition
 
 from .base import Components, TrainingMethod
@@ -59,13 +59,12 @@ class SvdiffMethod(TrainingMethod):
     name = "svdiff"
 
     def prepare(self, components: Components, config) -> None:
-        import torch
         from torch.nn.utils import parametrize
 
         self.components, self.config = components, config
         self.placeholder = frozen_with_new_token(components, config)
         # The SVDs run on the training device (SD-1.5's 282: ~15 minutes on 2 CPU cores, seconds on a GPU).
-        device = torch.device(device_name(config.device))
+        device = torch_device(config.device)
         self.shifts: dict = {}
         for name, module in spectral_layers(components.unet):
             shift = spectral_shift(module.weight, svd_device=device)
@@ -109,7 +108,7 @@ class SvdiffMethod(TrainingMethod):
 
         tensors, shapes = read_spectral_shifts(Path(weights_dir) / WEIGHT_NAME)
         layers = dict(spectral_layers(pipe.unet))
-        device = torch.device(device_name())
+        device = torch_device()
         with torch.no_grad():
             for name, shape in shapes.items():
                 module = layers.get(name)
