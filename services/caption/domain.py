@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from persona.services.runtime.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, PersonaError
-from persona.services.runtime.jobs import JobContext, JobRecord, JobRunner
+from persona.services.runtime.job_store import JobRecord
+from persona.services.runtime.jobs import JobContext, JobRunner
 from persona.services.runtime.metadata import MetadataStore, Migration
 
 from ..subjects.domain import Subject, SubjectImage, SubjectRepository

@@ -20,7 +20,8 @@ from PIL import Image
 
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from persona.services.runtime.jobs import JobContext, JobRecord, JobRunner
+from persona.services.runtime.job_store import JobRecord
+from persona.services.runtime.jobs import JobContext, JobRunner
 
 from ..generate.domain import GenerateDomain, GenerateRequest
 from ..mask.domain import GROUNDED_SAM, MaskDomain

@@ -8,7 +8,8 @@ from persona.v1 import common_pb2, common_pb2_grpc
 from .budget import Budget
 from .context import current_tenant
 from .errors import InvalidArgument
-from .jobs import JobEventRecord, JobRecord, JobRunner
+from .job_store import JobEventRecord, JobRecord
+from .jobs import JobRunner
 from .paging import parse_page
 from .protoconv import struct, timestamp
 from .server import ServiceRegistration

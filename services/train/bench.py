@@ -26,7 +26,9 @@ from typing import Any, Callable, Sequence
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .base_models import RANDOM_FAMILIES, TINY, missing_components, tiny_base_model
-from .loop import MIXED_PRECISIONS, TrainConfig, train
+from .config import TrainConfig
+from .options import MIXED_PRECISIONS
+from .loop import train
 from .regularizers import REGULARIZER_PLUGINS
 
 # Methods both loops implement (textual inversion has no diffusers DreamBooth counterpart).

@@ -9,7 +9,7 @@ from fakevlm import DEFAULT_ANSWER, MODEL, Reply, image_bytes, texts
 from PIL import Image
 
 from persona.services.caption.instructions import INSTRUCTION_VERSION
-from persona.services.runtime.jobs import JobStore
+from persona.services.runtime.job_store import JobStore
 from persona.services.runtime.metadata import SQLiteMetadataStore
 from persona.v1 import caption_pb2, common_pb2, subjects_pb2
 
