@@ -103,7 +103,8 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("steps", int, 400, "Optimiser steps, 1–100000.", low=1, high=MAX_STEPS),
     Option("learning_rate", float, None, "Learning rate, > 0.", low=0.0, high=1.0, low_open=True, flag="--lr",
-           default_text=", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LEARNING_RATES.items()), example="1e-4"),
+           default_text=", ".join(f"{m} {lr:.0e}".replace("e-0", "e-") for m, lr in DEFAULT_LEARNING_RATES.items()),
+           example="1e-4"),
     Option("batch_size", int, 1, "Subject photos per step (as many class images are added with --reg prior).",
            low=1),
     Option("resolution", int, None, "Training image side in pixels, a multiple of 8.", low=8,
