@@ -1,5 +1,6 @@
-"""Typer options made from a service's option declarations (e.g. persona.services.train.options.OPTIONS), so a knob
-is declared once: its flag, help, shown default and choices all come from the declaration."""
+"""Typer options made from a service's option declarations (persona.services.runtime.options.Option: the tables in
+train/options.py and generate/options.py), so a knob is declared once: its flags, help, shown default and choices
+all come from the declaration."""
 from __future__ import annotations
 
 import functools
@@ -16,10 +17,11 @@ def typer_option(option) -> tuple[Any, Any]:
     """(annotation, default) of the Typer parameter for one declared option. Unset stays None (False for a flag),
     so the server's default applies and the request carries only what the user gave."""
     shown = option.shown_default or False
+    flags = (option.short, option.cli_flag) if option.short else (option.cli_flag,)
     if option.type is bool:  # a flag: --train-text-encoder turns it on; off is the default
-        return Annotated[bool, typer.Option(option.cli_flag, help=option.help)], False
+        return Annotated[bool, typer.Option(*flags, help=option.help)], False
     kind = list[str] if option.type is list else option.type
-    return Annotated[Optional[kind], typer.Option(option.cli_flag, help=option.help, show_default=shown)], None
+    return Annotated[Optional[kind], typer.Option(*flags, help=option.help, show_default=shown)], None
 
 
 def with_declared_options(declarations, before: str) -> Callable:
@@ -50,6 +52,8 @@ def with_declared_options(declarations, before: str) -> Callable:
             options = {option.name: kwargs.pop(option.name, None) for option in declarations}
             for option in declarations:
                 value = options[option.name]
+                if option.choices and value is not None:
+                    value = options[option.name] = value.lower()
                 if option.choices and value is not None and value not in option.choices:
                     fail("INVALID_ARGUMENT", f"`{option.name}` must be one of {', '.join(option.choices)}, "
                                              f"not {value!r}")

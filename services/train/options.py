@@ -1,4 +1,4 @@
-"""Every training option, declared once: name, type, default, bounds and help.
+"""Every training option, declared once (runtime/options.py's Option): name, type, default, bounds and help.
 
 What is derived from this table: the defaults a concept records (`DEFAULT_OPTIONS`), the range and choice
 checks and their messages (`check_option`), the servicer's TrainingOptions ↔ dict mapping, the TrainConfig
@@ -10,11 +10,10 @@ This module imports nothing heavy: the CLI reads it to build its options.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 from persona.services.runtime.errors import InvalidArgument
+from persona.services.runtime.options import Option
 
 MAX_STEPS = 100_000
 # Learning rate used when a request (or TrainConfig.learning_rate) leaves it unset, per method. DreamBooth moves every
@@ -31,73 +30,6 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 # CoRe's embedding term (regularizers/core.py): per context token (the paper's), pairwise similarities, or a hinge
 # between the identifier and the class word.
 CORE_VARIANTS = ("cosine", "pairwise", "hinge")
-
-
-@dataclass(frozen=True)
-class Option:
-    """One knob of a training request."""
-
-    # The TrainingOptions field, the key in a concept's stored options and (where `loop`) the TrainConfig field.
-    name: str
-    # int, float, bool, str, or list (a list of strings; a repeated proto field, a repeatable CLI flag).
-    type: type
-    # The value when the request leaves it unset. None: decided per request (`default_text` says how).
-    default: Any
-    # What it does, for `persona-cli train --help`.
-    help: str
-    # Bounds, inclusive unless `low_open` (then low itself is refused: "a positive number").
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    # Allowed values of a str option.
-    choices: tuple[str, ...] = ()
-    # How --help shows the default when it is not just `default` (e.g. per method).
-    default_text: str = ""
-    # A typical value, ending the error message: "e.g. 1e-4".
-    example: str = ""
-    # The CLI flag when not --name-with-dashes (--lr for learning_rate).
-    flag: str = ""
-    # A TrainConfig field: False for options that shape the data (class images, epochs), not the loop.
-    loop: bool = True
-
-    @property
-    def cli_flag(self) -> str:
-        return self.flag or "--" + self.name.replace("_", "-")
-
-    @property
-    def shown_default(self) -> str:
-        if self.default_text:
-            return self.default_text
-        if isinstance(self.default, (list, tuple)):
-            return " ".join(self.default)
-        return "" if self.default is None else str(self.default).lower() if self.type is bool else str(self.default)
-
-    def check(self, value: Any) -> None:
-        """Raises InvalidArgument naming the option and what to pass, when `value` is out of bounds or not a choice.
-        None (unset) passes."""
-        if value is None:
-            return
-        if self.choices and value not in self.choices:
-            raise InvalidArgument(f"`{self.name}` is {value!r}: use one of {', '.join(self.choices)}")
-        if self.type not in (int, float):
-            return
-        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        above = self.high is not None and value > self.high
-        if (self.type is float and not math.isfinite(value)) or below or above:
-            example = f", e.g. {self.example}" if self.example else ""
-            raise InvalidArgument(f"`{self.name}` is {value}: use {self.bounds_text()}{example}")
-
-    def bounds_text(self) -> str:
-        low, high = self.low, self.high
-        if low is not None and high is not None and not self.low_open:
-            return f"{low:g}–{high:g}"
-        if low == 0 and self.low_open:
-            text = "a positive number"
-        elif low is not None:
-            text = f"a number > {low:g}" if self.low_open else f"{low:g} or more"
-        else:
-            text = "a number"
-        return text + (f" up to {high:g}" if high is not None else "")
 
 
 OPTIONS: tuple[Option, ...] = (
