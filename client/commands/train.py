@@ -118,32 +118,32 @@ class TrainingProgress(JobProgress):
         self.total_steps = total_steps
         self.last_logged_step = 0
 
-    def on_progress(self, event: common_pb2.JobEvent, data: dict) -> None:
-        if "step" in data:
-            self._step(data)
+    def on_progress(self, event: common_pb2.JobEvent, details: common_pb2.JobProgress) -> None:
+        if details.step:
+            self._step(details)
         else:  # stages before the steps: class images done/total
-            super().on_progress(event, data)
+            super().on_progress(event, details)
 
-    def _step(self, data: dict) -> None:
-        step = int(data["step"])
-        total = int(data.get("steps") or self.total_steps or 0)
+    def _step(self, details: common_pb2.JobProgress) -> None:
+        step = details.step
+        total = details.steps or self.total_steps or 0
+        losses = details.losses
         stats = []
-        if "loss" in data:
-            stats.append(f"loss {data['loss']:.4f}")
+        if "loss" in losses:
+            stats.append(f"loss {losses['loss']:.4f}")
         # Every term the loop and the regularisers report ("instance", "prior", "spl", "core_emb", …).
-        terms = [f"{name} {data[name]:.4f}" for name in LOSS_TERMS_SHOWN if name in data]
+        terms = [f"{name} {losses[name]:.4f}" for name in LOSS_TERMS_SHOWN if name in losses]
         if len(terms) > 1:
             stats.append(f"({', '.join(terms)})")
-        if data.get("it_per_s"):
-            stats.append(f"{data['it_per_s']:.2f} it/s")
-        if "eta_s" in data:
-            stats.append(f"ETA {format_seconds(data['eta_s'])}")
+        if details.it_per_s:
+            stats.append(f"{details.it_per_s:.2f} it/s")
+        if details.it_per_s or details.eta_s:
+            stats.append(f"ETA {format_seconds(details.eta_s)}")
         counter = f"step {step}/{total}" if total else f"step {step}"
         self.progress.update(self.task, description="training", total=total or None, completed=step,
                              counter=counter, stats="  ".join(stats))
-        ids = data.get("validation_image_ids")
-        if ids:
-            self.print(f"step {step}: validation images {', '.join(str(i) for i in ids)} "
+        if details.validation_image_ids:
+            self.print(f"step {step}: validation images {', '.join(details.validation_image_ids)} "
                        f"(`persona-cli concepts show` lists them)")
         if not self.tty and total and (step == total or step - self.last_logged_step >= max(1, total // 10)):
             self.last_logged_step = step
@@ -157,10 +157,10 @@ STAGES = {"preparing": "preparing", "waiting": "waiting for the device", "class_
           "training": "training", "saving": "saving"}
 
 
-def where_the_time_went(result: dict) -> str:
+def where_the_time_went(result: common_pb2.TrainJobResult) -> str:
     """"took 312 s: class images 250 s (100 drawn, …), training 55 s" from a train job's result; '' for a short run
     (or a server that does not report stages)."""
-    seconds = result.get("stage_seconds") or {}
+    seconds = result.stage_seconds
     total = sum(seconds.values())
     if total < LONG_RUN_S:
         return ""
@@ -168,8 +168,8 @@ def where_the_time_went(result: dict) -> str:
     for stage, label in STAGES.items():
         if stage in seconds and (seconds[stage] >= 0.5 or stage in ("class_images", "training")):
             part = f"{label} {seconds[stage]:.0f} s" if seconds[stage] >= 10 else f"{label} {seconds[stage]:.1f} s"
-            if stage == "class_images" and result.get("class_images_generated"):
-                part += (f" ({int(result['class_images_generated'])} drawn once and kept: the next concept of this "
+            if stage == "class_images" and result.class_images_generated:
+                part += (f" ({result.class_images_generated} drawn once and kept: the next concept of this "
                          "class on this base model skips them)")
             parts.append(part)
     return f"took {total:.0f} s: " + ", ".join(parts)
@@ -364,7 +364,7 @@ def train(
         out = f"{concept.token}-{concept.class_name}".replace(" ", "-") + (".safetensors" if fmt != "diffusers" else "")
         note(f"trained {concept.concept_id}: {concept.method}, {concept.steps_done} steps{loss}; "
              f"export it with `persona-cli export {concept.concept_id} --format {fmt} --out {out}`")
-        spent = where_the_time_went(message_dict(job).get("result") or {})
+        spent = where_the_time_went(job.train_result)
         if spent:
             note(spent)
     elif concept is not None and concept.state != train_pb2.CONCEPT_STATE_READY:

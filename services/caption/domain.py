@@ -271,7 +271,7 @@ class _Progress:
         self.done += 1
         verb = "no compliant caption for" if failed else "captioned"
         self.ctx.progress(self.done / max(1, self.total), f"{verb} {image_id} ({self.done}/{self.total})",
-                          image_id=image_id, done=self.done, total=self.total)
+                          stage="caption", image_id=image_id, done=self.done, total=self.total)
 
 
 def _cancel(futures) -> None:

@@ -152,7 +152,8 @@ class EvaluateDomain:
         total = len(params["concept_ids"])
         for index, concept_id in enumerate(params["concept_ids"]):
             def progress(fraction: float, message: str) -> None:
-                ctx.progress((index + fraction) / total, f"{concept_id}: {message}", concept_id=concept_id)
+                ctx.progress((index + fraction) / total, f"{concept_id}: {message}", stage="evaluate",
+                             concept_id=concept_id)
 
             results.append(self._measure(ctx, tenant_id, concept_id, params, wanted, clip, dino, progress))
         report.make_labels_unique(results)

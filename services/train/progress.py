@@ -27,7 +27,8 @@ class Stopwatch:
 
 
 class TrainingProgress:
-    """Turns loop callbacks into job PROGRESS events: step, each loss term, it/s, ETA, validation images."""
+    """Turns loop callbacks into job PROGRESS events (common.proto's JobProgress): step, each loss term, it/s, ETA,
+    validation images."""
 
     def __init__(self, ctx: JobContext, steps: int):
         self.ctx, self.steps = ctx, steps
@@ -44,9 +45,11 @@ class TrainingProgress:
         self.last_event = now
         rate = (step - self.first_step + 1) / max(now - self.started, 1e-9)
         eta = (self.steps - step) / rate
+        terms = {k: round(v, 6) for k, v in losses.items()}
+        # `losses` fills JobProgress.losses; the same terms at the top level are for clients that read the Struct.
         self.ctx.progress(step / self.steps, f"step {step}/{self.steps} loss {losses['loss']:.4f}",
                           stage="train", step=step, steps=self.steps, it_per_s=round(rate, 3), eta_s=round(eta, 1),
-                          **{k: round(v, 6) for k, v in losses.items()})
+                          losses=terms, **terms)
 
     def validation(self, step: int, artifact_ids: list[str]) -> None:
         self.ctx.progress(step / self.steps, f"validation images at step {step}", stage="validation", step=step,
