@@ -4,6 +4,8 @@ message naming it — and nothing exists in one of those places without a declar
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
@@ -35,6 +37,40 @@ def test_every_declared_option_is_a_proto_field_of_its_type_and_back():
             assert not field.is_repeated and PROTO_TYPES[field.cpp_type] is option.type, option.name
             # Numbers are proto3 `optional` (an explicit 0 differs from unset); flags and strings are plain.
             assert field.has_presence == (option.type in (int, float)), option.name
+
+
+def _proto_comment(name: str) -> str:
+    """The comment above TrainingOptions' field `name` in train.proto (shared by the fields right under it)."""
+    proto = (Path(__file__).resolve().parents[2] / "protos/persona/v1/train.proto").read_text()
+    lines = proto[proto.index("message TrainingOptions"):].splitlines()
+    field = re.compile(r"^\s*(optional |repeated )?\w+ (\w+) = \d+;")
+    index = next(i for i, line in enumerate(lines) if (m := field.match(line)) and m.group(2) == name)
+    index -= 1
+    while field.match(lines[index]):
+        index -= 1
+    comment = []
+    while lines[index].strip().startswith("//"):
+        comment.insert(0, lines[index].strip()[2:])
+        index -= 1
+    return " ".join(comment)
+
+
+def test_the_proto_documents_each_declared_default():
+    """The proto is the API reference: a default changed in options.py must be changed in its comment too."""
+    for option in OPTIONS:
+        comment, default = _proto_comment(option.name), option.default
+        if default is None:
+            assert "Default" in comment, option.name  # says how the default is decided
+        elif option.type is bool:
+            assert f"Default {str(default).lower()}" in comment, option.name
+        elif option.type is list:
+            assert all(item in comment for item in default), option.name
+        elif option.type is str:
+            assert f'"{default}"' in comment, option.name
+        else:
+            spelled = {str(default), f"{default:g}", re.sub(r"e([+-])0", r"e\1", f"{default:.1e}")}
+            assert any(re.search(rf"(?<![\d.]){re.escape(s)}(?![\d])", comment) for s in spelled), \
+                (option.name, default, comment)
 
 
 def test_loop_options_are_trainconfig_fields_with_the_declared_default():
