@@ -24,6 +24,7 @@ from persona.services.runtime.job_store import JobRecord
 from persona.services.runtime.jobs import JobContext, JobRunner
 
 from ..generate.domain import GenerateDomain, GenerateRequest
+from ..generate.options import MAX_IMAGES_PER_PROMPT
 from ..mask.domain import GROUNDED_SAM, MaskDomain
 from ..subjects.domain import SubjectRepository
 from ..train.domain import TrainDomain
@@ -35,7 +36,6 @@ METRICS = ("clip_i", "clip_t", "dino", "sa", "nsd", "ta", "clip_i_var", "dino_va
            "attention")
 MAX_CONCEPTS = 8
 MAX_PROMPTS = 100
-MAX_IMAGES_PER_PROMPT = 16
 DEFAULTS = {"images_per_prompt": 4, "seed": 0, "steps": 50, "guidance_scale": 7.5}  # SID's sampling settings
 
 
