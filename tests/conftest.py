@@ -102,8 +102,7 @@ def tiny_model(model_cache) -> Path:
 @pytest.fixture(scope="session")
 def mask_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random stand-ins of the mask models (CLIP vision, CLIPSeg, GroundingDINO, SAM), built once."""
-    from persona.services.mask.p3s import tiny_clip_vision
-    from persona.services.mask.tiny_models import tiny_clipseg, tiny_grounding_dino, tiny_sam
+    from tiny_models import tiny_clip_vision, tiny_clipseg, tiny_grounding_dino, tiny_sam
 
     root = tmp_path_factory.mktemp("mask-models")
     return {"clip": tiny_clip_vision(root / "clip"), "clipseg": tiny_clipseg(root / "clipseg"),
@@ -113,7 +112,7 @@ def mask_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def eval_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random stand-ins of the evaluation models (CLIP, DINO), built once."""
-    from persona.services.evaluate.tiny_models import tiny_clip, tiny_dino
+    from tiny_models import tiny_clip, tiny_dino
 
     root = tmp_path_factory.mktemp("eval-models")
     return {"clip": tiny_clip(root / "clip"), "dino": tiny_dino(root / "dino")}

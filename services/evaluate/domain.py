@@ -19,11 +19,14 @@ import numpy as np
 from PIL import Image
 
 from persona.services.runtime.artifacts import LocalArtifactStore
+from persona.services.runtime.devices import device_name
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from persona.services.runtime.jobs import JobContext, JobRecord, JobRunner
+from persona.services.runtime.job_store import JobRecord
+from persona.services.runtime.jobs import JobContext, JobRunner
 
 from ..generate import sampling
 from ..generate.domain import GenerateDomain, GenerateRequest
+from ..generate.options import MAX_IMAGES_PER_PROMPT
 from ..mask.domain import GROUNDED_SAM, MaskDomain
 from ..models.library import ModelLibrary
 from ..subjects.domain import SubjectRepository
@@ -35,7 +38,6 @@ METRICS = ("clip_i", "clip_t", "dino", "sa", "nsd", "ta", "clip_i_var", "dino_va
            "attention")
 MAX_CONCEPTS = 8
 MAX_PROMPTS = 100
-MAX_IMAGES_PER_PROMPT = 16
 DEFAULTS = {"images_per_prompt": 4, "seed": 0, "steps": 50, "guidance_scale": 7.5}  # SID's sampling settings
 
 
@@ -152,7 +154,8 @@ class EvaluateDomain:
         total = len(params["concept_ids"])
         for index, concept_id in enumerate(params["concept_ids"]):
             def progress(fraction: float, message: str) -> None:
-                ctx.progress((index + fraction) / total, f"{concept_id}: {message}", concept_id=concept_id)
+                ctx.progress((index + fraction) / total, f"{concept_id}: {message}", stage="evaluate",
+                             concept_id=concept_id)
 
             results.append(self._measure(ctx, tenant_id, concept_id, params, wanted, clip, dino, progress))
         report.make_labels_unique(results)
@@ -303,7 +306,7 @@ class _AttentionDrawer:
 
             folder = self.models.exports.diffusers_folder(self.tenant_id, self.concept.concept_id,
                                                           self.settings.work_dir / self.concept.concept_id)
-            device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = device_name(self.settings.device)
             dtype = torch.float16 if device.startswith("cuda") else torch.float32
             self._loaded = (sampling.TorchModels.from_folder(folder, device=device, dtype=dtype),
                             CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),

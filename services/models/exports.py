@@ -26,7 +26,8 @@ from typing import Callable, ContextManager, Protocol
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.runtime.model_loading import loading_models
-from persona.services.runtime.jobs import JobContext, JobRecord, JobRunner, hold
+from persona.services.runtime.job_store import JobRecord
+from persona.services.runtime.jobs import JobContext, JobRunner, hold
 
 from . import concepts as concept_store
 from . import fusing
@@ -306,9 +307,7 @@ class ConceptExports:
         return family_for(concept.base_model_family, prediction), prediction
 
     def _export_device(self) -> str:
-        if self.settings.device:
-            return self.settings.device
-        return "cuda" if self.on_cuda() else "cpu"
+        return self.settings.device or ("cuda" if self.on_cuda() else "cpu")
 
     def _convert(self, concept: Concept, format_name: str, scratch: Path, out_dir: Path) -> None:
         weights_dir = materialize(self.artifacts, concept.files_of(concept_store.WEIGHTS), scratch / "weights")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from persona.services.runtime.devices import torch_device
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 # What each method's `save` writes (diffusers' own layouts where there is one).
@@ -73,7 +74,7 @@ def fuse_svdiff(pipe, weights_dir: Path, token: str) -> None:
 
     tensors, shapes = read_spectral_shifts(weights_dir / SVDIFF_WEIGHTS)
     layers = dict(spectral_layers(pipe.unet))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch_device()
     with torch.no_grad():
         for name, shape in shapes.items():
             module = layers.get(name)

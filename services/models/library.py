@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Protocol
 
 from persona.services.runtime.artifacts import LocalArtifactStore
-from persona.services.runtime.jobs import TERMINAL, JobContext, JobRunner, hold
+from persona.services.runtime.devices import device_name
+from persona.services.runtime.job_store import TERMINAL
+from persona.services.runtime.jobs import JobContext, JobRunner, hold
 from persona.services.runtime.metadata import MetadataStore
 from persona.services.runtime.model_access import ModelAccess
 from persona.services.runtime.paging import Page
@@ -67,14 +69,7 @@ class ModelLibrary:
 
     def on_cuda(self) -> bool:
         """Whether training and exports run on a CUDA device (the settings' device, else whether one is there)."""
-        device = self.settings.device
-        if device:
-            return device.startswith("cuda")
-        try:
-            import torch
-        except ImportError:
-            return False
-        return torch.cuda.is_available()
+        return device_name(self.settings.device).startswith("cuda")
 
     def _reconciled(self, concept: Concept) -> Concept:
         """A TRAINING concept whose job ended without saying so (server stopped with resume off) takes its state."""

@@ -27,11 +27,14 @@ from PIL import Image
 
 from persona.services.models.base_models import base_model_identity
 from persona.services.runtime.artifacts import ArtifactStore
+from persona.services.runtime.devices import device_name
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.model_loading import loading_models
 from persona.services.subjects.domain import indefinite_article
 from persona.services.subjects.images import png_bytes
 from persona.services.runtime.metadata import MetadataStore, Migration
+
+from .options import MAX_CLASS_IMAGES
 
 MIGRATIONS = [
     Migration("prior_images", 1, (
@@ -50,7 +53,6 @@ MIGRATIONS = [
     )),
 ]
 
-MAX_CLASS_IMAGES = 1000
 # Bumped when the way images are drawn changes (seeding, sampler use), so older sets are not reused.
 GENERATOR_VERSION = 1
 # Pixels drawn per pipeline call: DreamBooth's sample_batch_size of 4 at 512 px. Smaller images go more to a call,
@@ -103,7 +105,7 @@ class DiffusersClassImageGenerator:
         import torch
         from diffusers import StableDiffusionPipeline
 
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device_name(self.device)
         # fp16 on a GPU halves memory and time; CPUs have no fast fp16 kernels.
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         # The folder's own scheduler (DDIM for `tiny`): class images should look like what the model draws.

@@ -9,7 +9,8 @@ import torch
 
 from persona.services.models.fusing import fuse_into_pipeline
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.loop import TrainConfig, train
+from persona.services.train.config import TrainConfig
+from persona.services.train.loop import train
 from persona.services.train.methods.custom_diffusion import WEIGHT_NAME
 
 PROMPT = "a photo of sks dog"

@@ -167,7 +167,7 @@ def test_clear_errors(tiny_model, tmp_path, monkeypatch):
         export_pipeline_to_onnx(tiny_model, taken)
     assert (taken / "keep.txt").exists()
     if not torch.cuda.is_available():
-        with pytest.raises(FailedPrecondition, match="no CUDA device"):
+        with pytest.raises(FailedPrecondition, match="no CUDA GPU"):
             export_pipeline_to_onnx(tiny_model, tmp_path / "out", device="cuda")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(FailedPrecondition, match="onnx/onnxruntime not installed .*pip install"):

@@ -12,7 +12,8 @@ import torch
 from persona.services.models.fusing import (SVDIFF_WEIGHTS as WEIGHT_NAME, TOKEN_KEY, UNET_PREFIX, decompose,
                                             fuse_into_pipeline, read_spectral_shifts, shifted_weight, spectral_layers)
 from persona.services.runtime.errors import FailedPrecondition
-from persona.services.train.loop import TrainConfig, train
+from persona.services.train.config import TrainConfig
+from persona.services.train.loop import train
 from persona.services.train.methods import Components
 from persona.services.train.methods.svdiff import SvdiffMethod
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from persona.services.models.fusing import (SVDIFF_FORMAT as FORMAT, SVDIFF_FORMAT_VERSION as FORMAT_VERSION,
                                             SVDIFF_WEIGHTS as WEIGHT_NAME, TOKEN_KEY, UNET_PREFIX, decompose,
                                             shifted_weight, spectral_layers)
+from persona.services.runtime.devices import torch_device
 
 from .base import Components, TrainingMethod
 from .textual_inversion import frozen_with_new_token
@@ -32,7 +33,7 @@ class SvdiffMethod(TrainingMethod):
     `initializer_token`, every other row put back after each step). Prior preservation is on by default, as
     in the paper's and svdiff-pytorch's DreamBooth-style runs.
 
-    Learning rate: 1e-3 (loop.DEFAULT_LEARNING_RATES), svdiff-pytorch's default for spectral shifts (its README:
+    Learning rate: 1e-3 (options.DEFAULT_LEARNING_RATES), svdiff-pytorch's default for spectral shifts (its README:
     "the learning rate for SVDiff needs to be 1000 times larger than the lr used for fine-tuning"). Its second
     rate, 1e-6, is for the 1-D norm-scale shifts we do not train, not for the embedding; our loop has one rate,
     so the token row also moves at 1e-3 (textual inversion's default is 5e-4).
@@ -52,13 +53,12 @@ class SvdiffMethod(TrainingMethod):
     name = "svdiff"
 
     def prepare(self, components: Components, config) -> None:
-        import torch
         from torch.nn.utils import parametrize
 
         self.components, self.config = components, config
         self.placeholder = frozen_with_new_token(components, config)
         # The SVDs run on the training device (SD-1.5's 282: ~15 minutes on 2 CPU cores, seconds on a GPU).
-        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch_device(config.device)
         self.shifts: dict = {}
         for name, module in spectral_layers(components.unet):
             shift = spectral_shift(module.weight, svd_device=device)
