@@ -25,7 +25,9 @@ from typing import Any, Callable, Sequence
 from persona.services.runtime.devices import describe_device, torch_device
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.train.base_models import missing_components
-from persona.services.train.loop import MIXED_PRECISIONS, TrainConfig, train
+from persona.services.train.config import TrainConfig
+from persona.services.train.loop import train
+from persona.services.train.options import MIXED_PRECISIONS
 from persona.services.train.regularizers import REGULARIZER_PLUGINS
 
 # Methods both loops implement (textual inversion has no diffusers DreamBooth counterpart).

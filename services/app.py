@@ -25,7 +25,7 @@ from persona.services.generate.settings import GenerateSettings
 from persona.services.mask import domain as mask_domain
 from persona.services.mask.servicer import mask_service
 from persona.services.mask.settings import MaskSettings
-from persona.services.runtime import auth, jobs
+from persona.services.runtime import auth, job_store, jobs
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.datadir import lock_data_dir
 from persona.services.runtime.caches import keep_caches_in
@@ -50,7 +50,7 @@ from persona.services.train.settings import TrainSettings
 
 log = logging.getLogger("persona.app")
 
-MIGRATIONS = [*auth.MIGRATIONS, *jobs.MIGRATIONS, *subjects_domain.MIGRATIONS, *caption_domain.MIGRATIONS,
+MIGRATIONS = [*auth.MIGRATIONS, *job_store.MIGRATIONS, *subjects_domain.MIGRATIONS, *caption_domain.MIGRATIONS,
               *prior.MIGRATIONS, *train_concepts.MIGRATIONS, *mask_domain.MIGRATIONS]
 
 # The services `serve --services` picks from, and the job kinds each one runs (its domain's runner.register calls).
@@ -202,7 +202,7 @@ def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: Sub
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     access = ModelAccess(paths=settings.model_paths, root=settings.models_root or train_settings.base_model_cache_dir,
                          allowed=settings.allowed_models)
-    runner = jobs.JobRunner(jobs.JobStore(db), workers=settings.job_workers)
+    runner = jobs.JobRunner(job_store.JobStore(db), workers=settings.job_workers)
     subjects = subjects_domain.SubjectRepository(db, artifacts, subject_settings or SubjectSettings.from_env())
     captions = caption_domain.CaptionDomain(db, subjects, runner, caption_settings or CaptionSettings.from_env())
     masks = mask_domain.MaskDomain(db, artifacts, subjects, mask_settings, access=access)
@@ -217,7 +217,8 @@ def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: Sub
     return Domains(artifacts, runner, subjects, captions, masks, train, generate, evaluate)
 
 
-def run_job(settings: RuntimeSettings, job_id: str, *, train_settings: TrainSettings | None = None) -> jobs.JobRecord:
+def run_job(settings: RuntimeSettings, job_id: str, *,
+            train_settings: TrainSettings | None = None) -> job_store.JobRecord:
     """Runs one persisted job in this process and returns it finished: `persona-cli run-job`, the worker side of a
     dispatcher. No server, and no data dir lock: the server that dispatched the job holds it (SQLite) or the store
     is shared (Postgres)."""

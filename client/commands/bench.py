@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..output import message_dict, note, quiet_libraries, table
+from ..output import note, quiet_libraries, table
 from .session import JsonOption, session
 from .train import STAGES
 
@@ -198,7 +198,7 @@ def flow(
         concept_id=concept_id, format=train_pb2.EXPORT_FORMAT_LORA)))
     total = sum(seconds.values())
     # Where the train job's time went, as the server measured it (class images, training, saving, …).
-    reported = (message_dict(job).get("result") or {}).get("stage_seconds", {})
+    reported = dict(job.train_result.stage_seconds)
     train_stages = {stage: reported[stage] for stage in (*STAGES, *reported) if stage in reported}  # in run order
     data = {"base_model": base_model, "steps": steps, "photos": len(files), "caption_case": case,
             "concept_id": concept_id, "seconds": seconds, "total_seconds": total,

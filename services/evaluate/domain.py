@@ -21,9 +21,11 @@ from PIL import Image
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.devices import device_name
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from persona.services.runtime.jobs import JobContext, JobRecord, JobRunner
+from persona.services.runtime.job_store import JobRecord
+from persona.services.runtime.jobs import JobContext, JobRunner
 
 from ..generate.domain import GenerateDomain, GenerateRequest
+from ..generate.options import MAX_IMAGES_PER_PROMPT
 from ..mask.domain import GROUNDED_SAM, MaskDomain
 from ..subjects.domain import SubjectRepository
 from ..train.domain import TrainDomain
@@ -35,7 +37,6 @@ METRICS = ("clip_i", "clip_t", "dino", "sa", "nsd", "ta", "clip_i_var", "dino_va
            "attention")
 MAX_CONCEPTS = 8
 MAX_PROMPTS = 100
-MAX_IMAGES_PER_PROMPT = 16
 DEFAULTS = {"images_per_prompt": 4, "seed": 0, "steps": 50, "guidance_scale": 7.5}  # SID's sampling settings
 
 
@@ -152,7 +153,8 @@ class EvaluateDomain:
         total = len(params["concept_ids"])
         for index, concept_id in enumerate(params["concept_ids"]):
             def progress(fraction: float, message: str) -> None:
-                ctx.progress((index + fraction) / total, f"{concept_id}: {message}", concept_id=concept_id)
+                ctx.progress((index + fraction) / total, f"{concept_id}: {message}", stage="evaluate",
+                             concept_id=concept_id)
 
             results.append(self._measure(ctx, tenant_id, concept_id, params, wanted, clip, dino, progress))
         report.make_labels_unique(results)

@@ -22,20 +22,18 @@ from ..subjects.images import png_bytes
 from ..train.base_models import read_model_configs
 from ..train.domain import TrainDomain
 from . import sampling
+from .options import BY_NAME as SETTINGS_BY_NAME, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS, SETTINGS
 from .sampling import SamplingSettings
 from .settings import GenerateSettings
 
-MAX_IMAGES_PER_PROMPT = 16
-# Seeds of one request run from seed to seed + this (the most images any setting allows).
-MAX_IMAGES_PER_REQUEST = 64
-MAX_PROMPT_CHARS = 1000
 # Longest a queued Generate waits for a slot (it stops waiting at once when its client goes away).
 QUEUE_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """Generate's fields as plain values; None = unset (the default applies)."""
+    """Generate's fields as plain values; None = unset (the default applies). The settings after the model are
+    declared in options.py."""
 
     prompts: tuple[str, ...]
     concept_id: str = ""
@@ -218,24 +216,14 @@ class GenerateDomain:
         if bool(request.concept_id) == bool(request.base_model):
             raise InvalidArgument("give exactly one of `concept_id` and `base_model`: e.g. concept_id from "
                                   "`persona-cli concepts list`, or base_model tiny")
-        per_prompt = _in_range("images_per_prompt", request.images_per_prompt, 1, 1, MAX_IMAGES_PER_PROMPT)
+        for option in SETTINGS:  # each setting given within its declared bounds and choices
+            option.check(getattr(request, option.name))
+        per_prompt, steps, guidance, scheduler, seed = (
+            _setting(request, name) for name in ("images_per_prompt", "steps", "guidance_scale", "scheduler", "seed"))
         if per_prompt * len(prompts) > min(self.settings.max_images, MAX_IMAGES_PER_REQUEST):
             raise InvalidArgument(f"`prompts` × `images_per_prompt` is {per_prompt * len(prompts)} images; at most "
                                   f"{min(self.settings.max_images, MAX_IMAGES_PER_REQUEST)} per request "
                                   "(PERSONA_GENERATE_MAX_IMAGES): split it")
-        steps = _in_range("steps", request.steps, sampling.DEFAULT_STEPS, 1, sampling.MAX_STEPS)
-        guidance = sampling.DEFAULT_GUIDANCE if request.guidance_scale is None else request.guidance_scale
-        if not 0 <= guidance <= 50:
-            raise InvalidArgument(f"`guidance_scale` is {guidance}: use 0–50 (7.5 is usual; ≤ 1 turns guidance off)")
-        scheduler = request.scheduler or sampling.DEFAULT_SCHEDULER
-        if scheduler not in sampling.SCHEDULERS:
-            raise InvalidArgument(f"`scheduler` is {scheduler!r}: use one of {', '.join(sampling.SCHEDULERS)}")
-        if len(request.negative_prompt) > MAX_PROMPT_CHARS:
-            raise InvalidArgument(f"`negative_prompt` is {len(request.negative_prompt)} characters; at most "
-                                  f"{MAX_PROMPT_CHARS}")
-        seed = 0 if request.seed is None else request.seed
-        if not 0 <= seed < 2**63 - MAX_IMAGES_PER_REQUEST:
-            raise InvalidArgument(f"`seed` is {seed}: use a non-negative 63-bit integer")
         return dict(prompts=prompts, per_prompt=per_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
                     seed=seed)
 
@@ -367,11 +355,10 @@ def _prompts(prompts) -> list[str]:
     return cleaned
 
 
-def _in_range(name: str, value: int | None, default: int, low: int, high: int) -> int:
-    value = default if value is None else value
-    if not low <= value <= high:
-        raise InvalidArgument(f"`{name}` is {value}: use {low}–{high} (default {default})")
-    return value
+def _setting(request: GenerateRequest, name: str):
+    """The request's value of a declared setting, or its default when unset (None, or "" for a text)."""
+    value = getattr(request, name)
+    return SETTINGS_BY_NAME[name].default if value is None or value == "" else value
 
 
 def _side(name: str, value: int | None, default: int) -> int:

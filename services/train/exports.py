@@ -19,7 +19,8 @@ from typing import Callable, ContextManager
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.runtime.model_loading import loading_models
-from persona.services.runtime.jobs import JobContext, JobRecord, JobRunner, hold
+from persona.services.runtime.job_store import JobRecord
+from persona.services.runtime.jobs import JobContext, JobRunner, hold
 
 from . import concepts as concept_store
 from .base_models import resolve_base_model

@@ -33,6 +33,8 @@ from persona.services.subjects.domain import indefinite_article
 from persona.services.subjects.images import png_bytes
 from persona.services.runtime.metadata import MetadataStore, Migration
 
+from .options import MAX_CLASS_IMAGES
+
 MIGRATIONS = [
     Migration("prior_images", 1, (
         # One row per finished set. `image_sha256s`: JSON list of the PNG artifacts, image i at index i.
@@ -50,7 +52,6 @@ MIGRATIONS = [
     )),
 ]
 
-MAX_CLASS_IMAGES = 1000
 # Bumped when the way images are drawn changes (seeding, sampler use), so older sets are not reused.
 GENERATOR_VERSION = 1
 # Pixels drawn per pipeline call: DreamBooth's sample_batch_size of 4 at 512 px. Smaller images go more to a call,

@@ -52,8 +52,8 @@ def run_export(client, concept_id: str, **request) -> tuple[common_pb2.Job, list
     return client.wait_for_job(job.job_id, on_event=events.append, timeout_s=600), events
 
 
-def progress(events) -> list[tuple[str, dict]]:
-    return [(e.message, dict(e.data)) for e in events if e.type == common_pb2.JOB_EVENT_TYPE_PROGRESS]
+def progress(events) -> list[tuple[str, common_pb2.JobProgress]]:
+    return [(e.message, e.details) for e in events if e.type == common_pb2.JOB_EVENT_TYPE_PROGRESS]
 
 
 def download(client, export: train_pb2.ConceptExport, folder: Path) -> Path:
@@ -72,14 +72,14 @@ def test_start_export_onnx_reports_each_component_and_caches_checked_graphs(app,
     final, events = run_export(client, lora.concept_id, format=train_pb2.EXPORT_FORMAT_ONNX)
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
     assert final.params["format"] == "onnx" and final.params["fp16"] is False  # a CPU server defaults to fp32
-    components = [(message, data["component"]) for message, data in progress(events) if "component" in data]
+    components = [(message, details.component) for message, details in progress(events) if details.component]
     assert components == [("text_encoder 1/3", "text_encoder"), ("unet 2/3", "unet"),
                           ("vae_decoder 3/3", "vae_decoder")]
     fractions = [e.progress for e in events if e.type == common_pb2.JOB_EVENT_TYPE_PROGRESS]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
     # ExportConcept of the same format and precision returns the job's files, at once and again the same.
-    result = {f["path"]: f["artifact_id"] for f in final.result["files"]}
+    result = {f.path: f.artifact_id for f in final.export_result.files}
     exported = client.train.ExportConcept(train_pb2.ExportConceptRequest(concept_id=lora.concept_id, **FP32))
     assert {f.path: f.artifact_id for f in exported.files} == result and exported.fp16 is False
     assert {*ONNX_GRAPHS, "unet/model.onnx.data", "manifest.json", "scheduler/scheduler_config.json"} <= set(result)
@@ -126,7 +126,7 @@ def test_onnx_export_of_a_textual_inversion_concept_knows_its_token(client, subj
     assert [m for m, _ in progress(events)] == ["converting to onnx fp32", "converting to diffusers",
                                                 "text_encoder 1/3", "unet 2/3", "vae_decoder 3/3"]
     exported = client.train.ExportConcept(train_pb2.ExportConceptRequest(concept_id=ti.concept_id, **FP32))
-    assert [f.artifact_id for f in exported.files] == [f["artifact_id"] for f in final.result["files"]]
+    assert [f.artifact_id for f in exported.files] == [f.artifact_id for f in final.export_result.files]
     folder = download(client, exported, tmp_path / "ti")
     onnx.checker.check_model(str(folder / "text_encoder" / "model.onnx"))
 
@@ -260,11 +260,11 @@ def test_tensorrt_builds_engines_from_the_onnx_export_of_its_precision(app, clie
     assert messages == ["converting to tensorrt fp16", "converting to onnx fp16", "converting to diffusers",
                         "text_encoder 1/3", "unet 2/3", "vae_decoder 3/3", "tensorrt text_encoder 1/3",
                         "tensorrt unet 2/3", "tensorrt vae_decoder 3/3"]
-    assert sorted(f["path"] for f in final.result["files"]) == [
+    assert sorted(f.path for f in final.export_result.files) == [
         "manifest.json", "text_encoder/model.plan", "unet/model.plan", "vae_decoder/model.plan"]
     again = client.train.ExportConcept(train_pb2.ExportConceptRequest(
         concept_id=lora.concept_id, format=train_pb2.EXPORT_FORMAT_TENSORRT, fp16=True))
-    assert [f.artifact_id for f in again.files] == [f["artifact_id"] for f in final.result["files"]]
+    assert [f.artifact_id for f in again.files] == [f.artifact_id for f in final.export_result.files]
     assert calls == [(True, True)]  # cached: not built again
     roles = {r["role"] for r in app.db.query("SELECT DISTINCT role FROM concept_files WHERE concept_id = :c",
                                              {"c": lora.concept_id})}

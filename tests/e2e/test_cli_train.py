@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import typer
-from google.protobuf import struct_pb2
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -194,11 +193,9 @@ def test_help_teaches_with_an_example(command):
 
 # --- following a training job, without a server: events → progress lines, Ctrl-C → cancel or detach ---
 
-def event(kind, message="", state=0, progress=0.0, **data) -> common_pb2.JobEvent:
-    fields = struct_pb2.Struct()
-    fields.update(data)
+def event(kind, message="", state=0, progress=0.0, **details) -> common_pb2.JobEvent:
     return common_pb2.JobEvent(job_id="job_1", type=kind, state=state, progress=progress, message=message,
-                               data=fields if data else None)
+                               details=common_pb2.JobProgress(**details) if details else None)
 
 
 def test_progress_shows_stages_steps_losses_and_warnings(capsys):
@@ -208,10 +205,10 @@ def test_progress_shows_stages_steps_losses_and_warnings(capsys):
             event(common_pb2.JOB_EVENT_TYPE_STATE, "attempt 1 started", state=common_pb2.JOB_STATE_RUNNING),
             event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "class images 1/2", done=1, total=2),
             event(common_pb2.JOB_EVENT_TYPE_WARNING, "fp16 is not supported on cpu: training in fp32"),
-            event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "step 1", step=1, steps=2, loss=0.5, instance=0.3, prior=0.2,
-                  it_per_s=2.0, eta_s=65),
-            event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "step 2", step=2, steps=2, loss=0.25, it_per_s=2.0, eta_s=0,
-                  validation_image_ids=["val_1"]),
+            event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "step 1", step=1, steps=2,
+                  losses={"loss": 0.5, "instance": 0.3, "prior": 0.2}, it_per_s=2.0, eta_s=65),
+            event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "step 2", step=2, steps=2, losses={"loss": 0.25}, it_per_s=2.0,
+                  eta_s=0, validation_image_ids=["val_1"]),
         ]:
             progress(e)
     err = capsys.readouterr().err

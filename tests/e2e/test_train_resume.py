@@ -40,7 +40,7 @@ def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, drea
             class_name="dog", images=[subjects_pb2.ImageUpload(data=p.read_bytes()) for p in photos]))
         job = _train(client, subject.subject_id)
         for event in client.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job.job_id), timeout=STARTUP_LIMIT_S):
-            if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.data["step"] >= 10:
+            if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.details.step >= 10:
                 break  # at least the step-8 checkpoint is on disk
         server.process.kill()  # SIGKILL: no handler, no cleanup
         server.process.wait()
@@ -53,7 +53,7 @@ def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, drea
         final = client.wait_for_job(job.job_id, timeout_s=STARTUP_LIMIT_S * 3)
         assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
         assert final.interrupted and final.attempts == 2
-        assert 8 <= final.result["resumed_from_step"] < OPTIONS["steps"]
+        assert 8 <= final.train_result.resumed_from_step < OPTIONS["steps"]
 
         straight = client.wait_for_job(_train(client, subject.subject_id).job_id, timeout_s=STARTUP_LIMIT_S * 3)
         assert straight.result["resumed_from_step"] == 0

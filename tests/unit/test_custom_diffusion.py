@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.loop import TrainConfig, train
+from persona.services.train.config import TrainConfig
+from persona.services.train.loop import train
 from persona.services.train.methods.custom_diffusion import WEIGHT_NAME, CustomDiffusionMethod
 
 PROMPT = "a photo of sks dog"

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from persona.services.runtime.errors import FailedPrecondition
-from persona.services.train.loop import TrainConfig, train
+from persona.services.train.config import TrainConfig
+from persona.services.train.loop import train
 from persona.services.train.methods import Components
 from persona.services.train.methods.svdiff import (TOKEN_KEY, UNET_PREFIX, WEIGHT_NAME, SvdiffMethod, decompose,
                                                    read_spectral_shifts, shifted_weight, spectral_layers)

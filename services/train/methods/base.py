@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from ..loop import TrainConfig
+    from ..config import TrainConfig
 
 
 @dataclass

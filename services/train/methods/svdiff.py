@@ -39,7 +39,7 @@ class SvdiffMethod(TrainingMethod):
     `initializer_token`, every other row put back after each step). Prior preservation is on by default, as
     in the paper's and svdiff-pytorch's DreamBooth-style runs.
 
-    Learning rate: 1e-3 (loop.DEFAULT_LEARNING_RATES), svdiff-pytorch's default for spectral shifts (its README:
+    Learning rate: 1e-3 (options.DEFAULT_LEARNING_RATES), svdiff-pytorch's default for spectral shifts (its README:
     "the learning rate for SVDiff needs to be 1000 times larger than the lr used for fine-tuning"). Its second
     rate, 1e-6, is for the 1-D norm-scale shifts we do not train, not for the embedding; our loop has one rate,
     so the token row also moves at 1e-3 (textual inversion's default is 5e-4).

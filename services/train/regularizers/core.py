@@ -71,9 +71,9 @@ from typing import Any, Sequence
 
 from persona.services.runtime.errors import InvalidArgument
 
+from ..options import CORE_VARIANTS
 from .base import Regularizer, RegularizerInputs
 
-CORE_VARIANTS = ("cosine", "pairwise", "hinge")
 # The hinge variant's margin on 1 − cos: no penalty while the identifier's output keeps cos ≥ 0.9 to its class's.
 HINGE_MARGIN = 0.1
 
