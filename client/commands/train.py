@@ -297,6 +297,9 @@ def train(
         help="--reg prior: class images drawn by the base model, 1–1000.", show_default="100")] = None,
     class_image_steps: Annotated[Optional[int], typer.Option(
         help="--reg prior: sampling steps per class image, 1–200.", show_default="30")] = None,
+    prior_weight: Annotated[Optional[float], typer.Option(
+        help="--reg prior: weight of the class images' loss beside the photos' (0–1000).",
+        show_default="1.0, DreamBooth's")] = None,
     epochs: Annotated[Optional[int], typer.Option(
         help="Passes over the photos instead of --steps (steps = epochs × photos / batch size).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(
@@ -365,7 +368,7 @@ def train(
         steps=steps, learning_rate=lr, batch_size=batch_size, resolution=resolution, seed=seed,
         train_text_encoder=train_text_encoder, lora_rank=rank, lora_alpha=alpha, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma, lr_scheduler=lr_scheduler,
-        num_class_images=num_class_images, checkpoint_every=checkpoint_every, validation_every=validation_every,
+        num_class_images=num_class_images, prior_loss_weight=prior_weight, checkpoint_every=checkpoint_every, validation_every=validation_every,
         validation_prompts=validation_prompts, class_image_steps=class_image_steps, epochs=epochs,
         unmasked_weight=unmasked_weight, spl_weight=spl_weight, core_emb_weight=core_emb_weight,
         core_attn_weight=core_attn_weight, core_variant=core_variant)
