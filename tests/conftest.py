@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from persona.client.sdk import PersonaClient
+# As persona-cli does (runtime/cpus.py), before torch is imported: OpenMP workers sleep instead of spinning, which on
+# a shared CPU made training steps 20x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from persona.client.sdk import PersonaClient  # noqa: E402
 from persona.services.app import PersonaApp, build_app
 from persona.services.caption.settings import CaptionSettings
 from persona.services.runtime.settings import RuntimeSettings

@@ -44,7 +44,8 @@ from .options import DEFAULT_LEARNING_RATES, DEFAULT_OPTIONS, check_known, check
 from .prior import ClassImageCache, class_prompt_for
 from .progress import Stopwatch, TrainingProgress
 from .request import (CAPTION_SOURCES, TEXT_SIDE_METHODS, TrainRequest, caption_fallback_warning, mode_of,
-                      regularizers_in_effect, train_config, training_captions, validation_prompt)
+                      regularizers_in_effect, sid_without_prior_warning, train_config, training_captions,
+                      validation_prompt)
 from .settings import TrainSettings
 
 log = logging.getLogger("persona.train")
@@ -296,9 +297,9 @@ class TrainDomain:
         config = train_config(concept.options, concept.method, concept.token, concept.regularizers,
                               concept.class_name, self.settings.device)
         examples = [(self._image(concept, c.image_id), c.text) for c in concept.training_captions]
-        fallback = caption_fallback_warning(concept)
-        if fallback:
-            ctx.warn(fallback)
+        for warning in (caption_fallback_warning(concept), sid_without_prior_warning(concept)):
+            if warning:
+                ctx.warn(warning)
         watch.lap("preparing")
         how = "resumed" if ctx.job.attempts > 1 else "started"
         ctx.log(f"training {how}: {concept.method} on {len(examples)} image(s), {config.steps} steps",

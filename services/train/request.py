@@ -128,6 +128,21 @@ def caption_fallback_warning(concept: Concept) -> str:
             f"{concept.subject_id}` (a VLM is needed for SID), or pass --captions class to choose the template")
 
 
+def sid_without_prior_warning(concept: Concept) -> str:
+    """Described captions (SID) trained with prior preservation turned off: said at the start of every run, because
+    the detailed words then drift the whole model and the photos' background and nearby objects leak more than with
+    class-only captions (toy world README; notes/quality-18.md)."""
+    templates = {instructions.template_caption(mode, concept.class_name, concept.token).lower()
+                 for mode in instructions.MODES}
+    described = any(" ".join(c.text.lower().split()) not in templates for c in concept.training_captions)
+    if not described or "prior" in concept.regularizers or concept.method not in REGULARIZERS["prior"]:
+        return ""
+    return (f"captions {concept.captions} without prior preservation: described captions drift the whole model "
+            "without it, and the photos' background and nearby objects leak more than with class-only captions "
+            "(toy world: nearby-object leakage 0.059 vs 0.021); keep prior preservation on (drop --reg none / "
+            "--no-prior), or train on --captions class")
+
+
 def train_config(options: dict, method: str, token: str, regularizers, class_name: str,
                  device: str | None) -> TrainConfig:
     """The loop's TrainConfig from a concept's options (every default filled in); not validated."""

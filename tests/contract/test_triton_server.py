@@ -16,7 +16,7 @@ import pytest
 from persona.services.generate import triton_client
 from persona.services.generate import triton_install
 from persona.services.generate import triton_server as ts
-from persona.services.generate.triton_config import TensorSpec, python_model_config
+from persona.services.generate.triton_config import TensorSpec, model_config
 from persona.services.runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
@@ -96,7 +96,7 @@ def install() -> triton_install.TritonInstall:
 def write_model(repo: Path, name: str, version: int, source: str, **config) -> Path:
     folder = repo / name
     (folder / str(version)).mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(python_model_config(name, **config))
+    (folder / "config.pbtxt").write_text(model_config(name, **config))
     (folder / str(version) / "model.py").write_text(source)
     return folder
 
@@ -181,14 +181,14 @@ def test_python_stub_preparation_is_idempotent_under_a_race(install, tmp_path):
 
 def test_python_model_config_rejects_what_triton_would():
     with pytest.raises(InvalidArgument, match="dynamic_batching"):
-        python_model_config("m", **TOY_IO, dynamic_batching=True)
+        model_config("m", **TOY_IO, dynamic_batching=True)
     with pytest.raises(InvalidArgument, match=r"input\[0\].dtype"):
-        python_model_config("m", inputs=[("A", "FLOAT")], outputs=[("OUT", "FP32")])
+        model_config("m", inputs=[("A", "FLOAT")], outputs=[("OUT", "FP32")])
     with pytest.raises(InvalidArgument, match="used twice"):
-        python_model_config("m", inputs=[("A", "FP32"), ("A", "FP32")], outputs=[("OUT", "FP32")])
+        model_config("m", inputs=[("A", "FP32"), ("A", "FP32")], outputs=[("OUT", "FP32")])
     with pytest.raises(InvalidArgument, match="instance_kind"):
-        python_model_config("m", **TOY_IO, instance_kind="KIND_TPU")
-    text = python_model_config("m", inputs=[("PROMPT", "BYTES", [1])], outputs=[("IMAGE", "UINT8", [-1, -1, 3])],
+        model_config("m", **TOY_IO, instance_kind="KIND_TPU")
+    text = model_config("m", inputs=[("PROMPT", "BYTES", [1])], outputs=[("IMAGE", "UINT8", [-1, -1, 3])],
                                   instance_kind="gpu", parameters={"EXECUTION_ENV_PATH": "$$TRITON_MODEL_DIRECTORY/env"})
     assert 'backend: "python"' in text and "TYPE_STRING" in text and "dims: [ -1, -1, 3 ]" in text
     assert "kind: KIND_GPU" in text and 'key: "EXECUTION_ENV_PATH"' in text
