@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from persona.services.models.fusing import LEARNED_EMBEDS
+from persona.services.runtime.devices import torch_device
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.model_loading import loading_models
 
@@ -19,7 +21,6 @@ from .checkpoint import CHECKPOINT_FILE, TrainingState, run_fingerprint
 from .config import TrainConfig
 from .crop import square_crop_box
 from .methods import METHODS, Components
-from .methods.lora import LEARNED_EMBEDS
 from .methods.textual_inversion import add_learned_token
 from .regularizers import REGULARIZER_PLUGINS, RegularizerInputs, weighted_pixel_mean
 
@@ -87,7 +88,7 @@ def train(
     config.validate()
     if not examples:
         raise InvalidArgument("`examples` is empty: pass at least one (image, caption) pair")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch_device(config.device)
     # Seed in a forked RNG: the run is reproducible and the caller's random stream is left alone.
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):

@@ -63,7 +63,5 @@ def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, drea
             torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=0)
         client.close()
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+        server.stop()
 
