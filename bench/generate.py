@@ -288,7 +288,7 @@ def _engine_folder(engine, folder: Path, target: Path, fp16: bool, on_stage) -> 
     """What the engine loads: the diffusers folder itself, or its ONNX export (made here, not timed)."""
     if engine.model_format == "diffusers":
         return folder
-    from persona.services.generate.onnx_export import export_pipeline_to_onnx
+    from persona.services.models.onnx_export import export_pipeline_to_onnx
 
     on_stage(f"exporting {folder.name} to ONNX")
     export_pipeline_to_onnx(folder, target, fp16=fp16, overwrite=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from persona.services.runtime.devices import describe_device, torch_device
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.base_models import (RANDOM_FAMILIES, TINY, build_random_base_model, missing_components,
+from persona.services.models.base_models import (RANDOM_FAMILIES, TINY, build_random_base_model, missing_components,
                                                 read_model_configs, tiny_base_model)
 from persona.services.train.settings import TrainSettings
 

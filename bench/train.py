@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from persona.services.runtime.devices import describe_device, torch_device
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.base_models import missing_components
+from persona.services.models.base_models import missing_components
 from persona.services.train.config import TrainConfig
 from persona.services.train.loop import train
 from persona.services.train.options import MIXED_PRECISIONS

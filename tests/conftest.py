@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from persona.client.sdk import PersonaClient
+# As persona-cli does (runtime/cpus.py), before torch is imported: OpenMP workers sleep instead of spinning, which on
+# a shared CPU made training steps 20x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from persona.client.sdk import PersonaClient  # noqa: E402
 from persona.services.app import PersonaApp, build_app
 from persona.services.caption.settings import CaptionSettings
 from persona.services.runtime.settings import RuntimeSettings
@@ -96,7 +100,7 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(model_cache) -> Path:
     """The built-in `tiny` base model, built once per session; tests only read it."""
-    from persona.services.train.base_models import tiny_base_model
+    from persona.services.models.base_models import tiny_base_model
 
     return tiny_base_model(model_cache)
 

@@ -1,5 +1,7 @@
 """Generate use cases: validate a request, find the model (a concept's diffusers folder or a base model), draw.
 
+Concepts, base models and their exports (ONNX, TensorRT) come from the model library (services/models).
+
 The engine is what holds models and runs the sampling loop: `EmbeddedEngine` in this process (torch, the
 laptop default) on a model's diffusers folder; `TritonEngine` (triton_engine.py) on its ONNX export, served from a
 Triton model repository. Both run the same loop (sampling.py).
@@ -18,9 +20,10 @@ from persona.services.runtime.budget import Budget
 from persona.services.runtime.devices import cuda_available, device_name
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
+from ..models.base_models import read_model_configs
+from ..models.exports import base_model_key
+from ..models.library import ModelLibrary
 from ..subjects.images import png_bytes
-from ..train.base_models import read_model_configs
-from ..train.domain import TrainDomain
 from . import sampling
 from .options import BY_NAME as SETTINGS_BY_NAME, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS, SETTINGS
 from .sampling import SamplingSettings
@@ -173,15 +176,14 @@ class EmbeddedEngine:
 class GenerateDomain:
     """Draws images of the caller's concepts (or of base models) on one engine."""
 
-    def __init__(self, train: TrainDomain, engine: Engine, settings: GenerateSettings, cache_dir: Path):
-        self.train, self.engine, self.settings, self.cache_dir = train, engine, settings, cache_dir
+    def __init__(self, models: ModelLibrary, engine: Engine, settings: GenerateSettings, cache_dir: Path):
+        self.models, self.engine, self.settings, self.cache_dir = models, engine, settings, cache_dir
         # Which tenant loaded which concept (the engine is shared; keys are concept ids or base:<ref>).
         self._owners: dict[str, str] = {}
         self._owners_lock = threading.Lock()
         # Streams drawing each concept now (`_using`), and the condition `unload` waits on for them to end.
         self._in_use: Counter[str] = Counter()
         self._use = threading.Condition()
-        self._export_lock = threading.Lock()
         # Generate calls drawing at once, and a bounded queue behind them (the servicer holds a slot per call).
         self.admission = Budget(settings.concurrency, queue=settings.queue, wait_s=QUEUE_WAIT_S,
                                 what="Generate calls", settings="PERSONA_GENERATE_CONCURRENCY, PERSONA_GENERATE_QUEUE")
@@ -282,7 +284,7 @@ class GenerateDomain:
         return self._load(tenant_id, concept_id, "")
 
     def unload(self, tenant_id: str, concept_id: str) -> None:
-        self.train.get(tenant_id, concept_id)  # NOT_FOUND for another tenant's concept
+        self.models.get(tenant_id, concept_id)  # NOT_FOUND for another tenant's concept
         with self._use:
             # After the streams drawing it end (none starts meanwhile): a draw never loses its model mid-way.
             self._use.wait_for(lambda: not self._in_use.get(concept_id))
@@ -298,22 +300,27 @@ class GenerateDomain:
 
     def _load(self, tenant_id: str, concept_id: str, base_model: str) -> LoadedModel:
         if concept_id:
-            concept = self.train.get(tenant_id, concept_id)
+            concept = self.models.get(tenant_id, concept_id)
             if not concept.files_of("weights"):
                 raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights yet: wait for "
                                          f"job {concept.job_id} (`persona-cli jobs watch {concept.job_id}`)")
             if self.engine.model_format in ("onnx", "tensorrt"):
                 fmt = self.engine.model_format
-                folder = self.train.exports.export_folder(tenant_id, concept_id, fmt,
+                folder = self.models.exports.export_folder(tenant_id, concept_id, fmt,
                                                           self.cache_dir / fmt / concept_id, fp16=self._onnx_fp16())
             else:
-                folder = self.train.exports.diffusers_folder(tenant_id, concept_id, self.cache_dir / concept_id)
+                folder = self.models.exports.diffusers_folder(tenant_id, concept_id, self.cache_dir / concept_id)
             loaded = self.engine.load(concept_id, folder)
             with self._owners_lock:
                 self._owners[concept_id] = tenant_id
             return replace(loaded, resolution=concept.resolution or loaded.resolution)
-        base = self.train.resolve_base(base_model)
-        folder = base.path if self.engine.model_format == "diffusers" else self._base_onnx(base.path)
+        base = self.models.resolve_base(base_model)
+        if self.engine.model_format == "diffusers":
+            folder = base.path
+        else:  # the base model's ONNX export (or TensorRT engines), made once per folder and precision
+            fmt, fp16 = self.engine.model_format, self._onnx_fp16()
+            target = self.cache_dir / f"base-{fmt}-{'fp16' if fp16 else 'fp32'}" / base_model_key(base)
+            folder = self.models.exports.base_model_folder(base, fmt, target, fp16)
         return self.engine.load(f"base:{base.path}", folder)
 
     def _onnx_fp16(self) -> bool:
@@ -321,28 +328,6 @@ class GenerateDomain:
         if self.settings.onnx_fp16 is not None:
             return self.settings.onnx_fp16
         return cuda_available()
-
-    def _base_onnx(self, path: Path) -> Path:
-        """A base model's ONNX export (and TensorRT engines, for that engine), made once per folder and precision
-        into the generate cache."""
-        import hashlib
-
-        from .onnx_export import export_pipeline_to_onnx
-
-        fp16 = self._onnx_fp16()
-        digest = hashlib.sha256(f"{Path(path).resolve()}|{fp16}".encode()).hexdigest()[:16]
-        target = self.cache_dir / "base-onnx" / digest
-        with self._export_lock:
-            if not (target / "manifest.json").is_file():
-                export_pipeline_to_onnx(path, target, fp16=fp16, overwrite=True)
-            if self.engine.model_format != "tensorrt":
-                return target
-            from .tensorrt_build import build_engines
-
-            engines = self.cache_dir / "base-tensorrt" / digest
-            if not (engines / "manifest.json").is_file():
-                build_engines(target, engines, fp16=fp16, overwrite=True)
-            return engines
 
 
 def _prompts(prompts) -> list[str]:

@@ -264,7 +264,7 @@ def triton_engine_from_settings(settings, data_dir: Path) -> TritonEngine:
 
 
 def _can_build_tensorrt() -> bool:
-    from .tensorrt_build import tensorrt_available
+    from persona.services.models.tensorrt_build import tensorrt_available
 
     return tensorrt_available()[0]
 

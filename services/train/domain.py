@@ -6,46 +6,46 @@ then loads the photos and the captions recorded at start, draws (or reuses) the 
 prior preservation, and runs the one training loop with checkpoints in the concept's work folder; a
 job resumed after a crash continues from the last checkpoint.
 
-Exports of a concept to other formats live in exports.py (`TrainDomain.exports`).
+Concepts are kept in the model library (services/models): this service writes their rows and weights; their
+exports live there too (`TrainDomain.exports` is the library's).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
-import threading
 from pathlib import Path
 from typing import Iterator
 
 from PIL import Image
 
+from persona.services.models import concepts as concept_store
+from persona.services.models.base_models import ResolvedBaseModel, base_model_identity
+from persona.services.models.concepts import Concept, ConceptFile
+from persona.services.models.exports import store_folder
+from persona.services.models.fusing import read_learned_embeds
+from persona.services.models.library import ModelLibrary
 from persona.services.runtime.artifacts import LocalArtifactStore
-from persona.services.runtime.devices import cuda_available
 from persona.services.runtime.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, PersonaError,
                                              ResourceExhausted)
-from persona.services.runtime.job_store import TERMINAL, JobRecord
-from persona.services.runtime.jobs import JobContext, JobRunner, hold
+from persona.services.runtime.job_store import JobRecord
+from persona.services.runtime.jobs import JobContext, JobRunner
 from persona.services.runtime.metadata import MetadataStore
-from persona.services.runtime.model_access import ModelAccess
 from persona.services.runtime.paging import Page
 
 from ..caption import instructions
 from ..caption.domain import CaptionDomain
 from ..subjects.domain import Subject, SubjectRepository
 from ..subjects.images import png_bytes
-from . import concepts as concept_store
-from .base_models import ResolvedBaseModel, resolve_base_model
-from .concepts import Concept, ConceptFile, ConceptStore
 from .config import TrainConfig
-from .exports import ConceptExports, store_folder
 from .loop import train
 from .methods import METHODS
-from .methods.textual_inversion import WEIGHT_NAME as TI_WEIGHT_NAME, read_learned_embeds
+from .methods.textual_inversion import WEIGHT_NAME as TI_WEIGHT_NAME
 from .options import DEFAULT_LEARNING_RATES, DEFAULT_OPTIONS, check_known, check_options
-from .prior import ClassImageCache, base_model_identity, class_prompt_for
+from .prior import ClassImageCache, class_prompt_for
 from .progress import Stopwatch, TrainingProgress
 from .request import (CAPTION_SOURCES, TEXT_SIDE_METHODS, TrainRequest, caption_fallback_warning, mode_of,
-                      regularizers_in_effect, train_config, training_captions, validation_prompt)
+                      regularizers_in_effect, sid_without_prior_warning, train_config, training_captions,
+                      validation_prompt)
 from .settings import TrainSettings
 
 log = logging.getLogger("persona.train")
@@ -65,22 +65,17 @@ class TrainDomain:
 
     def __init__(self, db: MetadataStore, artifacts: LocalArtifactStore, subjects: SubjectRepository,
                  captions: CaptionDomain, runner: JobRunner, settings: TrainSettings, work_dir: Path,
-                 masks=None, dispatcher=None, model_access: ModelAccess | None = None):
+                 models: ModelLibrary, masks=None, dispatcher=None):
         self.db, self.artifacts, self.subjects, self.captions = db, artifacts, subjects, captions
         # The mask service's domain (MaskDomain): subject masks for the masked loss.
         self.masks = masks
         self.runner, self.settings, self.work_dir = runner, settings, work_dir
-        # Which base models a request may name (default: any folder, as the embedded CLI).
-        self.model_access = model_access or ModelAccess()
-        self.concepts = ConceptStore(db)
+        # Concepts, base models and exports; `concepts` is where this service writes the concepts it trains.
+        self.models, self.concepts, self.exports = models, models.concepts, models.exports
         self.class_images = ClassImageCache(db, artifacts)
-        # One training run per process at a time: two runs on one GPU would both run out of memory.
-        self._device_lock = threading.Lock()
         # `dispatcher` (dispatch.train_dispatcher): training in worker processes or Kubernetes Jobs instead of
         # this process's job threads; exports stay here (they are short, and Triton's repository is local).
         runner.register(JOB_KIND, self._run, resumable=True, dispatcher=dispatcher)
-        self.exports = ConceptExports(self.concepts, artifacts, settings, work_dir, runner, self.get, self._device,
-                                      self._on_cuda)
 
     # Requests -----------------------------------------------------------------------------------
 
@@ -137,20 +132,13 @@ class TrainDomain:
         return job
 
     def resolve_base(self, ref: str) -> ResolvedBaseModel:
-        """A request's base model (empty: the server's default), through the model access policy; its `ref` stays
-        as the request named it."""
-        ref = (ref or "").strip()
-        if not ref or ref == self.settings.default_base_model:  # the operator's own choice
-            return resolve_base_model(ref or self.settings.default_base_model, self.settings)
-        return dataclasses.replace(resolve_base_model(self.model_access.locate(ref, "base_model"), self.settings),
-                                   ref=ref)
+        return self.models.resolve_base(ref)
 
     def get(self, tenant_id: str, concept_id: str) -> Concept:
-        return self._reconciled(self.concepts.get(concept_id, tenant_id))
+        return self.models.get(tenant_id, concept_id)
 
     def list(self, tenant_id: str, page: Page, subject_id: str = "") -> tuple[list[Concept], str]:
-        concepts, token = self.concepts.list(tenant_id, page, subject_id)
-        return [self._reconciled(c) for c in concepts], token
+        return self.models.list(tenant_id, page, subject_id)
 
     def delete(self, tenant_id: str, concept_id: str) -> None:
         concept = self.get(tenant_id, concept_id)
@@ -282,10 +270,7 @@ class TrainDomain:
         return [self.masks.mask_array(tenant_id, subject_id, image_id) for image_id in image_ids]
 
     def _on_cuda(self) -> bool:
-        device = self.settings.device
-        if device:
-            return device.startswith("cuda")
-        return cuda_available()
+        return self.models.on_cuda()
 
     # The job ------------------------------------------------------------------------------------------
 
@@ -312,9 +297,9 @@ class TrainDomain:
         config = train_config(concept.options, concept.method, concept.token, concept.regularizers,
                               concept.class_name, self.settings.device)
         examples = [(self._image(concept, c.image_id), c.text) for c in concept.training_captions]
-        fallback = caption_fallback_warning(concept)
-        if fallback:
-            ctx.warn(fallback)
+        for warning in (caption_fallback_warning(concept), sid_without_prior_warning(concept)):
+            if warning:
+                ctx.warn(warning)
         watch.lap("preparing")
         how = "resumed" if ctx.job.attempts > 1 else "started"
         ctx.log(f"training {how}: {concept.method} on {len(examples)} image(s), {config.steps} steps",
@@ -358,7 +343,7 @@ class TrainDomain:
 
     def _device(self, ctx: JobContext | None):
         """Waits (cancellably) until no training run or GPU export holds the device."""
-        return hold(self._device_lock, ctx, "waiting for another job to finish with the device")
+        return self.models.hold_device(ctx)
 
     def _class_examples(self, ctx: JobContext, concept: Concept, base: ResolvedBaseModel, config: TrainConfig):
         if "prior" not in concept.regularizers:
@@ -397,18 +382,6 @@ class TrainDomain:
 
     def _work_dir(self, concept_id: str) -> Path:
         return self.work_dir / concept_id
-
-    def _reconciled(self, concept: Concept) -> Concept:
-        """A TRAINING concept whose job ended without saying so (server stopped with resume off) takes its state."""
-        if concept.state != concept_store.TRAINING or not concept.job_id:
-            return concept
-        job = self.runner.store.get(concept.job_id)
-        if job.state not in TERMINAL:
-            return concept
-        state = {"CANCELLED": concept_store.CANCELLED, "SUCCEEDED": concept_store.READY}.get(job.state,
-                                                                                               concept_store.FAILED)
-        self.concepts.update(concept.concept_id, state=state)
-        return self.concepts.get(concept.concept_id)
 
 
 def _resource_error(error: BaseException) -> BaseException:

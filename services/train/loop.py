@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from persona.services.models.fusing import LEARNED_EMBEDS
 from persona.services.runtime.devices import torch_device
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.model_loading import loading_models
@@ -20,7 +21,6 @@ from .checkpoint import CHECKPOINT_FILE, TrainingState, run_fingerprint
 from .config import TrainConfig
 from .crop import square_crop_box
 from .methods import METHODS, Components
-from .methods.lora import LEARNED_EMBEDS
 from .methods.textual_inversion import add_learned_token
 from .regularizers import REGULARIZER_PLUGINS, RegularizerInputs, weighted_pixel_mean
 

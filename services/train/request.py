@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from persona.services.models.concepts import Concept, TrainingCaption
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from ..caption import instructions
 from ..subjects.domain import Subject, indefinite_article
-from .concepts import Concept, TrainingCaption
 from .config import TrainConfig
 from .methods import METHODS
 from .options import BY_NAME, DATA_OPTIONS
@@ -126,6 +126,21 @@ def caption_fallback_warning(concept: Concept) -> str:
     return (f"captions sid: {which}, so they train on the Case 1 template "
             f"{concept.training_captions[fallen[0]].text!r}, not SID: caption them first with `persona-cli caption "
             f"{concept.subject_id}` (a VLM is needed for SID), or pass --captions class to choose the template")
+
+
+def sid_without_prior_warning(concept: Concept) -> str:
+    """Described captions (SID) trained with prior preservation turned off: said at the start of every run, because
+    the detailed words then drift the whole model and the photos' background and nearby objects leak more than with
+    class-only captions (toy world README; notes/quality-18.md)."""
+    templates = {instructions.template_caption(mode, concept.class_name, concept.token).lower()
+                 for mode in instructions.MODES}
+    described = any(" ".join(c.text.lower().split()) not in templates for c in concept.training_captions)
+    if not described or "prior" in concept.regularizers or concept.method not in REGULARIZERS["prior"]:
+        return ""
+    return (f"captions {concept.captions} without prior preservation: described captions drift the whole model "
+            "without it, and the photos' background and nearby objects leak more than with class-only captions "
+            "(toy world: nearby-object leakage 0.059 vs 0.021); keep prior preservation on (drop --reg none / "
+            "--no-prior), or train on --captions class")
 
 
 def train_config(options: dict, method: str, token: str, regularizers, class_name: str,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from persona.v1 import common_pb2, train_pb2, train_pb2_grpc
+from persona.services.models.concepts import VALIDATION, WEIGHTS, Concept
 from persona.services.runtime.context import current_tenant
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.job_service import job_to_proto
@@ -9,7 +10,6 @@ from persona.services.runtime.paging import parse_page
 from persona.services.runtime.protoconv import timestamp
 from persona.services.runtime.server import ServiceRegistration
 
-from .concepts import VALIDATION, WEIGHTS, Concept
 from .domain import TrainDomain
 from .options import BY_NAME, OPTIONS
 from .request import TrainRequest

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from persona.services.models.base_models import SD_CONFIGS_DIR
 from persona.services.runtime.errors import InvalidSetting
 from persona.services.runtime.settings import default_home, env_flag, env_int, env_list, env_text
 
@@ -20,7 +21,7 @@ def _default_model_cache() -> Path:
 
 
 def _default_single_file_configs() -> Path:
-    return Path(__file__).resolve().parent / "assets" / "sd-configs"
+    return SD_CONFIGS_DIR
 
 
 @dataclass(frozen=True)

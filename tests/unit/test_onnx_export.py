@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 
-from persona.services.generate.onnx_export import (  # noqa: E402
+from persona.services.models.onnx_export import (  # noqa: E402
     COMPONENTS, EXTERNAL_DATA_FILE, check_parity, export_pipeline_to_onnx, session)
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument  # noqa: E402
 

@@ -6,19 +6,13 @@ import functools
 import json
 from pathlib import Path
 
+from persona.services.models.fusing import (SVDIFF_FORMAT as FORMAT, SVDIFF_FORMAT_VERSION as FORMAT_VERSION,
+                                            SVDIFF_WEIGHTS as WEIGHT_NAME, TOKEN_KEY, UNET_PREFIX, decompose,
+                                            shifted_weight, spectral_layers)
 from persona.services.runtime.devices import torch_device
-from persona.services.runtime.errors import FailedPrecondition
 
 from .base import Components, TrainingMethod
 from .textual_inversion import frozen_with_new_token
-
-WEIGHT_NAME = "spectral_shifts.safetensors"
-# Written into the file's metadata; fuse_into_pipeline refuses other formats and newer versions.
-FORMAT = "persona.svdiff"
-FORMAT_VERSION = 1
-# Tensor keys: "unet.<module name>" → that layer's shifts δ (one per singular value); TOKEN_KEY → (1, hidden).
-UNET_PREFIX = "unet."
-TOKEN_KEY = "token_embedding"
 
 
 class SvdiffMethod(TrainingMethod):
@@ -50,7 +44,7 @@ class SvdiffMethod(TrainingMethod):
     (e.g. the text encoder's). `tiny`: 3,620 shifts (14.5 KB), ≈ 28 KB in all. (DreamBooth's fp32 UNet is
     3.4 GB; a rank-4 attention LoRA ~3 MB.)
 
-    The SVD is not stored: `fuse_into_pipeline` recomputes it from the base weights, which is deterministic up to
+    The SVD is not stored: `models.fusing.fuse_svdiff` recomputes it from the base weights, which is deterministic up to
     the signs of singular vectors (which cancel in U diag(·) Vᵀ). Where singular values repeat (e.g. a
     rank-deficient matrix's zeros) the basis is not unique and different SVD routines may pair δ with different
     directions; trained weights have distinct singular values in practice.
@@ -99,32 +93,6 @@ class SvdiffMethod(TrainingMethod):
         save_file(tensors, str(path), metadata=metadata)
         return path
 
-    @classmethod
-    def fuse_into_pipeline(cls, pipe, weights_dir: Path, token: str) -> None:
-        """Writes W + U diag(ReLU(σ + δ) − σ) Vᵀ into each shifted UNet layer (plain weights, no parametrisation)
-        and adds `token` with its trained embedding. The SVDs run on CUDA when there is one (seconds for SD-1.5),
-        else on the CPU (minutes); a layer missing or of another shape is FailedPrecondition."""
-        import torch
-
-        tensors, shapes = read_spectral_shifts(Path(weights_dir) / WEIGHT_NAME)
-        layers = dict(spectral_layers(pipe.unet))
-        device = torch_device()
-        with torch.no_grad():
-            for name, shape in shapes.items():
-                module = layers.get(name)
-                if module is None or list(module.weight.shape) != shape:
-                    found = "no such layer" if module is None else f"shape {list(module.weight.shape)}"
-                    raise FailedPrecondition(
-                        f"the spectral shifts of layer {name} were trained on a {shape} weight; this base model has "
-                        f"{found}: fuse them into the base model they were trained on")
-                weight = module.weight
-                u, s, vh = decompose(weight, device)
-                delta = tensors[UNET_PREFIX + name].to(device)
-                fused = shifted_weight(weight.detach().to(device, torch.float32), u, s, vh, delta)
-                weight.copy_(fused.to(weight.device, weight.dtype))
-        pipe.load_textual_inversion(tensors[TOKEN_KEY], token=token)
-
-
 def spectral_shift(weight, svd_device=None):
     """The parametrisation of one weight (for torch.nn.utils.parametrize): buffers `u`, `s`, `vh` of the SVD of
     `weight` (computed on `svd_device`, kept on the weight's device) and the trainable shifts `delta` (zeros);
@@ -150,57 +118,3 @@ def _spectral_shift_class():
             return shifted_weight(weight, self.u, self.s, self.vh, self.delta)
 
     return SpectralShift
-
-
-def spectral_layers(unet) -> list:
-    """(module name, module) for every nn.Linear and nn.Conv2d of `unet`, in module order: the shifted layers."""
-    import torch
-
-    return [(name, module) for name, module in unet.named_modules()
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
-
-
-def decompose(weight, device=None):
-    """The reduced SVD (U, σ, Vᵀ) of `weight` seen as a matrix (out, in·kh·kw), in float32 on `device` (default:
-    the weight's); U is (out, r), σ (r,) descending, Vᵀ (r, in·kh·kw), r = min of the two."""
-    import torch
-
-    matrix = weight.detach().to(device or weight.device, torch.float32).reshape(weight.shape[0], -1)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u, s, vh
-
-
-def shifted_weight(weight, u, s, vh, delta):
-    """W + U diag(ReLU(σ + δ) − σ) Vᵀ, reshaped to `weight`'s shape and dtype: the paper's U diag(ReLU(σ + δ)) Vᵀ
-    when U diag(σ) Vᵀ is the SVD of W, and exactly W at δ = 0.
-
-    The shift ReLU(σ + δ) − σ is computed in float32 whatever the buffers' dtype (fp16 buffers on CUDA), so small
-    δ are not rounded away before they scale U's columns."""
-    import torch
-
-    shift = torch.relu(s.float() + delta.float()) - s.float()
-    update = (u * shift.to(u.dtype)) @ vh
-    return weight + update.reshape(weight.shape).to(weight.dtype)
-
-
-def read_spectral_shifts(path: Path) -> tuple[dict, dict]:
-    """The tensors of a spectral_shifts.safetensors file and its layers' base shapes {name: [out, in, kh, kw]};
-    FailedPrecondition for a file of another format or a newer version."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    if metadata.get("format") != FORMAT:
-        raise FailedPrecondition(f"{path.name} is not a persona SVDiff file (format {metadata.get('format')!r}): "
-                                 f"train the concept again with method svdiff")
-    if int(metadata.get("format_version", "0")) > FORMAT_VERSION:
-        raise FailedPrecondition(f"{path.name} has SVDiff format version {metadata['format_version']}, newer than "
-                                 f"this server's {FORMAT_VERSION}: upgrade persona")
-    shapes = json.loads(metadata["shapes"])
-    missing = [name for name in shapes if UNET_PREFIX + name not in tensors] + (
-        [TOKEN_KEY] if TOKEN_KEY not in tensors else [])
-    if missing:
-        raise FailedPrecondition(f"{path.name} lacks tensors {', '.join(missing[:5])}: the file is damaged; train the "
-                                 "concept again")
-    return tensors, shapes
