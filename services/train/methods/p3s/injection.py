@@ -155,6 +155,8 @@ class ConditionBranch(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
             self.zero_convs[_key(name)] = conv
+        # The copies inherit the frozen UNet's requires_grad: the copy is what trains.
+        self.requires_grad_(True)
 
     @staticmethod
     def _stage(block, sampler: str | None) -> nn.ModuleDict:
