@@ -10,6 +10,10 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # The variables torch's intra-op pool (OpenMP, MKL) reads when torch is imported.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# OpenMP threads that wait for work sleep instead of spinning: on a CPU shared with other processes a spinning
+# worker burns the time slice the computing thread needs. Measured (notes/quality-18.md): toy-world DreamBooth in
+# `persona-cli bench quality` on 2 busy cores ran 0.08 steps/s with the default (spinning) policy, 1.9 with PASSIVE.
+WAIT_POLICY = ("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
@@ -41,10 +45,11 @@ def available_cpus(root: Path = CGROUP_ROOT) -> int:
 
 
 def limit_threads_to_available_cpus(environ: dict | None = None, root: Path = CGROUP_ROOT) -> int:
-    """Sets OMP_NUM_THREADS and MKL_NUM_THREADS to available_cpus() where unset (the user's values win), before
-    torch is imported; returns the count in effect."""
+    """Sets OMP_NUM_THREADS and MKL_NUM_THREADS to available_cpus(), and OMP_WAIT_POLICY to PASSIVE, where unset
+    (the user's values win), before torch is imported; returns the thread count in effect."""
     environ = os.environ if environ is None else environ
     cpus = str(available_cpus(root))
     for name in THREAD_VARIABLES:
         environ.setdefault(name, cpus)
+    environ.setdefault(*WAIT_POLICY)
     return int(environ[THREAD_VARIABLES[0]]) if environ[THREAD_VARIABLES[0]].isdigit() else int(cpus)

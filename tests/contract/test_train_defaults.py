@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from persona.services.train.domain import _regularizers
+from persona.services.train.request import regularizers_in_effect
 from persona.v1 import caption_pb2, common_pb2, subjects_pb2, train_pb2
 
 
@@ -20,14 +20,14 @@ from persona.v1 import caption_pb2, common_pb2, subjects_pb2, train_pb2
     ("ti", ["spl"], ["spl"]),  # prior preservation does not apply to ti: nothing to add it to
 ])
 def test_named_regularisers_add_to_the_defaults(method, requested, expected):
-    assert _regularizers(requested, method) == expected
+    assert regularizers_in_effect(requested, method) == expected
 
 
 def test_none_with_prior_is_refused_naming_both():
     from persona.services.runtime.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="`regularizers` has both none and prior"):
-        _regularizers(["none", "prior"], "lora")
+        regularizers_in_effect(["none", "prior"], "lora")
 
 
 def _subject(client, photos, class_name="dog"):
@@ -37,9 +37,9 @@ def _subject(client, photos, class_name="dog"):
 
 def _start(client, subject_id, **fields):
     fields.setdefault("regularizers", ["none"])
+    fields.setdefault("options", train_pb2.TrainingOptions(steps=1, resolution=32, checkpoint_every=0))
     return client.train.StartTraining(train_pb2.StartTrainingRequest(
-        subject_id=subject_id, base_model="tiny", method="lora",
-        options=train_pb2.TrainingOptions(steps=1, resolution=32, checkpoint_every=0), **fields))
+        subject_id=subject_id, base_model="tiny", method="lora", **fields))
 
 
 def _run(client, job) -> tuple[train_pb2.Concept, list[str]]:
@@ -109,8 +109,30 @@ def test_style_subjects_train_on_sid_app_c1_template_and_class_prompt(client, do
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "`mode`" in error.value.details()
 
 
+def test_sid_captions_train_with_prior_preservation_and_say_so_when_it_is_turned_off(client, dog_photos):
+    subject = _subject(client, dog_photos[:2])
+    for image in subject.images:
+        client.captions.SetCaption(caption_pb2.SetCaptionRequest(
+            image=common_pb2.ImageRef(subject_id=subject.subject_id, image_id=image.image_id),
+            text="a photo of a sks dog on a red sofa next to a small blue cup"))
+    # No regulariser named: SID captions (the default source) train with prior preservation, unwarned.
+    quick_prior = train_pb2.TrainingOptions(steps=1, resolution=32, checkpoint_every=0, num_class_images=1,
+                                            class_image_steps=1)
+    concept, warnings = _run(client, _start(client, subject.subject_id, regularizers=[], options=quick_prior))
+    assert list(concept.regularizers) == ["prior"] and concept.captions == "sid"
+    assert not [w for w in warnings if "without prior preservation" in w]
+    # Turned off explicitly: it trains, and says what that costs.
+    concept, warnings = _run(client, _start(client, subject.subject_id))
+    assert list(concept.regularizers) == []
+    [warning] = [w for w in warnings if "without prior preservation" in w]
+    assert warning.startswith("captions sid without prior preservation") and "--reg none" in warning
+    # Class-only captions without it: nothing to warn about.
+    _, warnings = _run(client, _start(client, subject.subject_id, captions="class"))
+    assert not [w for w in warnings if "without prior preservation" in w]
+
+
 def test_tiny_draws_class_images_in_fewer_steps_unless_asked(client, dog_photos):
-    from persona.services.train.domain import DEFAULT_OPTIONS, TINY_CLASS_IMAGE_STEPS
+    from persona.services.train.options import DEFAULT_OPTIONS, TINY_CLASS_IMAGE_STEPS
 
     subject = _subject(client, dog_photos[:2])
     concept, _ = _run(client, _start(client, subject.subject_id))

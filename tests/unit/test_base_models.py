@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
-from persona.services.train.base_models import (
+from persona.services.models.base_models import (
     CLIP_TOKENIZER_DIR,
     TINY_ATTENTION_HEADS,
     read_model_configs,

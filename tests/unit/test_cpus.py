@@ -37,7 +37,7 @@ def test_thread_variables_are_set_unless_the_user_set_them(tmp_path):
     (tmp_path / "cpu.max").write_text("100000 100000\n")  # one CPU
     environ = {}
     assert limit_threads_to_available_cpus(environ, tmp_path) == 1
-    assert environ == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    mine = {"OMP_NUM_THREADS": "3"}
+    assert environ == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    mine = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE"}
     assert limit_threads_to_available_cpus(mine, tmp_path) == 3
-    assert mine == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "1"}
+    assert mine == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import sys
 
-from persona.services.generate import triton_server
+from persona.services.generate import triton_install
 from persona.services.runtime.caches import persona_cache_dir
 
 
@@ -22,15 +22,15 @@ def test_read_only_backends_are_copied_under_personas_cache(tmp_path, monkeypatc
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
     monkeypatch.setenv("PERSONA_HOME", str(tmp_path / "data"))  # the cache folder when no server chose one
 
-    real = triton_server.prepare_python_stub
+    real = triton_install.prepare_python_stub
 
     def read_only_site_packages(backends, stubs, version=None):
         if backends == root / "backends":  # root may write anywhere: say what a read-only mount would
             raise PermissionError(errno.EROFS, "Read-only file system", str(backends))
         return real(backends, stubs, version)
 
-    monkeypatch.setattr(triton_server, "prepare_python_stub", read_only_site_packages)
-    install = triton_server._pytriton_install(root)
+    monkeypatch.setattr(triton_install, "prepare_python_stub", read_only_site_packages)
+    install = triton_install._pytriton_install(root)
 
     assert install.backend_dir.is_relative_to(persona_cache_dir() / "tritonserver")
     assert (install.backend_dir / "python" / "libtriton_python.so").read_bytes() == b"\x7fELF"

@@ -23,19 +23,21 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
+from persona.services.runtime.artifacts import file_sha256
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.runtime.model_loading import loading_models
 from persona.services.runtime.models import check_path_reference, resolve_model_folder
-
-from .settings import TrainSettings
 
 TINY = "tiny"
 # Folder under the model cache holding the built `tiny` model.
 TINY_DIRNAME = "tiny-sd"
 # The public openai/clip-vit-large-patch14 tokenizer, shipped so `tiny` builds without a hub or ../shared.
 CLIP_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip-tokenizer"
+# The released SD-1.5 / SD-2.1-base configs a single-file checkpoint is read with (the default of
+# PERSONA_SINGLE_FILE_CONFIGS).
+SD_CONFIGS_DIR = Path(__file__).resolve().parent / "assets" / "sd-configs"
 # Seed of the tiny model's random weights: every build gives the same model, so tests can compare outputs.
 TINY_SEED = 0
 # Attention heads of the tiny UNet (diffusers' `attention_head_dim` is the head count): 2 heads of 16 channels.
@@ -93,6 +95,17 @@ _WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusio
                  "text_encoder": "model.safetensors"}
 
 
+class BaseModelSettings(Protocol):
+    """Where base models are found and kept: the train service's settings (PERSONA_TRAIN_*, train/settings.py)."""
+
+    # Folder of the built `tiny`, converted single files and variant views.
+    base_model_cache_dir: Path
+    # Whether a hub id missing from the local cache may be downloaded (HF_HUB_OFFLINE still wins).
+    download_base_models: bool
+    # Folder holding sd15/ and sd21-base/ configs, for single-file checkpoints.
+    single_file_configs: Path
+
+
 @dataclass(frozen=True)
 class ModelConfigs:
     """What the configs of a diffusers model say about how it is trained and sampled."""
@@ -119,7 +132,7 @@ class ResolvedBaseModel:
     source: str
 
 
-def resolve_base_model(ref: str, settings: TrainSettings) -> ResolvedBaseModel:
+def resolve_base_model(ref: str, settings: BaseModelSettings) -> ResolvedBaseModel:
     """Finds `ref` (tiny, a local folder or a hub id) on local disk and reads what training needs from its configs."""
     ref = (ref or "").strip()
     if not ref:
@@ -145,6 +158,34 @@ def resolve_base_model(ref: str, settings: TrainSettings) -> ResolvedBaseModel:
     family = TINY if source == "builtin" else configs.family
     return ResolvedBaseModel(ref=ref, path=path, native_resolution=configs.native_resolution, family=family,
                              prediction_type=configs.prediction_type, source=source)
+
+
+def base_model_identity(base_model_dir: Path) -> str:
+    """Stable, content-aware id of a diffusers folder: sha256 over (path, content sha256) of every file it loads.
+
+    Content, not name or mtime: the same model copied elsewhere or re-downloaded keeps its id (and its
+    cached class images), while retrained weights under the same name get a new one. Weights are hashed
+    once per process per (path, size, mtime) — about 3 s for SD-1.5 — and a Hugging Face cache snapshot
+    costs nothing, because its files link to blobs already named by their sha256.
+    """
+    root = Path(base_model_dir)
+    index_path = root / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"`base_model` {root} has no model_index.json: pass a diffusers folder") from None
+    # Only the components the pipeline loads: a hub snapshot may also hold fp16 copies, .ckpt files, READMEs.
+    components = sorted(name for name, spec in index.items()
+                        if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None)
+    files = [index_path]
+    for name in components:
+        folder = root / name
+        if folder.is_dir():
+            files += sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + file_sha256(path).encode() + b"\n")
+    return h.hexdigest()
 
 
 def missing_components(folder: Path) -> list[str]:
@@ -207,7 +248,7 @@ def plain_weights_view(folder: Path, cache_dir: Path) -> Path:
     return target
 
 
-def single_file_base_model(path: Path, settings: TrainSettings) -> Path:
+def single_file_base_model(path: Path, settings: BaseModelSettings) -> Path:
     """The diffusers folder of the single-file checkpoint `path` (A1111/ComfyUI layout), converted on first use.
 
     The architecture is read from the checkpoint's keys, and diffusers' single-file loader reads it with that
