@@ -116,7 +116,8 @@ def test_every_trainable_part_gets_a_gradient_from_the_total_loss():
     anchor = encoder(_clip_states(batch=batch), timesteps)
     positive = encoder(_clip_states(batch=batch), timesteps)  # other views of the same subjects
 
-    # Text states per layer: the caption's states with the layer's text tokens in place of the placeholder (index 1).
+    # Stand-in text states per layer: the caption's states with the layer's text tokens in place of the placeholder
+    # (index 1); text_states_per_layer does it through a text encoder (test_customcontrast_text.py).
     caption = torch.randn(batch, 5, CROSS)
     injection.text_states = [torch.cat([caption[:, :1], anchor.text_tokens[:, layer], caption[:, 2:]], dim=1)
                              for layer in range(len(processors))]
@@ -124,8 +125,9 @@ def test_every_trainable_part_gets_a_gradient_from_the_total_loss():
     injection.record_maps = True
     latents, noise = torch.randn(batch, 4, 8, 8), torch.randn(batch, 4, 8, 8)
     prediction = unet(latents, timesteps, encoder_hidden_states=caption).sample
-    maps = global_attention_map([injection.maps[i] for i in sorted(injection.maps)], placeholder_index=1,
-                                size=(8, 8))
+    placeholder = torch.zeros(batch, 6, dtype=torch.bool)  # the N_t = 2 text tokens took the placeholder's place
+    placeholder[:, 1:3] = True
+    maps = global_attention_map([injection.maps[i] for i in sorted(injection.maps)], placeholder, size=(8, 8))
     mask = torch.zeros(batch, 8, 8)
     mask[:, 2:6, 2:6] = 1
     loss = total_loss(

@@ -99,18 +99,23 @@ def location_loss(attention_map: torch.Tensor, mask: torch.Tensor, eps: float = 
     return (background - subject).mean()
 
 
-def global_attention_map(layer_probs: list[tuple[torch.Tensor, torch.Tensor]], placeholder_index: int,
+def global_attention_map(layer_probs: list[tuple[torch.Tensor, torch.Tensor]], placeholder: torch.Tensor,
                          size: tuple[int, int]) -> torch.Tensor:
     """§3.4's global map A: the average of every visual cross-attention map and of the placeholder's text
     cross-attention map, over all recorded layers.
 
     layer_probs: per layer (text probs (B, heads, HW, S), image probs (B, heads, HW, N)) as `TokenInjection.maps`
-    keeps them (square latents). Reading: each map is one token's column averaged over heads, resized to `size`
-    and normalised to sum 1 over pixels. The normalisation is needed: a pixel's softmax over the image tokens sums to
-    1, so summing raw visual maps over their tokens would give a constant map."""
+    keeps them (square latents); placeholder: (B, S) bool, the caption's placeholder slots (`placeholder_mask`).
+    Reading: the text map is the placeholder slots' columns averaged (the paper's "p-th" token is one slot; here the
+    N_t slots stand for it together); each map is averaged over heads, resized to `size` and normalised to sum 1
+    over pixels. The normalisation is needed: a pixel's softmax over the image tokens sums to 1, so summing raw
+    visual maps over their tokens would give a constant map."""
     maps = []
+    slots = placeholder.to(torch.float32)
+    slots = slots / slots.sum(dim=-1, keepdim=True).clamp(min=1)
     for text_probs, image_probs in layer_probs:
-        columns = torch.cat([text_probs[..., placeholder_index:placeholder_index + 1], image_probs], dim=-1)
+        text_column = (text_probs * slots[:, None, None, :].to(text_probs.dtype)).sum(dim=-1, keepdim=True)
+        columns = torch.cat([text_column, image_probs], dim=-1)
         columns = columns.mean(dim=1)  # (B, HW, 1 + N)
         side = int(round(columns.shape[1] ** 0.5))
         if side * side != columns.shape[1]:
