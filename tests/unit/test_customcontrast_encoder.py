@@ -9,11 +9,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from persona.services.models.customcontrast.attention import install_decoupled_processors
+from persona.services.models.customcontrast.attention import (
+    global_attention_map, install_decoupled_processors, location_mask)
 from persona.services.models.customcontrast.encoder import MFIEncoder, MFIEncoderConfig, fourier_features
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.train.customcontrast.losses import (
-    appearance_similarity, cscl_loss, global_attention_map, location_loss, macl_loss, total_loss)
+    appearance_similarity, cscl_loss, location_loss, macl_loss, total_loss)
 
 CROSS = 32  # the tiny UNet's cross_attention_dim
 
@@ -141,3 +142,31 @@ def test_every_trainable_part_gets_a_gradient_from_the_total_loss():
     missing = [name for name, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
     assert all(p.grad is None for p in unet.parameters() if not any(p is q for q in processors.parameters()))
+
+
+def test_the_location_mask_gates_the_subjects_attention_at_inference():
+    unet = _tiny_unet().eval()
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 5, CROSS)
+    injection, processors = install_decoupled_processors(unet)
+    injection.image_tokens = torch.randn(2, len(processors), 3, CROSS)
+    injection.placeholder = torch.zeros(2, 5, dtype=torch.bool)
+    injection.placeholder[:, 1] = True
+    with torch.no_grad():
+        free = unet(latents, 10, encoder_hidden_states=text).sample
+        injection.location_mask = torch.ones(2, 8, 8)
+        everywhere = unet(latents, 10, encoder_hidden_states=text).sample
+        injection.location_mask = torch.zeros(2, 8, 8)
+        injection.placeholder[:] = False  # nowhere, and no placeholder: only the image branch is silenced
+        nowhere = unet(latents, 10, encoder_hidden_states=text).sample
+        for processor in processors:
+            processor.scale = 0.0
+        injection.location_mask = None
+        without_images = unet(latents, 10, encoder_hidden_states=text).sample
+    assert torch.allclose(everywhere, free, atol=1e-6)
+    assert torch.allclose(nowhere, without_images, atol=1e-5)
+    assert not torch.allclose(nowhere, free, atol=1e-3)
+
+
+def test_the_location_mask_keeps_pixels_at_or_above_the_maps_mean():
+    global_map = torch.tensor([[[0.1, 0.4], [0.2, 0.3]]])  # mean 0.25
+    assert location_mask(global_map).tolist() == [[[0.0, 1.0], [0.0, 1.0]]]

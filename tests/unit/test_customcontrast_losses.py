@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+from persona.services.models.customcontrast.attention import global_attention_map
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.train.customcontrast.losses import (
-    appearance_similarity, cscl_loss, global_attention_map, location_loss, macl_loss, total_loss)
+    appearance_similarity, cscl_loss, location_loss, macl_loss, total_loss)
 
 R = 1 / math.sqrt(2)
 

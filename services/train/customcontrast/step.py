@@ -17,13 +17,13 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from persona.services.models.customcontrast.attention import TokenInjection
+from persona.services.models.customcontrast.attention import TokenInjection, global_attention_map
 from persona.services.models.customcontrast.encoder import MFIEncoder
 from persona.services.models.customcontrast.text import placeholder_caption, placeholder_mask, text_states_per_layer
 from persona.services.runtime.errors import InvalidArgument
 
-from .losses import (CONTRASTIVE_WEIGHT, LOCATION_WEIGHT, appearance_similarity, cscl_loss, global_attention_map,
-                     location_loss, macl_loss, total_loss)
+from .losses import (CONTRASTIVE_WEIGHT, LOCATION_WEIGHT, appearance_similarity, cscl_loss, location_loss, macl_loss,
+                     total_loss)
 from .multiview import View
 
 # CLIP's image normalisation (openai/clip-vit-*).
