@@ -188,7 +188,8 @@ class MFIEncoder(nn.Module):
         for layer in layers:
             if layer.shape[-1] != self.config.clip_width:
                 raise InvalidArgument(f"`clip_hidden_states` are {layer.shape[-1]} wide, the encoder was built for "
-                                      f"clip_width={self.config.clip_width}: use the CLIP image encoder it was trained on")
+                                      f"clip_width={self.config.clip_width}: use the CLIP image encoder it was "
+                                      "trained on")
         stacked = torch.stack(layers, dim=1) + self.clip_layer_embedding  # (B, L, N, clip_width)
         return self.proj_in(stacked.flatten(1, 2))
 
