@@ -170,3 +170,12 @@ def test_the_location_mask_gates_the_subjects_attention_at_inference():
 def test_the_location_mask_keeps_pixels_at_or_above_the_maps_mean():
     global_map = torch.tensor([[[0.1, 0.4], [0.2, 0.3]]])  # mean 0.25
     assert location_mask(global_map).tolist() == [[[0.0, 1.0], [0.0, 1.0]]]
+
+
+def test_perceiver_attention_shares_an_images_features_across_its_query_sets():
+    from persona.services.models.customcontrast.encoder import PerceiverAttention
+    attention = PerceiverAttention(width=8, heads=2)
+    features, queries = torch.randn(2, 5, 8), torch.randn(2 * 3, 4, 8)  # 3 query sets per image
+    shared = attention(features, queries)
+    repeated = attention(features.repeat_interleave(3, dim=0), queries)
+    assert torch.allclose(shared, repeated, atol=1e-6)

@@ -107,7 +107,10 @@ def fourier_features(timesteps: torch.Tensor, frequencies: int, num_train_timest
 
 
 class PerceiverAttention(nn.Module):
-    """Eq. 2: queries attend to the concatenation of image features and themselves."""
+    """Eq. 2: queries attend to the concatenation of image features and themselves.
+
+    `queries` may hold R sets per image (batch B·R, image-major: the textual Q-Former's one set per cross-attention
+    layer) over `features` of batch B: the features are normalised and projected once per image, then shared."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -119,8 +122,12 @@ class PerceiverAttention(nn.Module):
         self.to_out = nn.Linear(width, width, bias=False)
 
     def forward(self, features: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        features, queries = self.norm_features(features), self.norm_queries(queries)
-        keys, values = self.to_kv(torch.cat([features, queries], dim=1)).chunk(2, dim=-1)
+        repeats = queries.shape[0] // features.shape[0]
+        feature_kv = self.to_kv(self.norm_features(features))
+        if repeats > 1:
+            feature_kv = feature_kv.repeat_interleave(repeats, dim=0)
+        queries = self.norm_queries(queries)
+        keys, values = torch.cat([feature_kv, self.to_kv(queries)], dim=1).chunk(2, dim=-1)
         split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731 (B, h, n, d_h)
         out = nn.functional.scaled_dot_product_attention(split(self.to_q(queries)), split(keys), split(values))
         return self.to_out(out.transpose(1, 2).flatten(2))
@@ -209,15 +216,13 @@ class MFIEncoder(nn.Module):
         # Spatiotemporal queries: one set per (image, cross-attention layer), all layers in one pass.
         time = self.time_mlp(fourier_features(timesteps, c.fourier_frequencies, c.num_train_timesteps))
         queries = self.text_queries[None, None] + time[:, None, None] + self.layer_embedding[None]  # (B, L_x, N+1, w)
-        per_layer_features = features[:, None].expand(-1, layers, -1, -1).flatten(0, 1)
-        textual = self.textual_qformer(per_layer_features, queries.flatten(0, 1)).unflatten(0, (batch, layers))
+        textual = self.textual_qformer(features, queries.flatten(0, 1)).unflatten(0, (batch, layers))
         text_tokens = textual[:, :, :-1]
         textual_cls = self.textual_cls_head(textual[:, :, -1].mean(dim=1))
 
         if c.use_tv_fusion:
             fusion_queries = self.tv_text_to_visual(text_tokens).flatten(0, 1)  # (B·L_x, N_t, d_cross)
-            fusion_features = visual_tokens[:, None].expand(-1, layers, -1, -1).flatten(0, 1)
-            image_tokens = self.tv_fusion(fusion_features, fusion_queries).unflatten(0, (batch, layers))
+            image_tokens = self.tv_fusion(visual_tokens, fusion_queries).unflatten(0, (batch, layers))
         else:
             image_tokens = visual_tokens[:, None].expand(-1, layers, -1, -1)
         return MFIOutput(text_tokens, image_tokens, visual_cls, textual_cls)
