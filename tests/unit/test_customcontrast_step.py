@@ -1,5 +1,5 @@
 """One CustomContrast training step (services/train/customcontrast/step.py) on persona's built-in tiny base model,
-a tiny CLIP image encoder and toy-world multi-view subjects: every term present, Eq. 9 assembled from them, the
+the built-in tiny CLIP image encoder and toy-world multi-view subjects: every term present, Eq. 9 assembled from them, the
 ablation switches, and a few optimiser steps that train only the encoder and the visual K'/V'."""
 from __future__ import annotations
 
@@ -7,17 +7,12 @@ import random
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
-
 from persona.bench.toyworld_views import write_multiview_dataset
 from persona.services.models.base_models import build_tiny_base_model
-from persona.services.models.customcontrast.attention import install_decoupled_processors
-from persona.services.models.customcontrast.encoder import MFIEncoder, MFIEncoderConfig
+from persona.services.models.customcontrast.build import CustomContrastModels, load_customcontrast_models
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.train.customcontrast.multiview import read_multiview_dataset, sample_batch
-from persona.services.train.customcontrast.step import (
-    CustomContrastModels, LossSwitches, load_batch, loss_terms)
+from persona.services.train.customcontrast.step import LossSwitches, load_batch, loss_terms
 
 NUM_TOKENS = 2
 
@@ -29,21 +24,9 @@ def base(tmp_path_factory):
 
 def _models(base, **encoder_options) -> CustomContrastModels:
     torch.manual_seed(0)
-    vae = AutoencoderKL.from_pretrained(base / "vae").requires_grad_(False)
-    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(base / "unet").requires_grad_(False)
-    injection, processors = install_decoupled_processors(unet)
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-        patch_size=8, projection_dim=16)).requires_grad_(False)
-    width = text_encoder.config.hidden_size
-    encoder = MFIEncoder(MFIEncoderConfig(
-        clip_width=24, word_width=width, cross_attention_width=unet.config.cross_attention_dim,
-        num_cross_attention_layers=len(processors), width=16, heads=4, num_layers=2, num_visual_tokens=4,
-        num_text_tokens=NUM_TOKENS, fourier_frequencies=4, contrast_width=8, **encoder_options))
-    return CustomContrastModels(vae, text_encoder, CLIPTokenizer.from_pretrained(base / "tokenizer"), unet,
-                                DDPMScheduler.from_pretrained(base / "scheduler"), image_encoder, encoder, injection,
-                                processors)
+    return load_customcontrast_models(base, "tiny", width=16, heads=4, num_layers=2, num_visual_tokens=4,
+                                      num_text_tokens=NUM_TOKENS, fourier_frequencies=4, contrast_width=8,
+                                      **encoder_options)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from torch.nn import functional as F
 
-from persona.services.models.customcontrast.attention import TokenInjection, global_attention_map
+from persona.services.models.customcontrast.attention import global_attention_map
+from persona.services.models.customcontrast.build import CustomContrastModels, clip_pixels
 from persona.services.models.customcontrast.encoder import MFIEncoder
 from persona.services.models.customcontrast.text import placeholder_caption, placeholder_mask, text_states_per_layer
 from persona.services.runtime.errors import InvalidArgument
@@ -26,26 +26,7 @@ from .losses import (CONTRASTIVE_WEIGHT, LOCATION_WEIGHT, appearance_similarity,
                      total_loss)
 from .multiview import View
 
-# CLIP's image normalisation (openai/clip-vit-*).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PLACEHOLDER = "sks"
-
-
-@dataclass
-class CustomContrastModels:
-    vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
-    unet: nn.Module  # with `install_decoupled_processors` applied
-    noise_scheduler: object
-    image_encoder: nn.Module  # a transformers CLIPVisionModelWithProjection
-    encoder: MFIEncoder
-    injection: TokenInjection
-    processors: nn.ModuleList
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self.encoder.parameters(), *self.processors.parameters()]
 
 
 @dataclass(frozen=True)
@@ -89,21 +70,16 @@ def load_batch(samples: list[tuple[View, View, str]], tokenizer, num_tokens: int
     def grey(path, side):
         return np.asarray(Image.open(path).convert("L").resize((side, side), Image.BILINEAR), np.float32) / 255
 
-    def clip(array):
-        return (torch.from_numpy(array).permute(2, 0, 1) - torch.tensor(CLIP_MEAN)[:, None, None]) / \
-            torch.tensor(CLIP_STD)[:, None, None]
-
     pixels, clips, positives, subjects, masks = [], [], [], [], []
     with_masks = all(reference.mask is not None for reference, _, _ in samples)
     for reference, positive, _ in samples:
         pixels.append(torch.from_numpy(rgb(reference.image, size)).permute(2, 0, 1) * 2 - 1)
-        clips.append(clip(rgb(reference.image, clip_size)))
-        positives.append(clip(rgb(positive.image, clip_size)))
-        subject = rgb(reference.image, clip_size)
-        if reference.mask is not None:  # the background blanked to grey, CLIP's mean
-            keep = grey(reference.mask, clip_size)[..., None]
-            subject = subject * keep + np.array(CLIP_MEAN, np.float32) * (1 - keep)
-        subjects.append(clip(subject))
+        with Image.open(reference.image) as image:
+            clips.append(clip_pixels(image, clip_size))
+            mask = Image.open(reference.mask).convert("L") if reference.mask is not None else None
+            subjects.append(clip_pixels(image, clip_size, mask))  # the background blanked: the segmented subject
+        with Image.open(positive.image) as image:
+            positives.append(clip_pixels(image, clip_size))
         if with_masks:
             masks.append(torch.from_numpy(grey(reference.mask, size)))
     captions = [placeholder_caption(f"a photo of a {PLACEHOLDER} {class_name}", PLACEHOLDER, num_tokens)
