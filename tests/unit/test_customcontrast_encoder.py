@@ -64,6 +64,20 @@ def test_text_tokens_depend_on_the_timestep_and_the_layer_image_features_on_the_
     assert not torch.allclose(early.visual_cls, other.visual_cls)
 
 
+def test_the_clip_layers_are_spread_over_the_depth():
+    encoder = MFIEncoder(_config()).eval()
+    states = _clip_states(batch=1, layers=7)  # embeddings + 6 layers: layers 2, 4, 6 are read
+    with torch.no_grad():
+        base = encoder(states, torch.tensor([5])).visual_cls
+        for unread in (0, 1, 3, 5):
+            changed = list(states)
+            changed[unread] = torch.randn_like(states[unread])
+            assert torch.equal(encoder(changed, torch.tensor([5])).visual_cls, base)
+        changed = list(states)
+        changed[4] = torch.randn_like(states[4])
+        assert not torch.allclose(encoder(changed, torch.tensor([5])).visual_cls, base)
+
+
 def test_fourier_features_by_hand():
     got = fourier_features(torch.tensor([0, 250]), frequencies=2, num_train_timesteps=1000)
     # f = 1, 2; t/T = 0.25 → angles 2π·0.25·(1, 2) = (π/2, π).
@@ -75,8 +89,8 @@ def test_bad_inputs_name_the_field():
     encoder = MFIEncoder(_config())
     with pytest.raises(InvalidArgument, match="`clip_hidden_states` are 10 wide"):
         encoder(_clip_states(width=10), torch.tensor([1, 2]))
-    with pytest.raises(InvalidArgument, match="`clip_hidden_states` has 2 layers"):
-        encoder(_clip_states(layers=2), torch.tensor([1, 2]))
+    with pytest.raises(InvalidArgument, match="`clip_hidden_states` has 3 entries; the encoder reads 3 layers"):
+        encoder(_clip_states(layers=3), torch.tensor([1, 2]))
     with pytest.raises(InvalidArgument, match="`timesteps` has shape"):
         encoder(_clip_states(), torch.tensor([1]))
     with pytest.raises(InvalidArgument, match="`width` 18 is not a multiple of `heads` 4"):

@@ -40,7 +40,7 @@ def test_an_encoder_round_trips_with_its_k_v(tmp_path):
 
     _, fresh = install_decoupled_processors(_tiny_unet())
     loaded, meta = load_encoder(tmp_path / "enc", BASE, fresh)
-    states, t = [torch.randn(2, 5, 24) for _ in range(3)], torch.tensor([3, 700])
+    states, t = [torch.randn(2, 5, 24) for _ in range(4)], torch.tensor([3, 700])
     with torch.no_grad():
         assert torch.equal(loaded.eval()(states, t).image_tokens, encoder(states, t).image_tokens)
     assert torch.equal(fresh[0].to_k_image.weight, processors[0].to_k_image.weight)

@@ -3,8 +3,9 @@
 The text version of the paper lost its equation images; what is built here is the reading below, each choice
 marked *reading* where the prose leaves it open.
 
-**Image features.** The CLIP image encoder's hidden states of `L` layers (default 3: the paper's "coarse-to-fine"
-layers) are *concatenated along the token axis* (reading: the prose says "concatenate"; the token axis keeps one
+**Image features.** The CLIP image encoder's hidden states of `L` layers (default 3; reading: spread evenly over its
+depth and ending at the last, layers 8, 16, 24 of ViT-L/14's 24, so they run "coarse-to-fine") are *concatenated
+along the token axis* (reading: the prose says "concatenate"; the token axis keeps one
 width, so each query sees every layer's patches), after a learned per-layer embedding, then projected to the
 Q-Formers' width: F ∈ R^{B × L·N × d}.
 
@@ -187,11 +188,14 @@ class MFIEncoder(nn.Module):
             self.tv_fusion = QFormerLayer(c.cross_attention_width, _heads_for(c.cross_attention_width, c.heads))
 
     def image_features(self, clip_hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The last `num_clip_layers` CLIP hidden states (each (B, N, clip_width)) → F (B, L·N, width)."""
-        layers = list(clip_hidden_states)[-self.config.num_clip_layers:]
-        if len(layers) != self.config.num_clip_layers:
-            raise InvalidArgument(f"`clip_hidden_states` has {len(layers)} layers; the encoder concatenates "
-                                  f"{self.config.num_clip_layers}: pass output_hidden_states=True to the CLIP encoder")
+        """CLIP's hidden states (`output_hidden_states=True`: the embeddings, then each of its D layers, each
+        (B, N, clip_width)) → F (B, L·N, width) from layers round(k·D/L), k = 1 … L."""
+        count, depth = self.config.num_clip_layers, len(clip_hidden_states) - 1
+        if depth < count:
+            raise InvalidArgument(f"`clip_hidden_states` has {len(clip_hidden_states)} entries; the encoder reads "
+                                  f"{count} layers after the embeddings: pass output_hidden_states=True to the CLIP "
+                                  "encoder")
+        layers = [clip_hidden_states[round(k * depth / count)] for k in range(1, count + 1)]
         for layer in layers:
             if layer.shape[-1] != self.config.clip_width:
                 raise InvalidArgument(f"`clip_hidden_states` are {layer.shape[-1]} wide, the encoder was built for "
