@@ -51,6 +51,9 @@ class DecoupledCrossAttentionProcessor(nn.Module):
 
     def __init__(self, attn, layer_index: int, injection: TokenInjection, scale: float = 1.0):
         super().__init__()
+        if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
+            raise InvalidArgument("the UNet's cross-attention has a group or spatial norm, which Stable Diffusion's "
+                                  "has not: CustomContrast's processors fit SD-1.x/2.x/XL UNets")
         self.layer_index, self.injection, self.scale = layer_index, injection, scale
         self.to_k_image = nn.Linear(attn.to_k.in_features, attn.to_k.out_features, bias=False)
         self.to_v_image = nn.Linear(attn.to_v.in_features, attn.to_v.out_features, bias=False)
@@ -96,7 +99,10 @@ def _probabilities(attn, query, key, value):
     """Multi-head softmax attention probabilities (B, heads, n, m) and the values split by head (B, heads, m, d_h)."""
     split = lambda x: x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # noqa: E731
     q, k = split(query), split(key)
-    return (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1), split(value)
+    scores = q @ k.transpose(-1, -2) * attn.scale
+    if attn.upcast_softmax:  # as diffusers' own processors: fp16 scores softmaxed in fp32
+        return scores.float().softmax(dim=-1).to(query.dtype), split(value)
+    return scores.softmax(dim=-1), split(value)
 
 
 def _combine(probs, values):
