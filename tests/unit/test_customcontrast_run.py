@@ -1,13 +1,16 @@
 """A CustomContrast encoder training run (services/train/customcontrast/run.py) on the tiny base model and toy-world
-views: a run stopped and resumed ends with the weights of an uninterrupted one; bad options are refused."""
+views: a run stopped and resumed ends with the weights of an uninterrupted one; bad options are refused; a trained
+encoder saved and loaded gives the subject tokens it gave before."""
 from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from persona.bench.toyworld_views import write_multiview_dataset
-from persona.services.models.base_models import build_tiny_base_model
-from persona.services.models.customcontrast.build import load_customcontrast_models
+from persona.services.models.base_models import base_model_identity, build_tiny_base_model
+from persona.services.models.customcontrast.build import clip_pixels, load_customcontrast_models, subject_tokens
+from persona.services.models.customcontrast.files import EncoderMeta, load_encoder, save_encoder
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.train.customcontrast.multiview import read_multiview_dataset
 from persona.services.train.customcontrast.run import EncoderTrainingOptions, train_encoder
@@ -64,3 +67,23 @@ def test_a_checkpoint_of_another_run_and_bad_options_are_refused(base, dataset, 
         train_encoder(models, dataset, EncoderTrainingOptions(**{**OPTIONS.__dict__, "batch_size": 4}), tmp_path)
     with pytest.raises(InvalidArgument, match="`learning_rate` is 0"):
         train_encoder(models, dataset, EncoderTrainingOptions(**{**OPTIONS.__dict__, "learning_rate": 0}), tmp_path)
+
+
+def test_a_trained_encoder_saved_and_loaded_gives_the_same_subject_tokens(base, dataset, tmp_path):
+    trained = _models(base)
+    train_encoder(trained, dataset, EncoderTrainingOptions(**{**OPTIONS.__dict__, "steps": 1}), tmp_path / "run")
+    identity = base_model_identity(base)
+    save_encoder(tmp_path / "encoder", trained.encoder, trained.processors,
+                 EncoderMeta(trained.encoder.config, identity, "tiny"))
+
+    fresh = _models(base)
+    encoder, meta = load_encoder(tmp_path / "encoder", identity, fresh.processors)
+    view = dataset.subjects[0].views[0]
+    photos = clip_pixels(Image.open(view.image), 32)[None]
+    timesteps = torch.tensor([900, 100])
+    expected = subject_tokens(trained.encoder.eval(), trained.image_encoder, photos, timesteps)
+    got = subject_tokens(encoder.eval(), fresh.image_encoder, photos, timesteps)
+    assert torch.allclose(got.text_tokens, expected.text_tokens, atol=1e-6)
+    assert torch.allclose(got.image_tokens, expected.image_tokens, atol=1e-6)
+    for a, b in zip(trained.processors.parameters(), fresh.processors.parameters(), strict=True):
+        assert torch.equal(a, b)
