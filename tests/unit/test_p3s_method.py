@@ -261,3 +261,59 @@ def test_injected_unet_trains_the_zero_convs(tiny_unet):
     grads = [conv.weight.grad for conv in branch.zero_convs.values()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for p in tiny_unet.parameters())
+
+
+# --- the p3s method through the training loop ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip_vision(tmp_path_factory):
+    from tiny_models import tiny_clip_vision
+
+    return tiny_clip_vision(tmp_path_factory.mktemp("p3s-clip"))
+
+
+def _centre_masks(examples):
+    masks = []
+    for image, _ in examples:
+        mask = np.zeros((image.height, image.width), dtype=bool)
+        mask[image.height // 4: 3 * image.height // 4, image.width // 4: 3 * image.width // 4] = True
+        masks.append(mask)
+    return masks
+
+
+def test_p3s_trains_the_condition_branch_through_the_loop(tiny_model, dogs, clip_vision, tmp_path):
+    from safetensors import safe_open
+
+    from persona.services.train.config import TrainConfig
+    from persona.services.train.loop import train
+    from persona.services.train.methods.p3s.config import P3SConfig
+
+    config = TrainConfig(method="p3s", steps=3, resolution=32, learning_rate=1e-3, device="cpu",
+                         p3s=P3SConfig(clip_model=str(clip_vision)))
+    reported = []
+    result = train(tiny_model, dogs[:2], config, tmp_path / "out", instance_masks=_centre_masks(dogs[:2]),
+                   on_step=lambda step, losses, _: reported.append(losses))
+    assert result.steps == 3 and all(math.isfinite(loss) for loss in result.losses)
+    assert all(math.isfinite(r["attention_consistency"]) and r["attention_consistency"] >= 0 for r in reported)
+    assert result.artifact.name == "p3s_condition.safetensors"
+    with safe_open(str(result.artifact), "pt") as saved:
+        zero_convs = [saved.get_tensor(k) for k in saved.keys() if k.startswith("branch.zero_convs.")]
+        rngr_conv = saved.get_tensor("rngr.zero_conv.weight")
+        assert saved.get_tensor("reference.latents").shape == (2, 4, 16, 16)
+        copied = saved.get_tensor("branch.down.0.resnet.conv1.weight")
+    # Trained: the zero convs moved off zero, and the copy's own weights off the frozen UNet's.
+    assert all(t.abs().sum() > 0 for t in zero_convs) and rngr_conv.abs().sum() > 0
+    frozen = result.components.unet.down_blocks[0].resnets[0].conv1.weight.detach()
+    assert not torch.equal(copied, frozen)
+
+
+def test_p3s_refuses_a_photo_without_a_mask(tiny_model, dogs, clip_vision, tmp_path):
+    from persona.services.train.config import TrainConfig
+    from persona.services.train.loop import train
+    from persona.services.train.methods.p3s.config import P3SConfig
+
+    config = TrainConfig(method="p3s", steps=1, resolution=32, device="cpu", p3s=P3SConfig(clip_model=str(clip_vision)))
+    masks = _centre_masks(dogs[:2])
+    masks[1] = None
+    with pytest.raises(InvalidArgument, match="persona-cli mask"):
+        train(tiny_model, dogs[:2], config, tmp_path / "out", instance_masks=masks)
