@@ -36,7 +36,9 @@ OPT_IN_DESELECTED = pytest.StashKey[dict]()
 
 
 def opted_in(variable: str) -> bool:
-    return os.environ.get(variable, "").strip().lower() in ("1", "true", "yes")
+    from persona.services.runtime.settings import env_flag
+
+    return env_flag(variable) is True
 
 
 def pytest_configure(config):

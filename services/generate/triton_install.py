@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from persona.services.runtime.caches import persona_cache_dir
 from persona.services.runtime.errors import FailedPrecondition
 
 ENV_TRITONSERVER = "PERSONA_TRITONSERVER"
@@ -136,8 +137,8 @@ def _pytriton_install(root: Path) -> TritonInstall:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         # Read-only site-packages (not ours, or a read-only root filesystem in a container): prepare a private
-        # copy of the backends in the user's cache.
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "persona" / "tritonserver"
+        # copy of the backends in persona's cache (under the data dir: nothing persona writes lands in $HOME).
+        cache = persona_cache_dir() / "tritonserver"
         py = f"{sys.version_info.major}.{sys.version_info.minor}"
         private = cache / f"backends-py{py}"
         if not (private / "python" / "libtriton_python.so").is_file():

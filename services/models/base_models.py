@@ -40,6 +40,10 @@ CLIP_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip-tokenize
 SD_CONFIGS_DIR = Path(__file__).resolve().parent / "assets" / "sd-configs"
 # Seed of the tiny model's random weights: every build gives the same model, so tests can compare outputs.
 TINY_SEED = 0
+# Attention heads of the tiny UNet (diffusers' `attention_head_dim` is the head count): 2 heads of 16 channels.
+# SD-1.5's 8 heads at tiny's 1/10 width were 4 channels each, and CPU attention at 1024 tokens with 4-channel
+# heads cost 80 % of a UNet call: 8 heads made every tiny image and training step ~3× dearer for nothing.
+TINY_ATTENTION_HEADS = 2
 
 # Folder names of the real-size configs under a config root (see build_random_base_model).
 RANDOM_FAMILIES = ("sd15", "sd21-base")
@@ -324,7 +328,8 @@ def _convert_single_file(path: Path, configs: Path, target: Path) -> Path:
     """Reads `path` with diffusers' single-file loader and the configs in `configs`; saves it as a diffusers folder."""
     from diffusers import StableDiffusionPipeline
 
-    with tempfile.TemporaryDirectory() as scratch:
+    # Scratch beside the build folder, under the model cache: not in $TMPDIR, which may be small or not persona's.
+    with tempfile.TemporaryDirectory(prefix=".config-", dir=Path(target).parent) as scratch:
         # The loader wants a whole pipeline config: the family's components, a tokenizer and a model_index.json.
         config_dir = Path(scratch) / "config"
         shutil.copytree(configs, config_dir, symlinks=False,
@@ -396,16 +401,34 @@ def tiny_base_model(cache_dir: Path) -> Path:
     target = Path(cache_dir) / TINY_DIRNAME
     if not (target / "model_index.json").exists():
         _build_atomically(target, build_tiny_base_model)
+    elif _tiny_is_outdated(target):
+        _build_atomically(target, build_tiny_base_model, replace=True)
     return target
 
 
-def _build_atomically(target: Path, build: Callable[[Path], Path]) -> None:
-    """Builds into a temporary sibling and renames it to `target`, so a crash never leaves half a model there."""
+def _tiny_is_outdated(folder: Path) -> bool:
+    """True for a `tiny` built by an older persona (8 attention heads): rebuilt, so it costs what it should."""
+    try:
+        heads = json.loads((folder / "unet" / "config.json").read_text()).get("attention_head_dim")
+    except (OSError, ValueError):
+        return False  # unreadable: loading it will say what is wrong
+    return heads != TINY_ATTENTION_HEADS
+
+
+def _build_atomically(target: Path, build: Callable[[Path], Path], replace: bool = False) -> None:
+    """Builds into a temporary sibling and renames it to `target`, so a crash never leaves half a model there;
+    `replace` swaps out an existing `target` (the old one is moved aside first, then removed)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    old = target.parent / f"{tmp.name}-old"
     try:
         with loading_models():  # builds construct modules: one at a time in the process
             build(tmp)
+        if replace:
+            try:
+                os.rename(target, old)
+            except FileNotFoundError:
+                pass  # another process swapped it already
         try:
             os.rename(tmp, target)
         except OSError:
@@ -414,6 +437,7 @@ def _build_atomically(target: Path, build: Callable[[Path], Path]) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_tiny_base_model(target_dir: Path) -> Path:
@@ -435,7 +459,7 @@ def build_tiny_base_model(target_dir: Path) -> Path:
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32,
-            attention_head_dim=8,
+            attention_head_dim=TINY_ATTENTION_HEADS,
             norm_num_groups=32,
         )
         # Two blocks: scale factor 2, so 32 latent pixels decode to 64 image pixels.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 
-from test_cli_serve import CLI, STARTUP_LIMIT_S, clean_env, free_port, start_server
+from test_cli_serve import CLI, STARTUP_LIMIT_S, add_dog_subject, clean_env, free_port, start_server
 
 from persona.client.sdk import PersonaClient
-from persona.v1 import common_pb2, subjects_pb2, train_pb2
+from persona.v1 import common_pb2, train_pb2
 
 
 def test_jobs_watch_reattaches_after_a_server_restart(tmp_path, dreambench):
@@ -18,9 +18,7 @@ def test_jobs_watch_reattaches_after_a_server_restart(tmp_path, dreambench):
     watch = None
     try:
         client = PersonaClient.connect(server.address)
-        photos = sorted((dreambench / "dog").glob("*.jpg"))[:2]
-        subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
-            class_name="dog", images=[subjects_pb2.ImageUpload(data=p.read_bytes()) for p in photos]))
+        subject = add_dog_subject(client, dreambench, 2)
         job = client.train.StartTraining(train_pb2.StartTrainingRequest(
             subject_id=subject.subject_id, base_model="tiny", method="lora", regularizers=["none"],
             options=train_pb2.TrainingOptions(steps=40, resolution=32, checkpoint_every=4)))
@@ -30,8 +28,7 @@ def test_jobs_watch_reattaches_after_a_server_restart(tmp_path, dreambench):
             if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.data["step"] >= 5:
                 break  # running, a checkpoint on disk, and the CLI watching
         client.close()
-        server.process.kill()  # the CLI's stream breaks: UNAVAILABLE
-        server.process.wait()
+        server.kill()  # the CLI's stream breaks: UNAVAILABLE
         assert watch.poll() is None, watch.communicate()  # still waiting for the server to come back
 
         server = start_server(data_dir, log, env, port=port)

@@ -52,11 +52,15 @@ class Served:
     data_dir: Path
     log: Path
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no handler runs, nothing is cleaned up."""
+        self.process.kill()
+        self.process.wait()
+
     def stop(self) -> None:
-        """Kills the server (the tests' servers hold nothing worth a graceful stop)."""
+        """Kills the server if it still runs (the tests' servers hold nothing worth a graceful stop)."""
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+            self.kill()
 
     def remote(self, key: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """`persona-cli --server ADDRESS [--api-key KEY] *args`."""
@@ -78,6 +82,15 @@ def wait_until_serving(process: subprocess.Popen, address: str, log: Path) -> No
                 continue  # not listening yet: wait_for_ready waited up to the 1 s timeout
             if status == health_pb2.HealthCheckResponse.SERVING:
                 return
+
+
+def add_dog_subject(client, dreambench: Path, count: int):
+    """A subject of the first `count` DreamBench dog photos, uploaded through `client` (a PersonaClient)."""
+    from persona.v1 import subjects_pb2
+
+    photos = sorted((dreambench / "dog").glob("*.jpg"))[:count]
+    return client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
+        class_name="dog", images=[subjects_pb2.ImageUpload(data=p.read_bytes()) for p in photos]))
 
 
 def start_server(data_dir: Path, log: Path, env: dict[str, str], *, port: int | None = None,
@@ -191,7 +204,7 @@ def test_console_script_is_installed():
 
 def test_a_job_running_at_kill_9_is_resumed_not_running_forever(tmp_path, fake_vlm, dreambench):
     from persona.client.sdk import PersonaClient
-    from persona.v1 import caption_pb2, common_pb2, subjects_pb2
+    from persona.v1 import caption_pb2, common_pb2
 
     release = threading.Event()
 
@@ -206,9 +219,7 @@ def test_a_job_running_at_kill_9_is_resumed_not_running_forever(tmp_path, fake_v
     server = start_server(data_dir, log, env)
     try:
         client = PersonaClient.connect(server.address)
-        photos = sorted((dreambench / "dog").glob("*.jpg"))[:3]
-        subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
-            class_name="dog", images=[subjects_pb2.ImageUpload(data=p.read_bytes()) for p in photos]))
+        subject = add_dog_subject(client, dreambench, 3)
         job = client.captions.StartCaptioning(caption_pb2.StartCaptioningRequest(subject_id=subject.subject_id))
         release.set()
         seen = 0
@@ -217,8 +228,7 @@ def test_a_job_running_at_kill_9_is_resumed_not_running_forever(tmp_path, fake_v
             if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS:  # one image done, the next one in flight
                 release.clear()
                 break
-        server.process.kill()  # SIGKILL: no handler, no cleanup
-        server.process.wait()
+        server.kill()
         client.close()
         asked_before_kill = len(fake_vlm.requests)
         release.set()

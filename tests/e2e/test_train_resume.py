@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from test_cli_serve import STARTUP_LIMIT_S, clean_env, start_server
+from test_cli_serve import STARTUP_LIMIT_S, add_dog_subject, clean_env, start_server
 
 from persona.client.sdk import PersonaClient
-from persona.v1 import common_pb2, subjects_pb2, train_pb2, train_pb2_grpc
+from persona.v1 import common_pb2, train_pb2, train_pb2_grpc
 
 OPTIONS = dict(steps=24, resolution=32, learning_rate=1e-2, checkpoint_every=4, seed=7)
 
@@ -35,15 +35,12 @@ def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, drea
     server = start_server(data_dir, log, env)
     try:
         client = PersonaClient.connect(server.address)
-        photos = sorted((dreambench / "dog").glob("*.jpg"))[:3]
-        subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
-            class_name="dog", images=[subjects_pb2.ImageUpload(data=p.read_bytes()) for p in photos]))
+        subject = add_dog_subject(client, dreambench, 3)
         job = _train(client, subject.subject_id)
         for event in client.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job.job_id), timeout=STARTUP_LIMIT_S):
             if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.details.step >= 10:
                 break  # at least the step-8 checkpoint is on disk
-        server.process.kill()  # SIGKILL: no handler, no cleanup
-        server.process.wait()
+        server.kill()
         client.close()
         checkpoint = data_dir / "train" / job.params["concept_id"] / "checkpoint" / "checkpoint.pt"
         assert checkpoint.exists()
