@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.methods.p3s import consistency, fill, injection, rngr, weights
+from persona.services.models.p3s import injection, rngr, weights
+from persona.services.train.methods.p3s import consistency, fill
 
 E = math.e
 

@@ -7,7 +7,7 @@ from persona.services.runtime.errors import InvalidArgument
 
 from .consistency import LAYERS
 from .fill import FILLS, REGIONS
-from .weights import SCHEDULES
+from persona.services.models.p3s.weights import SCHEDULES
 
 # The CLIP image encoder of the paper (and of the point masks: services/mask/settings.py).
 CLIP_MODEL = "openai/clip-vit-large-patch14"

@@ -34,11 +34,12 @@ class P3SMethod(TrainingMethod):
         import torch
         from transformers import CLIPImageProcessor, CLIPVisionModel
 
-        from .injection import (ConditionBranch, InjectedSelfAttnProcessor, InjectionState, RecordingCrossAttnProcessor,
-                                cross_attention_names)
+        from persona.services.models.p3s.injection import (ConditionBranch, InjectedSelfAttnProcessor, InjectionState,
+                                                           RecordingCrossAttnProcessor, cross_attention_names)
+        from persona.services.models.p3s.rngr import RngrEncoder
+        from persona.services.models.p3s.weights import TimestepWeights
+
         from .consistency import paired_layers
-        from .rngr import RngrEncoder
-        from .weights import TimestepWeights
 
         self.components, self.config = components, config
         self.p3s: P3SConfig = config.p3s.validate()
