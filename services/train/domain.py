@@ -89,7 +89,8 @@ class TrainDomain:
                                      "`persona-cli subjects add PHOTOS… --class …` and train that subject")
         method = (request.method or DEFAULT_METHOD).strip().lower()
         if method not in METHODS:
-            raise InvalidArgument(f"`method` is {request.method!r}: use one of {', '.join(METHODS)}")
+            offered = [m for m in METHODS if m not in LIBRARY_ONLY_METHODS]
+            raise InvalidArgument(f"`method` is {request.method!r}: use one of {', '.join(offered)}")
         if method in LIBRARY_ONLY_METHODS:
             raise FailedPrecondition(f"`method` {method} trains through the library (train.loop.train) only so far: the "
                                      "service does not yet pass it the subject's click masks, and generate cannot "

@@ -170,7 +170,7 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
     # A method that conditions on the photos themselves (p3s) precomputes from them now.
     if len(instance_masks) != len(examples):
         raise InvalidArgument(f"`instance_masks` has {len(instance_masks)} entries for {len(examples)} examples")
-    warnings += method.bind_examples([image for image, _ in examples], instance_masks, resolution, device, autocast)
+    warnings += method.bind_examples([image for image, _ in examples], instance_masks, resolution, device)
 
     # 4. Tokenize captions; cache their embeddings when the text encoder does not train.
     input_ids = components.tokenizer(

@@ -55,7 +55,7 @@ class TrainingMethod(ABC):
     # True when the method needs each photo's subject mask (the loop then fingerprints masks for resuming).
     uses_masks: bool = False
 
-    def bind_examples(self, images: list, masks: list, resolution: int, device: Any, autocast: Any) -> list[str]:
+    def bind_examples(self, images: list, masks: list, resolution: int, device: Any) -> list[str]:
         """Called once the models are on `device`, before the optimiser is built, with the instance photos (PIL) and
         their subject masks (bool (H, W) or None); a method that conditions on the photos (p3s) precomputes what it
         needs. Returns warnings for the job's events."""

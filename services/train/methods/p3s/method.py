@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from persona.services.runtime.errors import InvalidArgument
+from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from ..base import Components, TrainingMethod
 from .config import P3SConfig
@@ -51,8 +51,6 @@ class P3SMethod(TrainingMethod):
             self.vision = CLIPVisionModel.from_pretrained(self.p3s.clip_model, dtype=torch.float32).eval()
             self.vision_processor = CLIPImageProcessor.from_pretrained(self.p3s.clip_model)
         except OSError as exc:
-            from persona.services.runtime.errors import FailedPrecondition
-
             raise FailedPrecondition(f"`p3s_clip_model` {self.p3s.clip_model!r} cannot be loaded ({exc}): name a "
                                      "local CLIP folder or a hub id in the model cache") from exc
         self.vision.requires_grad_(False)
@@ -79,7 +77,7 @@ class P3SMethod(TrainingMethod):
         self._prepared()
         return list(self.branch.parameters()) + list(self.rngr.parameters())
 
-    def bind_examples(self, images, masks, resolution: int, device, autocast) -> list[str]:
+    def bind_examples(self, images, masks, resolution: int, device) -> list[str]:
         """The references: each photo with its removal region filled (Eq. 3), its VAE latent (the mean, scaled as
         the UNet's latents) and its CLIP last hidden state; the branch, encoder and CLIP model move to `device`."""
         import torch
@@ -105,7 +103,6 @@ class P3SMethod(TrainingMethod):
             inputs = self.vision_processor(images=completed, return_tensors="pt")
             self.reference_clip = self.vision(pixel_values=inputs.pixel_values.to(device)).last_hidden_state.float()
         self.n_instance = len(completed)
-        self.completed = completed
         return []
 
     def before_unet(self, batch, noisy, timesteps, text) -> None:
@@ -117,7 +114,7 @@ class P3SMethod(TrainingMethod):
         latent = self.reference_latents[rows]
         reference = self.rngr(latent, self.reference_clip[rows]) if self.p3s.rngr else latent
         levels = self.branch(noisy + reference.to(noisy.dtype), timesteps, text)
-        epsilon = self.weights(timesteps.cpu()).to(noisy.device)
+        epsilon = self.weights(timesteps)
         self.state.features = self.branch.layer_features(levels, epsilon)
         self.state.has_reference = has_reference
         self._rows = has_reference
