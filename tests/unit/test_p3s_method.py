@@ -126,6 +126,39 @@ def test_inpaint_fill_without_a_model_is_refused_by_name():
         fill.colour_fill(image, np.zeros((3, 3), dtype=bool), SUBJECT)
 
 
+@pytest.fixture(scope="module")
+def tiny_inpainting(tiny_model, tmp_path_factory):
+    """The tiny base model as a Stable Diffusion inpainting pipeline: its UNet with SD-inpainting's 9 input channels
+    (latent, mask, masked-image latent), random weights, saved as a diffusers folder."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    config = dict(UNet2DConditionModel.load_config(tiny_model, subfolder="unet"), in_channels=9)
+    torch.manual_seed(0)
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(tiny_model, unet=UNet2DConditionModel.from_config(config),
+                                                          safety_checker=None, requires_safety_checker=False)
+    folder = tmp_path_factory.mktemp("p3s-inpainting")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_inpaint_fill_paints_only_the_region(tiny_inpainting):
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    subject = np.zeros((64, 64), dtype=bool)
+    subject[:32] = True
+    pipeline = fill.load_inpainting_pipeline(str(tiny_inpainting))
+    out = np.asarray(fill.remove_negative(Image.fromarray(pixels), subject, region="outside", fill="inpaint",
+                                          inpainter=pipeline, prompt="a plain wall"))
+    assert (out[subject] == pixels[subject]).all()
+    assert (out[~subject] != pixels[~subject]).mean() > 0.9
+
+
+def test_an_inpainting_model_that_cannot_load_is_a_failed_precondition(tmp_path):
+    from persona.services.runtime.errors import FailedPrecondition
+
+    with pytest.raises(FailedPrecondition, match="p3s_inpainting_model"):
+        fill.load_inpainting_pipeline(str(tmp_path / "nowhere"))
+
+
 # --- RNGR encoder (Eq. 4–5) -----------------------------------------------------------------------------------------
 
 def _set(linear, value):
