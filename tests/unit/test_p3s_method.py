@@ -315,9 +315,9 @@ def _centre_masks(examples):
     return masks
 
 
-def test_p3s_trains_the_condition_branch_through_the_loop(tiny_model, dogs, clip_vision, tmp_path):
-    from safetensors import safe_open
-
+@pytest.fixture(scope="module")
+def p3s_trained(tiny_model, dogs, clip_vision, tmp_path_factory):
+    """3 steps of p3s on two dog photos (centre-square masks) at 32 px; (result, the progress reports)."""
     from persona.services.train.config import TrainConfig
     from persona.services.train.loop import train
     from persona.services.train.methods.p3s.config import P3SConfig
@@ -325,8 +325,15 @@ def test_p3s_trains_the_condition_branch_through_the_loop(tiny_model, dogs, clip
     config = TrainConfig(method="p3s", steps=3, resolution=32, learning_rate=1e-3, device="cpu",
                          p3s=P3SConfig(clip_model=str(clip_vision)))
     reported = []
-    result = train(tiny_model, dogs[:2], config, tmp_path / "out", instance_masks=_centre_masks(dogs[:2]),
-                   on_step=lambda step, losses, _: reported.append(losses))
+    result = train(tiny_model, dogs[:2], config, tmp_path_factory.mktemp("p3s-out"),
+                   instance_masks=_centre_masks(dogs[:2]), on_step=lambda step, losses, _: reported.append(losses))
+    return result, reported
+
+
+def test_p3s_trains_the_condition_branch_through_the_loop(p3s_trained):
+    from safetensors import safe_open
+
+    result, reported = p3s_trained
     assert result.steps == 3 and all(math.isfinite(loss) for loss in result.losses)
     assert all(math.isfinite(r["attention_consistency"]) and r["attention_consistency"] >= 0 for r in reported)
     assert result.artifact.name == "p3s_condition.safetensors"
@@ -339,6 +346,38 @@ def test_p3s_trains_the_condition_branch_through_the_loop(tiny_model, dogs, clip
     assert all(t.abs().sum() > 0 for t in zero_convs) and rngr_conv.abs().sum() > 0
     frozen = result.components.unet.down_blocks[0].resnets[0].conv1.weight.detach()
     assert not torch.equal(copied, frozen)
+
+
+def test_a_saved_condition_loads_onto_the_base_unet_and_draws(p3s_trained, tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    from persona.services.models.p3s.condition import AttachedCondition, load_condition
+
+    result, _ = p3s_trained
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    condition = load_condition(result.artifact, pipe.unet)
+    assert condition.settings["injection_lambda"] == 0.2 and condition.settings["num_train_timesteps"] == 1000
+
+    def draw():
+        return np.asarray(pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32,
+                               generator=torch.Generator().manual_seed(0), output_type="np").images[0])
+
+    plain = draw()
+    with pytest.raises(InvalidArgument, match="p3s_reference"):
+        AttachedCondition(pipe.unet, condition, reference=2)
+    attached = AttachedCondition(pipe.unet, condition, reference=1)
+    conditioned = draw()
+    attached.remove()
+    assert np.isfinite(conditioned).all() and not np.array_equal(conditioned, plain)
+    assert np.array_equal(draw(), plain)  # removed: the base UNet again
+    # Drawn larger than trained (64 px: a 32×32 latent grid against 16×16 references), I'' is resized.
+    attached = AttachedCondition(pipe.unet, condition)
+    try:
+        larger = pipe("a photo of sks dog", num_inference_steps=1, height=64, width=64, output_type="np").images[0]
+    finally:
+        attached.remove()
+    assert larger.shape == (64, 64, 3) and np.isfinite(larger).all()
 
 
 def test_p3s_refuses_a_photo_without_a_mask(tiny_model, dogs, clip_vision, tmp_path):

@@ -11,7 +11,6 @@ to keep, so every photo must have one.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,8 +19,7 @@ from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from ..base import Components, TrainingMethod
 from .config import P3SConfig
 
-WEIGHT_NAME = "p3s_condition.safetensors"
-FORMAT, FORMAT_VERSION = "persona.p3s", 1
+from persona.services.models.p3s.condition import WEIGHT_NAME
 
 
 class P3SMethod(TrainingMethod):
@@ -107,15 +105,15 @@ class P3SMethod(TrainingMethod):
 
     def before_unet(self, batch, noisy, timesteps, text) -> None:
         """Runs the RNGR encoder and the copy for this step's batch and hands f_i × ε_t to the frozen UNet."""
+        from persona.services.models.p3s.condition import condition_features
+
         for maps in self.maps.values():
             maps.clear()
         has_reference = batch < self.n_instance
         rows = batch.clamp(max=self.n_instance - 1)
-        latent = self.reference_latents[rows]
-        reference = self.rngr(latent, self.reference_clip[rows]) if self.p3s.rngr else latent
-        levels = self.branch(noisy + reference.to(noisy.dtype), timesteps, text)
-        epsilon = self.weights(timesteps)
-        self.state.features = self.branch.layer_features(levels, epsilon)
+        self.state.features = condition_features(self.branch, self.rngr, self.reference_latents[rows],
+                                                 self.reference_clip[rows], noisy, timesteps, text, self.weights,
+                                                 self.p3s.rngr)
         self.state.has_reference = has_reference
         self._rows = has_reference
 
@@ -139,21 +137,14 @@ class P3SMethod(TrainingMethod):
             maps.clear()
 
     def save(self, output_dir: Path) -> Path:
-        from safetensors.torch import save_file
+        from persona.services.models.p3s.condition import save_condition
 
         self._prepared()
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"branch.{k}": v for k, v in self.branch.state_dict().items()}
-        tensors.update({f"rngr.{k}": v for k, v in self.rngr.state_dict().items()})
-        tensors["reference.latents"] = self.reference_latents
-        tensors["reference.clip"] = self.reference_clip
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "token": self.config.token,
-                    "p3s": json.dumps(asdict(self.p3s), separators=(",", ":"))}
-        path = output_dir / WEIGHT_NAME
-        save_file(tensors, str(path), metadata=metadata)
-        return path
+        settings = {**asdict(self.p3s), "num_train_timesteps": self.weights.num_train_timesteps}
+        return save_condition(output_dir / WEIGHT_NAME, self.branch, self.rngr, self.reference_latents,
+                              self.reference_clip, self.config.token, settings)
 
 
 def _mask_for(image, mask):
