@@ -390,3 +390,18 @@ def test_p3s_refuses_a_photo_without_a_mask(tiny_model, dogs, clip_vision, tmp_p
     masks[1] = None
     with pytest.raises(InvalidArgument, match="persona-cli mask"):
         train(tiny_model, dogs[:2], config, tmp_path / "out", instance_masks=masks)
+
+
+def test_p3s_composes_with_prior_preservation_and_the_masked_loss(tiny_model, dogs, clip_vision, tmp_path):
+    # Class images have no reference: their rows take the frozen UNet's plain attention and are left out of L_ac.
+    from persona.services.train.config import TrainConfig
+    from persona.services.train.loop import train
+    from persona.services.train.methods.p3s.config import P3SConfig
+
+    config = TrainConfig(method="p3s", steps=2, resolution=32, device="cpu", regularizers=("mask",),
+                         p3s=P3SConfig(clip_model=str(clip_vision), fill="blur", weight_schedule="increasing"))
+    reported = []
+    result = train(tiny_model, dogs[:1], config, tmp_path / "out", class_examples=[(dogs[3][0], "a photo of dog")],
+                   instance_masks=_centre_masks(dogs[:1]), on_step=lambda step, losses, _: reported.append(losses))
+    assert result.steps == 2
+    assert all(math.isfinite(r["prior"]) and math.isfinite(r["attention_consistency"]) for r in reported)
