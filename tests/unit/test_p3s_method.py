@@ -3,6 +3,7 @@
 weights (Eq. 9–10) and the attention-consistency loss (Eq. 11–13)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -390,6 +391,10 @@ def test_p3s_refuses_a_photo_without_a_mask(tiny_model, dogs, clip_vision, tmp_p
     masks[1] = None
     with pytest.raises(InvalidArgument, match="persona-cli mask"):
         train(tiny_model, dogs[:2], config, tmp_path / "out", instance_masks=masks)
+    # Negative-click regions do not reach training yet: said at once, not after a run.
+    negative = dataclasses.replace(config, p3s=P3SConfig(clip_model=str(clip_vision), region="negative"))
+    with pytest.raises(InvalidArgument, match="use region outside"):
+        train(tiny_model, dogs[:2], negative, tmp_path / "out", instance_masks=_centre_masks(dogs[:2]))
 
 
 def test_p3s_composes_with_prior_preservation_and_the_masked_loss(tiny_model, dogs, clip_vision, tmp_path):

@@ -14,12 +14,11 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from persona.services.models.p3s.condition import WEIGHT_NAME
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from ..base import Components, TrainingMethod
 from .config import P3SConfig
-
-from persona.services.models.p3s.condition import WEIGHT_NAME
 
 
 class P3SMethod(TrainingMethod):
@@ -89,10 +88,14 @@ class P3SMethod(TrainingMethod):
             raise InvalidArgument(f"p3s needs each photo's subject mask; photo(s) {', '.join(map(str, missing))} "
                                   "have none: select the subject with `persona-cli mask SUBJECT --image N --point "
                                   "X,Y` first")
+        if self.p3s.region == "negative":
+            raise InvalidArgument("`p3s_region` negative needs each photo's negative-click mask, which training does "
+                                  "not receive yet: use region outside (everything outside the subject mask)")
         inpainter = load_inpainting_pipeline(self.p3s.inpainting_model, str(device)) \
             if self.p3s.fill == "inpaint" else None
         completed = [remove_negative(image, _mask_for(image, mask), region=self.p3s.region, fill=self.p3s.fill,
                                      inpainter=inpainter) for image, mask in zip(images, masks)]
+        del inpainter
         for module in (self.branch, self.rngr, self.vision):
             module.to(device)
         with torch.no_grad():
@@ -100,6 +103,8 @@ class P3SMethod(TrainingMethod):
             self.reference_latents = c.vae.encode(pixels).latent_dist.mean.float() * c.vae.config.scaling_factor
             inputs = self.vision_processor(images=completed, return_tensors="pt")
             self.reference_clip = self.vision(pixel_values=inputs.pixel_values.to(device)).last_hidden_state.float()
+        # c_s is all the run needs from CLIP: free the encoder (ViT-L/14: 300 M parameters).
+        self.vision = self.vision_processor = None
         self.n_instance = len(completed)
         return []
 
@@ -115,18 +120,18 @@ class P3SMethod(TrainingMethod):
                                                  self.reference_clip[rows], noisy, timesteps, text, self.weights,
                                                  self.p3s.rngr)
         self.state.has_reference = has_reference
-        self._rows = has_reference
 
     def loss_terms(self) -> dict:
         """{"attention_consistency": (L_ac, γ)} over the paired layers and the rows with a reference (Eq. 11–15)."""
         from .consistency import attention_consistency_loss
 
-        if not self.pairs or not bool(self._rows.any()):
+        rows = self.state.has_reference
+        if not self.pairs or not bool(rows.any()):
             return {}
         losses = []
         for original, copied in self.pairs:
-            original_map = self.maps[("original", original)][0][self._rows].detach()
-            copy_map = self.maps[("copy", copied)][0][self._rows]
+            original_map = self.maps[("original", original)][0][rows].detach()
+            copy_map = self.maps[("copy", copied)][0][rows]
             losses.append(attention_consistency_loss(copy_map, original_map))
         return {"attention_consistency": (sum(losses) / len(losses), self.p3s.consistency_weight)}
 
