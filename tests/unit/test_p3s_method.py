@@ -397,13 +397,14 @@ def test_p3s_refuses_a_photo_without_a_mask(tiny_model, dogs, clip_vision, tmp_p
         train(tiny_model, dogs[:2], negative, tmp_path / "out", instance_masks=_centre_masks(dogs[:2]))
 
 
-def test_p3s_composes_with_prior_preservation_and_the_masked_loss(tiny_model, dogs, clip_vision, tmp_path):
+def test_p3s_composes_with_prior_preservation_the_masked_loss_and_checkpointing(tiny_model, dogs, clip_vision, tmp_path):
     # Class images have no reference: their rows take the frozen UNet's plain attention and are left out of L_ac.
     from persona.services.train.config import TrainConfig
     from persona.services.train.loop import train
     from persona.services.train.methods.p3s.config import P3SConfig
 
     config = TrainConfig(method="p3s", steps=2, resolution=32, device="cpu", regularizers=("mask",),
+                         gradient_checkpointing=True,
                          p3s=P3SConfig(clip_model=str(clip_vision), fill="blur", weight_schedule="increasing"))
     reported = []
     result = train(tiny_model, dogs[:1], config, tmp_path / "out", class_examples=[(dogs[3][0], "a photo of dog")],
