@@ -20,8 +20,10 @@ MAX_STEPS = 100_000
 # UNet weight, so it takes the smallest step (diffusers train_dreambooth.py: 5e-6); LoRA trains few fresh weights
 # (train_dreambooth_lora.py: 1e-4); textual inversion one embedding row (textual_inversion.py: 5e-4); Custom
 # Diffusion the cross-attention K/V and a token row (train_custom_diffusion.py: 1e-5 per image, the paper's 8e-5
-# at batch 8); SVDiff one shift per singular value (svdiff-pytorch's train_svdiff.py: 1e-3).
-DEFAULT_LEARNING_RATES = {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4, "custom_diffusion": 1e-5, "svdiff": 1e-3}
+# at batch 8); SVDiff one shift per singular value (svdiff-pytorch's train_svdiff.py: 1e-3); P3S its condition
+# branch (the paper's §IV-A: 1e-5).
+DEFAULT_LEARNING_RATES = {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4, "custom_diffusion": 1e-5, "svdiff": 1e-3,
+                          "p3s": 1e-5}
 MAX_CLASS_IMAGES = 1000
 # Class-image steps on the built-in `tiny` base model when the request names none (TrainDomain._options): its random
 # weights draw noise at any step count, and 100 images at 30 steps were most of the README's laptop flow.
