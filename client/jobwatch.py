@@ -49,21 +49,18 @@ class JobProgress:
                 note(message)
 
     def __call__(self, event: common_pb2.JobEvent) -> None:
-        data = dict(event.data.items()) if event.HasField("data") else {}
         if event.type == common_pb2.JOB_EVENT_TYPE_WARNING:
             self.print(f"warning: {event.message}")
         elif event.type == common_pb2.JOB_EVENT_TYPE_STATE:
             self.progress.update(self.task, description=state_name(event.state).lower())
             self.stage(event.message or state_name(event.state).lower())
         elif event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS:
-            self.on_progress(event, data)
+            self.on_progress(event, event.details)
 
-    def on_progress(self, event: common_pb2.JobEvent, data: dict) -> None:
-        if "done" in data and "total" in data:
-            total = max(float(data["total"]), 1.0)
-            self.progress.update(self.task, description=event.message or "working", total=total,
-                                 completed=float(data["done"]), counter=f"{int(data['done'])}/{int(total)}",
-                                 stats="")
+    def on_progress(self, event: common_pb2.JobEvent, details: common_pb2.JobProgress) -> None:
+        if details.total:
+            self.progress.update(self.task, description=event.message or "working", total=details.total,
+                                 completed=details.done, counter=f"{details.done}/{details.total}", stats="")
         else:
             self.progress.update(self.task, description=event.message or "working", total=1.0,
                                  completed=event.progress, counter=f"{event.progress:.0%}", stats="")

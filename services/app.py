@@ -25,7 +25,10 @@ from persona.services.generate.settings import GenerateSettings
 from persona.services.mask import domain as mask_domain
 from persona.services.mask.servicer import mask_service
 from persona.services.mask.settings import MaskSettings
-from persona.services.runtime import auth, jobs
+from persona.services.models import concepts as model_concepts
+from persona.services.models import exports as model_exports
+from persona.services.models.library import ModelLibrary
+from persona.services.runtime import auth, job_store, jobs
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.datadir import lock_data_dir
 from persona.services.runtime.caches import keep_caches_in
@@ -40,9 +43,7 @@ from persona.services.runtime.settings import RuntimeSettings
 from persona.services.subjects import domain as subjects_domain
 from persona.services.subjects.servicer import subject_service
 from persona.services.subjects.settings import SubjectSettings
-from persona.services.train import concepts as train_concepts
 from persona.services.train import domain as train_domain
-from persona.services.train import exports as train_exports
 from persona.services.train import prior
 from persona.services.train.dispatch import train_dispatcher
 from persona.services.train.servicer import train_service
@@ -50,14 +51,14 @@ from persona.services.train.settings import TrainSettings
 
 log = logging.getLogger("persona.app")
 
-MIGRATIONS = [*auth.MIGRATIONS, *jobs.MIGRATIONS, *subjects_domain.MIGRATIONS, *caption_domain.MIGRATIONS,
-              *prior.MIGRATIONS, *train_concepts.MIGRATIONS, *mask_domain.MIGRATIONS]
+MIGRATIONS = [*auth.MIGRATIONS, *job_store.MIGRATIONS, *subjects_domain.MIGRATIONS, *caption_domain.MIGRATIONS,
+              *prior.MIGRATIONS, *model_concepts.MIGRATIONS, *mask_domain.MIGRATIONS]
 
 # The services `serve --services` picks from, and the job kinds each one runs (its domain's runner.register calls).
 SERVICE_JOB_KINDS: dict[str, frozenset[str]] = {
     "caption": frozenset({caption_domain.JOB_KIND}),
     "mask": frozenset(),
-    "train": frozenset({train_domain.JOB_KIND, train_exports.EXPORT_JOB_KIND}),
+    "train": frozenset({train_domain.JOB_KIND, model_exports.EXPORT_JOB_KIND}),
     "generate": frozenset(),
     "evaluate": frozenset({EVALUATE_JOB_KIND}),
 }
@@ -97,6 +98,7 @@ class Domains:
     subjects: subjects_domain.SubjectRepository
     captions: caption_domain.CaptionDomain
     masks: mask_domain.MaskDomain
+    models: ModelLibrary
     train: train_domain.TrainDomain
     generate: GenerateDomain
     evaluate: EvaluateDomain
@@ -202,22 +204,24 @@ def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: Sub
     artifacts = LocalArtifactStore(settings.data_dir / "artifacts")
     access = ModelAccess(paths=settings.model_paths, root=settings.models_root or train_settings.base_model_cache_dir,
                          allowed=settings.allowed_models)
-    runner = jobs.JobRunner(jobs.JobStore(db), workers=settings.job_workers)
+    runner = jobs.JobRunner(job_store.JobStore(db), workers=settings.job_workers)
     subjects = subjects_domain.SubjectRepository(db, artifacts, subject_settings or SubjectSettings.from_env())
     captions = caption_domain.CaptionDomain(db, subjects, runner, caption_settings or CaptionSettings.from_env())
     masks = mask_domain.MaskDomain(db, artifacts, subjects, mask_settings, access=access)
+    # The library's work folder: export scratch space and the records of base models' exports.
+    models = ModelLibrary(db, artifacts, runner, train_settings, settings.data_dir / "exports", model_access=access)
     train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner, train_settings,
-                                     settings.data_dir / "train", masks,
+                                     settings.data_dir / "train", models, masks,
                                      dispatcher=train_dispatcher(train_settings, settings.data_dir,
-                                                                 settings.database_url),
-                                     model_access=access)
-    generate = GenerateDomain(train, _generate_engine(generate_settings, settings.data_dir), generate_settings,
+                                                                 settings.database_url))
+    generate = GenerateDomain(models, _generate_engine(generate_settings, settings.data_dir), generate_settings,
                               settings.data_dir / "generate")
-    evaluate = EvaluateDomain(artifacts, runner, subjects, train, generate, masks, evaluate_settings)
-    return Domains(artifacts, runner, subjects, captions, masks, train, generate, evaluate)
+    evaluate = EvaluateDomain(artifacts, runner, subjects, models, generate, masks, evaluate_settings)
+    return Domains(artifacts, runner, subjects, captions, masks, models, train, generate, evaluate)
 
 
-def run_job(settings: RuntimeSettings, job_id: str, *, train_settings: TrainSettings | None = None) -> jobs.JobRecord:
+def run_job(settings: RuntimeSettings, job_id: str, *,
+            train_settings: TrainSettings | None = None) -> job_store.JobRecord:
     """Runs one persisted job in this process and returns it finished: `persona-cli run-job`, the worker side of a
     dispatcher. No server, and no data dir lock: the server that dispatched the job holds it (SQLite) or the store
     is shared (Postgres)."""

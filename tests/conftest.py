@@ -36,7 +36,9 @@ OPT_IN_DESELECTED = pytest.StashKey[dict]()
 
 
 def opted_in(variable: str) -> bool:
-    return os.environ.get(variable, "").strip().lower() in ("1", "true", "yes")
+    from persona.services.runtime.settings import env_flag
+
+    return env_flag(variable) is True
 
 
 def pytest_configure(config):
@@ -98,7 +100,7 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(model_cache) -> Path:
     """The built-in `tiny` base model, built once per session; tests only read it."""
-    from persona.services.train.base_models import tiny_base_model
+    from persona.services.models.base_models import tiny_base_model
 
     return tiny_base_model(model_cache)
 
@@ -106,8 +108,7 @@ def tiny_model(model_cache) -> Path:
 @pytest.fixture(scope="session")
 def mask_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random stand-ins of the mask models (CLIP vision, CLIPSeg, GroundingDINO, SAM), built once."""
-    from persona.services.mask.p3s import tiny_clip_vision
-    from persona.services.mask.tiny_models import tiny_clipseg, tiny_grounding_dino, tiny_sam
+    from tiny_models import tiny_clip_vision, tiny_clipseg, tiny_grounding_dino, tiny_sam
 
     root = tmp_path_factory.mktemp("mask-models")
     return {"clip": tiny_clip_vision(root / "clip"), "clipseg": tiny_clipseg(root / "clipseg"),
@@ -117,7 +118,7 @@ def mask_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def eval_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random stand-ins of the evaluation models (CLIP, DINO), built once."""
-    from persona.services.evaluate.tiny_models import tiny_clip, tiny_dino
+    from tiny_models import tiny_clip, tiny_dino
 
     root = tmp_path_factory.mktemp("eval-models")
     return {"clip": tiny_clip(root / "clip"), "dino": tiny_dino(root / "dino")}

@@ -71,9 +71,8 @@ for index in range(4):
     Image.fromarray(pixels).save(folder / f"{index}.png")
 PY
       folder=$(python3 -c 'import sys
-from persona.services.train.bench import bench_base_model
-from persona.services.train.settings import TrainSettings
-print(bench_base_model(sys.argv[1], TrainSettings.from_env().base_model_cache_dir))' "$model") || {
+from persona.bench.models import bench_base_model, model_cache
+print(bench_base_model(sys.argv[1], model_cache()))' "$model") || {
         echo "flow: no base model folder" | tee -a "$OUT/summary.txt"; continue; }
       check flow persona-cli --json bench flow "$OUT/photos" --base-model "$folder" "${flow_args[@]}" ;;
     *) echo "unknown check $name (generate, train, compile, flow)" | tee -a "$OUT/summary.txt" ;;

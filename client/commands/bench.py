@@ -3,7 +3,6 @@ training loop vs the diffusers example loop, sampling (Triton, in-process) vs di
 photos → concept path."""
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..output import message_dict, note, quiet_libraries, table
+from ..output import note, quiet_libraries, table
 from .session import JsonOption, session
 from .train import STAGES
 
@@ -88,30 +87,26 @@ def train(
 
     Example: `persona-cli bench train --base-model sd15 --device cuda --mixed-precision fp16 --steps 50`
     """
-    from persona.services.train.base_models import read_model_configs
-    from persona.services.train.bench import BENCH_METHODS, bench_base_model, device_name, resolve_device, \
-        run_train_benchmark
-    from persona.services.train.settings import TrainSettings
+    from persona.bench.models import bench_base_model, describe_device, model_cache, native_resolution, torch_device
+    from persona.bench.train import BENCH_METHODS, run_train_benchmark
 
     s = session(ctx)
     quiet_libraries()
-    cache = TrainSettings.from_env().base_model_cache_dir
-    if s.data_dir is not None and not os.environ.get("PERSONA_MODEL_CACHE"):
-        cache = s.data_dir / "models"
+    cache = model_cache(s.data_dir)
     methods = [m.value for m in method] if method else list(BENCH_METHODS)
     methods = list(dict.fromkeys(methods))
-    dev = resolve_device(device)
+    dev = torch_device(device)
     precision = mixed_precision.value if dev.type == "cuda" else "no"
     if mixed_precision.value != precision:
         note(f"--mixed-precision {mixed_precision.value} applies on CUDA only: both loops train in fp32 on {dev}")
     note(f"preparing base model {base_model}")
     folder = bench_base_model(base_model, cache, config_root)
-    size = resolution or read_model_configs(folder).native_resolution
+    size = resolution or native_resolution(folder)
     rows = run_train_benchmark(folder, methods=methods, steps=steps, warmup_steps=warmup, resolution=size,
                                device=str(dev), mixed_precision=precision, num_images=num_images,
                                images_dir=images, regularizers=regularizer or (),
                                on_run=lambda m, loop: note(f"{m}: {loop} loop, {warmup} + {steps} steps"))
-    name = device_name(dev)
+    name = describe_device(dev)
     data = {"device": name, "base_model": base_model, "base_model_dir": str(folder), "resolution": size,
             "steps": steps, "warmup_steps": warmup, "mixed_precision": precision,
             "images": str(images) if images else "noise", "rows": [asdict(r) for r in rows]}
@@ -161,7 +156,7 @@ def flow(
     """
     import time
 
-    from persona.services.caption.settings import CaptionSettings
+    from persona.bench.flow import caption_case
     from persona.v1 import caption_pb2, common_pb2, subjects_pb2, train_pb2, train_pb2_grpc
 
     s = session(ctx)
@@ -191,7 +186,7 @@ def flow(
     subject = timed("upload", lambda: client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
         class_name=class_name, images=[subjects_pb2.ImageUpload(data=p.read_bytes(), filename=p.name)
                                        for p in files])))
-    case = 3 if (s.server or CaptionSettings.from_env().vlm_base_url) else 1
+    case = caption_case(remote=bool(s.server))
     timed("captions", lambda: finished(client.captions.StartCaptioning(caption_pb2.StartCaptioningRequest(
         subject_id=subject.subject_id, case=case))))
     options = train_pb2.TrainingOptions(steps=steps, num_class_images=num_class_images,
@@ -203,7 +198,7 @@ def flow(
         concept_id=concept_id, format=train_pb2.EXPORT_FORMAT_LORA)))
     total = sum(seconds.values())
     # Where the train job's time went, as the server measured it (class images, training, saving, …).
-    reported = (message_dict(job).get("result") or {}).get("stage_seconds", {})
+    reported = dict(job.train_result.stage_seconds)
     train_stages = {stage: reported[stage] for stage in (*STAGES, *reported) if stage in reported}  # in run order
     data = {"base_model": base_model, "steps": steps, "photos": len(files), "caption_case": case,
             "concept_id": concept_id, "seconds": seconds, "total_seconds": total,
@@ -280,24 +275,20 @@ def generate(
     """
     from dataclasses import asdict
 
-    from persona.services.generate.bench import run_sampling_benchmark
-    from persona.services.train.base_models import read_model_configs
-    from persona.services.train.bench import bench_base_model, resolve_device
-    from persona.services.train.settings import TrainSettings
+    from persona.bench.generate import run_sampling_benchmark
+    from persona.bench.models import bench_base_model, model_cache, native_resolution, torch_device
 
     s = session(ctx)
     quiet_libraries()
-    cache = TrainSettings.from_env().base_model_cache_dir
-    if s.data_dir is not None and not os.environ.get("PERSONA_MODEL_CACHE"):
-        cache = s.data_dir / "models"
-    dev = resolve_device(device)
+    cache = model_cache(s.data_dir)
+    dev = torch_device(device)
     paths = [p.value for p in path] if path else (
         ["triton", "embedded", "diffusers"] + (["diffusers-compile"] if dev.type == "cuda" else []))
     notes = [] if path or dev.type == "cuda" else [CPU_COMPILE_NOTE]
     batches = list(dict.fromkeys(batch or [1, 4]))
     note(f"preparing base model {base_model}")
     folder = bench_base_model(base_model, cache, config_root)
-    size = resolution or read_model_configs(folder).native_resolution
+    size = resolution or native_resolution(folder)
     result = run_sampling_benchmark(folder, device=dev, paths=list(dict.fromkeys(paths)), batch_sizes=batches,
                                     steps=steps, guidance_scale=guidance, resolution=size, repeats=repeats,
                                     warmup=warmup, on_stage=lambda stage: note(stage))
@@ -400,24 +391,19 @@ def quality(
     """
     import json
 
-    from persona.services.evaluate import report as report_module
-    from persona.services.evaluate import toyworld as tw
-    from persona.services.runtime.errors import InvalidArgument
+    from persona.bench.quality import (DEFAULT_CONFIGS, METRICS, Configuration, QualityBenchmark, default_toyworld,
+                                       quality_report_html, read_reference_set, training_option_pairs)
 
     from ..output import fail
-    from ..quality import DEFAULT_CONFIGS, Configuration, QualityBenchmark
 
     s = session(ctx)
     quiet_libraries()
-    world = tw.default_toyworld()
+    world = default_toyworld()
     folders = reference_sets or sorted(p for p in (world / "references").glob("*") if p.is_dir())
     if not folders:
         fail("INVALID_ARGUMENT", f"`REFERENCE_SET` not given and {world / 'references'} holds none: pass toy-world "
                                  "reference folders, or set PERSONA_TOYWORLD to the shared toy world")
-    try:
-        references = [tw.read_reference_set(f) for f in folders]
-    except InvalidArgument as e:
-        fail("INVALID_ARGUMENT", str(e))
+    references = [read_reference_set(f) for f in folders]  # a bad folder: INVALID_ARGUMENT, naming it
     base = base_model or str(world / "base")
     try:
         configs = [Configuration.parse(c, m) for m in dict.fromkeys(method or ["lora"])
@@ -427,7 +413,7 @@ def quality(
     given = {"steps": steps, "learning_rate": lr, "num_class_images": num_class_images,
              "class_image_steps": class_image_steps, "prior_loss_weight": prior_weight}
     options = {k: v for k, v in given.items() if v is not None}
-    options.update(_training_option_pairs(option or []))
+    options.update(training_option_pairs(option or []))
     bench = QualityBenchmark(s.client(), base, images_per_prompt=images, prompts_per_kind=prompts, options=options,
                              on_stage=note)
     rows = bench.run(references, configs, list(range(seeds)))
@@ -436,21 +422,12 @@ def quality(
             "rows": [{"config": r.config.name, "method": r.config.method, "captions": r.config.captions,
                       "regularizers": list(r.config.regularizers),
                       "metrics": {m: {"mean": r.mean(m), "std": r.std(m), "per_seed": r.per_seed[m]}
-                                  for m in tw.METRICS if m in r.per_seed},
+                                  for m in METRICS if m in r.per_seed},
                       "per_reference": r.per_reference, "baseline": r.baseline, "ratio_to_case1": r.ratios}
                      for r in rows]}
     if report is not None:
-        results = [report_module.ConceptResult(
-            concept_id=r.config.name, label=r.config.name,
-            metrics={m: r.mean(m) for m in tw.METRICS if m in r.per_seed},
-            prompts=[report_module.PromptResult(text=text, kind="editing", images=pngs)
-                     for text, pngs in r.images.items()]) for r in rows]
-        meta = report_module.ReportMeta(
-            title="persona bench quality: entanglement on the toy world",
-            settings={"base model": base, "sets": ", ".join(r.name for r in references), "seeds": seeds,
-                      "images per prompt": images, **options},
-            sources={m: text for m, text in _QUALITY_SOURCES.items()})
-        report.write_text(report_module.render_html(results, meta))
+        report.write_text(quality_report_html(rows, base=base, references=references, seeds=seeds,
+                                              images_per_prompt=images, options=options))
         report.with_suffix(".json").write_text(json.dumps(data, indent=2))
         note(f"report: {report} (and {report.with_suffix('.json')})")
 
@@ -474,47 +451,3 @@ def quality(
 
     s.output(as_json).emit(data, render)
 
-
-_QUALITY_SOURCES = {
-    "nearby_leakage": "mean fraction of pixels nearest the reference nearby object's colour, background-unsaid prompts",
-    "background_leakage": "mean fraction of the outer 5-px frame nearest the reference background's colours, "
-                          "background-unsaid prompts",
-    "nearby_object_leakage": "nearby_leakage counted as 0 in images whose frame is >= 25 % the nearby colour (a "
-                             "drawn background, not the object)",
-    "text_alignment": "fraction of asked-background images where that colour covers >= 40 %",
-    "subject_fidelity": "fraction of images where the subject's colours (body + stripes) cover >= 3 %",
-}
-
-
-def _training_option_pairs(pairs: list[str]) -> dict:
-    """--set KEY=VALUE → TrainingOptions values: numbers and booleans parsed, commas make a list."""
-    from persona.v1 import train_pb2
-
-    from ..output import fail
-
-    fields = train_pb2.TrainingOptions.DESCRIPTOR.fields_by_name
-    result = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or key not in fields:
-            fail("INVALID_ARGUMENT", f"`--set` {pair!r}: use KEY=VALUE with a TrainingOptions field, e.g. "
-                                     "lora_rank=8")
-        kind = fields[key]
-        try:
-            result[key] = _parse_option(kind, value)
-        except ValueError:
-            fail("INVALID_ARGUMENT", f"`--set` {pair!r}: {key} takes a number, e.g. --set {key}=8")
-    return result
-
-
-def _parse_option(kind, value: str):
-    if kind.is_repeated:
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if kind.type == kind.TYPE_BOOL:
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if kind.type in (kind.TYPE_INT32, kind.TYPE_INT64):
-        return int(value)
-    if kind.type in (kind.TYPE_DOUBLE, kind.TYPE_FLOAT):
-        return float(value)
-    return value

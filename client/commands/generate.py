@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 import struct
 import zlib
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,18 +13,13 @@ from persona.v1 import generate_pb2
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from persona.services.generate.options import SETTINGS
+
+from ..declared_options import with_declared_options
 from ..output import message_dict, note, stderr_console, table
 from .session import JsonOption, session
 
 
-class SchedulerChoice(str, Enum):
-    dpmpp = "dpmpp"
-    ddim = "ddim"
-    euler = "euler"
-
-
-SCHEDULERS = {SchedulerChoice.dpmpp: generate_pb2.SCHEDULER_DPMPP, SchedulerChoice.ddim: generate_pb2.SCHEDULER_DDIM,
-              SchedulerChoice.euler: generate_pb2.SCHEDULER_EULER}
 
 
 def file_name(image: generate_pb2.GeneratedImage) -> str:
@@ -93,6 +87,7 @@ class DrawingProgress:
             note(f"image {self.done}/{self.total} ({image.seconds:.1f} s): {path}")
 
 
+@with_declared_options(SETTINGS, before="out")
 def generate(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(
@@ -103,24 +98,10 @@ def generate(
         help="One or more prompts, with the concept's identifier and class: \"a sks dog on the beach\".")] = None,
     base_model: Annotated[str, typer.Option(
         metavar="ID|PATH|tiny", help="Draw with a base model instead of a concept.")] = "",
-    number: Annotated[Optional[int], typer.Option("-n", "--num-images", help="Images per prompt, 1–16.",
-                                                  show_default="1")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image k uses seed + k.",
-                                                show_default="0")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps, 1–500.", show_default="25")] = None,
-    guidance: Annotated[Optional[float], typer.Option(
-        help="Classifier-free guidance scale; ≤ 1 turns guidance off.", show_default="7.5")] = None,
-    scheduler: Annotated[SchedulerChoice, typer.Option(
-        case_sensitive=False, help="dpmpp (DPM-Solver++ 2M, good in 20–25 steps), ddim or euler.")]
-    = SchedulerChoice.dpmpp,
-    negative: Annotated[str, typer.Option(help="Negative prompt, for every prompt.")] = "",
-    width: Annotated[Optional[int], typer.Option(help="Pixels, a multiple of 8.",
-                                                 show_default="the concept's native size")] = None,
-    height: Annotated[Optional[int], typer.Option(help="Pixels, a multiple of 8.",
-                                                  show_default="the concept's native size")] = None,
     out: Annotated[Path, typer.Option(file_okay=False, help="Folder the PNG files are written to (created).")]
     = Path("."),
     as_json: JsonOption = False,
+    options: Optional[dict] = None,
 ) -> None:
     """Draw images of a concept and write them as PNGs, each as soon as the server finishes it.
 
@@ -131,17 +112,16 @@ def generate(
     """
     if base_model and model and not prompts:  # `generate --base-model tiny "a dog"`: the one argument is a prompt
         model, prompts = "", [model]
-    request = generate_pb2.GenerateRequest(concept_id=model, base_model=base_model, prompts=prompts or [],
-                                           negative_prompt=negative, scheduler=SCHEDULERS[scheduler])
-    for name, value in (("seed", seed), ("steps", steps), ("guidance_scale", guidance), ("width", width),
-                        ("height", height), ("images_per_prompt", number)):
-        if value is not None:
-            setattr(request, name, value)
+    request = generate_pb2.GenerateRequest(concept_id=model, base_model=base_model, prompts=prompts or [])
+    for name, value in (options or {}).items():
+        if value is not None:  # unset: the server's default
+            setattr(request, name, generate_pb2.Scheduler.Value(f"SCHEDULER_{value.upper()}")
+                    if name == "scheduler" else value)
     s = session(ctx)
     client = s.client()
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    with DrawingProgress(len(request.prompts) * (number or 1)) as progress:
+    with DrawingProgress(len(request.prompts) * (request.images_per_prompt or 1)) as progress:
         for image in client.generate.Generate(request):
             path = out / file_name(image)
             path.write_bytes(with_settings(image))

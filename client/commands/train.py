@@ -13,6 +13,9 @@ import typer
 
 from persona.v1 import caption_pb2, common_pb2, subjects_pb2, train_pb2
 
+from persona.services.train.options import OPTIONS
+
+from ..declared_options import with_declared_options
 from ..jobwatch import JobProgress, cancel_and_wait
 from ..output import EXIT_INTERRUPTED, fail, message_dict, note, stderr_console
 from ..sdk import PersonaClient, PersonaClientError
@@ -27,8 +30,6 @@ CAPTIONS = ("sid", "class", "case1", "case2", "case3", "case4")
 MODES = ("object", "style", "expression")
 # Loss terms shown beside the total, in this order, when the job reports them.
 LOSS_TERMS_SHOWN = ("instance", "prior", "spl", "core_emb", "core_attn")
-PRECISIONS = ("no", "fp16", "bf16")
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 def _choice(field: str, value: str | None, choices: tuple[str, ...]) -> None:
@@ -117,32 +118,32 @@ class TrainingProgress(JobProgress):
         self.total_steps = total_steps
         self.last_logged_step = 0
 
-    def on_progress(self, event: common_pb2.JobEvent, data: dict) -> None:
-        if "step" in data:
-            self._step(data)
+    def on_progress(self, event: common_pb2.JobEvent, details: common_pb2.JobProgress) -> None:
+        if details.step:
+            self._step(details)
         else:  # stages before the steps: class images done/total
-            super().on_progress(event, data)
+            super().on_progress(event, details)
 
-    def _step(self, data: dict) -> None:
-        step = int(data["step"])
-        total = int(data.get("steps") or self.total_steps or 0)
+    def _step(self, details: common_pb2.JobProgress) -> None:
+        step = details.step
+        total = details.steps or self.total_steps or 0
+        losses = details.losses
         stats = []
-        if "loss" in data:
-            stats.append(f"loss {data['loss']:.4f}")
+        if "loss" in losses:
+            stats.append(f"loss {losses['loss']:.4f}")
         # Every term the loop and the regularisers report ("instance", "prior", "spl", "core_emb", …).
-        terms = [f"{name} {data[name]:.4f}" for name in LOSS_TERMS_SHOWN if name in data]
+        terms = [f"{name} {losses[name]:.4f}" for name in LOSS_TERMS_SHOWN if name in losses]
         if len(terms) > 1:
             stats.append(f"({', '.join(terms)})")
-        if data.get("it_per_s"):
-            stats.append(f"{data['it_per_s']:.2f} it/s")
-        if "eta_s" in data:
-            stats.append(f"ETA {format_seconds(data['eta_s'])}")
+        if details.it_per_s:
+            stats.append(f"{details.it_per_s:.2f} it/s")
+        if details.it_per_s or details.eta_s:
+            stats.append(f"ETA {format_seconds(details.eta_s)}")
         counter = f"step {step}/{total}" if total else f"step {step}"
         self.progress.update(self.task, description="training", total=total or None, completed=step,
                              counter=counter, stats="  ".join(stats))
-        ids = data.get("validation_image_ids")
-        if ids:
-            self.print(f"step {step}: validation images {', '.join(str(i) for i in ids)} "
+        if details.validation_image_ids:
+            self.print(f"step {step}: validation images {', '.join(details.validation_image_ids)} "
                        f"(`persona-cli concepts show` lists them)")
         if not self.tty and total and (step == total or step - self.last_logged_step >= max(1, total // 10)):
             self.last_logged_step = step
@@ -156,10 +157,10 @@ STAGES = {"preparing": "preparing", "waiting": "waiting for the device", "class_
           "training": "training", "saving": "saving"}
 
 
-def where_the_time_went(result: dict) -> str:
+def where_the_time_went(result: common_pb2.TrainJobResult) -> str:
     """"took 312 s: class images 250 s (100 drawn, …), training 55 s" from a train job's result; '' for a short run
     (or a server that does not report stages)."""
-    seconds = result.get("stage_seconds") or {}
+    seconds = result.stage_seconds
     total = sum(seconds.values())
     if total < LONG_RUN_S:
         return ""
@@ -167,8 +168,8 @@ def where_the_time_went(result: dict) -> str:
     for stage, label in STAGES.items():
         if stage in seconds and (seconds[stage] >= 0.5 or stage in ("class_images", "training")):
             part = f"{label} {seconds[stage]:.0f} s" if seconds[stage] >= 10 else f"{label} {seconds[stage]:.1f} s"
-            if stage == "class_images" and result.get("class_images_generated"):
-                part += (f" ({int(result['class_images_generated'])} drawn once and kept: the next concept of this "
+            if stage == "class_images" and result.class_images_generated:
+                part += (f" ({result.class_images_generated} drawn once and kept: the next concept of this "
                          "class on this base model skips them)")
             parts.append(part)
     return f"took {total:.0f} s: " + ", ".join(parts)
@@ -221,6 +222,7 @@ def follow_training(s: Session, client: PersonaClient, job: common_pb2.Job, conc
     raise typer.Exit(EXIT_INTERRUPTED)
 
 
+@with_declared_options(OPTIONS, before="detach")
 def train(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(
@@ -280,64 +282,12 @@ def train(
         help="tiny (built-in, random weights: tries the flow in seconds, draws noise), a diffusers hub id from "
              "the local Hugging Face cache (stable-diffusion-v1-5/stable-diffusion-v1-5), or a local diffusers "
              "folder.", show_default="the server's PERSONA_BASE_MODEL, else SD 1.5")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps, 1–100000.", show_default="400")] = None,
-    lr: Annotated[Optional[float], typer.Option(
-        "--lr", help="Learning rate, > 0.", show_default="dreambooth 5e-6, lora 1e-4, ti 5e-4")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="lora: adapter rank, ≥ 1.", show_default="4")] = None,
-    alpha: Annotated[Optional[float], typer.Option(
-        help="lora: alpha; the adapter's scale is alpha / rank.", show_default="the rank")] = None,
-    resolution: Annotated[Optional[int], typer.Option(
-        help="Training image side in pixels, a multiple of 8.",
-        show_default="the base model's: 512 for SD 1.5, 64 for tiny")] = None,
-    seed: Annotated[Optional[int], typer.Option(
-        help="Seed of initialisation, image order, noise and timesteps.", show_default="0")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
-        help="Subject photos per step (as many class images are added with --reg prior).", show_default="1")] = None,
-    num_class_images: Annotated[Optional[int], typer.Option(
-        help="--reg prior: class images drawn by the base model, 1–1000.", show_default="100")] = None,
-    class_image_steps: Annotated[Optional[int], typer.Option(
-        help="--reg prior: sampling steps per class image, 1–200.", show_default="30")] = None,
-    prior_weight: Annotated[Optional[float], typer.Option(
-        help="--reg prior: weight of the class images' loss beside the photos' (0–1000).",
-        show_default="1.0, DreamBooth's")] = None,
-    epochs: Annotated[Optional[int], typer.Option(
-        help="Passes over the photos instead of --steps (steps = epochs × photos / batch size).")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(
-        help="Write a resumable checkpoint every N steps; 0: only when cancelled.", show_default="100")] = None,
-    validation_every: Annotated[Optional[int], typer.Option(
-        help="Draw validation images every N steps and at the end; 0: never.", show_default="0")] = None,
-    validation_prompts: Annotated[Optional[list[str]], typer.Option(
-        "--validation-prompt", help="Prompt of the validation images; repeat for several.",
-        show_default="\"a TOKEN CLASS on the beach\"")] = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(
-        help="no, fp16 or bf16 autocast where the device supports it (else fp32, with a warning).",
-        show_default="fp16 on CUDA, no elsewhere")] = None,
-    train_text_encoder: Annotated[bool, typer.Option(
-        "--train-text-encoder", help="Also train the text encoder (all of it for dreambooth, LoRA adapters for "
-                                     "lora; not for ti).")] = False,
-    gradient_checkpointing: Annotated[bool, typer.Option(
-        "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, slower.")] = False,
-    unmasked_weight: Annotated[Optional[float], typer.Option(
-        help="--reg mask: loss weight of pixels outside the subject, 0–1 (0: the subject only).",
-        show_default="0.1, OneTrainer's")] = None,
-    spl_weight: Annotated[Optional[float], typer.Option(
-        help="--reg spl: weight of the semantic preservation loss.", show_default="1.0, ClassDiffusion's")] = None,
-    core_emb_weight: Annotated[Optional[float], typer.Option(
-        help="--reg core: weight of CoRe's embedding term.", show_default="1.5e-4, the CoRe code's")] = None,
-    core_attn_weight: Annotated[Optional[float], typer.Option(
-        help="--reg core: weight of CoRe's attention term.", show_default="0.05, the CoRe code's")] = None,
-    core_variant: Annotated[Optional[str], typer.Option(
-        help="--reg core: cosine (per context token, the paper's), pairwise or hinge.", show_default="cosine")]
-    = None,
-    min_snr_gamma: Annotated[Optional[float], typer.Option(
-        help="Min-SNR loss weighting gamma (Hang et al. 2023), e.g. 5.0.", show_default="off")] = None,
-    lr_scheduler: Annotated[Optional[str], typer.Option(
-        help=f"Learning-rate schedule: {', '.join(SCHEDULERS)}.", show_default="constant")] = None,
     detach: Annotated[bool, typer.Option(
         "--detach", help="Print the concept and return once the job is queued; follow it later with "
                          "`persona-cli jobs watch JOB`. Needs --server (an embedded job would stop with this "
                          "process).")] = False,
     as_json: JsonOption = False,
+    options: Optional[dict] = None,
 ) -> None:
     """Train a concept on a subject's photos and their captions, following the job; print the concept id.
 
@@ -356,7 +306,6 @@ def train(
                                     "--server HOST:PORT (or PERSONA_SERVER), or train without --detach")
     _choice("method", method, METHODS)
     _choice("captions", captions, CAPTIONS)
-    _choice("mixed_precision", mixed_precision, PRECISIONS)
     _choice("mode", mode, MODES)
     for reg in regularizers or []:
         _choice("regularizers", reg, REGULARIZERS)
@@ -364,14 +313,7 @@ def train(
         fail("INVALID_ARGUMENT", "`--no-prior` and `--reg prior` contradict each other: drop one of them")
     if no_prior:
         regularizers = ["none", *(regularizers or [])]
-    options = training_options(
-        steps=steps, learning_rate=lr, batch_size=batch_size, resolution=resolution, seed=seed,
-        train_text_encoder=train_text_encoder, lora_rank=rank, lora_alpha=alpha, mixed_precision=mixed_precision,
-        gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma, lr_scheduler=lr_scheduler,
-        num_class_images=num_class_images, prior_loss_weight=prior_weight, checkpoint_every=checkpoint_every, validation_every=validation_every,
-        validation_prompts=validation_prompts, class_image_steps=class_image_steps, epochs=epochs,
-        unmasked_weight=unmasked_weight, spl_weight=spl_weight, core_emb_weight=core_emb_weight,
-        core_attn_weight=core_attn_weight, core_variant=core_variant)
+    request_options = training_options(**(options or {}))
 
     client = s.client()
     folder = Path(source).expanduser()
@@ -394,7 +336,7 @@ def train(
 
     request = train_pb2.StartTrainingRequest(
         subject_id=subject.subject_id, base_model=base_model or "", method=method or "",
-        regularizers=regularizers or [], captions=captions or "", options=options, display_name=name or "",
+        regularizers=regularizers or [], captions=captions or "", options=request_options, display_name=name or "",
         parent_concept_id=parent or "", mode=mode or "")
     try:
         job = client.train.StartTraining(request)
@@ -408,7 +350,7 @@ def train(
          f"job {job.job_id}")
 
     if not detach:
-        job = follow_training(s, client, job, concept_id, steps)
+        job = follow_training(s, client, job, concept_id, (options or {}).get("steps"))
     concept = (client.train.GetConcept(train_pb2.GetConceptRequest(concept_id=concept_id)) if concept_id else None)
     if concept is not None:
         s.output(as_json).emit(message_dict(concept), lambda: concept.concept_id)
@@ -422,7 +364,7 @@ def train(
         out = f"{concept.token}-{concept.class_name}".replace(" ", "-") + (".safetensors" if fmt != "diffusers" else "")
         note(f"trained {concept.concept_id}: {concept.method}, {concept.steps_done} steps{loss}; "
              f"export it with `persona-cli export {concept.concept_id} --format {fmt} --out {out}`")
-        spent = where_the_time_went(message_dict(job).get("result") or {})
+        spent = where_the_time_went(job.train_result)
         if spent:
             note(spent)
     elif concept is not None and concept.state != train_pb2.CONCEPT_STATE_READY:

@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from persona.services.runtime.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, PersonaError
-from persona.services.runtime.jobs import JobContext, JobRecord, JobRunner
+from persona.services.runtime.job_store import JobRecord
+from persona.services.runtime.jobs import JobContext, JobRunner
 from persona.services.runtime.metadata import MetadataStore, Migration
 
 from ..subjects.domain import Subject, SubjectImage, SubjectRepository
@@ -270,7 +271,7 @@ class _Progress:
         self.done += 1
         verb = "no compliant caption for" if failed else "captioned"
         self.ctx.progress(self.done / max(1, self.total), f"{verb} {image_id} ({self.done}/{self.total})",
-                          image_id=image_id, done=self.done, total=self.total)
+                          stage="caption", image_id=image_id, done=self.done, total=self.total)
 
 
 def _cancel(futures) -> None:

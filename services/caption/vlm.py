@@ -17,7 +17,8 @@ from urllib.request import getproxies, proxy_bypass
 
 from PIL import Image
 
-from persona.services.runtime.errors import FailedPrecondition, PersonaError, ResourceExhausted, Unavailable
+from persona.services.runtime.errors import (FailedPrecondition, InvalidSetting, PersonaError, ResourceExhausted,
+                                             Unavailable)
 
 from . import checker, instructions
 from .settings import CaptionSettings
@@ -84,16 +85,16 @@ class OpenAIVlm:
                 "and PERSONA_VLM_API_KEY on the server, or use Case 1 (DESCRIPTION_CASE_1, `--case 1`), which needs none")
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FailedPrecondition(f"PERSONA_VLM_BASE_URL {self.base_url!r} is not an http(s) URL: set it to "
-                                     "e.g. http://localhost:11434/v1")
+            raise InvalidSetting(f"PERSONA_VLM_BASE_URL {self.base_url!r} is not an http(s) URL: set it to "
+                                 "e.g. http://localhost:11434/v1")
         if not self.model:
-            raise FailedPrecondition(f"PERSONA_VLM_MODEL is empty: set it to a model of {self.base_url} that "
-                                     "accepts images, e.g. gpt-4o or llava")
+            raise InvalidSetting(f"PERSONA_VLM_MODEL is empty: set it to a model of {self.base_url} that "
+                                 "accepts images, e.g. gpt-4o or llava")
         problem = unsendable_key(self.settings.vlm_api_key)
         if problem:
-            raise FailedPrecondition(f"PERSONA_VLM_API_KEY {problem}, which an HTTP header cannot carry: set it to "
-                                     "your real key, not a placeholder such as the README's (local servers accept any "
-                                     "ASCII value, e.g. none)")
+            raise InvalidSetting(f"PERSONA_VLM_API_KEY {problem}, which an HTTP header cannot carry: set it to "
+                                 "your real key, not a placeholder such as the README's (local servers accept any "
+                                 "ASCII value, e.g. none)")
 
     def preflight(self) -> None:
         """Opens and closes a TCP connection to the endpoint, so an endpoint that is down fails the RPC.

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from persona.services.generate import sampling
+
 # Colours of the heat map, low → high (a perceptual dark-blue → yellow ramp).
 _RAMP = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]], dtype=np.float32)
 
@@ -101,8 +103,6 @@ def draw_with_attention(models, tokenizer, scheduler_config: dict, settings, ide
     """Draws `settings` (sampling.SamplingSettings) with `models` (sampling.TorchModels) and returns (PIL image,
     (H, W) float map in [0, 1]) of the identifier's cross-attention."""
     from PIL import Image
-
-    from persona.services.generate import sampling
 
     unet = models.unet
     latent_size = (settings.height // models.vae_scale_factor, settings.width // models.vae_scale_factor)

@@ -19,14 +19,18 @@ import numpy as np
 from PIL import Image
 
 from persona.services.runtime.artifacts import LocalArtifactStore
+from persona.services.runtime.devices import device_name
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from persona.services.runtime.jobs import JobContext, JobRecord, JobRunner
+from persona.services.runtime.job_store import JobRecord
+from persona.services.runtime.jobs import JobContext, JobRunner
 
+from ..generate import sampling
 from ..generate.domain import GenerateDomain, GenerateRequest
+from ..generate.options import MAX_IMAGES_PER_PROMPT
 from ..mask.domain import GROUNDED_SAM, MaskDomain
+from ..models.library import ModelLibrary
 from ..subjects.domain import SubjectRepository
-from ..train.domain import TrainDomain
-from . import metrics, prompts, report
+from . import attention, metrics, prompts, report
 from .settings import EvaluateSettings
 
 KIND = "evaluate"
@@ -34,7 +38,6 @@ METRICS = ("clip_i", "clip_t", "dino", "sa", "nsd", "ta", "clip_i_var", "dino_va
            "attention")
 MAX_CONCEPTS = 8
 MAX_PROMPTS = 100
-MAX_IMAGES_PER_PROMPT = 16
 DEFAULTS = {"images_per_prompt": 4, "seed": 0, "steps": 50, "guidance_scale": 7.5}  # SID's sampling settings
 
 
@@ -65,9 +68,9 @@ class Report:
 
 class EvaluateDomain:
     def __init__(self, artifacts: LocalArtifactStore, runner: JobRunner, subjects: SubjectRepository,
-                 train: TrainDomain, generate: GenerateDomain, masks: MaskDomain, settings: EvaluateSettings):
+                 models: ModelLibrary, generate: GenerateDomain, masks: MaskDomain, settings: EvaluateSettings):
         self.artifacts, self.runner, self.subjects = artifacts, runner, subjects
-        self.train, self.generate, self.masks, self.settings = train, generate, masks, settings
+        self.models, self.generate, self.masks, self.settings = models, generate, masks, settings
         runner.register(KIND, self._run, resumable=False)
 
     def start(self, tenant_id: str, request: EvaluationRequest) -> JobRecord:
@@ -78,7 +81,7 @@ class EvaluateDomain:
         if len(concept_ids) > MAX_CONCEPTS:
             raise InvalidArgument(f"`concept_ids` has {len(concept_ids)} concepts; at most {MAX_CONCEPTS} per report")
         for concept_id in concept_ids:
-            concept = self.train.get(tenant_id, concept_id)  # NOT_FOUND, also for another tenant's
+            concept = self.models.get(tenant_id, concept_id)  # NOT_FOUND, also for another tenant's
             if not concept.files_of("weights"):
                 raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights: evaluate it "
                                          f"when job {concept.job_id} has finished")
@@ -95,7 +98,7 @@ class EvaluateDomain:
             raise InvalidArgument(f"`prompt_set` is {prompt_set!r}: use one of {', '.join(prompts.BUILTIN_SETS)}, or "
                                   "send your own prompts in `prompts` (the CLI reads --prompts FILE for you)")
         if request.prompts:
-            first = self.train.get(tenant_id, concept_ids[0])
+            first = self.models.get(tenant_id, concept_ids[0])
             parsed = prompts.parse_prompts("\n".join(request.prompts), first.class_name, first.token)
             if len(parsed) > MAX_PROMPTS:
                 raise InvalidArgument(f"`prompts` has {len(parsed)} prompts; at most {MAX_PROMPTS}")
@@ -151,7 +154,8 @@ class EvaluateDomain:
         total = len(params["concept_ids"])
         for index, concept_id in enumerate(params["concept_ids"]):
             def progress(fraction: float, message: str) -> None:
-                ctx.progress((index + fraction) / total, f"{concept_id}: {message}", concept_id=concept_id)
+                ctx.progress((index + fraction) / total, f"{concept_id}: {message}", stage="evaluate",
+                             concept_id=concept_id)
 
             results.append(self._measure(ctx, tenant_id, concept_id, params, wanted, clip, dino, progress))
         report.make_labels_unique(results)
@@ -174,7 +178,7 @@ class EvaluateDomain:
                     "source": report.NO_SUBJECT_SOURCE} for r in results if r.no_subject_images is not None]}
 
     def _measure(self, ctx, tenant_id, concept_id, params, wanted, clip, dino, progress) -> report.ConceptResult:
-        concept = self.train.get(tenant_id, concept_id)
+        concept = self.models.get(tenant_id, concept_id)
         subject = self.subjects.get(tenant_id, concept.subject_id)
         prompt_list = (prompts.prompt_set(params["prompt_set"], concept.class_name, concept.token)
                        if params["prompt_set"] else
@@ -183,7 +187,7 @@ class EvaluateDomain:
         references = [self.subjects.image_rgb(tenant_id, subject.subject_id, i.image_id) for i in subject.images]
         reference_masks = [self._reference_mask(tenant_id, subject, i.image_id) for i in subject.images]
         refs = _References(clip, dino, references, reference_masks, wanted)
-        attention = _AttentionDrawer(self.train, tenant_id, concept, self.settings) if "attention" in wanted else None
+        attention = _AttentionDrawer(self.models, tenant_id, concept, self.settings) if "attention" in wanted else None
 
         per_prompt: list[report.PromptResult] = []
         all_scores: list[dict] = []
@@ -281,15 +285,13 @@ class _References:
 class _AttentionDrawer:
     """The concept's torch model in this process, to draw a prompt's first image again with attention capture."""
 
-    train: TrainDomain
+    models: ModelLibrary
     tenant_id: str
     concept: object
     settings: EvaluateSettings
     _loaded: tuple | None = field(default=None)
 
     def overlay_png(self, sampling_settings) -> bytes:
-        from persona.services.evaluate import attention
-
         models, tokenizer, scheduler_config = self._models()
         image, heat = attention.draw_with_attention(models, tokenizer, scheduler_config, sampling_settings,
                                                     self.concept.token)
@@ -302,15 +304,13 @@ class _AttentionDrawer:
             import torch
             from transformers import CLIPTokenizer
 
-            from persona.services.generate.sampling import TorchModels, scheduler_config
-
-            folder = self.train.exports.diffusers_folder(self.tenant_id, self.concept.concept_id,
-                                                 self.settings.work_dir / self.concept.concept_id)
-            device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            folder = self.models.exports.diffusers_folder(self.tenant_id, self.concept.concept_id,
+                                                          self.settings.work_dir / self.concept.concept_id)
+            device = device_name(self.settings.device)
             dtype = torch.float16 if device.startswith("cuda") else torch.float32
-            self._loaded = (TorchModels.from_folder(folder, device=device, dtype=dtype),
+            self._loaded = (sampling.TorchModels.from_folder(folder, device=device, dtype=dtype),
                             CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-                            scheduler_config(folder))
+                            sampling.scheduler_config(folder))
         return self._loaded
 
 

@@ -45,6 +45,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from persona.services.runtime.devices import torch_device
 from persona.services.runtime.errors import InvalidArgument
 # The project's one model-folder resolver; its transformers defaults (config.json, weights, .bin fallback)
 # fit the embedders (and it stays importable from here).
@@ -311,12 +312,10 @@ class _Embedder:
     def load(self):
         """Loads the model now (it is loaded on first use otherwise), so a server can fail fast."""
         if self._loaded is None:
-            from persona.services.train.bench import resolve_device
-
             folder = resolve_model_folder(self.model, self.field, required=self.required_files,
                                           download=self.download)
             with loading_models():  # one load at a time in the process (runtime.model_loading says why)
-                self._loaded = self._load(folder, resolve_device(self.device))
+                self._loaded = self._load(folder, torch_device(self.device))
         return self._loaded
 
     def _load(self, folder: Path, device):

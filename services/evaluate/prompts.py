@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from persona.services.runtime.errors import InvalidArgument
+from persona.services.subjects.domain import LIVE_CLASSES
 
 from .metrics import EDITING, RECONSTRUCTION
 
@@ -33,8 +34,7 @@ DREAMBENCH = "dreambench"
 DREAMBENCH_OBJECT = "dreambench-object"
 DREAMBENCH_LIVE = "dreambench-live"
 BUILTIN_SETS = (DREAMBENCH, DREAMBENCH_OBJECT, DREAMBENCH_LIVE)
-# DreamBench's live subjects are its dogs and cats; every other class gets the object prompts.
-LIVE_CLASSES = frozenset({"dog", "cat"})
+# DreamBench's live subjects (LIVE_CLASSES) get its live prompts; every other class gets the object prompts.
 
 _R, _E = RECONSTRUCTION, EDITING
 # ../shared/data/dreambench/prompts_and_classes.txt, `{}` standing for "<token> <class>".

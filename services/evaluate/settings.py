@@ -1,9 +1,10 @@
 """Settings of the evaluate service: the models that measure, env PERSONA_EVAL_*."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from persona.services.runtime.settings import env_text
 
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 
@@ -21,7 +22,6 @@ class EvaluateSettings:
 
     @classmethod
     def from_env(cls, work_dir: Path) -> "EvaluateSettings":
-        env = os.environ.get
-        return cls(work_dir=work_dir, clip_model=env("PERSONA_EVAL_CLIP_MODEL", "").strip() or DEFAULT_CLIP_MODEL,
-                   dino_model=env("PERSONA_EVAL_DINO_MODEL", "").strip() or DEFAULT_DINO_MODEL,
-                   device=env("PERSONA_EVAL_DEVICE", "").strip() or None)
+        return cls(work_dir=work_dir, clip_model=env_text("PERSONA_EVAL_CLIP_MODEL", DEFAULT_CLIP_MODEL),
+                   dino_model=env_text("PERSONA_EVAL_DINO_MODEL", DEFAULT_DINO_MODEL),
+                   device=env_text("PERSONA_EVAL_DEVICE"))

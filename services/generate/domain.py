@@ -1,5 +1,7 @@
 """Generate use cases: validate a request, find the model (a concept's diffusers folder or a base model), draw.
 
+Concepts, base models and their exports (ONNX, TensorRT) come from the model library (services/models).
+
 The engine is what holds models and runs the sampling loop: `EmbeddedEngine` in this process (torch, the
 laptop default) on a model's diffusers folder; `TritonEngine` (triton_engine.py) on its ONNX export, served from a
 Triton model repository. Both run the same loop (sampling.py).
@@ -15,26 +17,26 @@ from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
 from persona.services.runtime.budget import Budget
+from persona.services.runtime.devices import cuda_available, device_name
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
+from ..models.base_models import read_model_configs
+from ..models.exports import base_model_key
+from ..models.library import ModelLibrary
 from ..subjects.images import png_bytes
-from ..train.base_models import read_model_configs
-from ..train.domain import TrainDomain
 from . import sampling
+from .options import BY_NAME as SETTINGS_BY_NAME, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS, SETTINGS
 from .sampling import SamplingSettings
 from .settings import GenerateSettings
 
-MAX_IMAGES_PER_PROMPT = 16
-# Seeds of one request run from seed to seed + this (the most images any setting allows).
-MAX_IMAGES_PER_REQUEST = 64
-MAX_PROMPT_CHARS = 1000
 # Longest a queued Generate waits for a slot (it stops waiting at once when its client goes away).
 QUEUE_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """Generate's fields as plain values; None = unset (the default applies)."""
+    """Generate's fields as plain values; None = unset (the default applies). The settings after the model are
+    declared in options.py."""
 
     prompts: tuple[str, ...]
     concept_id: str = ""
@@ -123,7 +125,7 @@ class EmbeddedEngine:
     def _fresh(self, folder: Path):
         import torch
 
-        device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device_name(self.settings.device)
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         models = sampling.TorchModels.from_folder(folder, device=device, dtype=dtype,
                                                   cuda_graphs=self.settings.cuda_graphs)
@@ -174,15 +176,14 @@ class EmbeddedEngine:
 class GenerateDomain:
     """Draws images of the caller's concepts (or of base models) on one engine."""
 
-    def __init__(self, train: TrainDomain, engine: Engine, settings: GenerateSettings, cache_dir: Path):
-        self.train, self.engine, self.settings, self.cache_dir = train, engine, settings, cache_dir
+    def __init__(self, models: ModelLibrary, engine: Engine, settings: GenerateSettings, cache_dir: Path):
+        self.models, self.engine, self.settings, self.cache_dir = models, engine, settings, cache_dir
         # Which tenant loaded which concept (the engine is shared; keys are concept ids or base:<ref>).
         self._owners: dict[str, str] = {}
         self._owners_lock = threading.Lock()
         # Streams drawing each concept now (`_using`), and the condition `unload` waits on for them to end.
         self._in_use: Counter[str] = Counter()
         self._use = threading.Condition()
-        self._export_lock = threading.Lock()
         # Generate calls drawing at once, and a bounded queue behind them (the servicer holds a slot per call).
         self.admission = Budget(settings.concurrency, queue=settings.queue, wait_s=QUEUE_WAIT_S,
                                 what="Generate calls", settings="PERSONA_GENERATE_CONCURRENCY, PERSONA_GENERATE_QUEUE")
@@ -217,24 +218,14 @@ class GenerateDomain:
         if bool(request.concept_id) == bool(request.base_model):
             raise InvalidArgument("give exactly one of `concept_id` and `base_model`: e.g. concept_id from "
                                   "`persona-cli concepts list`, or base_model tiny")
-        per_prompt = _in_range("images_per_prompt", request.images_per_prompt, 1, 1, MAX_IMAGES_PER_PROMPT)
+        for option in SETTINGS:  # each setting given within its declared bounds and choices
+            option.check(getattr(request, option.name))
+        per_prompt, steps, guidance, scheduler, seed = (
+            _setting(request, name) for name in ("images_per_prompt", "steps", "guidance_scale", "scheduler", "seed"))
         if per_prompt * len(prompts) > min(self.settings.max_images, MAX_IMAGES_PER_REQUEST):
             raise InvalidArgument(f"`prompts` × `images_per_prompt` is {per_prompt * len(prompts)} images; at most "
                                   f"{min(self.settings.max_images, MAX_IMAGES_PER_REQUEST)} per request "
                                   "(PERSONA_GENERATE_MAX_IMAGES): split it")
-        steps = _in_range("steps", request.steps, sampling.DEFAULT_STEPS, 1, sampling.MAX_STEPS)
-        guidance = sampling.DEFAULT_GUIDANCE if request.guidance_scale is None else request.guidance_scale
-        if not 0 <= guidance <= 50:
-            raise InvalidArgument(f"`guidance_scale` is {guidance}: use 0–50 (7.5 is usual; ≤ 1 turns guidance off)")
-        scheduler = request.scheduler or sampling.DEFAULT_SCHEDULER
-        if scheduler not in sampling.SCHEDULERS:
-            raise InvalidArgument(f"`scheduler` is {scheduler!r}: use one of {', '.join(sampling.SCHEDULERS)}")
-        if len(request.negative_prompt) > MAX_PROMPT_CHARS:
-            raise InvalidArgument(f"`negative_prompt` is {len(request.negative_prompt)} characters; at most "
-                                  f"{MAX_PROMPT_CHARS}")
-        seed = 0 if request.seed is None else request.seed
-        if not 0 <= seed < 2**63 - MAX_IMAGES_PER_REQUEST:
-            raise InvalidArgument(f"`seed` is {seed}: use a non-negative 63-bit integer")
         return dict(prompts=prompts, per_prompt=per_prompt, steps=steps, guidance=guidance, scheduler=scheduler,
                     seed=seed)
 
@@ -293,7 +284,7 @@ class GenerateDomain:
         return self._load(tenant_id, concept_id, "")
 
     def unload(self, tenant_id: str, concept_id: str) -> None:
-        self.train.get(tenant_id, concept_id)  # NOT_FOUND for another tenant's concept
+        self.models.get(tenant_id, concept_id)  # NOT_FOUND for another tenant's concept
         with self._use:
             # After the streams drawing it end (none starts meanwhile): a draw never loses its model mid-way.
             self._use.wait_for(lambda: not self._in_use.get(concept_id))
@@ -309,53 +300,34 @@ class GenerateDomain:
 
     def _load(self, tenant_id: str, concept_id: str, base_model: str) -> LoadedModel:
         if concept_id:
-            concept = self.train.get(tenant_id, concept_id)
+            concept = self.models.get(tenant_id, concept_id)
             if not concept.files_of("weights"):
                 raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights yet: wait for "
                                          f"job {concept.job_id} (`persona-cli jobs watch {concept.job_id}`)")
             if self.engine.model_format in ("onnx", "tensorrt"):
                 fmt = self.engine.model_format
-                folder = self.train.exports.export_folder(tenant_id, concept_id, fmt,
+                folder = self.models.exports.export_folder(tenant_id, concept_id, fmt,
                                                           self.cache_dir / fmt / concept_id, fp16=self._onnx_fp16())
             else:
-                folder = self.train.exports.diffusers_folder(tenant_id, concept_id, self.cache_dir / concept_id)
+                folder = self.models.exports.diffusers_folder(tenant_id, concept_id, self.cache_dir / concept_id)
             loaded = self.engine.load(concept_id, folder)
             with self._owners_lock:
                 self._owners[concept_id] = tenant_id
             return replace(loaded, resolution=concept.resolution or loaded.resolution)
-        base = self.train.resolve_base(base_model)
-        folder = base.path if self.engine.model_format == "diffusers" else self._base_onnx(base.path)
+        base = self.models.resolve_base(base_model)
+        if self.engine.model_format == "diffusers":
+            folder = base.path
+        else:  # the base model's ONNX export (or TensorRT engines), made once per folder and precision
+            fmt, fp16 = self.engine.model_format, self._onnx_fp16()
+            target = self.cache_dir / f"base-{fmt}-{'fp16' if fp16 else 'fp32'}" / base_model_key(base)
+            folder = self.models.exports.base_model_folder(base, fmt, target, fp16)
         return self.engine.load(f"base:{base.path}", folder)
 
     def _onnx_fp16(self) -> bool:
         """fp16 graphs where the engine's GPU can run them; fp32 on CPU (fp16 there is slow, not smaller)."""
         if self.settings.onnx_fp16 is not None:
             return self.settings.onnx_fp16
-        import torch
-
-        return torch.cuda.is_available()
-
-    def _base_onnx(self, path: Path) -> Path:
-        """A base model's ONNX export (and TensorRT engines, for that engine), made once per folder and precision
-        into the generate cache."""
-        import hashlib
-
-        from .onnx_export import export_pipeline_to_onnx
-
-        fp16 = self._onnx_fp16()
-        digest = hashlib.sha256(f"{Path(path).resolve()}|{fp16}".encode()).hexdigest()[:16]
-        target = self.cache_dir / "base-onnx" / digest
-        with self._export_lock:
-            if not (target / "manifest.json").is_file():
-                export_pipeline_to_onnx(path, target, fp16=fp16, overwrite=True)
-            if self.engine.model_format != "tensorrt":
-                return target
-            from .tensorrt_build import build_engines
-
-            engines = self.cache_dir / "base-tensorrt" / digest
-            if not (engines / "manifest.json").is_file():
-                build_engines(target, engines, fp16=fp16, overwrite=True)
-            return engines
+        return cuda_available()
 
 
 def _prompts(prompts) -> list[str]:
@@ -368,11 +340,10 @@ def _prompts(prompts) -> list[str]:
     return cleaned
 
 
-def _in_range(name: str, value: int | None, default: int, low: int, high: int) -> int:
-    value = default if value is None else value
-    if not low <= value <= high:
-        raise InvalidArgument(f"`{name}` is {value}: use {low}–{high} (default {default})")
-    return value
+def _setting(request: GenerateRequest, name: str):
+    """The request's value of a declared setting, or its default when unset (None, or "" for a text)."""
+    value = getattr(request, name)
+    return SETTINGS_BY_NAME[name].default if value is None or value == "" else value
 
 
 def _side(name: str, value: int | None, default: int) -> int:

@@ -7,14 +7,26 @@ from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.server import ServiceRegistration
 
 from .domain import GenerateDomain, GenerateRequest, LoadedModel
+from .options import SETTINGS
 
 SCHEDULERS = {generate_pb2.SCHEDULER_UNSPECIFIED: "", generate_pb2.SCHEDULER_DDIM: "ddim",
               generate_pb2.SCHEDULER_DPMPP: "dpmpp", generate_pb2.SCHEDULER_EULER: "euler"}
 SCHEDULER_VALUES = {name: value for value, name in SCHEDULERS.items() if name}
 
 
-def _optional(message, name: str):
-    return getattr(message, name) if message.HasField(name) else None
+def settings_from_proto(request: generate_pb2.GenerateRequest) -> dict:
+    """The declared settings (options.py) of a GenerateRequest; None (or "") for those the caller left unset."""
+    if request.scheduler not in SCHEDULERS:
+        raise InvalidArgument(f"`scheduler` is {request.scheduler}: use SCHEDULER_DDIM, _DPMPP or _EULER")
+    values = {}
+    for option in SETTINGS:
+        if option.name == "scheduler":  # an enum on the wire, a name in the domain
+            values[option.name] = SCHEDULERS[request.scheduler]
+        elif request.DESCRIPTOR.fields_by_name[option.name].has_presence:
+            values[option.name] = getattr(request, option.name) if request.HasField(option.name) else None
+        else:
+            values[option.name] = getattr(request, option.name)
+    return values
 
 
 def _loaded(model: LoadedModel, engine: str) -> generate_pb2.LoadedConcept:
@@ -27,14 +39,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         self.domain = domain
 
     def Generate(self, request, context):
-        if request.scheduler not in SCHEDULERS:
-            raise InvalidArgument(f"`scheduler` is {request.scheduler}: use SCHEDULER_DDIM, _DPMPP or _EULER")
-        request = GenerateRequest(
-            prompts=tuple(request.prompts), concept_id=request.concept_id, base_model=request.base_model,
-            negative_prompt=request.negative_prompt, seed=_optional(request, "seed"),
-            steps=_optional(request, "steps"), guidance_scale=_optional(request, "guidance_scale"),
-            scheduler=SCHEDULERS[request.scheduler], width=_optional(request, "width"),
-            height=_optional(request, "height"), images_per_prompt=_optional(request, "images_per_prompt"))
+        request = GenerateRequest(prompts=tuple(request.prompts), concept_id=request.concept_id,
+                                  base_model=request.base_model, **settings_from_proto(request))
         self.domain.check(request)  # a bad request is refused at once, not after its turn in the queue
         with self.domain.admission.hold(is_active=context.is_active):
             yield from self._images(self.domain.generate(current_tenant(), request))

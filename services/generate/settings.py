@@ -1,25 +1,13 @@
 """Settings of the generate service, env PERSONA_GENERATE_* and PERSONA_TRITON_*."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona.services.runtime.errors import InvalidArgument
-from persona.services.runtime.settings import env_float, env_int
+from persona.services.runtime.errors import InvalidSetting
+from persona.services.runtime.settings import env_flag, env_float, env_int, env_text
 
 ENGINES = ("embedded", "triton")
-
-
-def _env_bool(name: str) -> bool | None:
-    raw = os.environ.get(name, "").strip().lower()
-    if raw in ("", "auto"):
-        return None
-    if raw in ("1", "true", "yes"):
-        return True
-    if raw in ("0", "false", "no"):
-        return False
-    raise InvalidArgument(f"`{name}` is {raw!r}: use 1, 0 or auto")
 
 
 @dataclass(frozen=True)
@@ -76,33 +64,33 @@ class GenerateSettings:
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
-            raise InvalidArgument(f"`PERSONA_GENERATE_ENGINE` is {self.engine!r}: use one of {', '.join(ENGINES)}")
+            raise InvalidSetting(f"`PERSONA_GENERATE_ENGINE` is {self.engine!r}: use one of {', '.join(ENGINES)}")
         if self.batch_size < 1:
-            raise InvalidArgument(f"`PERSONA_GENERATE_BATCH` is {self.batch_size}: use 1 or more")
+            raise InvalidSetting(f"`PERSONA_GENERATE_BATCH` is {self.batch_size}: use 1 or more")
         for name, value in (("PERSONA_GENERATE_MAX_PIXELS", self.max_pixels),
                             ("PERSONA_GENERATE_MAX_IMAGES", self.max_images),
                             ("PERSONA_GENERATE_MAX_MEGAPIXEL_STEPS", self.max_megapixel_steps),
                             ("PERSONA_GENERATE_CONCURRENCY", self.concurrency)):
             if not value > 0:
-                raise InvalidArgument(f"`{name}` is {value}: use a positive number")
+                raise InvalidSetting(f"`{name}` is {value}: use a positive number")
         if self.queue < 0:
-            raise InvalidArgument(f"`PERSONA_GENERATE_QUEUE` is {self.queue}: use 0 or more")
+            raise InvalidSetting(f"`PERSONA_GENERATE_QUEUE` is {self.queue}: use 0 or more")
 
     @classmethod
     def from_env(cls, **overrides) -> "GenerateSettings":
-        repository = os.environ.get("PERSONA_TRITON_REPOSITORY", "").strip()
+        repository = env_text("PERSONA_TRITON_REPOSITORY")
         values = dict(
-            engine=os.environ.get("PERSONA_GENERATE_ENGINE", "").strip() or "embedded",
-            device=os.environ.get("PERSONA_GENERATE_DEVICE", "").strip() or None,
+            engine=env_text("PERSONA_GENERATE_ENGINE", "embedded"),
+            device=env_text("PERSONA_GENERATE_DEVICE"),
             max_loaded=max(1, env_int("PERSONA_GENERATE_MAX_LOADED", 2)),
             batch_size=env_int("PERSONA_GENERATE_BATCH", 1),
-            cuda_graphs=_env_bool("PERSONA_GENERATE_CUDA_GRAPHS") is not False,
-            compile=_env_bool("PERSONA_GENERATE_COMPILE") is True,
-            triton_url=os.environ.get("PERSONA_TRITON_URL", "").strip() or None,
+            cuda_graphs=env_flag("PERSONA_GENERATE_CUDA_GRAPHS") is not False,
+            compile=env_flag("PERSONA_GENERATE_COMPILE") is True,
+            triton_url=env_text("PERSONA_TRITON_URL"),
             triton_repository=Path(repository).expanduser() if repository else None,
-            triton_component_backend=os.environ.get("PERSONA_TRITON_COMPONENT_BACKEND", "").strip() or None,
-            triton_gpu=_env_bool("PERSONA_TRITON_GPU"),
-            onnx_fp16=_env_bool("PERSONA_GENERATE_ONNX_FP16"),
+            triton_component_backend=env_text("PERSONA_TRITON_COMPONENT_BACKEND"),
+            triton_gpu=env_flag("PERSONA_TRITON_GPU"),
+            onnx_fp16=env_flag("PERSONA_GENERATE_ONNX_FP16"),
             triton_rpc_timeout_s=env_float("PERSONA_TRITON_RPC_TIMEOUT_S", 10.0),
             triton_load_timeout_s=env_float("PERSONA_TRITON_LOAD_TIMEOUT_S", 600.0),
             max_pixels=env_int("PERSONA_GENERATE_MAX_PIXELS", cls.max_pixels),

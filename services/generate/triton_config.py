@@ -80,15 +80,6 @@ def _tensor_block(kind: str, tensors: Iterable[object]) -> list[str]:
 PLATFORMS = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan"}  # platform → its model file
 
 
-def python_model_config(name: str, inputs: Sequence[object], outputs: Sequence[object], max_batch_size: int = 0,
-                        instance_kind: str = "KIND_CPU", dynamic_batching: bool = False, instance_count: int = 1,
-                        parameters: Mapping[str, str] | None = None) -> str:
-    """config.pbtxt text for a python-backend model. `inputs`/`outputs`: TensorSpec, dicts or
-    (name, dtype[, dims]) tuples. `parameters` become string parameters (e.g. EXECUTION_ENV_PATH)."""
-    return model_config(name, inputs, outputs, max_batch_size=max_batch_size, instance_kind=instance_kind,
-                        dynamic_batching=dynamic_batching, instance_count=instance_count, parameters=parameters)
-
-
 def model_config(name: str, inputs: Sequence[object], outputs: Sequence[object], *, platform: str | None = None,
                  max_batch_size: int = 0, instance_kind: str = "KIND_CPU", dynamic_batching: bool = False,
                  instance_count: int = 1, parameters: Mapping[str, str] | None = None) -> str:

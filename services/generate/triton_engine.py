@@ -21,13 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from persona.services.runtime.devices import cuda_available
 from persona.services.runtime.errors import FailedPrecondition, NotFound, PersonaError, Unavailable
 
 from .domain import LoadedModel
 from .sampling import LoopSettings, SamplingSettings, tokenize
 from .triton_models import PIPELINE_MODEL
 from .triton_repository import RepositoryEntry, TritonRepository, model_name
-from .triton_server import TritonServer, load_model, to_persona_error, unload_model
+from .triton_client import load_model, to_persona_error, unload_model
+from .triton_server import TritonServer
 
 log = logging.getLogger("persona.generate.triton")
 
@@ -144,9 +146,6 @@ class TritonEngine:
         if stop is not None:
             stop()
 
-    def draw(self, key: str, settings: SamplingSettings):
-        return self.draw_batch(key, [settings])[0]
-
     def draw_batch(self, key: str, batch: Sequence[SamplingSettings]) -> list:
         """One `sd_pipeline` request for the whole batch; a Triton that lost its models (restarted) gets them
         loaded again and the request is sent once more."""
@@ -251,9 +250,7 @@ def triton_engine_from_settings(settings, data_dir: Path) -> TritonEngine:
         native_tensorrt = backends is not None and (backends / "tensorrt").is_dir()
     gpu = settings.triton_gpu
     if gpu is None:
-        import torch
-
-        gpu = torch.cuda.is_available()
+        gpu = cuda_available()
     # TensorRT engines on a GPU where the server runs plans and this process can build them (NVIDIA's image);
     # else native onnxruntime where the server has it; else torch on GPU instances (the python backend running ONNX
     # Runtime would compute on the CPU there: the nvidia-pytriton machines have a CPU onnxruntime only); else ONNX
@@ -267,12 +264,12 @@ def triton_engine_from_settings(settings, data_dir: Path) -> TritonEngine:
 
 
 def _can_build_tensorrt() -> bool:
-    from .tensorrt_build import tensorrt_available
+    from persona.services.models.tensorrt_build import tensorrt_available
 
     return tensorrt_available()[0]
 
 
 def _find_install():
-    from .triton_server import find_tritonserver
+    from .triton_install import find_tritonserver
 
     return find_tritonserver()

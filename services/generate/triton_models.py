@@ -33,6 +33,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from persona.services.runtime.settings import parse_flag
+
 PIPELINE_MODEL = "sd_pipeline"
 CONCEPTS_FOLDER = "concepts"  # sd_pipeline/concepts/<name>/<version>/: what each concept is made of
 PIPELINE_FILE = "pipeline.json"  # in a concept's version folder: component model names, latent geometry
@@ -140,7 +142,8 @@ class TorchComponent:
         self.module = _load_torch_component(component, folder / subfolder, dtype)
         self.module.to(self.device).eval().requires_grad_(False)
         self.forward: Callable = _torch_forward(component, self.module, dtype)
-        graphs = parameters.get("cuda_graphs", "1" if component == "unet" else "0").strip().lower() in ("1", "true")
+        graphs = parse_flag(parameters.get("cuda_graphs"), "cuda_graphs")  # config.pbtxt; unset: the UNet only
+        graphs = component == "unet" if graphs is None else graphs
         if graphs and self.device.type == "cuda":
             self.forward = CudaGraphs(self.forward, self.device)
 

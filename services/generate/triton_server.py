@@ -1,227 +1,30 @@
-"""Run NVIDIA Triton (`tritonserver`) as a child process and drive its explicit model control.
+"""Run NVIDIA Triton (`tritonserver`) as a child process: ports, log, readiness, stop, and model control through
+it with the server log's lines added to errors.
 
-Where the binary comes from (`find_tritonserver`, first match wins):
-
-1. `PERSONA_TRITONSERVER`: the binary itself, or an install root holding `bin/tritonserver`
-   (NVIDIA's container: `/opt/tritonserver`);
-2. a `tritonserver` on `PATH`, then `/opt/tritonserver/bin/tritonserver`;
-3. the binary bundled in the `nvidia-pytriton` wheel (Triton 2.51, **python backend only**), installed on its own
-   with `pip install --no-deps nvidia-pytriton==0.7.0` (not a dependency of persona: its metadata pins numpy < 2).
-
-The bundled binary needs three things its wheel does not do on its own (measured, see DESIGN "Triton"):
-the python backend stub built for the running interpreter copied next to `libtriton_python.so`
-(`prepare_python_stub`, idempotent, temp + rename so racing processes are safe); the interpreter's
-own LIBDIR and `nvidia_pytriton.libs` on `LD_LIBRARY_PATH` (otherwise the stub picks up another
-libpython and a load can hang for minutes); the interpreter's `bin` first on `PATH` (the embedded
-interpreter finds its prefix, hence the venv's site-packages, through it).
-
-Nothing here imports tritonclient at module import time, so importing this module stays cheap.
+The binary comes from `triton_install.find_tritonserver` (PERSONA_TRITONSERVER, PATH, /opt/tritonserver, the
+nvidia-pytriton wheel); loading and unloading models is `triton_client`. Nothing here imports tritonclient at
+module import time, so importing this module stays cheap.
 """
 from __future__ import annotations
 
-import errno
-import filecmp
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from persona.services.runtime.errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PersonaError,
-    Unavailable,
-)
+from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, PersonaError, Unavailable
+
+from .triton_client import load_model, unload_model
+from .triton_install import TritonInstall, find_tritonserver
 
 if TYPE_CHECKING:  # pragma: no cover
     import tritonclient.grpc
-
-ENV_TRITONSERVER = "PERSONA_TRITONSERVER"
-DEFAULT_INSTALL_ROOT = Path("/opt/tritonserver")
-# The bundled server for laptops and CI; --no-deps because nvidia-pytriton's metadata pins numpy < 2, which persona
-# does not need (it runs only the binary and python-backend files of the wheel; tritonclient comes with persona).
-BUNDLED_INSTALL = "pip install --no-deps nvidia-pytriton==0.7.0"
-INSTALL_ADVICE = (
-    f"for a local one, `{BUNDLED_INSTALL}` (tritonserver 2.51, python backend only, Linux x86_64/aarch64); in "
-    "production run NVIDIA's Triton container (nvcr.io/nvidia/tritonserver, binary at "
-    "/opt/tritonserver/bin/tritonserver) and point persona at it with PERSONA_TRITON_URL; "
-    f"or set {ENV_TRITONSERVER} to a tritonserver binary or install root")
-
-
-# --------------------------------------------------------------------------------------------------
-# Locating the binary
-
-
-@dataclass(frozen=True)
-class TritonInstall:
-    """A runnable tritonserver: the binary, where its backends live, what it needs on the loader path."""
-
-    binary: Path
-    source: str  # "env", "path", "opt", "pytriton"
-    backend_dir: Path | None = None  # None: the binary's default (/opt/tritonserver/backends)
-    cache_dir: Path | None = None
-    lib_dirs: tuple[Path, ...] = ()
-    path_dirs: tuple[Path, ...] = ()
-
-    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The environment to run `binary` in: `base` (default os.environ) plus loader path and PATH."""
-        env = dict(os.environ if base is None else base)
-        if self.lib_dirs:
-            parts = [str(p) for p in self.lib_dirs] + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
-            env["LD_LIBRARY_PATH"] = ":".join(dict.fromkeys(parts))
-        if self.path_dirs:
-            parts = [str(p) for p in self.path_dirs] + [p for p in env.get("PATH", os.defpath).split(":") if p]
-            env["PATH"] = ":".join(dict.fromkeys(parts))
-        return env
-
-    def server_args(self) -> list[str]:
-        args = []
-        if self.backend_dir is not None:
-            args.append(f"--backend-directory={self.backend_dir}")
-        if self.cache_dir is not None:
-            args.append(f"--cache-directory={self.cache_dir}")
-        return args
-
-
-def _interpreter_dirs() -> tuple[tuple[Path, ...], tuple[Path, ...]]:
-    """(lib dirs, bin dirs) of the running interpreter: its libpython's LIBDIR, and the venv's bin."""
-    libs: list[Path] = []
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir and Path(libdir).is_dir():
-        libs.append(Path(libdir))
-    bins = [Path(sys.executable).parent]
-    return tuple(libs), tuple(bins)
-
-
-def _pytriton_root() -> Path | None:
-    """The `tritonserver` folder inside the installed nvidia-pytriton wheel, found without importing pytriton."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("pytriton")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        root = Path(location) / "tritonserver"
-        if (root / "bin" / "tritonserver").is_file():
-            return root
-    return None
-
-
-def prepare_python_stub(backends_dir: Path, stubs_dir: Path, version: str | None = None) -> Path:
-    """Put the python-backend stub for `version` (default: this interpreter) at
-    `backends_dir/python/triton_python_backend_stub`. Idempotent; concurrent callers are safe
-    (each writes its own temp file and renames it into place). Returns the stub's path."""
-    version = version or f"{sys.version_info.major}.{sys.version_info.minor}"
-    src = stubs_dir / version / "triton_python_backend_stub"
-    if not src.is_file():
-        have = sorted(p.name for p in stubs_dir.iterdir() if p.is_dir()) if stubs_dir.is_dir() else []
-        raise FailedPrecondition(
-            f"the bundled Triton python backend has no stub for Python {version} (has: {', '.join(have) or 'none'}): "
-            f"run persona with one of those Python versions, or {INSTALL_ADVICE}")
-    dst = backends_dir / "python" / "triton_python_backend_stub"
-    if dst.is_file() and os.access(dst, os.X_OK) and filecmp.cmp(src, dst, shallow=False):
-        return dst
-    fd, tmp = tempfile.mkstemp(prefix=".stub-", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
-
-
-def _pytriton_install(root: Path) -> TritonInstall:
-    backends = root / "backends"
-    stubs = root / "python_backend_stubs"
-    try:
-        prepare_python_stub(backends, stubs)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        # Read-only site-packages (not ours, or a read-only root filesystem in a container): prepare a private
-        # copy of the backends in the user's cache.
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "persona" / "tritonserver"
-        py = f"{sys.version_info.major}.{sys.version_info.minor}"
-        private = cache / f"backends-py{py}"
-        if not (private / "python" / "libtriton_python.so").is_file():
-            private.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".backends-", dir=private.parent))
-            try:
-                shutil.copytree(backends, tmp / "b")
-                try:
-                    os.replace(tmp / "b", private)
-                except OSError:  # another process won the race
-                    if not (private / "python" / "libtriton_python.so").is_file():
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        prepare_python_stub(private, stubs)
-        backends = private
-    libdirs, bindirs = _interpreter_dirs()
-    wheel_libs = root.parent.parent / "nvidia_pytriton.libs"
-    lib_dirs = libdirs + ((wheel_libs,) if wheel_libs.is_dir() else ())
-    caches = root / "caches"
-    return TritonInstall(binary=root / "bin" / "tritonserver", source="pytriton", backend_dir=backends,
-                         cache_dir=caches if caches.is_dir() else None, lib_dirs=lib_dirs, path_dirs=bindirs)
-
-
-def _native_install(binary: Path, source: str) -> TritonInstall:
-    """A tritonserver from NVIDIA's layout (`<root>/bin/tritonserver`, `<root>/backends`)."""
-    root = binary.resolve().parent.parent
-    backends = root / "backends"
-    _, bindirs = _interpreter_dirs()
-    return TritonInstall(binary=binary, source=source, backend_dir=backends if backends.is_dir() else None,
-                         path_dirs=bindirs)
-
-
-def find_tritonserver(environ: Mapping[str, str] | None = None) -> TritonInstall:
-    """Locate a runnable tritonserver (see the module docstring for the order) and prepare it.
-
-    Raises FailedPrecondition, with how to install one, when there is none."""
-    environ = os.environ if environ is None else environ
-    configured = environ.get(ENV_TRITONSERVER, "").strip()
-    if configured:
-        path = Path(configured).expanduser()
-        binary = path / "bin" / "tritonserver" if path.is_dir() else path
-        if not binary.is_file():
-            raise FailedPrecondition(
-                f"`{ENV_TRITONSERVER}` is {configured!r}, but no tritonserver binary is there "
-                f"(looked for {binary}): point it at the binary or at an install root holding bin/tritonserver, "
-                f"or unset it to use the one bundled in nvidia-pytriton; otherwise {INSTALL_ADVICE}")
-        if not os.access(binary, os.X_OK):
-            raise FailedPrecondition(f"`{ENV_TRITONSERVER}`: {binary} is not executable: chmod +x it")
-        return _native_install(binary, "env")
-    on_path = shutil.which("tritonserver", path=environ.get("PATH"))
-    if on_path:
-        return _native_install(Path(on_path), "path")
-    if (DEFAULT_INSTALL_ROOT / "bin" / "tritonserver").is_file():
-        return _native_install(DEFAULT_INSTALL_ROOT / "bin" / "tritonserver", "opt")
-    root = _pytriton_root()
-    if root is not None:
-        return _pytriton_install(root)
-    raise FailedPrecondition(f"no tritonserver found: {INSTALL_ADVICE}")
-
-
-# --------------------------------------------------------------------------------------------------
-# The server process
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -479,109 +282,3 @@ class TritonServer:
         except ImportError as e:
             raise FailedPrecondition(f"tritonclient is not installed ({e}): pip install 'tritonclient[grpc]'") from e
         return grpcclient.InferenceServerClient(self.grpc_url, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------------
-# Model control
-
-
-def to_persona_error(exc: Exception, what: str) -> PersonaError:
-    """Map a tritonclient InferenceServerException to the persona error a client should see."""
-    status = str(getattr(exc, "status", lambda: None)() or "")
-    message = getattr(exc, "message", lambda: str(exc))()
-    text = f"{what}: {message}"
-    if "UNAVAILABLE" in status:
-        return Unavailable(f"{what}: Triton is not reachable ({message})")
-    if "DEADLINE_EXCEEDED" in status:
-        return DeadlineExceeded(text)
-    if "NOT_FOUND" in status:
-        return NotFound(text)
-    if "INVALID_ARGUMENT" in status and "failed to load" not in message and "load failed" not in message:
-        return InvalidArgument(text)
-    return FailedPrecondition(text)
-
-
-def _model_states(client, name: str, timeout_s: float) -> list[tuple[str, str, str]]:
-    """(version, state, reason) of `name` in the repository index."""
-    index = client.get_model_repository_index(as_json=True, client_timeout=timeout_s)
-    return [(m.get("version", ""), m.get("state", ""), m.get("reason", ""))
-            for m in index.get("models", []) if m.get("name") == name]
-
-
-def _poll_failure(client, name: str, what: str, err: PersonaError) -> PersonaError:
-    """Triton says only "failed to poll from model repository" both for a missing folder and for a bad one."""
-    from tritonclient.utils import InferenceServerException
-
-    try:
-        known = bool(_model_states(client, name, 5.0))
-    except InferenceServerException:
-        return err
-    if not known:
-        return NotFound(f"{what}: no folder `{name}` in the model repository: create <repository>/{name}/"
-                        "config.pbtxt and <repository>/{name}/<version>/model.py")
-    return FailedPrecondition(f"{err.message.rstrip()} (`{name}/config.pbtxt` or its folder is invalid; "
-                              "the tritonserver log says why)")
-
-
-def load_model(client, name: str, *, timeout_s: float = 120.0, config: str | None = None,
-               files: Mapping[str, bytes] | None = None) -> float:
-    """Load (or reload: new versions, changed config) `name` and wait until it is ready.
-
-    `config` (JSON text) and `files` (`"file:1/model.py"` → bytes) are passed to Triton's load API
-    for models uploaded without a repository folder. Returns the seconds it took. Raises Unavailable
-    when Triton is down, DeadlineExceeded when the load outlasts `timeout_s`, FailedPrecondition
-    (InvalidArgument for a bad request) carrying Triton's message when the model fails to load."""
-    from tritonclient.utils import InferenceServerException
-
-    started = time.monotonic()
-    deadline = started + timeout_s
-    what = f"loading Triton model `{name}`"
-    try:
-        client.load_model(name, config=config, files=dict(files) if files else None, client_timeout=timeout_s)
-    except InferenceServerException as e:
-        err = to_persona_error(e, what)
-        if "failed to poll from model repository" in err.message and not isinstance(err, Unavailable):
-            err = _poll_failure(client, name, what, err)
-        if not isinstance(err, DeadlineExceeded):
-            raise err from e
-    # The load RPC returns when Triton has finished; poll anyway, in case the deadline cut it short.
-    while True:
-        remaining = max(0.1, deadline - time.monotonic())
-        try:
-            if client.is_model_ready(name, client_timeout=min(5.0, remaining)):
-                return time.monotonic() - started
-            states = _model_states(client, name, min(5.0, remaining))
-        except InferenceServerException as e:
-            raise to_persona_error(e, what) from e
-        if states and all(s not in ("LOADING", "READY", "UNLOADING") for _, s, _ in states):
-            reasons = "; ".join(f"version {v or '?'}: {s} {r}".strip() for v, s, r in states)
-            raise FailedPrecondition(f"{what}: {reasons}")
-        if time.monotonic() > deadline:
-            raise DeadlineExceeded(
-                f"{what}: not ready after {timeout_s:g} s (states: {states}); Triton cannot cancel a load: if the "
-                "model's initialize() is stuck, restart the server, else retry with a longer timeout")
-        time.sleep(0.1)
-
-
-def unload_model(client, name: str, *, timeout_s: float = 30.0, unload_dependents: bool = False,
-                 wait: bool = True) -> float:
-    """Unload `name`; with `wait`, until no version is READY or UNLOADING (Triton answers the RPC at
-    once but keeps the model UNLOADING for a few seconds). Returns the seconds it took."""
-    from tritonclient.utils import InferenceServerException
-
-    started = time.monotonic()
-    deadline = started + timeout_s
-    what = f"unloading Triton model `{name}`"
-    try:
-        client.unload_model(name, unload_dependents=unload_dependents, client_timeout=timeout_s)
-        while wait:
-            remaining = max(0.1, deadline - time.monotonic())
-            states = _model_states(client, name, min(5.0, remaining))
-            if all(s not in ("READY", "UNLOADING", "LOADING") for _, s, _ in states):
-                break
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(f"{what}: still {states} after {timeout_s:.0f} s")
-            time.sleep(0.1)
-    except InferenceServerException as e:
-        raise to_persona_error(e, what) from e
-    return time.monotonic() - started

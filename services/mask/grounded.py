@@ -14,7 +14,7 @@ the model references that made it. Pure domain code: no grpc; errors are persona
 
 Models are a hub id taken from the local Hugging Face cache (downloaded only when `download` is set and
 HF_HUB_OFFLINE is not, as for base models) or a local folder saved with `save_pretrained` (model and processor);
-`tiny_models` builds random-weight stand-ins of all three. Each masker loads its models once, on first use
+The tests' `tiny_models.py` builds random-weight stand-ins of all three. Each masker loads its models once, on first use
 (or `load()`), on `device` (default cuda when available, else cpu). torch and transformers are imported there.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+from persona.services.runtime.devices import device_name, torch_device
+from persona.services.runtime.errors import InvalidArgument
 # The project's one model-folder resolver and offline rule; `model_type` tells the three models apart.
 from persona.services.runtime.model_loading import loading_models
 from persona.services.runtime.models import resolve_model_folder
@@ -118,7 +119,7 @@ class ClipSegMasker:
                  download: bool = False, min_threshold: float = DEFAULT_CLIPSEG_MIN_THRESHOLD):
         self.model_id = _model_ref(model, "model", DEFAULT_CLIPSEG_MODEL)
         self.min_threshold = _unit_interval(min_threshold, "min_threshold")
-        self.device = _device_name(device)
+        self.device = device_name(device)
         self.download = download
         self._lock = threading.Lock()
         self._loaded: tuple[Any, Any] | None = None
@@ -129,7 +130,7 @@ class ClipSegMasker:
             if self._loaded is None:
                 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-                device = _torch_device(self.device)
+                device = torch_device(self.device)
                 folder = resolve_model_folder(self.model_id, "model", model_type="clipseg",
                                               download=self.download)
                 processor = _load("model", self.model_id, CLIPSegProcessor, folder)
@@ -188,7 +189,7 @@ class GroundedSamMasker:
         self.box_threshold = _non_negative(box_threshold, "box_threshold")
         self.text_threshold = _unit_interval(text_threshold, "text_threshold")
         self.union = union
-        self.device = _device_name(device)
+        self.device = device_name(device)
         self.download = download
         self._lock = threading.Lock()
         self._loaded: tuple[Any, Any, Any, Any] | None = None
@@ -199,7 +200,7 @@ class GroundedSamMasker:
             if self._loaded is None:
                 from transformers import AutoProcessor, GroundingDinoForObjectDetection, SamModel, SamProcessor
 
-                device = _torch_device(self.device)
+                device = torch_device(self.device)
                 det_folder = resolve_model_folder(self.detector_id, "detector", model_type="grounding-dino",
                                                   download=self.download)
                 seg_folder = resolve_model_folder(self.segmenter_id, "segmenter", model_type="sam",
@@ -211,11 +212,8 @@ class GroundedSamMasker:
                 self._loaded = (det_processor, detector.to(device).eval(), sam_processor, sam.to(device).eval())
         return self._loaded
 
-    def detect(self, image: "Image.Image", text: str) -> list[Detection]:
-        """GroundingDINO's boxes for `text` above the box threshold, best first, in pixels clipped to the image."""
-        return self._detect(image.convert("RGB"), grounding_query(text))
-
     def _detect(self, image: "Image.Image", query: str) -> list[Detection]:
+        """GroundingDINO's boxes for `query` above the box threshold, best first, in pixels clipped to the image."""
         import torch
 
         processor, detector, _, _ = self.load()
@@ -314,26 +312,6 @@ def _non_negative(value: float, field: str) -> float:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise InvalidArgument(f"`{field}` is {value!r}: pass a number from 0 to 1 (above 1 detects nothing)")
     return float(value)
-
-
-def _device_name(device: str | None) -> str:
-    device = (device or "").strip()
-    if not device:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
-        raise InvalidArgument(f"`device` is {device!r}: pass cpu, cuda or cuda:N")
-    return device
-
-
-def _torch_device(name: str):
-    import torch
-
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FailedPrecondition(f"`device` is {name} but torch sees no CUDA GPU: pass device cpu, or install the "
-                                 "CUDA build of torch")
-    return torch.device(name)
 
 
 def _parameters(fn) -> set[str]:

@@ -31,7 +31,7 @@ S×S input, so the patch grid tiles the original photo evenly: pixel (x, y) of a
 floor((x + 0.5)·w / W) and row floor((y + 0.5)·h / H) (its centre, scaled). Points are (x, y) pixel coordinates
 of the photo as given (x to the right, y down); grid-level functions take (row, col) indices.
 
-Only ClipPatchFeatures and tiny_clip_vision need torch and transformers; the rest is numpy.
+Only ClipPatchFeatures needs torch and transformers; the rest is numpy.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from persona.services.runtime.devices import torch_device
 from persona.services.runtime.errors import InvalidArgument
 # The project's one model-folder resolver and offline rule (a hub id comes from the local cache only).
 from persona.services.runtime.model_loading import loading_models
@@ -58,8 +59,6 @@ DEFAULT_SIGMA = 1.0
 GAUSSIAN_TRUNCATE = 3.0
 # Otsu histogram bins over [min, max]: 8-bit resolution, as the classic method on grey images.
 OTSU_BINS = 256
-# Seed of tiny_clip_vision's random weights, so every build is the same model.
-TINY_SEED = 0
 
 GridIndex = tuple[int, int]
 
@@ -274,7 +273,6 @@ class ClipPatchFeatures:
 
     def __init__(self, clip_model: str | Path = DEFAULT_CLIP_MODEL, *, download: bool = False,
                  device: str | None = None):
-        import torch
         from transformers import CLIPImageProcessor, CLIPVisionModel
 
         ref = str(clip_model).strip()
@@ -303,7 +301,7 @@ class ClipPatchFeatures:
             raise InvalidArgument(
                 f"`clip_model` {ref!r} has no weights for {len(missing)} CLIP vision tensors (e.g. {missing[0]}): "
                 "pass a CLIP or CLIP vision checkpoint")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch_device(device)
         self.model = model.to(self.device).eval()
         self.processor = processor
         config = model.config
@@ -328,21 +326,3 @@ class ClipPatchFeatures:
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def tiny_clip_vision(folder: str | Path) -> Path:
-    """Saves a seeded random CLIP vision model (64 px input, 8 px patches: an 8×8 grid, hidden 32, 2 layers) and
-    its image processor into `folder`, for tests: `ClipPatchFeatures(folder)` loads it offline."""
-    import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-
-    folder = Path(folder)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = CLIPVisionModel(CLIPVisionConfig(
-            image_size=64, patch_size=8, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, projection_dim=32, hidden_act="quick_gelu"))
-    model.save_pretrained(folder, safe_serialization=True)
-    # CLIP's released normalisation; size and crop match the input so the processor alone would also fit.
-    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(folder)
-    return folder

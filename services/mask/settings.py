@@ -1,8 +1,9 @@
 """Settings of the mask service: which models make masks, env PERSONA_MASK_*."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from persona.services.runtime.settings import env_text
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,8 @@ class MaskSettings:
 
     @classmethod
     def from_env(cls) -> "MaskSettings":
-        env = os.environ.get
-        return cls(clip_model=env("PERSONA_MASK_CLIP_MODEL", "").strip() or cls.clip_model,
-                   clipseg_model=env("PERSONA_MASK_CLIPSEG_MODEL", "").strip() or cls.clipseg_model,
-                   detector_model=env("PERSONA_MASK_DETECTOR_MODEL", "").strip() or cls.detector_model,
-                   segmenter_model=env("PERSONA_MASK_SEGMENTER_MODEL", "").strip() or cls.segmenter_model,
-                   device=env("PERSONA_MASK_DEVICE", "").strip() or None)
+        return cls(clip_model=env_text("PERSONA_MASK_CLIP_MODEL", cls.clip_model),
+                   clipseg_model=env_text("PERSONA_MASK_CLIPSEG_MODEL", cls.clipseg_model),
+                   detector_model=env_text("PERSONA_MASK_DETECTOR_MODEL", cls.detector_model),
+                   segmenter_model=env_text("PERSONA_MASK_SEGMENTER_MODEL", cls.segmenter_model),
+                   device=env_text("PERSONA_MASK_DEVICE"))

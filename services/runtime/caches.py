@@ -3,6 +3,8 @@ not in the user's home or $TMPDIR, so a data dir holds everything persona writes
 
 - torch.compile's inductor and Triton kernel caches: TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR, set here unless
   the operator set them;
+- the private copy of Triton's backends made when site-packages is read-only (generate.triton_server asks
+  `persona_cache_dir`);
 - onnxruntime writes a telemetry device id and database under $XDG_CACHE_HOME (~/.cache) and a session file in
   $TMPDIR when it is first imported (diffusers imports it on every pipeline load): a meta path finder runs that
   import with both pointed at the cache (only for that import: the Hugging Face cache, which also follows
@@ -27,6 +29,16 @@ def cache_dir(data_dir: Path) -> Path:
     """PERSONA_CACHE_DIR, else <data dir>/cache."""
     configured = os.environ.get("PERSONA_CACHE_DIR", "").strip()
     return Path(configured).expanduser() if configured else Path(data_dir) / "cache"
+
+
+def persona_cache_dir() -> Path:
+    """This process's cache folder: the one keep_caches_in chose, else cache_dir of the default data dir
+    (PERSONA_HOME)."""
+    if _root is not None:
+        return _root
+    from .settings import default_home
+
+    return cache_dir(default_home())
 
 
 def keep_caches_in(data_dir: Path) -> Path:

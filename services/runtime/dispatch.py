@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from .jobs import JobRecord
+    from .job_store import JobRecord
 
 PENDING, RUNNING, SUCCEEDED, FAILED, GONE = "pending", "running", "succeeded", "failed", "gone"
 

@@ -28,6 +28,12 @@ class FailedPrecondition(PersonaError):
     code = "FAILED_PRECONDITION"
 
 
+class InvalidSetting(FailedPrecondition):
+    """A setting (a PERSONA_* variable, a settings field, a generated config's parameter) holds a value persona
+    cannot use: the request is fine, the deployment is not. The message names the setting, the value and a good
+    one."""
+
+
 class ResourceExhausted(PersonaError):
     code = "RESOURCE_EXHAUSTED"
     # Seconds a client should wait before trying again (sent as grpc-retry-pushback-ms); None: no advice.

@@ -1,17 +1,28 @@
 """JobService: inspect, follow and cancel the caller's jobs (served by every persona server)."""
 from __future__ import annotations
 
+import logging
+
 import grpc
+from google.protobuf import json_format
 
 from persona.v1 import common_pb2, common_pb2_grpc
 
 from .budget import Budget
 from .context import current_tenant
 from .errors import InvalidArgument
-from .jobs import JobEventRecord, JobRecord, JobRunner
+from .job_store import JobEventRecord, JobRecord
+from .jobs import JobRunner
 from .paging import parse_page
 from .protoconv import struct, timestamp
 from .server import ServiceRegistration
+
+log = logging.getLogger("persona.jobs")
+
+# The Job field holding the typed result of each job kind (common.proto); a handler's result dict uses the
+# message's field names, so one parse fills it.
+TYPED_RESULTS = {"caption": "caption_result", "train": "train_result", "export": "export_result",
+                 "evaluate": "evaluate_result"}
 
 
 def job_to_proto(job: JobRecord) -> common_pb2.Job:
@@ -23,17 +34,34 @@ def job_to_proto(job: JobRecord) -> common_pb2.Job:
     )
     if job.error_code:
         message.error.CopyFrom(common_pb2.JobError(code=job.error_code, message=job.error_message))
+    field = TYPED_RESULTS.get(job.kind)
+    if field and job.result:
+        _parse_into(job.result, getattr(message, field), f"the result of job {job.job_id}")
     return message
 
 
 def event_to_proto(event: JobEventRecord) -> common_pb2.JobEvent:
-    return common_pb2.JobEvent(
+    message = common_pb2.JobEvent(
         job_id=event.job_id, sequence=event.sequence,
         type=common_pb2.JobEventType.Value(f"JOB_EVENT_TYPE_{event.type}"),
         state=common_pb2.JobState.Value(f"JOB_STATE_{event.state}") if event.state else 0,
         progress=event.progress, message=event.message, data=struct(event.data),
         created_at=timestamp(event.created_at),
     )
+    if event.type == "PROGRESS" and event.data:
+        _parse_into(event.data, message.details, f"event {event.sequence} of job {event.job_id}")
+    return message
+
+
+def _parse_into(data: dict, target, what: str) -> None:
+    """Fills the typed message `target` from a handler's dict (keys it does not declare are left to the Struct).
+    A dict that does not fit (an older server's row) leaves the typed message unset, not the call failed."""
+    try:
+        json_format.ParseDict(data, target, ignore_unknown_fields=True)
+    except json_format.ParseError:
+        target.Clear()
+        log.warning("%s does not fit %s; only the untyped data carries it", what, target.DESCRIPTOR.name,
+                    exc_info=True)
 
 
 def _require_job_id(job_id: str) -> str:

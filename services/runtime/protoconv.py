@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from google.protobuf import struct_pb2, timestamp_pb2
-from google.protobuf.json_format import MessageToDict
 
 
 def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -15,7 +14,3 @@ def struct(data: dict) -> struct_pb2.Struct:
     message = struct_pb2.Struct()
     message.update(data or {})
     return message
-
-
-def struct_to_dict(message: struct_pb2.Struct) -> dict:
-    return MessageToDict(message)

@@ -5,12 +5,22 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidArgument
+from .errors import InvalidSetting
 
 
 def default_home() -> Path:
     """PERSONA_HOME, else ~/.persona: where the embedded CLI and `serve` keep their data."""
     return Path(os.environ.get("PERSONA_HOME") or Path.home() / ".persona")
+
+
+def env_text(name: str, default: str | None = None) -> str | None:
+    """A text environment variable, surrounding spaces dropped; `default` when unset or blank."""
+    return os.environ.get(name, "").strip() or default
+
+
+def env_list(name: str) -> tuple[str, ...]:
+    """A comma-separated environment variable as its non-blank items, spaces dropped."""
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
 
 
 def _env_number(name: str, default, parse, kind: str):
@@ -20,7 +30,7 @@ def _env_number(name: str, default, parse, kind: str):
     try:
         return parse(raw)
     except ValueError:
-        raise InvalidArgument(f"`{name}` is {raw!r}, not {kind}: set it to e.g. {default}") from None
+        raise InvalidSetting(f"`{name}` is {raw!r}, not {kind}: set it to e.g. {default}") from None
 
 
 def env_int(name: str, default: int) -> int:
@@ -33,16 +43,27 @@ def env_float(name: str, default: float) -> float:
     return _env_number(name, default, float, "a number")
 
 
-def env_flag(name: str) -> bool | None:
-    """A yes/no environment variable (1/true/yes, 0/false/no); None when unset or empty."""
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def parse_flag(raw: str | None, name: str) -> bool | None:
+    """A yes/no setting's text: 1/true/yes/on or 0/false/no/off (any case); None when empty or `auto` (the
+    default). Anything else is InvalidSetting naming `name` and the value."""
+    text = (raw or "").strip().lower()
+    if text in ("", "auto"):
         return None
-    if raw in ("1", "true", "yes"):
+    if text in TRUE_WORDS:
         return True
-    if raw in ("0", "false", "no"):
+    if text in FALSE_WORDS:
         return False
-    raise InvalidArgument(f"`{name}` is {raw!r}: use 1 or 0")
+    raise InvalidSetting(f"`{name}` is {raw.strip()!r}: use 1 or 0 (true/false, yes/no, on/off), or leave it unset "
+                         "for the default")
+
+
+def env_flag(name: str) -> bool | None:
+    """A yes/no environment variable (parse_flag); None when unset, empty or `auto`."""
+    return parse_flag(os.environ.get(name), name)
 
 
 AUTH_MODES = ("none", "api-key")
@@ -91,19 +112,19 @@ class RuntimeSettings:
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
-            raise InvalidArgument(f"`auth` is {self.auth!r}: use one of {', '.join(AUTH_MODES)}")
+            raise InvalidSetting(f"`auth` is {self.auth!r}: use one of {', '.join(AUTH_MODES)}")
         for name, value in (("rpc_workers", self.rpc_workers), ("work_workers", self.work_workers),
                             ("max_watch_streams", self.max_watch_streams)):
             if value < 1:
-                raise InvalidArgument(f"`{name}` is {value}: use 1 or more")
+                raise InvalidSetting(f"`{name}` is {value}: use 1 or more")
         if self.max_message_bytes < 1024 * 1024:
-            raise InvalidArgument("`max_message_bytes` is below 1 MiB: raise PERSONA_MAX_MESSAGE_BYTES")
+            raise InvalidSetting("`max_message_bytes` is below 1 MiB: raise PERSONA_MAX_MESSAGE_BYTES")
         url = self.database_url
         if url and not url.startswith(("postgresql://", "postgres://")) and "=" not in url:
             # The value is not shown: it may hold a password.
-            raise InvalidArgument("`database_url` (PERSONA_DATABASE_URL) is not a PostgreSQL URL: set it to e.g. "
-                                  "postgresql://USER:PASSWORD@HOST:5432/persona, or leave it empty for SQLite in the "
-                                  "data dir")
+            raise InvalidSetting("`database_url` (PERSONA_DATABASE_URL) is not a PostgreSQL URL: set it to e.g. "
+                                 "postgresql://USER:PASSWORD@HOST:5432/persona, or leave it empty for SQLite in the "
+                                 "data dir")
 
     @classmethod
     def from_env(cls, **overrides) -> "RuntimeSettings":
@@ -116,12 +137,11 @@ class RuntimeSettings:
             rpc_workers=env_int("PERSONA_RPC_WORKERS", cls.rpc_workers),
             work_workers=env_int("PERSONA_WORK_WORKERS", cls.work_workers),
             max_watch_streams=env_int("PERSONA_MAX_WATCH_STREAMS", cls.max_watch_streams),
-            resume_interrupted_jobs=os.environ.get("PERSONA_RESUME_JOBS", "1") not in ("0", "false", "no"),
-            database_url=os.environ.get("PERSONA_DATABASE_URL", "").strip(),
+            resume_interrupted_jobs=env_flag("PERSONA_RESUME_JOBS"),
+            database_url=env_text("PERSONA_DATABASE_URL", ""),
             model_paths=env_flag("PERSONA_MODEL_PATHS"),
             models_root=Path(os.environ["PERSONA_MODELS_ROOT"]) if os.environ.get("PERSONA_MODELS_ROOT") else None,
-            allowed_models=tuple(r.strip() for r in os.environ.get("PERSONA_ALLOWED_MODELS", "").split(",")
-                                 if r.strip()),
+            allowed_models=env_list("PERSONA_ALLOWED_MODELS"),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["data_dir"] = Path(values["data_dir"]).expanduser()

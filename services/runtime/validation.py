@@ -1,4 +1,5 @@
-"""Checks every request shares: each float finite, numbers in range; messages name the field and how to fix it."""
+"""Checks every request shares: each float finite; messages name the field and how to fix it. (A declared option's
+own bounds are checked by its declaration: options.py.)"""
 from __future__ import annotations
 
 import math
@@ -43,19 +44,3 @@ def check_finite(message: Message) -> None:
     path = non_finite_field(message)
     if path is not None:
         raise InvalidArgument(f"`{path}` is not a finite number (NaN or infinity): pass a real number")
-
-
-def check_range(field: str, value: float | int | None, low: float | None = None, high: float | None = None, *,
-                low_open: bool = False, hint: str = "") -> None:
-    """Raises InvalidArgument unless `value` is finite and within [low, high] ((low, high] with `low_open`).
-
-    None (an unset optional) passes. `hint` ends the message, e.g. "e.g. 1e-4".
-    """
-    if value is None:
-        return
-    below = low is not None and (value <= low if low_open else value < low)
-    if not math.isfinite(value) or below or (high is not None and value > high):
-        lower = "" if low is None else (f"> {low:g}" if low_open else f"≥ {low:g}")
-        upper = "" if high is None else f"≤ {high:g}"
-        bounds = " and ".join(b for b in (lower, upper) if b)
-        raise InvalidArgument(f"`{field}` is {value}: use a number {bounds}" + (f", {hint}" if hint else ""))

@@ -77,6 +77,10 @@ def normalize_class_name(class_name: str) -> str:
     return name
 
 
+# DreamBench's live subjects (its dogs and cats): evaluation gives them its live prompts, CoRe its animate ones.
+LIVE_CLASSES = frozenset({"dog", "cat"})
+
+
 def indefinite_article(noun: str) -> str:
     """"a" or "an" before a class noun ("a dog", "an apple", "a unicorn", "an hourglass")."""
     word = noun.lower()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from persona.services.runtime import dispatch
-from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, InvalidSetting
 
 from .settings import TrainSettings
 
@@ -50,8 +50,8 @@ def train_dispatcher(settings: TrainSettings, data_dir: Path,
                 "SQLite file: set PERSONA_DATABASE_URL to a PostgreSQL database (Helm: database.postgresDsn)")
         k = settings.kubernetes
         if not k.image:
-            raise FailedPrecondition("PERSONA_TRAIN_DISPATCHER=kubernetes needs PERSONA_K8S_IMAGE: the image the "
-                                     "worker pods run (the persona image), e.g. registry.example.com/persona:0.1.0")
+            raise InvalidSetting("PERSONA_TRAIN_DISPATCHER=kubernetes needs PERSONA_K8S_IMAGE: the image the "
+                                 "worker pods run (the persona image), e.g. registry.example.com/persona:0.1.0")
         return KubernetesDispatcher(
             k.namespace, k.image, service_account=k.service_account, data_claim=k.data_claim,
             models_claim=k.models_claim, gpu=k.gpu, node_selector=k.node_selector, tolerations=k.tolerations,

@@ -7,202 +7,28 @@ branches on the method's name.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
-from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+from persona.services.models.fusing import LEARNED_EMBEDS
+from persona.services.runtime.devices import torch_device
+from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.model_loading import loading_models
 
+from .checkpoint import CHECKPOINT_FILE, TrainingState, run_fingerprint
+from .config import TrainConfig
 from .crop import square_crop_box
 from .methods import METHODS, Components
-from .methods.lora import LEARNED_EMBEDS
 from .methods.textual_inversion import add_learned_token
 from .regularizers import REGULARIZER_PLUGINS, RegularizerInputs, weighted_pixel_mean
-from .regularizers.core import CORE_VARIANTS
 
-# Learning rate used when TrainConfig.learning_rate is None, per method. DreamBooth moves every UNet weight, so
-# it takes the smallest step (diffusers train_dreambooth.py: 5e-6); LoRA trains few fresh weights
-# (train_dreambooth_lora.py: 1e-4); textual inversion one embedding row (textual_inversion.py: 5e-4); Custom
-# Diffusion the cross-attention K/V and a token row (train_custom_diffusion.py: 1e-5 per image, the paper's 8e-5
-# at batch 8); SVDiff one shift per singular value (svdiff-pytorch's train_svdiff.py: 1e-3).
-DEFAULT_LEARNING_RATES = {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4, "custom_diffusion": 1e-5, "svdiff": 1e-3}
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-TRAINED_DTYPES = ("fp32", "bf16")
-# diffusers.optimization.SchedulerType values.
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "piecewise_constant")
-MAX_STEPS = 100_000
 
 OnStep = Callable[[int, dict, float], None]
 ShouldStop = Callable[[], bool]
 # on_validation(step, [(prompt, PIL image), ...]) after the validation images of `step` are drawn.
 OnValidation = Callable[[int, list], None]
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every knob of a training run, with its default. `validate()` rejects bad values and conflicts."""
-
-    # "dreambooth" (whole UNet), "lora" (UNet attention adapters) or "ti" (one new token embedding).
-    method: str = "lora"
-    # Optimiser steps.
-    steps: int = 400
-    # None: the method's default (DEFAULT_LEARNING_RATES: dreambooth 5e-6, lora 1e-4, ti 5e-4,
-    # custom_diffusion 1e-5, svdiff 1e-3).
-    learning_rate: float | None = None
-    # Instance images per step (and as many class images when prior preservation is on).
-    batch_size: int = 1
-    # Training image side in pixels; None: the base model's native resolution. Multiple of the VAE factor.
-    resolution: int | None = None
-    # Seeds adapter init, image order, noise and timesteps: same seed, same data -> same weights.
-    seed: int = 0
-    # Also train the text encoder: all of it (dreambooth) or LoRA adapters on its attention (lora).
-    train_text_encoder: bool = False
-    # LoRA rank, alpha (scale = alpha / rank) and the UNet modules that get adapters.
-    lora_rank: int = 4
-    lora_alpha: float = 4
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    # Textual inversion: the new placeholder token and the word its embedding starts from.
-    token: str = "sks"
-    initializer_token: str = "dog"
-    # "no", "fp16" or "bf16" autocast; used only where the device supports it (else a warning, fp32).
-    mixed_precision: str = "no"
-    # dtype the trained weights are kept in: "fp32", or "bf16" (half the memory of what trains, coarser updates)
-    # where the device has it (else a warning, fp32). Frozen weights use the compute dtype whatever this says.
-    trained_dtype: str = "fp32"
-    # Recompute activations in backward: less memory, slower.
-    gradient_checkpointing: bool = False
-    # Min-SNR loss weighting (Hang et al. 2023), e.g. 5.0; None: plain MSE.
-    min_snr_gamma: float | None = None
-    # A diffusers.optimization.get_scheduler name, and its warmup steps.
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    # bitsandbytes' 8-bit AdamW instead of torch's AdamW (needs `pip install bitsandbytes`).
-    use_8bit_adam: bool = False
-    # Weight of the prior-preservation term when class images are given.
-    prior_loss_weight: float = 1.0
-    # Regulariser plugins beyond prior preservation (regularizers.REGULARIZER_PLUGINS): "mask", "spl".
-    regularizers: tuple[str, ...] = ()
-    # The subject's class noun (SPL's anchor phrase "a photo of a <class>").
-    class_name: str = "dog"
-    # Masked loss: the weight of latent pixels outside the subject mask (0: subject only; OneTrainer's 0.1).
-    unmasked_weight: float = 0.1
-    # ClassDiffusion's semantic preservation loss weight (its reference value).
-    spl_weight: float = 1.0
-    # CoRe (regularizers/core.py; values of the CoRe reference's stage 1): weights of the context embedding and
-    # context attention terms, the inclusive step window in which the new token's embedding is rescaled to its
-    # previous norm (core_rescale_end 0: never), and the embedding term's form: "cosine", "pairwise" or "hinge".
-    core_emb_weight: float = 1.5e-4
-    core_attn_weight: float = 0.05
-    core_rescale_start: int = 120
-    core_rescale_end: int = 180
-    core_variant: str = "cosine"
-    # AdamW weight decay and gradient clipping norm (diffusers' defaults).
-    adam_weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    # "cpu", "cuda", "cuda:1", ...; None: cuda when available, else cpu.
-    device: str | None = None
-    # Write a resumable checkpoint every N steps (0: never); needs train(checkpoint_dir=...).
-    checkpoint_every: int = 0
-    # Draw validation images every N steps and at the end (0: never), from these prompts, with this many
-    # DDIM steps; needs train(on_validation=...).
-    validation_every: int = 0
-    validation_prompts: tuple[str, ...] = ()
-    validation_steps: int = 20
-
-    @property
-    def lr(self) -> float:
-        """The learning rate in effect: learning_rate, or the method's default."""
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return DEFAULT_LEARNING_RATES.get(self.method, 1e-4)
-
-    def validate(self) -> "TrainConfig":
-        """Raises InvalidArgument naming the field (both fields for a conflict); returns self."""
-        if self.method not in METHODS:
-            raise InvalidArgument(f"`method` is {self.method!r}: use one of {', '.join(METHODS)}")
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise InvalidArgument(f"`steps` is {self.steps}: use 1–{MAX_STEPS}")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise InvalidArgument(f"`learning_rate` is {self.learning_rate}: use a positive number, e.g. 1e-4")
-        if self.batch_size < 1:
-            raise InvalidArgument(f"`batch_size` is {self.batch_size}: use 1 or more")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise InvalidArgument(f"`resolution` is {self.resolution}: use a multiple of 8, e.g. 512")
-        if self.lora_rank < 1:
-            raise InvalidArgument(f"`lora_rank` is {self.lora_rank}: use 1 or more, e.g. 4")
-        if self.lora_alpha <= 0:
-            raise InvalidArgument(f"`lora_alpha` is {self.lora_alpha}: use a positive number, e.g. the rank")
-        if not self.lora_targets:
-            raise InvalidArgument("`lora_targets` is empty: name modules, e.g. to_q to_k to_v to_out.0")
-        if self.train_text_encoder and self.method not in ("dreambooth", "lora"):
-            raise InvalidArgument(
-                f"`train_text_encoder` is for `method` dreambooth or lora, not {self.method!r}: "
-                "turn train_text_encoder off or change the method")
-        if self.method == "ti" and not self.token.strip():
-            raise InvalidArgument("`token` is empty: pass the placeholder word, e.g. sks")
-        if self.method == "ti" and not self.initializer_token.strip():
-            raise InvalidArgument("`initializer_token` is empty: pass the class word, e.g. dog")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise InvalidArgument(f"`mixed_precision` is {self.mixed_precision!r}: use one of no, fp16, bf16")
-        if self.trained_dtype not in TRAINED_DTYPES:
-            raise InvalidArgument(f"`trained_dtype` is {self.trained_dtype!r}: use one of {', '.join(TRAINED_DTYPES)}")
-        if self.trained_dtype == "bf16" and self.mixed_precision != "bf16":
-            raise InvalidArgument(f"`trained_dtype` bf16 needs `mixed_precision` bf16, not {self.mixed_precision!r}: "
-                                  "set mixed_precision bf16, or keep trained_dtype fp32")
-        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-            raise InvalidArgument(f"`min_snr_gamma` is {self.min_snr_gamma}: use a positive number, e.g. 5.0")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise InvalidArgument(f"`lr_scheduler` is {self.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
-        if not 0 <= self.lr_warmup_steps <= self.steps:
-            raise InvalidArgument(f"`lr_warmup_steps` is {self.lr_warmup_steps}: use 0–`steps` ({self.steps})")
-        unknown = [r for r in self.regularizers if r not in REGULARIZER_PLUGINS]
-        if unknown:
-            raise InvalidArgument(f"`regularizers` has {', '.join(unknown)}: use some of {', '.join(REGULARIZER_PLUGINS)}")
-        if not 0 <= self.unmasked_weight <= 1:
-            raise InvalidArgument(f"`unmasked_weight` is {self.unmasked_weight}: use 0–1 (0: subject only)")
-        if self.spl_weight < 0:
-            raise InvalidArgument(f"`spl_weight` is {self.spl_weight}: use 0 or more, e.g. 1.0")
-        if self.core_emb_weight < 0:
-            raise InvalidArgument(f"`core_emb_weight` is {self.core_emb_weight}: use 0 (off) or more, e.g. 1.5e-4")
-        if self.core_attn_weight < 0:
-            raise InvalidArgument(f"`core_attn_weight` is {self.core_attn_weight}: use 0 (off) or more, e.g. 0.05")
-        if self.core_rescale_start < 1:
-            raise InvalidArgument(f"`core_rescale_start` is {self.core_rescale_start}: use a step, 1 or more, e.g. 120")
-        if self.core_rescale_end and self.core_rescale_end < self.core_rescale_start:
-            raise InvalidArgument(
-                f"`core_rescale_end` ({self.core_rescale_end}) is before `core_rescale_start` "
-                f"({self.core_rescale_start}): use an end at or after the start, or 0 to turn rescaling off")
-        if self.core_variant not in CORE_VARIANTS:
-            raise InvalidArgument(f"`core_variant` is {self.core_variant!r}: use one of {', '.join(CORE_VARIANTS)}")
-        if self.prior_loss_weight < 0:
-            raise InvalidArgument(f"`prior_loss_weight` is {self.prior_loss_weight}: use 0 or more, e.g. 1.0")
-        if self.checkpoint_every < 0:
-            raise InvalidArgument(f"`checkpoint_every` is {self.checkpoint_every}: use 0 (never) or a step count")
-        if self.validation_every < 0:
-            raise InvalidArgument(f"`validation_every` is {self.validation_every}: use 0 (never) or a step count")
-        if self.validation_every and not self.validation_prompts:
-            raise InvalidArgument("`validation_every` is set but `validation_prompts` is empty: give a prompt, "
-                                  "e.g. 'a sks dog on the beach'")
-        if not 1 <= self.validation_steps <= 200:
-            raise InvalidArgument(f"`validation_steps` is {self.validation_steps}: use 1–200")
-        if self.use_8bit_adam:
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError:
-                raise InvalidArgument(
-                    "`use_8bit_adam` needs bitsandbytes, which is not installed: pip install bitsandbytes, "
-                    "or turn use_8bit_adam off") from None
-        return self
 
 
 @dataclass(frozen=True)
@@ -262,7 +88,7 @@ def train(
     config.validate()
     if not examples:
         raise InvalidArgument("`examples` is empty: pass at least one (image, caption) pair")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch_device(config.device)
     # Seed in a forked RNG: the run is reproducible and the caller's random stream is left alone.
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
@@ -379,9 +205,9 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         warnings += regularizer.prepare(reg_inputs)
 
     # 6. Resume from the checkpoint a previous (interrupted) call left, if any.
-    fingerprint = _fingerprint(config, all_examples, n_instance,
-                               instance_masks if "mask" in config.regularizers else (), parent_embedding)
-    state = _TrainingState(params, optimizer, lr_scheduler, scaler, generator)
+    fingerprint = run_fingerprint(config, all_examples, n_instance,
+                                  instance_masks if "mask" in config.regularizers else (), parent_embedding)
+    state = TrainingState(params, optimizer, lr_scheduler, scaler, generator)
     losses: list[float] = []
     start_step = 0
     if checkpoint_dir is not None and (checkpoint_dir / CHECKPOINT_FILE).exists():
@@ -596,77 +422,6 @@ def _trained_dtype(device, name: str, warnings: list[str]):
             return torch.bfloat16
         warnings.append(f"`trained_dtype` bf16 is not supported on {device.type}: keeping the trained weights in fp32")
     return torch.float32
-
-
-class _TrainingState:
-    """Everything a resumed run needs to continue exactly where the interrupted one stopped."""
-
-    def __init__(self, params, optimizer, lr_scheduler, scaler, generator):
-        self.params, self.optimizer, self.lr_scheduler = params, optimizer, lr_scheduler
-        self.scaler, self.generator = scaler, generator
-
-    def save(self, path: Path, fingerprint: str, step: int, losses: list[float]) -> None:
-        """Writes the state to a temporary file and renames it over `path`: a crash leaves the old or the new."""
-        import torch
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        payload = {
-            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "step": step, "losses": list(losses),
-            "params": [p.detach().cpu().clone() for p in self.params],
-            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "generator": self.generator.get_state(),
-        }
-        with open(temporary, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-    def load(self, path: Path, fingerprint: str) -> tuple[int, list[float]]:
-        """Restores the state from `path`; returns (step, losses so far)."""
-        import torch
-
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        if payload.get("format") != CHECKPOINT_FORMAT or payload.get("fingerprint") != fingerprint:
-            raise FailedPrecondition(
-                f"checkpoint {path} was written by a run with other settings or images: delete it to start over")
-        with torch.no_grad():
-            for param, saved in zip(self.params, payload["params"], strict=True):
-                param.copy_(saved.to(param.device, param.dtype))
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.lr_scheduler.load_state_dict(payload["lr_scheduler"])
-        if self.scaler is not None and payload["scaler"] is not None:
-            self.scaler.load_state_dict(payload["scaler"])
-        self.generator.set_state(payload["generator"])
-        return payload["step"], list(payload["losses"])
-
-
-def _fingerprint(config: TrainConfig, examples: list, n_instance: int, masks: Sequence[Any] = (),
-                 parent_embedding: tuple[str, Any] | None = None) -> str:
-    """Identifies a run's settings and data (masks, a parent's embedding too), so a checkpoint is only resumed by
-    the run that wrote it."""
-    from dataclasses import asdict
-
-    settings = {k: v for k, v in asdict(config).items()
-                if k not in ("device", "checkpoint_every", "validation_every", "validation_prompts", "validation_steps")}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    digest.update(str(n_instance).encode())
-    for image, caption in examples:
-        digest.update(caption.encode())
-        digest.update(image.convert("RGB").tobytes())
-    for mask in masks:
-        digest.update(b"-" if mask is None else np.packbits(np.asarray(mask, dtype=bool)).tobytes())
-    if parent_embedding is not None:
-        digest.update(parent_embedding[0].encode())
-        digest.update(parent_embedding[1].detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _validation_images(components: Components, config: TrainConfig, resolution: int, device, autocast) -> list:

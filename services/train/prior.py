@@ -25,12 +25,16 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from PIL import Image
 
-from persona.services.runtime.artifacts import ArtifactStore, file_sha256
+from persona.services.models.base_models import base_model_identity
+from persona.services.runtime.artifacts import ArtifactStore
+from persona.services.runtime.devices import device_name
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.model_loading import loading_models
 from persona.services.subjects.domain import indefinite_article
 from persona.services.subjects.images import png_bytes
 from persona.services.runtime.metadata import MetadataStore, Migration
+
+from .options import MAX_CLASS_IMAGES
 
 MIGRATIONS = [
     Migration("prior_images", 1, (
@@ -49,7 +53,6 @@ MIGRATIONS = [
     )),
 ]
 
-MAX_CLASS_IMAGES = 1000
 # Bumped when the way images are drawn changes (seeding, sampler use), so older sets are not reused.
 GENERATOR_VERSION = 1
 # Pixels drawn per pipeline call: DreamBooth's sample_batch_size of 4 at 512 px. Smaller images go more to a call,
@@ -74,34 +77,6 @@ def class_prompt_for(class_name: str) -> str:
     if first in ("a", "an", "the"):
         return f"a photo of {name}"  # the caller already chose the article
     return f"a photo of {indefinite_article(name)} {name}"
-
-
-def base_model_identity(base_model_dir: Path) -> str:
-    """Stable, content-aware id of a diffusers folder: sha256 over (path, content sha256) of every file it loads.
-
-    Content, not name or mtime: the same model copied elsewhere or re-downloaded keeps its id (and its
-    cached class images), while retrained weights under the same name get a new one. Weights are hashed
-    once per process per (path, size, mtime) — about 3 s for SD-1.5 — and a Hugging Face cache snapshot
-    costs nothing, because its files link to blobs already named by their sha256.
-    """
-    root = Path(base_model_dir)
-    index_path = root / "model_index.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except FileNotFoundError:
-        raise InvalidArgument(f"`base_model` {root} has no model_index.json: pass a diffusers folder") from None
-    # Only the components the pipeline loads: a hub snapshot may also hold fp16 copies, .ckpt files, READMEs.
-    components = sorted(name for name, spec in index.items()
-                        if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None)
-    files = [index_path]
-    for name in components:
-        folder = root / name
-        if folder.is_dir():
-            files += sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + file_sha256(path).encode() + b"\n")
-    return h.hexdigest()
 
 
 def cache_key(base_model_id: str, class_prompt: str, count: int, seed: int, resolution: int, steps: int,
@@ -130,7 +105,7 @@ class DiffusersClassImageGenerator:
         import torch
         from diffusers import StableDiffusionPipeline
 
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device_name(self.device)
         # fp16 on a GPU halves memory and time; CPUs have no fast fp16 kernels.
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         # The folder's own scheduler (DDIM for `tiny`): class images should look like what the model draws.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from persona.v1 import common_pb2, train_pb2, train_pb2_grpc
+from persona.services.models.concepts import VALIDATION, WEIGHTS, Concept
 from persona.services.runtime.context import current_tenant
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.job_service import job_to_proto
@@ -9,8 +10,9 @@ from persona.services.runtime.paging import parse_page
 from persona.services.runtime.protoconv import timestamp
 from persona.services.runtime.server import ServiceRegistration
 
-from .concepts import VALIDATION, WEIGHTS, Concept
-from .domain import TrainDomain, TrainRequest
+from .domain import TrainDomain
+from .options import BY_NAME, OPTIONS
+from .request import TrainRequest
 
 STATES = {"TRAINING": train_pb2.CONCEPT_STATE_TRAINING, "READY": train_pb2.CONCEPT_STATE_READY,
           "FAILED": train_pb2.CONCEPT_STATE_FAILED, "CANCELLED": train_pb2.CONCEPT_STATE_CANCELLED}
@@ -18,36 +20,31 @@ FORMATS = {train_pb2.EXPORT_FORMAT_DIFFUSERS: "diffusers", train_pb2.EXPORT_FORM
            train_pb2.EXPORT_FORMAT_KOHYA: "kohya", train_pb2.EXPORT_FORMAT_TI: "ti",
            train_pb2.EXPORT_FORMAT_ONNX: "onnx", train_pb2.EXPORT_FORMAT_TENSORRT: "tensorrt",
            train_pb2.EXPORT_FORMAT_CUSTOM_DIFFUSION: "custom_diffusion", train_pb2.EXPORT_FORMAT_SVDIFF: "svdiff"}
-# TrainingOptions fields that are lists or plain (non-optional) values; the rest are proto3 `optional`.
-_REPEATED = ("lora_targets", "validation_prompts")
-_PLAIN = ("train_text_encoder", "initializer_token", "mixed_precision", "gradient_checkpointing", "lr_scheduler",
-          "use_8bit_adam", "class_prompt", "core_variant")
 
 
 def options_from_proto(options: train_pb2.TrainingOptions) -> dict:
-    """Only the options the caller set: unset `optional` fields, empty strings and lists take server defaults."""
+    """Only the options the caller set (options.py declares them): unset `optional` numbers, empty strings, false
+    and empty lists take the server's defaults."""
     result: dict = {}
-    for field in options.DESCRIPTOR.fields:
-        name = field.name
-        value = getattr(options, name)
-        if name in _REPEATED:
+    for option in OPTIONS:
+        value = getattr(options, option.name)
+        if option.type is list:
             if value:
-                result[name] = list(value)
-        elif name in _PLAIN:
+                result[option.name] = list(value)
+        elif option.type in (bool, str):  # plain proto3 fields: unset reads as false / ""
             if value:
-                result[name] = value
-        elif options.HasField(name):
-            result[name] = value
+                result[option.name] = value
+        elif options.HasField(option.name):
+            result[option.name] = value
     return result
 
 
 def options_to_proto(options: dict) -> train_pb2.TrainingOptions:
     message = train_pb2.TrainingOptions()
-    known = {f.name for f in message.DESCRIPTOR.fields}
     for name, value in options.items():
-        if name not in known or value is None:
-            continue
-        if name in _REPEATED:
+        if name not in BY_NAME or value is None:
+            continue  # a stored option this server no longer declares
+        if BY_NAME[name].type is list:
             getattr(message, name).extend(value)
         else:
             setattr(message, name, value)

@@ -6,8 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persona.services.runtime.errors import FailedPrecondition
-from persona.services.runtime.settings import default_home, env_int
+from persona.services.models.base_models import SD_CONFIGS_DIR
+from persona.services.runtime.errors import InvalidSetting
+from persona.services.runtime.settings import default_home, env_flag, env_int, env_list, env_text
 
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -20,7 +21,7 @@ def _default_model_cache() -> Path:
 
 
 def _default_single_file_configs() -> Path:
-    return Path(__file__).resolve().parent / "assets" / "sd-configs"
+    return SD_CONFIGS_DIR
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,6 @@ class KubernetesJobSettings:
 
     @classmethod
     def from_env(cls) -> "KubernetesJobSettings":
-        def text(name: str, default: str) -> str:
-            return os.environ.get(name, "").strip() or default
-
         def json_env(name: str, kind: type):
             raw = os.environ.get(name, "").strip()
             try:
@@ -52,18 +50,18 @@ class KubernetesJobSettings:
                 value = e
             if not isinstance(value, kind):
                 what, example = ("object", "{}") if kind is dict else ("list", "[]")
-                raise FailedPrecondition(f"{name} is {raw!r}: set a JSON {what}, e.g. {name}='{example}'")
+                raise InvalidSetting(f"{name} is {raw!r}: set a JSON {what}, e.g. {name}='{example}'")
             return value
 
-        return cls(namespace=text("PERSONA_K8S_NAMESPACE", cls.namespace), image=text("PERSONA_K8S_IMAGE", ""),
-                   service_account=text("PERSONA_K8S_SERVICE_ACCOUNT", cls.service_account),
-                   data_claim=text("PERSONA_K8S_DATA_CLAIM", cls.data_claim),
-                   models_claim=text("PERSONA_K8S_MODELS_CLAIM", cls.models_claim),
+        return cls(namespace=env_text("PERSONA_K8S_NAMESPACE", cls.namespace),
+                   image=env_text("PERSONA_K8S_IMAGE", ""),
+                   service_account=env_text("PERSONA_K8S_SERVICE_ACCOUNT", cls.service_account),
+                   data_claim=env_text("PERSONA_K8S_DATA_CLAIM", cls.data_claim),
+                   models_claim=env_text("PERSONA_K8S_MODELS_CLAIM", cls.models_claim),
                    gpu=env_int("PERSONA_K8S_GPU", cls.gpu), node_selector=json_env("PERSONA_K8S_NODE_SELECTOR", dict),
                    tolerations=json_env("PERSONA_K8S_TOLERATIONS", list),
-                   config_map=text("PERSONA_K8S_CONFIGMAP", ""), secret=text("PERSONA_K8S_SECRET", ""),
-                   image_pull_secrets=[n.strip() for n in os.environ.get("PERSONA_K8S_IMAGE_PULL_SECRETS", "").split(",")
-                                       if n.strip()])
+                   config_map=env_text("PERSONA_K8S_CONFIGMAP", ""), secret=env_text("PERSONA_K8S_SECRET", ""),
+                   image_pull_secrets=list(env_list("PERSONA_K8S_IMAGE_PULL_SECRETS")))
 
 
 @dataclass(frozen=True)
@@ -99,17 +97,16 @@ class TrainSettings:
         cache = os.environ.get("PERSONA_MODEL_CACHE")
         dispatcher = os.environ.get("PERSONA_TRAIN_DISPATCHER", "").strip().lower() or "thread"
         if dispatcher not in DISPATCHERS:
-            raise FailedPrecondition(f"PERSONA_TRAIN_DISPATCHER is {dispatcher!r}: use thread, subprocess or kubernetes")
+            raise InvalidSetting(f"PERSONA_TRAIN_DISPATCHER is {dispatcher!r}: use thread, subprocess or kubernetes")
         return cls(
             dispatcher=dispatcher,
             kubernetes=KubernetesJobSettings.from_env() if dispatcher == "kubernetes" else KubernetesJobSettings(),
             base_model_cache_dir=Path(cache) if cache else (Path(data_dir) / "models" if data_dir is not None
                                                             else _default_model_cache()),
-            download_base_models=os.environ.get("PERSONA_TRAIN_DOWNLOAD_BASE_MODELS", "") in ("1", "true", "yes"),
-            single_file_configs=Path(os.environ.get("PERSONA_SINGLE_FILE_CONFIGS", "").strip()
-                                     or _default_single_file_configs()),
-            default_base_model=os.environ.get("PERSONA_BASE_MODEL", "").strip() or DEFAULT_BASE_MODEL,
-            device=os.environ.get("PERSONA_TRAIN_DEVICE", "").strip() or None,
+            download_base_models=env_flag("PERSONA_TRAIN_DOWNLOAD_BASE_MODELS") is True,
+            single_file_configs=Path(env_text("PERSONA_SINGLE_FILE_CONFIGS") or _default_single_file_configs()),
+            default_base_model=env_text("PERSONA_BASE_MODEL", DEFAULT_BASE_MODEL),
+            device=env_text("PERSONA_TRAIN_DEVICE"),
             max_resolution=env_int("PERSONA_TRAIN_MAX_RESOLUTION", cls.max_resolution),
             max_batch_size=env_int("PERSONA_TRAIN_MAX_BATCH", cls.max_batch_size),
         )

@@ -9,7 +9,7 @@ from fakevlm import DEFAULT_ANSWER, MODEL, Reply, image_bytes, texts
 from PIL import Image
 
 from persona.services.caption.instructions import INSTRUCTION_VERSION
-from persona.services.runtime.jobs import JobStore
+from persona.services.runtime.job_store import JobStore
 from persona.services.runtime.metadata import SQLiteMetadataStore
 from persona.v1 import caption_pb2, common_pb2, subjects_pb2
 
@@ -59,15 +59,15 @@ def test_case_1_works_without_a_vlm(client, dog_photos):
     events = []
     job = caption_run(client, subject.subject_id, events, case=caption_pb2.DESCRIPTION_CASE_1)
     assert job.state == SUCCEEDED and job.progress == 1.0
-    assert job.result["captioned"] == 4 and list(job.result["failed"]) == []
+    assert job.caption_result.captioned == 4 and list(job.caption_result.failed) == []
     captions = captions_of(client, subject.subject_id)
     assert [c.image.image_id for c in captions] == [i.image_id for i in subject.images]
     assert {(c.text, c.source, c.model, c.instruction_version, c.case, c.attempts, c.failure) for c in captions} == {
         ("a photo of a sks dog", caption_pb2.CAPTION_SOURCE_TEMPLATE, "template", INSTRUCTION_VERSION,
          caption_pb2.DESCRIPTION_CASE_1, 0, "")}
     progress = [e for e in events if e.type == common_pb2.JOB_EVENT_TYPE_PROGRESS]
-    assert [e.data["image_id"] for e in progress] == [i.image_id for i in subject.images]
-    assert progress[-1].data["done"] == progress[-1].data["total"] == 4
+    assert [e.details.image_id for e in progress] == [i.image_id for i in subject.images]
+    assert progress[-1].details.done == progress[-1].details.total == 4 and progress[-1].details.stage == "caption"
     got = client.captions.GetCaption(caption_pb2.GetCaptionRequest(image=captions[2].image))
     assert got == captions[2]
 
@@ -173,7 +173,7 @@ def test_persistently_non_compliant_image_is_reported_and_others_kept(vlm_client
     job = caption_run(client, subject.subject_id, events)
     assert job.state == FAILED and job.error.code == "FAILED_PRECONDITION"
     assert bad in job.error.message and "'brown'" in job.error.message and good not in job.error.message
-    assert list(job.result["failed"]) == [bad] and job.result["captioned"] == 1
+    assert list(job.caption_result.failed) == [bad] and job.caption_result.captioned == 1
     assert len(fake_vlm.requests) == 4
     assert any(e.type == common_pb2.JOB_EVENT_TYPE_WARNING and bad in e.message for e in events)
     failed, kept = captions_of(client, subject.subject_id)
@@ -286,14 +286,14 @@ def test_user_caption_survives_recaption_unless_overwritten(client, dog_photos):
     assert [c.source for c in captions_of(client, sid)] == [caption_pb2.CAPTION_SOURCE_USER]
 
     job = caption_run(client, sid, case=caption_pb2.DESCRIPTION_CASE_1)
-    assert job.state == SUCCEEDED and list(job.result["skipped"]) == [first] and job.result["captioned"] == 1
+    assert job.state == SUCCEEDED and list(job.caption_result.skipped) == [first] and job.caption_result.captioned == 1
     kept, templated = captions_of(client, sid)
     assert (kept.text, kept.source) == (text, caption_pb2.CAPTION_SOURCE_USER)
     assert templated.source == caption_pb2.CAPTION_SOURCE_TEMPLATE
 
     job = caption_run(client, sid, case=caption_pb2.DESCRIPTION_CASE_1, overwrite_user_captions=True,
                       image_ids=[first])
-    assert job.state == SUCCEEDED and job.result["captioned"] == 1
+    assert job.state == SUCCEEDED and job.caption_result.captioned == 1
     replaced = client.captions.GetCaption(caption_pb2.GetCaptionRequest(image=ref(sid, first)))
     assert (replaced.text, replaced.source) == ("a photo of a sks dog", caption_pb2.CAPTION_SOURCE_TEMPLATE)
 
@@ -354,7 +354,7 @@ def test_resumed_job_skips_images_it_already_captioned(start_app, client_for, fa
         pass  # the replay of the first run ends at its SUCCEEDED event: follow only the resumed run
     resumed = client.jobs.GetJob(common_pb2.GetJobRequest(job_id=job.job_id))
     assert resumed.state == SUCCEEDED and resumed.interrupted and resumed.attempts == 2
-    assert resumed.result["captioned"] == 3
+    assert resumed.caption_result.captioned == 3
     assert len(fake_vlm.requests) == 4  # only the missing image was asked for again
     assert {c.text for c in captions_of(client, subject.subject_id)} == {COMPLIANT}
 

@@ -70,7 +70,7 @@ def test_an_evaluation_measures_every_metric_and_writes_the_report(app, client, 
     assert {r["metric"] for r in rows if r["scope"] == "all"} == set(METRICS) - {"attention"} | {"no_subject_images"}
 
     # The reference photos' masks were made (Grounded-SAM on the class) and stored for the next report.
-    subject_id = app.train.get("acme", concepts[0]).subject_id
+    subject_id = app.models.get("acme", concepts[0]).subject_id
     assert len(app.db.query("SELECT * FROM masks WHERE subject_id = :s", {"s": subject_id})) == 2
 
     # A file that is not the report's is refused.

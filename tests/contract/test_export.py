@@ -52,8 +52,8 @@ def run_export(client, concept_id: str, **request) -> tuple[common_pb2.Job, list
     return client.wait_for_job(job.job_id, on_event=events.append, timeout_s=600), events
 
 
-def progress(events) -> list[tuple[str, dict]]:
-    return [(e.message, dict(e.data)) for e in events if e.type == common_pb2.JOB_EVENT_TYPE_PROGRESS]
+def progress(events) -> list[tuple[str, common_pb2.JobProgress]]:
+    return [(e.message, e.details) for e in events if e.type == common_pb2.JOB_EVENT_TYPE_PROGRESS]
 
 
 def download(client, export: train_pb2.ConceptExport, folder: Path) -> Path:
@@ -72,14 +72,14 @@ def test_start_export_onnx_reports_each_component_and_caches_checked_graphs(app,
     final, events = run_export(client, lora.concept_id, format=train_pb2.EXPORT_FORMAT_ONNX)
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
     assert final.params["format"] == "onnx" and final.params["fp16"] is False  # a CPU server defaults to fp32
-    components = [(message, data["component"]) for message, data in progress(events) if "component" in data]
+    components = [(message, details.component) for message, details in progress(events) if details.component]
     assert components == [("text_encoder 1/3", "text_encoder"), ("unet 2/3", "unet"),
                           ("vae_decoder 3/3", "vae_decoder")]
     fractions = [e.progress for e in events if e.type == common_pb2.JOB_EVENT_TYPE_PROGRESS]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
     # ExportConcept of the same format and precision returns the job's files, at once and again the same.
-    result = {f["path"]: f["artifact_id"] for f in final.result["files"]}
+    result = {f.path: f.artifact_id for f in final.export_result.files}
     exported = client.train.ExportConcept(train_pb2.ExportConceptRequest(concept_id=lora.concept_id, **FP32))
     assert {f.path: f.artifact_id for f in exported.files} == result and exported.fp16 is False
     assert {*ONNX_GRAPHS, "unet/model.onnx.data", "manifest.json", "scheduler/scheduler_config.json"} <= set(result)
@@ -110,10 +110,10 @@ def test_start_export_onnx_reports_each_component_and_caches_checked_graphs(app,
     assert {"export:onnx-fp32", "export:onnx-fp16", "export:diffusers"} <= roles
 
     # The Triton engine's view: the cached export copied into a folder once, reused after.
-    target = app.train.exports.onnx_folder("acme", lora.concept_id, tmp_path / "repo" / lora.concept_id, fp16=False)
+    target = app.models.exports.onnx_folder("acme", lora.concept_id, tmp_path / "repo" / lora.concept_id, fp16=False)
     assert (target / "manifest.json").read_bytes() == (folder / "manifest.json").read_bytes()
     stamp = (target / "unet" / "model.onnx").stat().st_mtime_ns
-    assert app.train.exports.onnx_folder("acme", lora.concept_id, target, fp16=False) == target
+    assert app.models.exports.onnx_folder("acme", lora.concept_id, target, fp16=False) == target
     assert (target / "unet" / "model.onnx").stat().st_mtime_ns == stamp
 
 
@@ -126,7 +126,7 @@ def test_onnx_export_of_a_textual_inversion_concept_knows_its_token(client, subj
     assert [m for m, _ in progress(events)] == ["converting to onnx fp32", "converting to diffusers",
                                                 "text_encoder 1/3", "unet 2/3", "vae_decoder 3/3"]
     exported = client.train.ExportConcept(train_pb2.ExportConceptRequest(concept_id=ti.concept_id, **FP32))
-    assert [f.artifact_id for f in exported.files] == [f["artifact_id"] for f in final.result["files"]]
+    assert [f.artifact_id for f in exported.files] == [f.artifact_id for f in final.export_result.files]
     folder = download(client, exported, tmp_path / "ti")
     onnx.checker.check_model(str(folder / "text_encoder" / "model.onnx"))
 
@@ -173,7 +173,7 @@ def test_onnx_export_is_a_folder_diffusers_onnx_pipeline_loads(client, lora, tmp
 
 
 def test_cancel_stops_between_components_and_caches_nothing(app, client, lora, monkeypatch):
-    from persona.services.generate import onnx_export
+    from persona.services.models import onnx_export
 
     real = onnx_export.export_pipeline_to_onnx
     cancel_sent = threading.Event()
@@ -197,11 +197,11 @@ def test_cancel_stops_between_components_and_caches_nothing(app, client, lora, m
     stored = app.db.query("SELECT role FROM concept_files WHERE concept_id = :c AND role LIKE 'export:onnx%'",
                           {"c": lora.concept_id})
     assert stored == []
-    assert not any((app.settings.data_dir / "train" / ".scratch").iterdir())  # staging and scratch removed
+    assert not any((app.settings.data_dir / "exports" / ".scratch").iterdir())  # staging and scratch removed
 
 
 def test_a_parity_failure_fails_the_job_with_its_diffs(app, client, lora, monkeypatch):
-    from persona.services.generate import onnx_export
+    from persona.services.models import onnx_export
 
     monkeypatch.setattr(onnx_export, "DEFAULT_TOLERANCE", {False: 0.0, True: 0.0})
     final, _ = run_export(client, lora.concept_id, **FP32)
@@ -213,7 +213,7 @@ def test_a_parity_failure_fails_the_job_with_its_diffs(app, client, lora, monkey
 def _pretend_tensorrt_is_missing(monkeypatch) -> None:
     """On a machine that can build engines, make it one that cannot; elsewhere the real refusal is tested."""
     try:
-        from persona.services.generate import tensorrt_build
+        from persona.services.models import tensorrt_build
     except ImportError:
         return
     if tensorrt_build.tensorrt_available()[0]:
@@ -233,7 +233,7 @@ def test_tensorrt_without_tensorrt_is_failed_precondition_suggesting_onnx(app, c
 def test_tensorrt_builds_engines_from_the_onnx_export_of_its_precision(app, client, lora, monkeypatch):
     """With a stand-in builder (the real one needs TensorRT and a GPU): the onnx export comes first, the engines
     after it, each step reported, the engines cached per precision."""
-    import persona.services.generate as generate_package
+    import persona.services.models as models_package
 
     calls = []
 
@@ -247,11 +247,11 @@ def test_tensorrt_builds_engines_from_the_onnx_export_of_its_precision(app, clie
         (out_dir / "manifest.json").write_text(json.dumps({"refittable": True}))
         return out_dir
 
-    fake = types.ModuleType("persona.services.generate.tensorrt_build")
+    fake = types.ModuleType("persona.services.models.tensorrt_build")
     fake.tensorrt_available = lambda: (True, "")
     fake.build_engines = build_engines
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
-    monkeypatch.setattr(generate_package, "tensorrt_build", fake, raising=False)
+    monkeypatch.setattr(models_package, "tensorrt_build", fake, raising=False)
 
     final, events = run_export(client, lora.concept_id, format=train_pb2.EXPORT_FORMAT_TENSORRT, fp16=True)
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
@@ -260,11 +260,11 @@ def test_tensorrt_builds_engines_from_the_onnx_export_of_its_precision(app, clie
     assert messages == ["converting to tensorrt fp16", "converting to onnx fp16", "converting to diffusers",
                         "text_encoder 1/3", "unet 2/3", "vae_decoder 3/3", "tensorrt text_encoder 1/3",
                         "tensorrt unet 2/3", "tensorrt vae_decoder 3/3"]
-    assert sorted(f["path"] for f in final.result["files"]) == [
+    assert sorted(f.path for f in final.export_result.files) == [
         "manifest.json", "text_encoder/model.plan", "unet/model.plan", "vae_decoder/model.plan"]
     again = client.train.ExportConcept(train_pb2.ExportConceptRequest(
         concept_id=lora.concept_id, format=train_pb2.EXPORT_FORMAT_TENSORRT, fp16=True))
-    assert [f.artifact_id for f in again.files] == [f["artifact_id"] for f in final.result["files"]]
+    assert [f.artifact_id for f in again.files] == [f.artifact_id for f in final.export_result.files]
     assert calls == [(True, True)]  # cached: not built again
     roles = {r["role"] for r in app.db.query("SELECT DISTINCT role FROM concept_files WHERE concept_id = :c",
                                              {"c": lora.concept_id})}

@@ -81,7 +81,7 @@ def _error(call) -> grpc.RpcError:
 
 
 def test_lora_trains_on_sid_captions_and_every_export_loads_in_plain_diffusers(app, client, subject, tmp_path):
-    from persona.services.train.base_models import tiny_base_model
+    from persona.services.models.base_models import tiny_base_model
 
     first = subject.images[0].image_id
     sid = "a photo of a sks dog lying on a green fluffy blanket next to a black leather purse"
@@ -100,16 +100,23 @@ def test_lora_trains_on_sid_captions_and_every_export_loads_in_plain_diffusers(a
     captions = {c.image.image_id: (c.text, c.source) for c in concept.training_captions}
     assert captions[first] == (sid, "user")
     assert {captions[i.image_id] for i in subject.images[1:]} == {("a photo of a sks dog", "class")}
-    # Progress events carry step, loss terms, speed and ETA; validation images are files of the concept.
-    steps = [dict(e.data) for e in events if e.type == common_pb2.JOB_EVENT_TYPE_PROGRESS
-             and e.data["stage"] == "train"]
-    assert steps[-1]["step"] == 6 and {"loss", "instance", "it_per_s", "eta_s"} <= steps[-1].keys()
+    # Progress events carry step, loss terms, speed and ETA in typed fields (and, for older clients, in `data`);
+    # validation images are files of the concept.
+    steps = [e.details for e in events if e.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and e.details.stage == "train"]
+    assert steps[-1].step == 6 and steps[-1].steps == 6 and isinstance(steps[-1].step, int)
+    assert {"loss", "instance"} <= set(steps[-1].losses) and steps[-1].it_per_s > 0 and steps[-1].eta_s == 0
+    last = next(e for e in reversed(events) if e.details.stage == "train")
+    assert last.data["step"] == 6 and last.data["loss"] == pytest.approx(steps[-1].losses["loss"])
     assert [v.step for v in concept.validation_images] == [3, 6]
     png = download(client, concept.concept_id, [train_pb2.ConceptFile(
         path="v.png", artifact_id=concept.validation_images[0].artifact_id,
         size_bytes=app.artifacts.path_of(concept.validation_images[0].artifact_id).stat().st_size)], tmp_path / "v")
     assert Image.open(png / "v.png").size == (32, 32)
-    assert any("validation_image_ids" in e.data for e in events)
+    assert [list(e.details.validation_image_ids) for e in events if e.details.stage == "validation"] == [
+        [concept.validation_images[0].artifact_id], [concept.validation_images[1].artifact_id]]
+    # The job's typed result.
+    assert final.train_result.concept_id == concept.concept_id and final.train_result.steps == 6
+    assert set(final.train_result.stage_seconds) >= {"preparing", "training", "saving"}
 
     # Exports: the diffusers/peft LoRA, the same LoRA in kohya layout, and a fused diffusers folder all draw
     # the same images in plain diffusers — and not the base model's.
@@ -151,7 +158,7 @@ def test_lora_trains_on_sid_captions_and_every_export_loads_in_plain_diffusers(a
 
 
 def test_dreambooth_and_textual_inversion_export_what_diffusers_loads(app, client, subject, tmp_path):
-    from persona.services.train.base_models import tiny_base_model
+    from persona.services.models.base_models import tiny_base_model
 
     base = _pipe(tiny_base_model(app.train.settings.base_model_cache_dir))
     plain = _sample(base)
@@ -179,8 +186,8 @@ def test_dreambooth_and_textual_inversion_export_what_diffusers_loads(app, clien
 def test_loss_goes_down_over_30_steps_on_4_photos(client, subject, method, learning_rate):
     final, concept = finish(client, start(client, subject.subject_id, method=method, steps=30,
                                           learning_rate=learning_rate))
-    curve = list(final.result["loss_curve"])
-    assert len(curve) == 30 and final.result["loss_curve_every"] == 1
+    curve = list(final.train_result.loss_curve)
+    assert len(curve) == 30 and final.train_result.loss_curve_every == 1
     assert np.mean(curve[-5:]) < 0.9 * np.mean(curve[:5]), curve
     assert concept.final_loss == pytest.approx(curve[-1], abs=1e-5)
 
@@ -190,10 +197,10 @@ def test_prior_class_images_are_generated_once_and_reused(client, subject):
                                           num_class_images=2))
     assert first.state == common_pb2.JOB_STATE_SUCCEEDED, first.error
     assert concept.regularizers == ["prior"] and concept.options.class_prompt == "a photo of a dog"
-    assert first.result["class_images_generated"] == 2 and first.result["class_images_reused"] == 0
+    assert first.train_result.class_images_generated == 2 and first.train_result.class_images_reused == 0
     second, _ = finish(client, start(client, subject.subject_id, regularizers=(), steps=2,  # prior by default
                                      num_class_images=2))
-    assert second.result["class_images_generated"] == 0 and second.result["class_images_reused"] == 2
+    assert second.train_result.class_images_generated == 0 and second.train_result.class_images_reused == 2
 
 
 def test_captions_class_uses_the_case_1_template_for_every_image(client, subject):
@@ -208,7 +215,7 @@ def test_captions_class_uses_the_case_1_template_for_every_image(client, subject
 def test_cancel_stops_within_a_step_and_keeps_usable_weights(client, subject, tmp_path):
     job = start(client, subject.subject_id, steps=5000)
     for event in client.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job.job_id), timeout=300):
-        if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.data["step"] >= 2:
+        if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.details.step >= 2:
             break
     client.jobs.CancelJob(common_pb2.CancelJobRequest(job_id=job.job_id))
     final, concept = finish(client, job)
@@ -223,7 +230,7 @@ def test_cancel_stops_a_long_step_in_the_middle(client, subject):
     asked during one ends the job without finishing it (the loop asks between the UNet's attentions and resnets)."""
     job = start(client, subject.subject_id, steps=50, resolution=192)
     for event in client.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job.job_id), timeout=600):
-        if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.data["step"] >= 1:
+        if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.details.step >= 1:
             break
     asked = time.monotonic()
     client.jobs.CancelJob(common_pb2.CancelJobRequest(job_id=job.job_id))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from persona.services.train.domain import _regularizers
+from persona.services.train.request import regularizers_in_effect
 from persona.v1 import caption_pb2, common_pb2, subjects_pb2, train_pb2
 
 
@@ -20,14 +20,14 @@ from persona.v1 import caption_pb2, common_pb2, subjects_pb2, train_pb2
     ("ti", ["spl"], ["spl"]),  # prior preservation does not apply to ti: nothing to add it to
 ])
 def test_named_regularisers_add_to_the_defaults(method, requested, expected):
-    assert _regularizers(requested, method) == expected
+    assert regularizers_in_effect(requested, method) == expected
 
 
 def test_none_with_prior_is_refused_naming_both():
     from persona.services.runtime.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="`regularizers` has both none and prior"):
-        _regularizers(["none", "prior"], "lora")
+        regularizers_in_effect(["none", "prior"], "lora")
 
 
 def _subject(client, photos, class_name="dog"):

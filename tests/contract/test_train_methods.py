@@ -54,7 +54,7 @@ def _sample(pipe) -> np.ndarray:
 
 
 def test_custom_diffusion_trains_exports_and_generates(app, client, subject, tmp_path):
-    from persona.services.train.base_models import tiny_base_model
+    from persona.services.models.base_models import tiny_base_model
 
     concept = _train(client, subject.subject_id, "custom_diffusion", steps=30, learning_rate=1e-2)
     assert concept.state == train_pb2.CONCEPT_STATE_READY and concept.steps_done == 30
@@ -112,8 +112,8 @@ def test_custom_diffusion_refuses_train_text_encoder_and_its_format_other_method
 
 
 def test_svdiff_trains_exports_and_generates(app, client, subject, tmp_path):
-    from persona.services.train.base_models import tiny_base_model
-    from persona.services.train.methods.svdiff import SvdiffMethod
+    from persona.services.models.base_models import tiny_base_model
+    from persona.services.models.fusing import fuse_into_pipeline
 
     # 1e-2 (not the default 1e-3) so that the steps visibly move the output.
     concept = _train(client, subject.subject_id, "svdiff", steps=30, learning_rate=1e-2)
@@ -129,7 +129,7 @@ def test_svdiff_trains_exports_and_generates(app, client, subject, tmp_path):
     assert native.files[0].size_bytes < 40_000
     pipe = _pipe(tiny_base_model(app.train.settings.base_model_cache_dir))
     plain = _sample(pipe)
-    SvdiffMethod.fuse_into_pipeline(pipe, native_dir, "sks")
+    fuse_into_pipeline("svdiff", pipe, native_dir, "sks")
     shifted = _sample(pipe)
     assert np.abs(shifted - plain).max() > 1e-4
 

@@ -24,11 +24,12 @@ def _start(client, subject_id: str, method: str, regularizers: list[str], steps:
 
 
 def _finished(client, job) -> tuple[common_pb2.Job, list[dict]]:
+    """The finished job and the loss terms of each training step (JobProgress.losses)."""
     events = []
     final = client.wait_for_job(job.job_id, on_event=events.append, timeout_s=600)
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
-    steps = [dict(e.data.items()) for e in events if e.type == common_pb2.JOB_EVENT_TYPE_PROGRESS
-             and e.HasField("data") and dict(e.data.items()).get("stage") == "train"]
+    steps = [dict(e.details.losses) for e in events if e.type == common_pb2.JOB_EVENT_TYPE_PROGRESS
+             and e.details.stage == "train"]
     return final, steps
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from persona.services.generate import triton_client
+from persona.services.generate import triton_install
 from persona.services.generate import triton_server as ts
-from persona.services.generate.triton_config import TensorSpec, python_model_config
+from persona.services.generate.triton_config import TensorSpec, model_config
 from persona.services.runtime.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
@@ -83,9 +85,9 @@ def _alarm():
 
 
 @pytest.fixture(scope="module")
-def install() -> ts.TritonInstall:
+def install() -> triton_install.TritonInstall:
     try:
-        return ts.find_tritonserver()
+        return triton_install.find_tritonserver()
     except FailedPrecondition as e:
         pytest.fail(f"no tritonserver: {e.message} (nvidia-pytriton is a dependency: reinstall with "
                     "pip install -e '.[dev]')")
@@ -94,7 +96,7 @@ def install() -> ts.TritonInstall:
 def write_model(repo: Path, name: str, version: int, source: str, **config) -> Path:
     folder = repo / name
     (folder / str(version)).mkdir(parents=True, exist_ok=True)
-    (folder / "config.pbtxt").write_text(python_model_config(name, **config))
+    (folder / "config.pbtxt").write_text(model_config(name, **config))
     (folder / str(version) / "model.py").write_text(source)
     return folder
 
@@ -128,10 +130,10 @@ def infer(client, a, b, version: str = "") -> np.ndarray:
 
 def test_find_tritonserver_names_the_missing_path_and_how_to_install(tmp_path, monkeypatch):
     missing = tmp_path / "nowhere" / "tritonserver"
-    monkeypatch.setenv(ts.ENV_TRITONSERVER, str(missing))
+    monkeypatch.setenv(triton_install.ENV_TRITONSERVER, str(missing))
     with pytest.raises(FailedPrecondition) as err:
-        ts.find_tritonserver()
-    assert ts.ENV_TRITONSERVER in err.value.message
+        triton_install.find_tritonserver()
+    assert triton_install.ENV_TRITONSERVER in err.value.message
     assert str(missing) in err.value.message
     assert "nvidia-pytriton" in err.value.message and "/opt/tritonserver" in err.value.message
     assert err.value.code == "FAILED_PRECONDITION"
@@ -140,12 +142,12 @@ def test_find_tritonserver_names_the_missing_path_and_how_to_install(tmp_path, m
 def test_no_tritonserver_anywhere_names_the_install_command(tmp_path, monkeypatch):
     """nvidia-pytriton is not a dependency of persona (its metadata pins numpy < 2): without it, and with no server
     on PATH or in /opt, the error gives the one command that installs the bundled server, and the production way."""
-    monkeypatch.delenv(ts.ENV_TRITONSERVER, raising=False)
+    monkeypatch.delenv(triton_install.ENV_TRITONSERVER, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(ts, "DEFAULT_INSTALL_ROOT", tmp_path / "opt-tritonserver")
-    monkeypatch.setattr(ts, "_pytriton_root", lambda: None)  # as if the wheel were not installed
+    monkeypatch.setattr(triton_install, "DEFAULT_INSTALL_ROOT", tmp_path / "opt-tritonserver")
+    monkeypatch.setattr(triton_install, "_pytriton_root", lambda: None)  # as if the wheel were not installed
     with pytest.raises(FailedPrecondition) as err:
-        ts.find_tritonserver()
+        triton_install.find_tritonserver()
     assert "pip install --no-deps nvidia-pytriton==0.7.0" in err.value.message
     assert "PERSONA_TRITON_URL" in err.value.message and "nvcr.io/nvidia/tritonserver" in err.value.message
 
@@ -160,7 +162,7 @@ def test_python_stub_preparation_is_idempotent_under_a_race(install, tmp_path):
 
     def prepare():
         try:
-            results.append(ts.prepare_python_stub(backends, stubs))
+            results.append(triton_install.prepare_python_stub(backends, stubs))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -174,19 +176,19 @@ def test_python_stub_preparation_is_idempotent_under_a_race(install, tmp_path):
     assert os.access(stub, os.X_OK)
     assert sorted(p.name for p in (backends / "python").iterdir()) == ["triton_python_backend_stub"]  # no temp left
     with pytest.raises(FailedPrecondition, match="no stub for Python 2.7"):
-        ts.prepare_python_stub(backends, stubs, version="2.7")
+        triton_install.prepare_python_stub(backends, stubs, version="2.7")
 
 
 def test_python_model_config_rejects_what_triton_would():
     with pytest.raises(InvalidArgument, match="dynamic_batching"):
-        python_model_config("m", **TOY_IO, dynamic_batching=True)
+        model_config("m", **TOY_IO, dynamic_batching=True)
     with pytest.raises(InvalidArgument, match=r"input\[0\].dtype"):
-        python_model_config("m", inputs=[("A", "FLOAT")], outputs=[("OUT", "FP32")])
+        model_config("m", inputs=[("A", "FLOAT")], outputs=[("OUT", "FP32")])
     with pytest.raises(InvalidArgument, match="used twice"):
-        python_model_config("m", inputs=[("A", "FP32"), ("A", "FP32")], outputs=[("OUT", "FP32")])
+        model_config("m", inputs=[("A", "FP32"), ("A", "FP32")], outputs=[("OUT", "FP32")])
     with pytest.raises(InvalidArgument, match="instance_kind"):
-        python_model_config("m", **TOY_IO, instance_kind="KIND_TPU")
-    text = python_model_config("m", inputs=[("PROMPT", "BYTES", [1])], outputs=[("IMAGE", "UINT8", [-1, -1, 3])],
+        model_config("m", **TOY_IO, instance_kind="KIND_TPU")
+    text = model_config("m", inputs=[("PROMPT", "BYTES", [1])], outputs=[("IMAGE", "UINT8", [-1, -1, 3])],
                                   instance_kind="gpu", parameters={"EXECUTION_ENV_PATH": "$$TRITON_MODEL_DIRECTORY/env"})
     assert 'backend: "python"' in text and "TYPE_STRING" in text and "dims: [ -1, -1, 3 ]" in text
     assert "kind: KIND_GPU" in text and 'key: "EXECUTION_ENV_PATH"' in text
@@ -199,7 +201,7 @@ def test_start_load_infer_new_version_unload_stop(server, repo):
         assert client.is_server_live(client_timeout=5) and client.is_server_ready(client_timeout=5)
         assert not client.is_model_ready("toy", client_timeout=5)  # explicit mode: nothing loaded at start
 
-        load_s = ts.load_model(client, "toy", timeout_s=30)
+        load_s = triton_client.load_model(client, "toy", timeout_s=30)
         assert client.is_model_ready("toy", client_timeout=5)
         a = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
         b = np.array([[10.0, 20.0, 30.0]], dtype=np.float32)
@@ -207,11 +209,11 @@ def test_start_load_infer_new_version_unload_stop(server, repo):
 
         # A new version with other behaviour: loading again serves it (version policy: latest 1).
         write_model(repo, "toy", 2, TOY_MODEL.format(op="mul"), max_batch_size=8, dynamic_batching=True, **TOY_IO)
-        reload_s = ts.load_model(client, "toy", timeout_s=30)
+        reload_s = triton_client.load_model(client, "toy", timeout_s=30)
         np.testing.assert_allclose(infer(client, a, b), a * b)
         np.testing.assert_allclose(infer(client, a, b, version="2"), a * b)
 
-        unload_s = ts.unload_model(client, "toy", timeout_s=30)
+        unload_s = triton_client.unload_model(client, "toy", timeout_s=30)
         assert not client.is_model_ready("toy", client_timeout=5)
         with pytest.raises(InferenceServerException) as err:
             infer(client, a, b)
@@ -235,7 +237,7 @@ def test_start_load_infer_new_version_unload_stop(server, repo):
     try:
         started = time.monotonic()
         with pytest.raises(Unavailable):
-            ts.load_model(client, "toy", timeout_s=5)
+            triton_client.load_model(client, "toy", timeout_s=5)
         assert time.monotonic() - started < 6
     finally:
         client.close()
@@ -245,12 +247,12 @@ def test_model_failing_in_initialize_reports_tritons_message(server):
     client = server.client()
     try:
         with pytest.raises(FailedPrecondition) as err:
-            ts.load_model(client, "broken", timeout_s=30)
+            triton_client.load_model(client, "broken", timeout_s=30)
         assert "toy initialize failed on purpose" in err.value.message
         assert "broken" in err.value.message
         assert not client.is_model_ready("broken", client_timeout=5)
         with pytest.raises(NotFound, match="no folder `missing`"):
-            ts.load_model(client, "missing", timeout_s=10)
+            triton_client.load_model(client, "missing", timeout_s=10)
     finally:
         client.close()
     # The server survives a failed load and still serves the good model.

@@ -82,7 +82,7 @@ def test_refusals_exit_1_naming_the_option(trained, tmp_path):
 
 def test_tensorrt_without_tensorrt_says_so_and_suggests_onnx(trained, tmp_path, monkeypatch):
     try:
-        from persona.services.generate import tensorrt_build
+        from persona.services.models import tensorrt_build
     except ImportError:
         tensorrt_build = None
     if tensorrt_build is not None and tensorrt_build.tensorrt_available()[0]:  # a GPU machine with TensorRT

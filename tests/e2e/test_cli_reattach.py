@@ -5,31 +5,20 @@ from __future__ import annotations
 import json
 import subprocess
 
-from test_cli_serve import CLI, STARTUP_LIMIT_S, Served, clean_env, free_port, wait_until_serving
+from test_cli_serve import CLI, STARTUP_LIMIT_S, add_dog_subject, clean_env, free_port, start_server
 
 from persona.client.sdk import PersonaClient
-from persona.v1 import common_pb2, subjects_pb2, train_pb2
-
-
-def _serve(data_dir, log, env, port: int) -> Served:
-    with log.open("a") as stderr:
-        process = subprocess.Popen([*CLI, "serve", "--port", str(port), "--data-dir", str(data_dir), "--auth", "none"],
-                                   stdout=subprocess.DEVNULL, stderr=stderr, env=env)
-    served = Served(process, f"127.0.0.1:{port}", data_dir, log)
-    wait_until_serving(process, served.address, log)
-    return served
+from persona.v1 import common_pb2, train_pb2
 
 
 def test_jobs_watch_reattaches_after_a_server_restart(tmp_path, dreambench):
     env = {**clean_env(), "PERSONA_MODEL_CACHE": str(tmp_path / "models"), "PERSONA_TRAIN_DEVICE": "cpu"}
     data_dir, log, port = tmp_path / "data", tmp_path / "serve.log", free_port()
-    server = _serve(data_dir, log, env, port)
+    server = start_server(data_dir, log, env, port=port)
     watch = None
     try:
         client = PersonaClient.connect(server.address)
-        photos = sorted((dreambench / "dog").glob("*.jpg"))[:2]
-        subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
-            class_name="dog", images=[subjects_pb2.ImageUpload(data=p.read_bytes()) for p in photos]))
+        subject = add_dog_subject(client, dreambench, 2)
         job = client.train.StartTraining(train_pb2.StartTrainingRequest(
             subject_id=subject.subject_id, base_model="tiny", method="lora", regularizers=["none"],
             options=train_pb2.TrainingOptions(steps=40, resolution=32, checkpoint_every=4)))
@@ -39,11 +28,10 @@ def test_jobs_watch_reattaches_after_a_server_restart(tmp_path, dreambench):
             if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.data["step"] >= 5:
                 break  # running, a checkpoint on disk, and the CLI watching
         client.close()
-        server.process.kill()  # the CLI's stream breaks: UNAVAILABLE
-        server.process.wait()
+        server.kill()  # the CLI's stream breaks: UNAVAILABLE
         assert watch.poll() is None, watch.communicate()  # still waiting for the server to come back
 
-        server = _serve(data_dir, log, env, port)
+        server = start_server(data_dir, log, env, port=port)
         out, err = watch.communicate(timeout=STARTUP_LIMIT_S * 3)
         assert watch.returncode == 0, err
         final = json.loads(out)
@@ -51,6 +39,4 @@ def test_jobs_watch_reattaches_after_a_server_restart(tmp_path, dreambench):
     finally:
         if watch is not None and watch.poll() is None:
             watch.kill()
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+        server.stop()

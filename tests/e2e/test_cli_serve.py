@@ -52,6 +52,16 @@ class Served:
     data_dir: Path
     log: Path
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no handler runs, nothing is cleaned up."""
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        """Kills the server if it still runs (the tests' servers hold nothing worth a graceful stop)."""
+        if self.process.poll() is None:
+            self.kill()
+
     def remote(self, key: str | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """`persona-cli --server ADDRESS [--api-key KEY] *args`."""
         auth = ("--api-key", key) if key else ()
@@ -74,21 +84,39 @@ def wait_until_serving(process: subprocess.Popen, address: str, log: Path) -> No
                 return
 
 
-@pytest.fixture
-def served(tmp_path):
-    port = free_port()
-    data_dir, log = tmp_path / "data", tmp_path / "serve.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen([*CLI, "serve", "--port", str(port), "--data-dir", str(data_dir),
-                                    "--auth", "api-key"], stdout=subprocess.DEVNULL, stderr=stderr, env=clean_env())
+def add_dog_subject(client, dreambench: Path, count: int):
+    """A subject of the first `count` DreamBench dog photos, uploaded through `client` (a PersonaClient)."""
+    from persona.v1 import subjects_pb2
+
+    photos = sorted((dreambench / "dog").glob("*.jpg"))[:count]
+    return client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
+        class_name="dog", images=[subjects_pb2.ImageUpload(data=p.read_bytes()) for p in photos]))
+
+
+def start_server(data_dir: Path, log: Path, env: dict[str, str], *, port: int | None = None,
+                 auth: str = "none") -> Served:
+    """`persona-cli serve` on 127.0.0.1:`port` (a free one when None), its stderr appended to `log`, once SERVING;
+    killed if it never gets there."""
+    port = port or free_port()
+    with log.open("a") as stderr:
+        process = subprocess.Popen([*CLI, "serve", "--port", str(port), "--data-dir", str(data_dir), "--auth", auth],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     server = Served(process, f"127.0.0.1:{port}", data_dir, log)
     try:
         wait_until_serving(process, server.address, log)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture
+def served(tmp_path):
+    server = start_server(tmp_path / "data", tmp_path / "serve.log", clean_env(), auth="api-key")
+    try:
         yield server
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 def one_error_line(result: subprocess.CompletedProcess, code: str) -> str:
@@ -174,19 +202,9 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "subjects" in result.stdout and "serve" in result.stdout
 
 
-def start_server(data_dir: Path, log: Path, env: dict[str, str]) -> Served:
-    port = free_port()
-    with log.open("a") as stderr:
-        process = subprocess.Popen([*CLI, "serve", "--port", str(port), "--data-dir", str(data_dir), "--auth", "none"],
-                                   stdout=subprocess.DEVNULL, stderr=stderr, env=env)
-    server = Served(process, f"127.0.0.1:{port}", data_dir, log)
-    wait_until_serving(process, server.address, log)
-    return server
-
-
 def test_a_job_running_at_kill_9_is_resumed_not_running_forever(tmp_path, fake_vlm, dreambench):
     from persona.client.sdk import PersonaClient
-    from persona.v1 import caption_pb2, common_pb2, subjects_pb2
+    from persona.v1 import caption_pb2, common_pb2
 
     release = threading.Event()
 
@@ -201,9 +219,7 @@ def test_a_job_running_at_kill_9_is_resumed_not_running_forever(tmp_path, fake_v
     server = start_server(data_dir, log, env)
     try:
         client = PersonaClient.connect(server.address)
-        photos = sorted((dreambench / "dog").glob("*.jpg"))[:3]
-        subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
-            class_name="dog", images=[subjects_pb2.ImageUpload(data=p.read_bytes()) for p in photos]))
+        subject = add_dog_subject(client, dreambench, 3)
         job = client.captions.StartCaptioning(caption_pb2.StartCaptioningRequest(subject_id=subject.subject_id))
         release.set()
         seen = 0
@@ -212,8 +228,7 @@ def test_a_job_running_at_kill_9_is_resumed_not_running_forever(tmp_path, fake_v
             if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS:  # one image done, the next one in flight
                 release.clear()
                 break
-        server.process.kill()  # SIGKILL: no handler, no cleanup
-        server.process.wait()
+        server.kill()
         client.close()
         asked_before_kill = len(fake_vlm.requests)
         release.set()
@@ -233,9 +248,7 @@ def test_a_job_running_at_kill_9_is_resumed_not_running_forever(tmp_path, fake_v
         client.close()
     finally:
         release.set()
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+        server.stop()
 
 
 def test_a_failed_job_on_a_server_shows_its_cause_and_the_trace_goes_to_the_data_dir(served, dreambench, tmp_path):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import typer
-from google.protobuf import struct_pb2
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -194,11 +193,9 @@ def test_help_teaches_with_an_example(command):
 
 # --- following a training job, without a server: events → progress lines, Ctrl-C → cancel or detach ---
 
-def event(kind, message="", state=0, progress=0.0, **data) -> common_pb2.JobEvent:
-    fields = struct_pb2.Struct()
-    fields.update(data)
+def event(kind, message="", state=0, progress=0.0, **details) -> common_pb2.JobEvent:
     return common_pb2.JobEvent(job_id="job_1", type=kind, state=state, progress=progress, message=message,
-                               data=fields if data else None)
+                               details=common_pb2.JobProgress(**details) if details else None)
 
 
 def test_progress_shows_stages_steps_losses_and_warnings(capsys):
@@ -208,10 +205,10 @@ def test_progress_shows_stages_steps_losses_and_warnings(capsys):
             event(common_pb2.JOB_EVENT_TYPE_STATE, "attempt 1 started", state=common_pb2.JOB_STATE_RUNNING),
             event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "class images 1/2", done=1, total=2),
             event(common_pb2.JOB_EVENT_TYPE_WARNING, "fp16 is not supported on cpu: training in fp32"),
-            event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "step 1", step=1, steps=2, loss=0.5, instance=0.3, prior=0.2,
-                  it_per_s=2.0, eta_s=65),
-            event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "step 2", step=2, steps=2, loss=0.25, it_per_s=2.0, eta_s=0,
-                  validation_image_ids=["val_1"]),
+            event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "step 1", step=1, steps=2,
+                  losses={"loss": 0.5, "instance": 0.3, "prior": 0.2}, it_per_s=2.0, eta_s=65),
+            event(common_pb2.JOB_EVENT_TYPE_PROGRESS, "step 2", step=2, steps=2, losses={"loss": 0.25}, it_per_s=2.0,
+                  eta_s=0, validation_image_ids=["val_1"]),
         ]:
             progress(e)
     err = capsys.readouterr().err
@@ -279,7 +276,7 @@ def test_generate_draws_the_trained_concept_into_png_files(trained, concept_id, 
 
 def corrupt_base_model(folder: Path) -> Path:
     """The tiny base with its UNet weights overwritten: it resolves, and the training job fails loading it."""
-    from persona.services.train.base_models import tiny_base_model
+    from persona.services.models.base_models import tiny_base_model
 
     shutil.copytree(tiny_base_model(folder.parent / "model-cache"), folder)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
@@ -310,3 +307,19 @@ def test_generate_without_a_terminal_prints_a_line_per_image(trained, concept_id
     assert lines[0] == "loading the model and drawing 2 images…"
     assert [line.split(" (")[0] for line in lines[1:3]] == ["image 1/2", "image 2/2"]
     assert lines[2].endswith(str(out / "a-sks-dog-on-the-beach-1.png"))
+
+
+def test_declared_options_reach_the_server_and_a_bad_choice_fails_before_any_upload(clean_env, dreambench, tmp_path):
+    """The train options persona-cli makes from the declarations (train/options.py): a flag added that way
+    (--lora-target, --lr-warmup-steps) reaches the concept's options; a value outside a declared choice fails
+    here, naming the option, before the photos are uploaded."""
+    cli = Cli(tmp_path / "home")
+    photos = photo_folder(dreambench, tmp_path / "photos", count=1)
+    line = failed(cli("train", photos, "--class", "dog", "--mixed-precision", "fp64", *TINY), "INVALID_ARGUMENT")
+    assert "`mixed_precision`" in line and "no, fp16, bf16" in line
+    assert ok_json(cli("subjects", "list", "--json")) == {"subjects": []}
+    concept = ok_json(cli("train", photos, "--class", "dog", "--reg", "none", "--captions", "class", "--lora-target",
+                          "to_q", "--lora-target", "to_v", "--lr-warmup-steps", "2", "--lr-scheduler", "LINEAR",
+                          *TINY, "--json"))
+    assert concept["options"]["lora_targets"] == ["to_q", "to_v"] and concept["options"]["lr_warmup_steps"] == 2
+    assert concept["options"]["lr_scheduler"] == "linear" and concept["options"]["steps"] == 4

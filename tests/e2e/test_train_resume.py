@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from test_cli_serve import STARTUP_LIMIT_S, clean_env, start_server
+from test_cli_serve import STARTUP_LIMIT_S, add_dog_subject, clean_env, start_server
 
 from persona.client.sdk import PersonaClient
-from persona.v1 import common_pb2, subjects_pb2, train_pb2, train_pb2_grpc
+from persona.v1 import common_pb2, train_pb2, train_pb2_grpc
 
 OPTIONS = dict(steps=24, resolution=32, learning_rate=1e-2, checkpoint_every=4, seed=7)
 
@@ -35,15 +35,12 @@ def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, drea
     server = start_server(data_dir, log, env)
     try:
         client = PersonaClient.connect(server.address)
-        photos = sorted((dreambench / "dog").glob("*.jpg"))[:3]
-        subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
-            class_name="dog", images=[subjects_pb2.ImageUpload(data=p.read_bytes()) for p in photos]))
+        subject = add_dog_subject(client, dreambench, 3)
         job = _train(client, subject.subject_id)
         for event in client.jobs.WatchJob(common_pb2.WatchJobRequest(job_id=job.job_id), timeout=STARTUP_LIMIT_S):
-            if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.data["step"] >= 10:
+            if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.details.step >= 10:
                 break  # at least the step-8 checkpoint is on disk
-        server.process.kill()  # SIGKILL: no handler, no cleanup
-        server.process.wait()
+        server.kill()
         client.close()
         checkpoint = data_dir / "train" / job.params["concept_id"] / "checkpoint" / "checkpoint.pt"
         assert checkpoint.exists()
@@ -53,7 +50,7 @@ def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, drea
         final = client.wait_for_job(job.job_id, timeout_s=STARTUP_LIMIT_S * 3)
         assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
         assert final.interrupted and final.attempts == 2
-        assert 8 <= final.result["resumed_from_step"] < OPTIONS["steps"]
+        assert 8 <= final.train_result.resumed_from_step < OPTIONS["steps"]
 
         straight = client.wait_for_job(_train(client, subject.subject_id).job_id, timeout_s=STARTUP_LIMIT_S * 3)
         assert straight.result["resumed_from_step"] == 0
@@ -63,7 +60,5 @@ def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, drea
             torch.testing.assert_close(resumed[key], expected[key], atol=1e-6, rtol=0)
         client.close()
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+        server.stop()
 

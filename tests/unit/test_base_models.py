@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
-from persona.services.train.base_models import (
+from persona.services.models.base_models import (
     CLIP_TOKENIZER_DIR,
+    TINY_ATTENTION_HEADS,
     read_model_configs,
     resolve_base_model,
     tiny_base_model,
@@ -47,6 +48,20 @@ def test_tiny_is_built_once_and_reused(tiny, model_cache):
     # Built through a temporary sibling that is gone afterwards.
     assert [p.name for p in model_cache.iterdir()] == ["tiny-sd"]
     assert list((tiny / "unet").glob("*.safetensors"))
+
+
+def test_a_tiny_built_with_eight_heads_is_rebuilt_in_place(tmp_path):
+    import json
+
+    tiny = tiny_base_model(tmp_path)
+    config_path = tiny / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["attention_head_dim"] == TINY_ATTENTION_HEADS
+    config_path.write_text(json.dumps({**config, "attention_head_dim": 8}))  # what older persona built
+
+    assert tiny_base_model(tmp_path) == tiny
+    assert json.loads(config_path.read_text())["attention_head_dim"] == TINY_ATTENTION_HEADS
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-sd"]  # the old copy and the build folder are gone
 
 
 def test_tiny_loads_offline_and_draws_64px(tiny, monkeypatch):

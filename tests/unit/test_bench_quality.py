@@ -1,7 +1,7 @@
 """bench quality's configurations and ratios to Case 1, by hand."""
 import pytest
 
-from persona.client.quality import Configuration, Row, _set_ratios
+from persona.bench.quality import Configuration, Row, _set_ratios
 
 
 def test_configurations_parse_and_name():

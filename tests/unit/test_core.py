@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.loop import TrainConfig, train
+from persona.services.train.config import TrainConfig
+from persona.services.train.loop import train
 from persona.services.train.regularizers import REGULARIZER_PLUGINS, RegularizerInputs
 from persona.services.train.regularizers.core import (ANIMATE_PROMPTS, HINGE_MARGIN, INANIMATE_PROMPTS,
                                                       CoreRegularizer, attention_loss, embedding_loss, prompt_pair,

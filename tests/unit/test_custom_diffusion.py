@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from persona.services.models.fusing import fuse_into_pipeline
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.loop import TrainConfig, train
-from persona.services.train.methods.custom_diffusion import WEIGHT_NAME, CustomDiffusionMethod
+from persona.services.train.config import TrainConfig
+from persona.services.train.loop import train
+from persona.services.train.methods.custom_diffusion import WEIGHT_NAME
 
 PROMPT = "a photo of sks dog"
 EMBEDDING_NAME = "learned_embeds.safetensors"
@@ -113,7 +115,7 @@ def test_fuse_into_pipeline_gives_a_plain_unet_that_computes_the_same(trained, t
 
     c = trained.components
     pipe = _pipe(tiny_model)
-    CustomDiffusionMethod.fuse_into_pipeline(pipe, trained.output_dir, "sks")
+    fuse_into_pipeline("custom_diffusion", pipe, trained.output_dir, "sks")
     assert all(type(p) is AttnProcessor2_0 for p in pipe.unet.attn_processors.values())
     assert not any("custom_diffusion" in k for k in pipe.unet.state_dict())
 

@@ -125,7 +125,7 @@ def test_weights_of_another_architecture_are_refused_untouched(pipe):
 def test_a_full_embedded_engine_hot_loads_a_concept_of_the_same_base_into_the_same_modules(tiny_model, tmp_path):
     """max_loaded 1: loading a concept of the base's architecture reuses the base's modules (and so, on CUDA, its
     captured graphs), and draws what a fresh load of that concept draws; another architecture loads afresh."""
-    from persona.services.generate.bench import _nudged_unet_copy
+    from persona.bench.generate import _nudged_unet_copy
     from persona.services.generate.domain import EmbeddedEngine
     from persona.services.generate.sampling import SamplingSettings
     from persona.services.generate.settings import GenerateSettings

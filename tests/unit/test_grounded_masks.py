@@ -21,8 +21,9 @@ from persona.services.mask.grounded import (
     grounding_query,
 )
 from persona.services.mask.p3s import otsu_threshold
-from persona.services.mask.tiny_models import tiny_clipseg, tiny_grounding_dino, tiny_sam
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+
+from tiny_models import tiny_clipseg, tiny_grounding_dino, tiny_sam
 
 # A hub id no Hugging Face cache holds.
 UNCACHED = "persona-tests/not-in-any-cache"

@@ -7,7 +7,8 @@ import pytest
 
 from persona.services.runtime import dispatch
 from persona.services.runtime.errors import FailedPrecondition, Unavailable
-from persona.services.runtime.jobs import MIGRATIONS, JobRunner, JobStore
+from persona.services.runtime.job_store import MIGRATIONS, JobStore
+from persona.services.runtime.jobs import JobRunner
 from persona.services.runtime.metadata import SQLiteMetadataStore
 
 

@@ -4,7 +4,8 @@ import threading
 import pytest
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from persona.services.runtime.jobs import MIGRATIONS, JobRunner, JobStore
+from persona.services.runtime.job_store import MIGRATIONS, JobStore
+from persona.services.runtime.jobs import JobRunner
 from persona.services.runtime.metadata import SQLiteMetadataStore
 
 

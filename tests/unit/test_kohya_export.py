@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from persona.services.runtime.errors import InvalidArgument, NotFound
-from persona.services.train.kohya import export_kohya_lora, to_kohya_state_dict
+from persona.services.models.kohya import export_kohya_lora, to_kohya_state_dict
 
 # Different rank/alpha per model, so a mixed-up alpha shows in the scale.
 UNET_RANK, UNET_ALPHA = 4, 8
@@ -211,8 +211,8 @@ def test_sd21_base_is_not_labelled_v_prediction_768(tmp_path, prediction, versio
     import json
     import shutil
 
-    from persona.services.train.base_models import read_model_configs
-    from persona.services.train.kohya import family_for
+    from persona.services.models.base_models import read_model_configs
+    from persona.services.models.kohya import family_for
 
     configs = tmp_path / "sd21"
     shutil.copytree(SHARED_CONFIGS / "sd21-base", configs)

@@ -36,8 +36,9 @@ from persona.services.evaluate.prompts import (
     parse_prompts,
     prompt_set,
 )
-from persona.services.evaluate.tiny_models import tiny_clip, tiny_dino
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+
+from tiny_models import tiny_clip, tiny_dino
 
 DREAMBENCH_PROMPTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dreambench" / \
     "prompts_and_classes.txt"

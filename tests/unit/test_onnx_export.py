@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 
-from persona.services.generate.onnx_export import (  # noqa: E402
+from persona.services.models.onnx_export import (  # noqa: E402
     COMPONENTS, EXTERNAL_DATA_FILE, check_parity, export_pipeline_to_onnx, session)
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument  # noqa: E402
 
@@ -167,7 +167,7 @@ def test_clear_errors(tiny_model, tmp_path, monkeypatch):
         export_pipeline_to_onnx(tiny_model, taken)
     assert (taken / "keep.txt").exists()
     if not torch.cuda.is_available():
-        with pytest.raises(FailedPrecondition, match="no CUDA device"):
+        with pytest.raises(FailedPrecondition, match="no CUDA GPU"):
             export_pipeline_to_onnx(tiny_model, tmp_path / "out", device="cuda")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(FailedPrecondition, match="onnx/onnxruntime not installed .*pip install"):

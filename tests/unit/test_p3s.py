@@ -10,6 +10,8 @@ from PIL import Image
 from persona.services.mask import p3s
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
+from tiny_models import tiny_clip_vision
+
 
 def grid(picture: str) -> np.ndarray:
     """A bool grid from rows of '#' (True) and '.' (False)."""
@@ -304,7 +306,7 @@ def test_similarity_map_is_clipped_cosine():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    return p3s.tiny_clip_vision(tmp_path_factory.mktemp("tiny-clip"))
+    return tiny_clip_vision(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def test_clip_patch_features_grid_and_end_to_end_mask(tiny_clip, dreambench, monkeypatch):

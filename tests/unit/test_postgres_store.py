@@ -10,7 +10,7 @@ import time
 import pytest
 
 import postgres_fixture
-from persona.services.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
+from persona.services.runtime.errors import FailedPrecondition, InvalidSetting, Unavailable
 from persona.services.runtime.metadata import Migration, SQLiteMetadataStore
 from persona.services.runtime.postgres import PostgresMetadataStore, defer_foreign_keys, redact, translate
 from persona.services.runtime.settings import RuntimeSettings
@@ -249,7 +249,7 @@ def test_bad_urls_name_the_setting_and_hide_the_password(postgres_server):
     assert f"127.0.0.1:{port}" in caught.value.message and secret not in caught.value.message
     assert "***" in caught.value.message
 
-    with pytest.raises(InvalidArgument, match="PERSONA_DATABASE_URL"):
+    with pytest.raises(InvalidSetting, match="PERSONA_DATABASE_URL"):
         RuntimeSettings(database_url=f"mysql://persona:{secret}@db/persona")
     assert secret not in repr(RuntimeSettings(database_url=postgres_server.dsn()))
     assert redact(postgres_server.dsn()) == f"postgresql://persona:***@127.0.0.1:{postgres_server.port}/postgres"

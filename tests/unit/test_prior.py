@@ -13,7 +13,8 @@ from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.metadata import SQLiteMetadataStore
 from persona.services.train import prior
-from persona.services.train.prior import ClassImageCache, base_model_identity, class_prompt_for
+from persona.services.models.base_models import base_model_identity
+from persona.services.train.prior import ClassImageCache, class_prompt_for
 
 PROMPT = "a photo of a dog"
 # 64 px (the tiny model's native size), 2 steps, guidance 1 (no classifier-free pass): seconds on a CPU.

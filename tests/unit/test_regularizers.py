@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.loop import TrainConfig, train
+from persona.services.train.config import TrainConfig
+from persona.services.train.loop import train
 from persona.services.train.regularizers import weighted_pixel_mean
 from persona.services.train.regularizers.masked_loss import latent_mask, pixel_weights
 from persona.services.train.regularizers.spl import semantic_preservation_loss

@@ -82,15 +82,14 @@ def test_a_model_evicted_between_load_and_draw_is_loaded_again(tiny_model, model
 
     from persona.services.generate.domain import EmbeddedEngine, GenerateDomain, GenerateRequest
     from persona.services.generate.settings import GenerateSettings
-    from persona.services.train.base_models import resolve_base_model
+    from persona.services.models.base_models import resolve_base_model
     from persona.services.train.settings import TrainSettings
 
     settings = GenerateSettings(device="cpu", max_loaded=1)
     engine = EmbeddedEngine(settings)
     train_settings = TrainSettings(base_model_cache_dir=model_cache, device="cpu")
-    train = SimpleNamespace(settings=train_settings,
-                            resolve_base=lambda ref: resolve_base_model(ref or "tiny", train_settings))
-    domain = GenerateDomain(train, engine, settings, tmp_path)
+    models = SimpleNamespace(resolve_base=lambda ref: resolve_base_model(ref or "tiny", train_settings))
+    domain = GenerateDomain(models, engine, settings, tmp_path)
     images = domain.generate("local", GenerateRequest(prompts=("a dog",), base_model="tiny", steps=1, width=32,
                                                       height=32))  # validated and loaded here, drawn when iterated
     engine.load("another request's model", tiny_model)

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from persona.services.models.fusing import (SVDIFF_WEIGHTS as WEIGHT_NAME, TOKEN_KEY, UNET_PREFIX, decompose,
+                                            fuse_into_pipeline, read_spectral_shifts, shifted_weight, spectral_layers)
 from persona.services.runtime.errors import FailedPrecondition
-from persona.services.train.loop import TrainConfig, train
+from persona.services.train.config import TrainConfig
+from persona.services.train.loop import train
 from persona.services.train.methods import Components
-from persona.services.train.methods.svdiff import (TOKEN_KEY, UNET_PREFIX, WEIGHT_NAME, SvdiffMethod, decompose,
-                                                   read_spectral_shifts, shifted_weight, spectral_layers)
+from persona.services.train.methods.svdiff import SvdiffMethod
 
 PROMPT = "a photo of sks dog"
 # 32 px keeps a step near 0.2 s on two CPU cores; the method's default learning rate (1e-3).
@@ -171,7 +173,7 @@ def test_fused_plain_unet_computes_what_the_trained_one_does(trained, tiny_model
 
     pipe = _pipe(tiny_model)
     base_out = _unet_out(pipe.unet, _encode(pipe.tokenizer, pipe.text_encoder))
-    SvdiffMethod.fuse_into_pipeline(pipe, trained.artifact.parent, "sks")
+    fuse_into_pipeline("svdiff", pipe, trained.artifact.parent, "sks")
     # Plain layers, the base's keys: diffusers, ONNX and TensorRT see an ordinary UNet.
     assert not any(parametrize.is_parametrized(m) for m in pipe.unet.modules())
     assert set(pipe.unet.state_dict()) == set(_components(tiny_model).unet.state_dict())
@@ -195,7 +197,7 @@ def test_fusing_into_another_base_model_or_another_file_is_refused(trained, tiny
     save_file(tensors, str(tmp_path / WEIGHT_NAME), metadata={
         "format": "persona.svdiff", "format_version": "1", "shapes": '{"conv_in": [64, 4, 3, 3]}'})
     with pytest.raises(FailedPrecondition, match="conv_in"):
-        SvdiffMethod.fuse_into_pipeline(pipe, tmp_path, "sks")
+        fuse_into_pipeline("svdiff", pipe, tmp_path, "sks")
     save_file({"x": torch.zeros(1)}, str(tmp_path / WEIGHT_NAME))
     with pytest.raises(FailedPrecondition, match="not a persona SVDiff file"):
-        SvdiffMethod.fuse_into_pipeline(pipe, tmp_path, "sks")
+        fuse_into_pipeline("svdiff", pipe, tmp_path, "sks")

@@ -18,8 +18,8 @@ pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 
-from persona.services.generate.onnx_export import export_pipeline_to_onnx  # noqa: E402
-from persona.services.generate.tensorrt_build import (  # noqa: E402
+from persona.services.models.onnx_export import export_pipeline_to_onnx  # noqa: E402
+from persona.services.models.tensorrt_build import (  # noqa: E402
     PLAN_FILE, build_engines, can_refit, engine_profiles, refit_engine, tensorrt_available)
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument  # noqa: E402
 
@@ -559,7 +559,7 @@ def test_can_refit_needs_refittable_engines(built, onnx_manifest):
 def test_a_concept_of_the_same_base_gets_engines_by_refitting_only_what_changed(built, onnx_dir, tmp_path):
     """A LoRA concept's export differs from the base's in the UNet alone: its engines are the base's with the
     UNet refitted, no build."""
-    from persona.services.generate.tensorrt_build import refit_engines
+    from persona.services.models.tensorrt_build import refit_engines
 
     build, trt = built
     concept = tmp_path / "concept-onnx"

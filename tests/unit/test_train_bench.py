@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from persona.client.commands import bench as bench_cli
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.bench import BENCH_METHODS, OURS, REFERENCE, run_train_benchmark
+from persona.bench.train import BENCH_METHODS, OURS, REFERENCE, run_train_benchmark
 
 # 32 px (half the tiny model's native 64) keeps a step near 0.2 s on two CPU cores; one timed step per run, as
 # each run's fixed cost (loading, our loop's saving) dominates at this size.

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.train.loop import TrainConfig, train
+from persona.services.train.config import TrainConfig
+from persona.services.train.loop import train
 
 PROMPT = "a photo of sks dog"
 # 32 px (half the tiny model's native 64) keeps a step near 0.2 s on two CPU cores.

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from persona.services.generate.onnx_export import export_pipeline_to_onnx
+from persona.services.models.onnx_export import export_pipeline_to_onnx
 from persona.services.generate.triton_models import request_parameters
 from persona.services.generate.triton_repository import TritonRepository, model_name
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument

@@ -80,8 +80,9 @@ class TrainServiceServicer:
     def StartTraining(self, request, context):
         """Validates the request (subject, base model available offline, method, regularisers, options)
         and queues a "train" job; the job's `params.concept_id` names the concept it trains. Follow it
-        with JobService.WatchJob (PROGRESS events carry step, loss terms, it/s, ETA and validation
-        image ids), stop it with JobService.CancelJob.
+        with JobService.WatchJob (PROGRESS events' `details` carry step, loss terms, it/s, ETA and validation
+        image ids; the finished job's `train_result` the loss curve and where the time went), stop it with
+        JobService.CancelJob.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,7 +120,7 @@ class TrainServiceServicer:
         """Checks the request as ExportConcept does (unknown concept NOT_FOUND; no weights, a format the
         concept's method cannot give, or tensorrt unavailable: FAILED_PRECONDITION) and queues an "export" job
         (`params.concept_id`, `params.format`, `params.fp16`). Its PROGRESS events name each component done
-        ("unet 2/3", data: stage, component, done, total); its result lists the files (`files`: path,
+        ("unet 2/3"; `details`: stage, component, done, total); its `export_result` lists the files (path,
         artifact_id, size_bytes). An already cached export succeeds at once. Afterwards ExportConcept with the
         same format and precision returns the files at once. Follow with JobService.WatchJob, stop with
         JobService.CancelJob (checked between components).

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from ..loop import TrainConfig
+    from ..config import TrainConfig
 
 
 @dataclass
@@ -59,14 +59,9 @@ class TrainingMethod(ABC):
     def save(self, output_dir: Path) -> Path:
         """Writes the trained weights into `output_dir` in their ecosystem format; returns the artifact's path."""
 
-    # Whether `save` writes a whole diffusers pipeline (then the diffusers export is the weights as they are).
+    # Whether `save` writes a whole diffusers pipeline (models.fusing.WHOLE_PIPELINE_METHODS: the diffusers export
+    # is the weights as they are).
     saves_pipeline: bool = False
-
-    @classmethod
-    def fuse_into_pipeline(cls, pipe: Any, weights_dir: Path, token: str) -> None:
-        """Puts what `save` wrote (in `weights_dir`) into a StableDiffusionPipeline of the base model, so that plain
-        weights draw the concept: the diffusers export, and from it ONNX, TensorRT and the generate engines."""
-        raise NotImplementedError(f"{cls.__name__} cannot be merged into a pipeline yet")
 
     def _prepared(self) -> Components:
         if self.components is None:

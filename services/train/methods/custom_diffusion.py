@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from persona.services.models.fusing import CUSTOM_DIFFUSION_WEIGHTS as WEIGHT_NAME, LEARNED_EMBEDS as EMBEDDING_NAME
 from persona.services.runtime.errors import InvalidArgument
 
 from .base import Components, TrainingMethod
-from .textual_inversion import WEIGHT_NAME as EMBEDDING_NAME, frozen_with_new_token
-
-# Pickled, not safetensors: diffusers' save_attn_procs drops the (empty) self-attention entries from a safetensors
-# file, and load_attn_procs then refuses it (processor count mismatch); the .bin keeps them (diffusers' example
-# README loads exactly this file).
-WEIGHT_NAME = "pytorch_custom_diffusion_weights.bin"
+from .textual_inversion import frozen_with_new_token
 
 
 class CustomDiffusionMethod(TrainingMethod):
@@ -56,16 +52,6 @@ class CustomDiffusionMethod(TrainingMethod):
         self.placeholder.save(output_dir / EMBEDDING_NAME)
         return output_dir / WEIGHT_NAME
 
-    @classmethod
-    def fuse_into_pipeline(cls, pipe, weights_dir: Path, token: str) -> None:
-        plain = dict(pipe.unet.attn_processors)
-        # diffusers (0.42) sets the loaded processors only when given the pipeline; without `_pipeline` the call
-        # reads the file and changes nothing. fuse_custom_diffusion checks that they were set.
-        pipe.unet.load_attn_procs(Path(weights_dir), weight_name=WEIGHT_NAME, _pipeline=pipe)
-        fuse_custom_diffusion(pipe.unet, plain)
-        pipe.load_textual_inversion(str(Path(weights_dir) / EMBEDDING_NAME), token=token)
-
-
 def custom_diffusion_processors(unet) -> dict:
     """One Custom Diffusion processor per attention layer of `unet` (name → processor), as diffusers'
     train_custom_diffusion.py builds them for `--freeze_model crossattn_kv`: cross-attention layers get trainable
@@ -90,31 +76,3 @@ def custom_diffusion_processors(unet) -> dict:
                                    "to_v_custom_diffusion.weight": attn.to_v.weight})
         processors[name] = processor.to(attn.to_k.weight.device)
     return processors
-
-
-def fuse_custom_diffusion(unet, plain_processors: dict) -> None:
-    """Writes the weights of `unet`'s Custom Diffusion processors into its attention layers (K/V, and Q/out where
-    they were trained too), then sets `plain_processors` back: a plain UNet that computes the same."""
-    import torch
-    from diffusers.models.attention_processor import (CustomDiffusionAttnProcessor, CustomDiffusionAttnProcessor2_0,
-                                                      CustomDiffusionXFormersAttnProcessor)
-
-    kinds = (CustomDiffusionAttnProcessor, CustomDiffusionAttnProcessor2_0, CustomDiffusionXFormersAttnProcessor)
-    processors = unet.attn_processors
-    trained = {name: p for name, p in processors.items() if isinstance(p, kinds) and p.train_kv}
-    if not trained:
-        raise ValueError("the UNet has no Custom Diffusion processors with trained K/V to fuse: were they loaded "
-                         "(`unet.load_attn_procs(..., _pipeline=pipe)`)?")
-    modules = dict(unet.named_modules())
-    with torch.no_grad():
-        for name, processor in trained.items():
-            attn = modules[name.removesuffix(".processor")]
-            attn.to_k.weight.copy_(processor.to_k_custom_diffusion.weight)
-            attn.to_v.weight.copy_(processor.to_v_custom_diffusion.weight)
-            if processor.train_q_out:
-                out, trained_out = attn.to_out[0], processor.to_out_custom_diffusion[0]
-                attn.to_q.weight.copy_(processor.to_q_custom_diffusion.weight)
-                out.weight.copy_(trained_out.weight)
-                if out.bias is not None:
-                    out.bias.copy_(trained_out.bias if trained_out.bias is not None else torch.zeros_like(out.bias))
-    unet.set_attn_processor(dict(plain_processors))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from persona.services.models.fusing import LORA_WEIGHTS as WEIGHT_NAME
+
 from .base import Components, TrainingMethod
 
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-# The parent concept's textual-inversion embedding, saved beside the adapters when training continued from one.
-LEARNED_EMBEDS = "learned_embeds.safetensors"
 # CLIP text encoder attention projections, as diffusers train_dreambooth_lora.py --train_text_encoder.
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -47,16 +46,6 @@ class LoraMethod(TrainingMethod):
         if self.trains_text_encoder:
             params += [p for p in c.text_encoder.parameters() if p.requires_grad]
         return params
-
-    @classmethod
-    def fuse_into_pipeline(cls, pipe, weights_dir: Path, token: str) -> None:
-        # A LoRA trained on top of a textual-inversion parent (CoRe's stage 2) carries the parent's token beside it.
-        embeds = Path(weights_dir) / LEARNED_EMBEDS
-        if embeds.exists():
-            pipe.load_textual_inversion(str(embeds))
-        pipe.load_lora_weights(weights_dir, weight_name=WEIGHT_NAME)
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
 
     def save(self, output_dir: Path) -> Path:
         from diffusers import StableDiffusionPipeline

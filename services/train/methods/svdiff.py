@@ -6,18 +6,13 @@ import functools
 import json
 from pathlib import Path
 
-from persona.services.runtime.errors import FailedPrecondition
+from persona.services.models.fusing import (SVDIFF_FORMAT as FORMAT, SVDIFF_FORMAT_VERSION as FORMAT_VERSION,
+                                            SVDIFF_WEIGHTS as WEIGHT_NAME, TOKEN_KEY, UNET_PREFIX, decompose,
+                                            shifted_weight, spectral_layers)
+from persona.services.runtime.devices import torch_device
 
 from .base import Components, TrainingMethod
 from .textual_inversion import frozen_with_new_token
-
-WEIGHT_NAME = "spectral_shifts.safetensors"
-# Written into the file's metadata; fuse_into_pipeline refuses other formats and newer versions.
-FORMAT = "persona.svdiff"
-FORMAT_VERSION = 1
-# Tensor keys: "unet.<module name>" → that layer's shifts δ (one per singular value); TOKEN_KEY → (1, hidden).
-UNET_PREFIX = "unet."
-TOKEN_KEY = "token_embedding"
 
 
 class SvdiffMethod(TrainingMethod):
@@ -38,7 +33,7 @@ class SvdiffMethod(TrainingMethod):
     `initializer_token`, every other row put back after each step). Prior preservation is on by default, as
     in the paper's and svdiff-pytorch's DreamBooth-style runs.
 
-    Learning rate: 1e-3 (loop.DEFAULT_LEARNING_RATES), svdiff-pytorch's default for spectral shifts (its README:
+    Learning rate: 1e-3 (options.DEFAULT_LEARNING_RATES), svdiff-pytorch's default for spectral shifts (its README:
     "the learning rate for SVDiff needs to be 1000 times larger than the lr used for fine-tuning"). Its second
     rate, 1e-6, is for the 1-D norm-scale shifts we do not train, not for the embedding; our loop has one rate,
     so the token row also moves at 1e-3 (textual inversion's default is 5e-4).
@@ -49,7 +44,7 @@ class SvdiffMethod(TrainingMethod):
     (e.g. the text encoder's). `tiny`: 3,620 shifts (14.5 KB), ≈ 28 KB in all. (DreamBooth's fp32 UNet is
     3.4 GB; a rank-4 attention LoRA ~3 MB.)
 
-    The SVD is not stored: `fuse_into_pipeline` recomputes it from the base weights, which is deterministic up to
+    The SVD is not stored: `models.fusing.fuse_svdiff` recomputes it from the base weights, which is deterministic up to
     the signs of singular vectors (which cancel in U diag(·) Vᵀ). Where singular values repeat (e.g. a
     rank-deficient matrix's zeros) the basis is not unique and different SVD routines may pair δ with different
     directions; trained weights have distinct singular values in practice.
@@ -58,13 +53,12 @@ class SvdiffMethod(TrainingMethod):
     name = "svdiff"
 
     def prepare(self, components: Components, config) -> None:
-        import torch
         from torch.nn.utils import parametrize
 
         self.components, self.config = components, config
         self.placeholder = frozen_with_new_token(components, config)
         # The SVDs run on the training device (SD-1.5's 282: ~15 minutes on 2 CPU cores, seconds on a GPU).
-        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch_device(config.device)
         self.shifts: dict = {}
         for name, module in spectral_layers(components.unet):
             shift = spectral_shift(module.weight, svd_device=device)
@@ -99,32 +93,6 @@ class SvdiffMethod(TrainingMethod):
         save_file(tensors, str(path), metadata=metadata)
         return path
 
-    @classmethod
-    def fuse_into_pipeline(cls, pipe, weights_dir: Path, token: str) -> None:
-        """Writes W + U diag(ReLU(σ + δ) − σ) Vᵀ into each shifted UNet layer (plain weights, no parametrisation)
-        and adds `token` with its trained embedding. The SVDs run on CUDA when there is one (seconds for SD-1.5),
-        else on the CPU (minutes); a layer missing or of another shape is FailedPrecondition."""
-        import torch
-
-        tensors, shapes = read_spectral_shifts(Path(weights_dir) / WEIGHT_NAME)
-        layers = dict(spectral_layers(pipe.unet))
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        with torch.no_grad():
-            for name, shape in shapes.items():
-                module = layers.get(name)
-                if module is None or list(module.weight.shape) != shape:
-                    found = "no such layer" if module is None else f"shape {list(module.weight.shape)}"
-                    raise FailedPrecondition(
-                        f"the spectral shifts of layer {name} were trained on a {shape} weight; this base model has "
-                        f"{found}: fuse them into the base model they were trained on")
-                weight = module.weight
-                u, s, vh = decompose(weight, device)
-                delta = tensors[UNET_PREFIX + name].to(device)
-                fused = shifted_weight(weight.detach().to(device, torch.float32), u, s, vh, delta)
-                weight.copy_(fused.to(weight.device, weight.dtype))
-        pipe.load_textual_inversion(tensors[TOKEN_KEY], token=token)
-
-
 def spectral_shift(weight, svd_device=None):
     """The parametrisation of one weight (for torch.nn.utils.parametrize): buffers `u`, `s`, `vh` of the SVD of
     `weight` (computed on `svd_device`, kept on the weight's device) and the trainable shifts `delta` (zeros);
@@ -150,57 +118,3 @@ def _spectral_shift_class():
             return shifted_weight(weight, self.u, self.s, self.vh, self.delta)
 
     return SpectralShift
-
-
-def spectral_layers(unet) -> list:
-    """(module name, module) for every nn.Linear and nn.Conv2d of `unet`, in module order: the shifted layers."""
-    import torch
-
-    return [(name, module) for name, module in unet.named_modules()
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
-
-
-def decompose(weight, device=None):
-    """The reduced SVD (U, σ, Vᵀ) of `weight` seen as a matrix (out, in·kh·kw), in float32 on `device` (default:
-    the weight's); U is (out, r), σ (r,) descending, Vᵀ (r, in·kh·kw), r = min of the two."""
-    import torch
-
-    matrix = weight.detach().to(device or weight.device, torch.float32).reshape(weight.shape[0], -1)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u, s, vh
-
-
-def shifted_weight(weight, u, s, vh, delta):
-    """W + U diag(ReLU(σ + δ) − σ) Vᵀ, reshaped to `weight`'s shape and dtype: the paper's U diag(ReLU(σ + δ)) Vᵀ
-    when U diag(σ) Vᵀ is the SVD of W, and exactly W at δ = 0.
-
-    The shift ReLU(σ + δ) − σ is computed in float32 whatever the buffers' dtype (fp16 buffers on CUDA), so small
-    δ are not rounded away before they scale U's columns."""
-    import torch
-
-    shift = torch.relu(s.float() + delta.float()) - s.float()
-    update = (u * shift.to(u.dtype)) @ vh
-    return weight + update.reshape(weight.shape).to(weight.dtype)
-
-
-def read_spectral_shifts(path: Path) -> tuple[dict, dict]:
-    """The tensors of a spectral_shifts.safetensors file and its layers' base shapes {name: [out, in, kh, kw]};
-    FailedPrecondition for a file of another format or a newer version."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    if metadata.get("format") != FORMAT:
-        raise FailedPrecondition(f"{path.name} is not a persona SVDiff file (format {metadata.get('format')!r}): "
-                                 f"train the concept again with method svdiff")
-    if int(metadata.get("format_version", "0")) > FORMAT_VERSION:
-        raise FailedPrecondition(f"{path.name} has SVDiff format version {metadata['format_version']}, newer than "
-                                 f"this server's {FORMAT_VERSION}: upgrade persona")
-    shapes = json.loads(metadata["shapes"])
-    missing = [name for name in shapes if UNET_PREFIX + name not in tensors] + (
-        [TOKEN_KEY] if TOKEN_KEY not in tensors else [])
-    if missing:
-        raise FailedPrecondition(f"{path.name} lacks tensors {', '.join(missing[:5])}: the file is damaged; train the "
-                                 "concept again")
-    return tensors, shapes

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from persona.services.models.fusing import LEARNED_EMBEDS as WEIGHT_NAME
 from persona.services.runtime.errors import InvalidArgument
 
 from .base import Components, TrainingMethod
-
-WEIGHT_NAME = "learned_embeds.safetensors"
 
 
 class PlaceholderToken:
@@ -62,17 +61,6 @@ class PlaceholderToken:
         return path
 
 
-def read_learned_embeds(path: Path):
-    """(token, embedding (n_vectors, hidden)) from a learned_embeds.safetensors as `PlaceholderToken.save` writes."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    if len(state) != 1:
-        raise InvalidArgument(f"{path.name} holds {len(state)} tokens; a textual-inversion file holds one")
-    [(token, embedding)] = state.items()
-    return token, embedding.reshape(-1, embedding.shape[-1])
-
-
 def add_learned_token(tokenizer, text_encoder, token: str, embedding) -> int:
     """Adds `token` with its learned (1, hidden) embedding row to the tokenizer and text encoder, as diffusers'
     `load_textual_inversion` does; the text encoder's trainability is left to the method. Returns the token id."""
@@ -116,10 +104,6 @@ class TextualInversionMethod(TrainingMethod):
         """The new token's embedding row, shape (1, hidden)."""
         self._prepared()
         return self.placeholder.learned_embedding()
-
-    @classmethod
-    def fuse_into_pipeline(cls, pipe, weights_dir: Path, token: str) -> None:
-        pipe.load_textual_inversion(str(weights_dir / WEIGHT_NAME), token=token)
 
     def save(self, output_dir: Path) -> Path:
         self._prepared()

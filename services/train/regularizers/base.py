@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:
     import torch
 
-    from ..loop import TrainConfig
+    from ..config import TrainConfig
     from ..methods.base import Components, TrainingMethod
 
 

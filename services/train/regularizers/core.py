@@ -70,10 +70,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from persona.services.runtime.errors import InvalidArgument
+from persona.services.subjects.domain import LIVE_CLASSES
 
+from ..options import CORE_VARIANTS
 from .base import Regularizer, RegularizerInputs
 
-CORE_VARIANTS = ("cosine", "pairwise", "hinge")
 # The hinge variant's margin on 1 − cos: no penalty while the identifier's output keeps cos ≥ 0.9 to its class's.
 HINGE_MARGIN = 0.1
 
@@ -117,7 +118,7 @@ INANIMATE_PROMPTS = (
     "a pencil sketch of the {}",
     "a red {}",
 )
-# Classes that get the animate prompts besides DreamBench's live subjects (evaluate.prompts.LIVE_CLASSES).
+# Classes that get the animate prompts besides DreamBench's live subjects (subjects.domain.LIVE_CLASSES).
 ANIMATE_CLASSES = frozenset({
     "person", "man", "woman", "boy", "girl", "child", "baby", "puppy", "kitten", "bird", "parrot", "owl", "duck",
     "horse", "cow", "sheep", "goat", "pig", "rabbit", "hamster", "monkey", "fox", "wolf", "bear", "lion", "tiger",
@@ -126,8 +127,6 @@ ANIMATE_CLASSES = frozenset({
 
 def regularization_prompts(class_name: str) -> tuple[str, ...]:
     """The prompt templates for a subject of class `class_name`: animate for people and animals, else inanimate."""
-    from persona.services.evaluate.prompts import LIVE_CLASSES
-
     name = class_name.strip().lower()
     return ANIMATE_PROMPTS if name in LIVE_CLASSES or name in ANIMATE_CLASSES else INANIMATE_PROMPTS
 

@@ -10,6 +10,8 @@ something to move when the text side trains (textual inversion, Custom Diffusion
 """
 from __future__ import annotations
 
+from persona.services.subjects.domain import indefinite_article
+
 from .base import Regularizer, RegularizerInputs
 
 
@@ -27,8 +29,6 @@ class SemanticPreservation(Regularizer):
         import torch
 
         super().prepare(inputs)
-        from persona.services.subjects.domain import indefinite_article
-
         c = inputs.components
         name = self.config.class_name
         # The article goes with the word after it: "a sks dog", "an apple" but "a sks apple".

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 # Same package: the ONNX layout's names, and the file helpers the export already has (hash, modes, parent).
-from persona.services.generate.onnx_export import (
+from persona.services.models.onnx_export import (
     COMPONENTS, MANIFEST, staged_folder)
 from persona.services.runtime.artifacts import file_sha256
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument

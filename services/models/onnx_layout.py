@@ -1,7 +1,7 @@
 """The ONNX export as a folder diffusers' `OnnxStableDiffusionPipeline.from_pretrained` loads, beside persona's own
 graphs: `model_index.json`, and a text encoder taking the int32 `input_ids` that pipeline feeds.
 
-persona's graphs (generate/onnx_export.py) take int64 `input_ids`, as Triton's configs and the sampler expect;
+persona.s graphs (onnx_export.py) take int64 `input_ids`, as Triton's configs and the sampler expect;
 diffusers casts them to int32 (`pipeline_onnx_stable_diffusion._encode_prompt`) and ONNX Runtime refuses a graph
 whose input type differs. So the export keeps persona's text encoder under `text_encoder_int64/` (the manifest's
 component path says so, and every persona reader follows that path), and `text_encoder/` holds the same graph with
@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from persona.services.generate.onnx_export import MANIFEST
+from .onnx_export import MANIFEST
 
 MODEL_INDEX = "model_index.json"
 # What diffusers loads (int32 input_ids) and where persona's own text encoder (int64) is kept.

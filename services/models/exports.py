@@ -1,32 +1,41 @@
-"""Concept exports: a concept's weights converted to another format once per (format, precision) and kept as the
-concept's files, and folders of them copied out for the engines (Triton, the embedded sampler, evaluation).
+"""Exports: a concept's weights (or a base model) converted to another format once per (format, precision) and kept
+in the artifact store, and folders of them copied out for the engines (Triton, the embedded sampler, evaluation).
 
-onnx starts from the diffusers export (adapters fused, TI token added) and must pass its parity check against torch;
+The one place every export format is made, for concepts and base models alike (one exporter, one cache): diffusers
+(each method's weights fused into the base pipeline, fusing.py), the methods' own formats (lora, ti,
+custom_diffusion, svdiff), kohya (kohya.py), onnx (onnx_export.py, plus the diffusers layout of onnx_layout.py) and
+tensorrt (tensorrt_build.py). onnx starts from the diffusers export and must pass its parity check against torch;
 tensorrt builds engines from the onnx export of the same precision, or refits another concept's engines of the same
-base model. `ConceptExports.start_export` runs any export as an "export" job that reports each component and can be
-cancelled between them; `export` runs it in the caller's thread.
+base model. A concept's exports are its files (role "export:<format>"); a base model's are recorded under the work
+folder by its resolved path. `ConceptExports.start_export` runs any export as an "export" job that reports each
+component and can be cancelled between them; `export` runs it in the caller's thread.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Protocol
 
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.runtime.model_loading import loading_models
-from persona.services.runtime.jobs import JobContext, JobRecord, JobRunner, hold
+from persona.services.runtime.job_store import JobRecord
+from persona.services.runtime.jobs import JobContext, JobRunner, hold
 
 from . import concepts as concept_store
-from .base_models import resolve_base_model
+from . import fusing
+from .base_models import BaseModelSettings, ResolvedBaseModel, resolve_base_model
 from .concepts import Concept, ConceptFile, ConceptStore
-from .methods import METHODS
+from .kohya import export_kohya_lora, family_for
+from .onnx_export import COMPONENTS, check_parity, export_pipeline_to_onnx
 from .onnx_layout import add_diffusers_layout
-from .settings import TrainSettings
 
 EXPORT_JOB_KIND = "export"
 # Export format → the methods it can export (None: any).
@@ -36,6 +45,13 @@ EXPORT_FORMATS = {"diffusers": None, "lora": ("lora",), "kohya": ("lora",), "ti"
 EXPORT_NATIVE = {"lora": "lora", "ti": "ti", "custom_diffusion": "custom_diffusion", "svdiff": "svdiff"}
 # Formats exported (and cached) once per precision, fp16 or fp32.
 PRECISION_FORMATS = ("onnx", "tensorrt")
+
+
+class ExportSettings(BaseModelSettings, Protocol):
+    """What exports read of the train service's settings (train/settings.py)."""
+
+    # The device of exports, e.g. "cuda:1" or "cpu"; None: cuda when available, else cpu.
+    device: str | None
 
 
 @dataclass(frozen=True)
@@ -49,20 +65,38 @@ class Export:
 
 @dataclass(frozen=True)
 class _ExportPlan:
-    """A checked export request: the concept, what to convert it to, and the role its files are kept under."""
+    """A checked export request: the concept (or base model), what to convert it to, and the role its files are kept
+    under."""
 
-    concept: Concept
+    concept: Concept | None
     format: str
     fp16: bool
     role: str
+    # The base model exported, when `concept` is None.
+    base: ResolvedBaseModel | None = None
+
+    @property
+    def name(self) -> str:
+        """What is exported, for messages: the concept id, or "base model <ref>"."""
+        return self.concept.concept_id if self.concept is not None else f"base model {self.base.ref}"
+
+    @property
+    def key(self) -> str:
+        """What is exported, for the export locks: the concept id, or "base:<base_model_key>"."""
+        return self.concept.concept_id if self.concept is not None else f"base:{base_model_key(self.base)}"
+
+    def source(self, format_name: str, fp16: bool) -> "_ExportPlan":
+        """The export of the same model this one is converted from (onnx → diffusers, tensorrt → onnx)."""
+        role = concept_store.export_role(format_name, fp16 if format_name in PRECISION_FORMATS else None)
+        return _ExportPlan(self.concept, format_name, fp16, role, self.base)
 
 
 class ConceptExports:
-    """The exports of every tenant's concepts. `get_concept(tenant, id)` reads a concept as the train domain shows
-    it (NotFound for other tenants'); `device(ctx)` holds the training device (a GPU export waits for a run);
-    `on_cuda()` says whether exports run on a GPU (fp16 by default then)."""
+    """The exports of every tenant's concepts and of base models (ModelLibrary.exports). `get_concept(tenant, id)`
+    reads a concept as the library shows it (NotFound for other tenants'); `device(ctx)` holds the device (a GPU
+    export waits for a training run); `on_cuda()` says whether exports run on a GPU (fp16 by default then)."""
 
-    def __init__(self, concepts: ConceptStore, artifacts: LocalArtifactStore, settings: TrainSettings,
+    def __init__(self, concepts: ConceptStore, artifacts: LocalArtifactStore, settings: ExportSettings,
                  work_dir: Path, runner: JobRunner, get_concept: Callable[[str, str], Concept],
                  device: Callable[[JobContext | None], ContextManager], on_cuda: Callable[[], bool]):
         self.concepts, self.artifacts, self.settings, self.work_dir = concepts, artifacts, settings, work_dir
@@ -94,13 +128,24 @@ class ConceptExports:
         return self._folder(self.export(tenant_id, concept_id, "diffusers").files, target)
 
     def onnx_folder(self, tenant_id: str, concept_id: str, target: Path, fp16: bool) -> Path:
-        """The concept's onnx export (layout of generate/onnx_export.py) at `target`, copied out once."""
+        """The concept's onnx export (layout of onnx_export.py) at `target`, copied out once."""
         return self.export_folder(tenant_id, concept_id, "onnx", target, fp16)
 
     def export_folder(self, tenant_id: str, concept_id: str, format_name: str, target: Path,
                       fp16: bool | None = None) -> Path:
         """The concept's `format_name` export at `target` (converted first if needed), copied out once."""
         return self._folder(self.export(tenant_id, concept_id, format_name, fp16).files, target)
+
+    def base_model_folder(self, base: ResolvedBaseModel, format_name: str, target: Path, fp16: bool) -> Path:
+        """A base model's onnx or tensorrt export at `target`: converted once per (resolved folder, precision) by the
+        same code as a concept's, kept in the artifact store, copied out once."""
+        if format_name not in PRECISION_FORMATS:
+            raise InvalidArgument(f"`format` is {format_name!r}: a base model exports to "
+                                  f"{' or '.join(PRECISION_FORMATS)} (it is a diffusers folder already)")
+        if format_name == "tensorrt":
+            _tensorrt_builder()
+        plan = _ExportPlan(None, format_name, bool(fp16), concept_store.export_role(format_name, bool(fp16)), base)
+        return self._folder(self._exported(plan), target)
 
     # Validation of a request -----------------------------------------------------------------------
 
@@ -144,11 +189,10 @@ class ConceptExports:
                   share: tuple[float, float] = (0.0, 1.0)) -> list[ConceptFile]:
         """The plan's cached files, else converts and caches them. `ctx` (a job) gets progress events, within
         `share` of the job's progress, and is checked for cancellation between steps."""
-        concept_id = plan.concept.concept_id
-        with hold(self._keyed_lock(f"{concept_id}/{plan.role}"), ctx,
-                      f"waiting for another {_format_label(plan)} export of {concept_id} to finish"):
+        with hold(self._keyed_lock(f"{plan.key}/{plan.role}"), ctx,
+                      f"waiting for another {_format_label(plan)} export of {plan.name} to finish"):
             # Re-read inside the lock: the export this call waited for may just have stored the files.
-            cached = self.concepts.get(concept_id).files_of(plan.role)
+            cached = self._cached(plan)
             if cached and all(self.artifacts.exists(f.artifact_id) for f in cached):
                 if ctx is not None:
                     ctx.progress(share[1], f"{_format_label(plan)} export already cached", stage=plan.format,
@@ -167,17 +211,40 @@ class ConceptExports:
                 else:
                     self._convert(plan.concept, plan.format, Path(scratch), out_dir)
                 files = store_folder(self.artifacts, out_dir, plan.role)
-            self.concepts.replace_files(concept_id, plan.role, files)
+            self._keep(plan, files)
             return files
+
+    def _cached(self, plan: _ExportPlan) -> list[ConceptFile]:
+        """The files kept for the plan's export: the concept's files of its role, or a base model's record."""
+        if plan.concept is not None:
+            return self.concepts.get(plan.concept.concept_id).files_of(plan.role)
+        record = self._base_record(plan)
+        if not record.is_file():
+            return []
+        return [ConceptFile(**f) for f in json.loads(record.read_text())]
+
+    def _keep(self, plan: _ExportPlan, files: list[ConceptFile]) -> None:
+        if plan.concept is not None:
+            self.concepts.replace_files(plan.concept.concept_id, plan.role, files)
+            return
+        record = self._base_record(plan)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        partial = record.with_name(f".{record.name}.partial")
+        partial.write_text(json.dumps([f.__dict__ for f in files]))
+        os.replace(partial, record)  # whole record or none
+
+    def _base_record(self, plan: _ExportPlan) -> Path:
+        """Where a base model's export of the plan's role is recorded (the files' artifact ids)."""
+        return self.work_dir / "base-exports" / base_model_key(plan.base) / f"{plan.role.replace(':', '-')}.json"
 
     def _convert_onnx(self, plan: _ExportPlan, scratch: Path, out_dir: Path, ctx: JobContext | None,
                       share: tuple[float, float]) -> None:
         """diffusers export (adapters fused, TI token added) → three ONNX graphs, which must match torch."""
-        from persona.services.generate.onnx_export import check_parity, export_pipeline_to_onnx
-
-        source = _ExportPlan(plan.concept, "diffusers", False, concept_store.export_role("diffusers"))
-        diffusers = self._exported(source, ctx, share=(share[0], share[0]))
-        model_dir = materialize(self.artifacts, diffusers, scratch / "diffusers")
+        if plan.concept is None:  # a base model is a diffusers folder already
+            model_dir = plan.base.path
+        else:
+            diffusers = self._exported(plan.source("diffusers", False), ctx, share=(share[0], share[0]))
+            model_dir = materialize(self.artifacts, diffusers, scratch / "diffusers")
         if ctx is not None:
             ctx.check_cancelled()
         with self.device(ctx) if self.on_cuda() else contextlib.nullcontext():
@@ -189,7 +256,7 @@ class ConceptExports:
             diffs = ", ".join(f"{name} {diff:.3g}" for name, diff in result.max_abs_diffs().items())
             advice = ("export it in fp32 instead (`fp16` false, `persona-cli export … --fp32`)" if plan.fp16
                       else "this is a bug: report it with the server log")
-            raise FailedPrecondition(f"the {_format_label(plan)} export of {plan.concept.concept_id} differs from "
+            raise FailedPrecondition(f"the {_format_label(plan)} export of {plan.name} differs from "
                                      f"torch by more than its tolerance (max abs diff: {diffs}): {advice}") from error
         add_diffusers_layout(out_dir, model_dir)  # also a folder OnnxStableDiffusionPipeline.from_pretrained loads
 
@@ -197,8 +264,7 @@ class ConceptExports:
         """The onnx export of the same precision (cached on the way) → TensorRT engines. Same precision because
         TensorRT 11's strongly typed networks take fp16 only from fp16 graphs (10 also takes them)."""
         builder = _tensorrt_builder()
-        source = _ExportPlan(plan.concept, "onnx", plan.fp16, concept_store.export_role("onnx", plan.fp16))
-        onnx_files = self._exported(source, ctx, share=(0.0, 0.5))
+        onnx_files = self._exported(plan.source("onnx", plan.fp16), ctx, share=(0.0, 0.5))
         onnx_dir = materialize(self.artifacts, onnx_files, scratch / "onnx")
         if ctx is not None:
             ctx.check_cancelled()
@@ -213,9 +279,10 @@ class ConceptExports:
 
     def _refit_donor(self, plan: _ExportPlan, builder, onnx_dir: Path, scratch: Path) -> Path | None:
         """Refittable TensorRT engines of another of the tenant's concepts on the same base model and precision
-        that can take this export's weights (`can_refit`), materialised under `scratch`; None: build instead."""
-        import json
-
+        that can take this export's weights (`can_refit`), materialised under `scratch`; None: build instead (and
+        always for a base model)."""
+        if plan.concept is None:
+            return None
         onnx_manifest = json.loads((onnx_dir / "manifest.json").read_text())
         role = concept_store.export_role("tensorrt", plan.fp16)
         for other in self.concepts.on_base_model(plan.concept.tenant_id, plan.concept.base_model_sha256):
@@ -234,29 +301,22 @@ class ConceptExports:
 
     def _kohya_family(self, concept: Concept) -> tuple[str, str]:
         """kohya.py's family of the concept's base model and what its UNet predicts (from its scheduler)."""
-        from .kohya import family_for
-
         if concept.base_model_family == "tiny":
             return "tiny", "epsilon"
         prediction = resolve_base_model(concept.base_model, self.settings).prediction_type
         return family_for(concept.base_model_family, prediction), prediction
 
     def _export_device(self) -> str:
-        if self.settings.device:
-            return self.settings.device
-        return "cuda" if self.on_cuda() else "cpu"
+        return self.settings.device or ("cuda" if self.on_cuda() else "cpu")
 
     def _convert(self, concept: Concept, format_name: str, scratch: Path, out_dir: Path) -> None:
         weights_dir = materialize(self.artifacts, concept.files_of(concept_store.WEIGHTS), scratch / "weights")
         out_dir.mkdir(parents=True)
-        method = METHODS[concept.method]
         if format_name != "diffusers" and format_name == EXPORT_NATIVE.get(concept.method) or (
-                format_name == "diffusers" and method.saves_pipeline):
+                format_name == "diffusers" and concept.method in fusing.WHOLE_PIPELINE_METHODS):
             materialize(self.artifacts, concept.files_of(concept_store.WEIGHTS), out_dir)
         elif format_name == "kohya":
-            from .kohya import export_kohya_lora
-
-            source = weights_dir / "pytorch_lora_weights.safetensors"
+            source = weights_dir / fusing.LORA_WEIGHTS
             family, prediction = self._kohya_family(concept)
             export_kohya_lora(source, out_dir / f"{concept.token}_{concept.class_name.replace(' ', '_')}.safetensors",
                               base_model_family=family, prediction_type=prediction, resolution=concept.resolution,
@@ -271,7 +331,7 @@ class ConceptExports:
             with loading_models():
                 pipe = StableDiffusionPipeline.from_pretrained(base.path, dtype=torch.float32, safety_checker=None,
                                                                requires_safety_checker=False)
-                method.fuse_into_pipeline(pipe, weights_dir, concept.token)
+                fusing.fuse_into_pipeline(concept.method, pipe, weights_dir, concept.token)
             pipe.save_pretrained(out_dir, safe_serialization=True)
 
     # Folders ----------------------------------------------------------------------------------------------
@@ -319,6 +379,11 @@ def materialize(artifacts: LocalArtifactStore, files: list[ConceptFile], folder:
     return folder
 
 
+def base_model_key(base: ResolvedBaseModel) -> str:
+    """A base model's name in the export cache: a digest of its resolved folder."""
+    return hashlib.sha256(str(Path(base.path).resolve()).encode()).hexdigest()[:16]
+
+
 def _format_label(plan: _ExportPlan) -> str:
     """"onnx fp16", "tensorrt fp32", "lora"."""
     if plan.format in PRECISION_FORMATS:
@@ -331,7 +396,6 @@ def _component_progress(ctx: JobContext | None, stage: str, share: tuple[float, 
     the job's cancellation point between components."""
     if ctx is None:
         return None
-    from persona.services.generate.onnx_export import COMPONENTS
 
     def on_progress(done: int, total: int, *rest) -> None:
         # The component just finished: named by the builder when it says, else by position in COMPONENTS.
@@ -349,7 +413,7 @@ def _tensorrt_builder():
     advice = ("export with format onnx instead (`persona-cli export CONCEPT --format onnx`): Triton's ONNX Runtime "
               "backend and onnxruntime run it on any machine")
     try:
-        from persona.services.generate import tensorrt_build
+        from . import tensorrt_build  # imported on use: it is the one export a server may lack
     except ImportError as error:
         raise FailedPrecondition(f"`format` tensorrt is not available: this server has no TensorRT engine builder "
                                  f"({error}); {advice}") from error

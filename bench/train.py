@@ -14,7 +14,6 @@ over the steps after `warmup_steps` (CUDA synchronised at both ends), peak GPU m
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 import statistics
 import tempfile
@@ -23,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
-
-from .base_models import RANDOM_FAMILIES, TINY, missing_components, tiny_base_model
-from .loop import MIXED_PRECISIONS, TrainConfig, train
-from .regularizers import REGULARIZER_PLUGINS
+from persona.services.runtime.devices import describe_device, torch_device
+from persona.services.runtime.errors import InvalidArgument
+from persona.services.models.base_models import missing_components
+from persona.services.train.config import TrainConfig
+from persona.services.train.loop import train
+from persona.services.train.options import MIXED_PRECISIONS
+from persona.services.train.regularizers import REGULARIZER_PLUGINS
 
 # Methods both loops implement (textual inversion has no diffusers DreamBooth counterpart).
 BENCH_METHODS = ("lora", "dreambooth")
@@ -45,9 +46,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 LEARNING_RATES = {"lora": 1e-4, "dreambooth": 5e-6}
 LORA_RANK = 4
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-# Where the real-size configs (sd15/, sd21-base/) are looked for when no config root is given:
-# PERSONA_MODEL_CONFIGS, else ../shared/models/configs beside the repository.
-DEFAULT_CONFIG_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "configs"
 
 
 @dataclass(frozen=True)
@@ -131,10 +129,10 @@ def run_train_benchmark(
     if missing:
         raise InvalidArgument(f"`base_model_dir` {base_model_dir} is not a diffusers Stable Diffusion folder: "
                               f"missing {', '.join(missing)}")
-    dev = resolve_device(device)
+    dev = torch_device(device)
     precision = mixed_precision if dev.type == "cuda" else "no"
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise InvalidArgument(f"`mixed_precision` bf16 is not supported by {device_name(dev)}: use fp16 or no")
+        raise InvalidArgument(f"`mixed_precision` bf16 is not supported by {describe_device(dev)}: use fp16 or no")
 
     instance = [(image, INSTANCE_PROMPT) for image in _instance_images(images_dir, num_images, seed)]
     klass = [(image, CLASS_PROMPT) for image in _noise_images(num_images, seed + 1)]
@@ -170,31 +168,6 @@ def run_train_benchmark(
                                                         dev, precision, seed, timer), warmup_steps)
         rows.append(_row(method, OURS, timed, plain_lora))
     return rows
-
-
-def resolve_device(device: str | None):
-    """torch.device for `device` (None: cuda when available, else cpu); FailedPrecondition when CUDA is absent."""
-    import torch
-
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise InvalidArgument(f"`device` is {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FailedPrecondition(f"`device` is {device!r} but torch sees no CUDA GPU: use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise InvalidArgument(f"`device` is {device!r}: use cpu, cuda or cuda:N")
-    return dev
-
-
-def device_name(device) -> str:
-    """The device in words, e.g. `cuda:0 (NVIDIA H100 80GB HBM3)` or `cpu (2 threads)`."""
-    import torch
-
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 class _StepTimer:
@@ -487,34 +460,3 @@ def _instance_images(images_dir: Path | None, count: int, seed: int) -> list:
     if not paths:
         raise InvalidArgument(f"`images_dir` {folder} holds no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images")
     return [Image.open(p).convert("RGB") for p in paths]
-
-
-def bench_base_model(ref: str, cache_dir: Path, config_root: Path | None = None) -> Path:
-    """The diffusers folder for `ref`: `tiny`, `sd15` / `sd21-base` (real-size random weights from the configs
-    under `config_root`, built once into `cache_dir`), or a local diffusers folder."""
-    from .base_models import build_random_base_model
-
-    ref = (ref or "").strip()
-    if ref == TINY:
-        return tiny_base_model(cache_dir)
-    if ref in RANDOM_FAMILIES:
-        root = Path(config_root or os.environ.get("PERSONA_MODEL_CONFIGS") or DEFAULT_CONFIG_ROOT)
-        target = Path(cache_dir) / f"random-{ref}"
-        if not (target / "model_index.json").exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-            try:
-                build_random_base_model(ref, tmp, root)
-                os.rename(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return target
-    folder = Path(ref).expanduser()
-    if not folder.is_dir():
-        raise InvalidArgument(f"`base_model` {ref!r} is not tiny, {', '.join(RANDOM_FAMILIES)} or an existing "
-                              "diffusers folder")
-    missing = missing_components(folder)
-    if missing:
-        raise InvalidArgument(f"`base_model` {ref!r} is not a diffusers Stable Diffusion folder: missing "
-                              f"{', '.join(missing)}")
-    return folder.resolve()

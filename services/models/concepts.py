@@ -99,11 +99,6 @@ class Concept:
     def files_of(self, role: str) -> list[ConceptFile]:
         return [f for f in self.files if f.role == role]
 
-    @property
-    def prompt_name(self) -> str:
-        """How prompts call the subject: "sks dog"."""
-        return f"{self.token} {self.class_name}"
-
 
 class ConceptStore:
     """Concept rows and their files, every read scoped to a tenant."""

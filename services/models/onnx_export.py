@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from persona.services.runtime.artifacts import file_sha256
+from persona.services.runtime import devices
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -125,7 +126,7 @@ def export_pipeline_to_onnx(model_dir: Path, out_dir: Path, *, fp16: bool = Fals
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     _check_arguments(model_dir, out_dir, opset, overwrite)
     onnx, ort = _import_onnx()
-    torch_device = _torch_device(device)
+    torch_device = devices.torch_device(device)
     # out_dir is replaced only when empty or overwrite=True (checked above).
     with staged_folder(out_dir) as staging:
         modules = _load_modules(model_dir, torch_device)
@@ -180,20 +181,6 @@ def _import_onnx():
     except ImportError as error:
         raise FailedPrecondition(f"onnx/onnxruntime not installed ({error.name or error}): {INSTALL_HINT}") from error
     return onnx, ort
-
-
-def _torch_device(device: str):
-    import torch
-
-    try:
-        torch_device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise InvalidArgument(f"`device` is {device!r}: use cpu, cuda or cuda:N") from error
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise FailedPrecondition(f"`device` is {device!r} but torch sees no CUDA device: pass device='cpu'")
-    if torch_device.type not in ("cpu", "cuda"):
-        raise InvalidArgument(f"`device` is {device!r}: use cpu, cuda or cuda:N")
-    return torch_device
 
 
 @contextlib.contextmanager

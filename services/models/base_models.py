@@ -23,21 +23,27 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
+from persona.services.runtime.artifacts import file_sha256
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.runtime.model_loading import loading_models
 from persona.services.runtime.models import check_path_reference, resolve_model_folder
-
-from .settings import TrainSettings
 
 TINY = "tiny"
 # Folder under the model cache holding the built `tiny` model.
 TINY_DIRNAME = "tiny-sd"
 # The public openai/clip-vit-large-patch14 tokenizer, shipped so `tiny` builds without a hub or ../shared.
 CLIP_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip-tokenizer"
+# The released SD-1.5 / SD-2.1-base configs a single-file checkpoint is read with (the default of
+# PERSONA_SINGLE_FILE_CONFIGS).
+SD_CONFIGS_DIR = Path(__file__).resolve().parent / "assets" / "sd-configs"
 # Seed of the tiny model's random weights: every build gives the same model, so tests can compare outputs.
 TINY_SEED = 0
+# Attention heads of the tiny UNet (diffusers' `attention_head_dim` is the head count): 2 heads of 16 channels.
+# SD-1.5's 8 heads at tiny's 1/10 width were 4 channels each, and CPU attention at 1024 tokens with 4-channel
+# heads cost 80 % of a UNet call: 8 heads made every tiny image and training step ~3× dearer for nothing.
+TINY_ATTENTION_HEADS = 2
 
 # Folder names of the real-size configs under a config root (see build_random_base_model).
 RANDOM_FAMILIES = ("sd15", "sd21-base")
@@ -89,6 +95,17 @@ _WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusio
                  "text_encoder": "model.safetensors"}
 
 
+class BaseModelSettings(Protocol):
+    """Where base models are found and kept: the train service's settings (PERSONA_TRAIN_*, train/settings.py)."""
+
+    # Folder of the built `tiny`, converted single files and variant views.
+    base_model_cache_dir: Path
+    # Whether a hub id missing from the local cache may be downloaded (HF_HUB_OFFLINE still wins).
+    download_base_models: bool
+    # Folder holding sd15/ and sd21-base/ configs, for single-file checkpoints.
+    single_file_configs: Path
+
+
 @dataclass(frozen=True)
 class ModelConfigs:
     """What the configs of a diffusers model say about how it is trained and sampled."""
@@ -115,7 +132,7 @@ class ResolvedBaseModel:
     source: str
 
 
-def resolve_base_model(ref: str, settings: TrainSettings) -> ResolvedBaseModel:
+def resolve_base_model(ref: str, settings: BaseModelSettings) -> ResolvedBaseModel:
     """Finds `ref` (tiny, a local folder or a hub id) on local disk and reads what training needs from its configs."""
     ref = (ref or "").strip()
     if not ref:
@@ -141,6 +158,34 @@ def resolve_base_model(ref: str, settings: TrainSettings) -> ResolvedBaseModel:
     family = TINY if source == "builtin" else configs.family
     return ResolvedBaseModel(ref=ref, path=path, native_resolution=configs.native_resolution, family=family,
                              prediction_type=configs.prediction_type, source=source)
+
+
+def base_model_identity(base_model_dir: Path) -> str:
+    """Stable, content-aware id of a diffusers folder: sha256 over (path, content sha256) of every file it loads.
+
+    Content, not name or mtime: the same model copied elsewhere or re-downloaded keeps its id (and its
+    cached class images), while retrained weights under the same name get a new one. Weights are hashed
+    once per process per (path, size, mtime) — about 3 s for SD-1.5 — and a Hugging Face cache snapshot
+    costs nothing, because its files link to blobs already named by their sha256.
+    """
+    root = Path(base_model_dir)
+    index_path = root / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"`base_model` {root} has no model_index.json: pass a diffusers folder") from None
+    # Only the components the pipeline loads: a hub snapshot may also hold fp16 copies, .ckpt files, READMEs.
+    components = sorted(name for name, spec in index.items()
+                        if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None)
+    files = [index_path]
+    for name in components:
+        folder = root / name
+        if folder.is_dir():
+            files += sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + file_sha256(path).encode() + b"\n")
+    return h.hexdigest()
 
 
 def missing_components(folder: Path) -> list[str]:
@@ -203,7 +248,7 @@ def plain_weights_view(folder: Path, cache_dir: Path) -> Path:
     return target
 
 
-def single_file_base_model(path: Path, settings: TrainSettings) -> Path:
+def single_file_base_model(path: Path, settings: BaseModelSettings) -> Path:
     """The diffusers folder of the single-file checkpoint `path` (A1111/ComfyUI layout), converted on first use.
 
     The architecture is read from the checkpoint's keys, and diffusers' single-file loader reads it with that
@@ -283,7 +328,8 @@ def _convert_single_file(path: Path, configs: Path, target: Path) -> Path:
     """Reads `path` with diffusers' single-file loader and the configs in `configs`; saves it as a diffusers folder."""
     from diffusers import StableDiffusionPipeline
 
-    with tempfile.TemporaryDirectory() as scratch:
+    # Scratch beside the build folder, under the model cache: not in $TMPDIR, which may be small or not persona's.
+    with tempfile.TemporaryDirectory(prefix=".config-", dir=Path(target).parent) as scratch:
         # The loader wants a whole pipeline config: the family's components, a tokenizer and a model_index.json.
         config_dir = Path(scratch) / "config"
         shutil.copytree(configs, config_dir, symlinks=False,
@@ -355,16 +401,34 @@ def tiny_base_model(cache_dir: Path) -> Path:
     target = Path(cache_dir) / TINY_DIRNAME
     if not (target / "model_index.json").exists():
         _build_atomically(target, build_tiny_base_model)
+    elif _tiny_is_outdated(target):
+        _build_atomically(target, build_tiny_base_model, replace=True)
     return target
 
 
-def _build_atomically(target: Path, build: Callable[[Path], Path]) -> None:
-    """Builds into a temporary sibling and renames it to `target`, so a crash never leaves half a model there."""
+def _tiny_is_outdated(folder: Path) -> bool:
+    """True for a `tiny` built by an older persona (8 attention heads): rebuilt, so it costs what it should."""
+    try:
+        heads = json.loads((folder / "unet" / "config.json").read_text()).get("attention_head_dim")
+    except (OSError, ValueError):
+        return False  # unreadable: loading it will say what is wrong
+    return heads != TINY_ATTENTION_HEADS
+
+
+def _build_atomically(target: Path, build: Callable[[Path], Path], replace: bool = False) -> None:
+    """Builds into a temporary sibling and renames it to `target`, so a crash never leaves half a model there;
+    `replace` swaps out an existing `target` (the old one is moved aside first, then removed)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    old = target.parent / f"{tmp.name}-old"
     try:
         with loading_models():  # builds construct modules: one at a time in the process
             build(tmp)
+        if replace:
+            try:
+                os.rename(target, old)
+            except FileNotFoundError:
+                pass  # another process swapped it already
         try:
             os.rename(tmp, target)
         except OSError:
@@ -373,6 +437,7 @@ def _build_atomically(target: Path, build: Callable[[Path], Path]) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_tiny_base_model(target_dir: Path) -> Path:
@@ -394,7 +459,7 @@ def build_tiny_base_model(target_dir: Path) -> Path:
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32,
-            attention_head_dim=8,
+            attention_head_dim=TINY_ATTENTION_HEADS,
             norm_num_groups=32,
         )
         # Two blocks: scale factor 2, so 32 latent pixels decode to 64 image pixels.

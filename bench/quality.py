@@ -14,10 +14,16 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
+from persona.client.sdk import PersonaClient, PersonaClientError
+from persona.services.evaluate import report
 from persona.services.evaluate import toyworld as tw
+from persona.services.evaluate.toyworld import METRICS, default_toyworld, read_reference_set
+from persona.services.runtime.errors import InvalidArgument, InvalidSetting
+from persona.services.runtime.settings import parse_flag
 from persona.v1 import caption_pb2, common_pb2, generate_pb2, mask_pb2, subjects_pb2, train_pb2
 
-from .sdk import PersonaClient, PersonaClientError
+__all__ = ["DEFAULT_CONFIGS", "METRICS", "Configuration", "QualityBenchmark", "default_toyworld",
+           "quality_report_html", "read_reference_set", "training_option_pairs"]
 
 CAPTION_KINDS = ("case1", "sid")
 METHODS = ("lora", "dreambooth")
@@ -207,3 +213,60 @@ def _set_ratios(rows: list[Row]) -> None:
             mine, theirs = row.mean(metric), baseline.mean(metric)
             if mine is not None and theirs:
                 row.ratios[metric] = mine / theirs
+
+
+_QUALITY_SOURCES = {
+    "nearby_leakage": "mean fraction of pixels nearest the reference nearby object's colour, background-unsaid prompts",
+    "background_leakage": "mean fraction of the outer 5-px frame nearest the reference background's colours, "
+                          "background-unsaid prompts",
+    "nearby_object_leakage": "nearby_leakage counted as 0 in images whose frame is >= 25 % the nearby colour (a "
+                             "drawn background, not the object)",
+    "text_alignment": "fraction of asked-background images where that colour covers >= 40 %",
+    "subject_fidelity": "fraction of images where the subject's colours (body + stripes) cover >= 3 %",
+}
+
+
+def quality_report_html(rows: list[Row], *, base: str, references: Sequence[tw.ReferenceSet], seeds: int,
+                        images_per_prompt: int, options: dict) -> str:
+    """The HTML report of a run: the first seed's image grids per configuration and the metric table."""
+    results = [report.ConceptResult(
+        concept_id=r.config.name, label=r.config.name,
+        metrics={m: r.mean(m) for m in tw.METRICS if m in r.per_seed},
+        prompts=[report.PromptResult(text=text, kind="editing", images=pngs) for text, pngs in r.images.items()])
+        for r in rows]
+    meta = report.ReportMeta(
+        title="persona bench quality: entanglement on the toy world",
+        settings={"base model": base, "sets": ", ".join(r.name for r in references), "seeds": seeds,
+                  "images per prompt": images_per_prompt, **options},
+        sources=dict(_QUALITY_SOURCES))
+    return report.render_html(results, meta)
+
+
+def training_option_pairs(pairs: list[str]) -> dict:
+    """--set KEY=VALUE → TrainingOptions values: numbers and booleans parsed, commas make a list."""
+    fields = train_pb2.TrainingOptions.DESCRIPTOR.fields_by_name
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise InvalidArgument(f"`--set` {pair!r}: use KEY=VALUE with a TrainingOptions field, e.g. lora_rank=8")
+        try:
+            result[key] = _parse_option(fields[key], value, key)
+        except ValueError:
+            raise InvalidArgument(f"`--set` {pair!r}: {key} takes a number, e.g. --set {key}=8") from None
+        except InvalidSetting as e:
+            raise InvalidArgument(e.message) from None
+    return result
+
+
+def _parse_option(kind, value: str, key: str):
+    if kind.is_repeated:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if kind.type == kind.TYPE_BOOL:
+        return parse_flag(value, f"--set {key}") is True
+    if kind.type in (kind.TYPE_INT32, kind.TYPE_INT64):
+        return int(value)
+    if kind.type in (kind.TYPE_DOUBLE, kind.TYPE_FLOAT):
+        return float(value)
+    return value

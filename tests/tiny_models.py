@@ -1,15 +1,17 @@
-"""Tiny random-weight CLIPSeg, GroundingDINO and SAM saved in their hub layout, for tests and offline demos.
+"""Tiny random-weight stand-ins of the models the mask and evaluate services load, for the tests.
 
-The real models (CIDAS/clipseg-rd64-refined, IDEA-Research/grounding-dino-tiny, facebook/sam-vit-base)
-cannot be downloaded where persona is tested. These builders save stand-ins with the same architectures,
-a few layers wide, with `save_pretrained`, so the maskers load them through the very `from_pretrained`
-path they use for the real ones. Their weights are random: the masks they make are arbitrary, only their
-shapes and the plumbing are meaningful. Each builds and saves in well under a second on a CPU.
+The real models (openai/clip-vit-large-patch14, CIDAS/clipseg-rd64-refined, IDEA-Research/grounding-dino-tiny,
+facebook/sam-vit-base, CLIP and DINO for the metrics) cannot be downloaded where persona is tested. These builders
+save stand-ins with the same architectures, a few layers wide, with `save_pretrained`, so the services load them
+through the very `from_pretrained` path they use for the real ones. Their weights are random and seeded (every
+build is the same model): what they compute is arbitrary, only the shapes and the plumbing are meaningful. Each
+builds and saves in well under a second on a CPU.
 
-Processors are saved with small input sizes matching the tiny models (64–128 px instead of 352–1024),
-which keeps a forward pass in milliseconds; the pre/post-processing code that runs is the real one.
-transformers 5 without torchvision builds the `*Pil` image processors instead, with a warning; they save the
-same processor_config.json.
+Processors are saved with small input sizes matching the tiny models (32–128 px instead of 224–1024), which keeps a
+forward pass in milliseconds; the pre/post-processing code that runs is the real one. transformers 5 without
+torchvision builds the `*Pil` image processors instead, with a warning; they save the same processor_config.json.
+The CLIP-family stand-ins carry the real CLIP tokenizer shipped with the train service, so prompts tokenize as
+with the released models. (The built-in `tiny` base model is a product feature: services/train/base_models.py.)
 """
 from __future__ import annotations
 
@@ -18,7 +20,28 @@ from pathlib import Path
 
 # CLIP_TOKENIZER_DIR: the public openai/clip-vit-large-patch14 tokenizer shipped with the train service;
 # CLIPSeg tokenizes with it too. TINY_SEED: every tiny model's seed, so each build gives the same weights.
-from persona.services.train.base_models import CLIP_TOKENIZER_DIR, TINY_SEED
+from persona.services.models.base_models import CLIP_TOKENIZER_DIR, TINY_SEED
+
+# --- mask: P3S's CLIP vision tower, CLIPSeg, GroundingDINO, SAM ---------------------------------------------------
+
+
+def tiny_clip_vision(folder: str | Path) -> Path:
+    """Saves a seeded random CLIP vision model (64 px input, 8 px patches: an 8×8 grid, hidden 32, 2 layers) and
+    its image processor into `folder`: P3S's `ClipPatchFeatures(folder)` loads it offline."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = CLIPVisionModel(CLIPVisionConfig(
+            image_size=64, patch_size=8, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, projection_dim=32, hidden_act="quick_gelu"))
+    model.save_pretrained(folder, safe_serialization=True)
+    # CLIP's released normalisation; size and crop match the input so the processor alone would also fit.
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(folder)
+    return folder
+
 
 # BERT special tokens plus the words GroundingDINO queries are made of: DreamBench's class names,
 # the article and the period that ends each phrase. Anything else tokenizes to [UNK], which is harmless.
@@ -147,3 +170,76 @@ def _copy_clip_vocab(folder: Path) -> None:
     for name in ("vocab.json", "merges.txt"):
         if not (folder / name).exists():
             shutil.copyfile(CLIP_TOKENIZER_DIR / name, folder / name)
+
+
+# --- evaluate: CLIP and DINO for the metrics (32 px inputs) --------------------------------------------------------
+
+# Input side and patch size of both tiny vision towers: 4x4 patches + CLS.
+TINY_IMAGE_SIZE = 32
+TINY_PATCH_SIZE = 8
+# CLIP's and ImageNet's normalisation constants, as in the released processors.
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+_IMAGENET_MEAN = [0.485, 0.456, 0.406]
+_IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def tiny_clip(folder: Path) -> Path:
+    """Saves a seeded tiny CLIPModel and its CLIPProcessor (real tokenizer) into `folder`; returns `folder`."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, max_position_embeddings=77, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu",
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=1),
+        vision_config=dict(image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE, hidden_size=32,
+                           intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           hidden_act="quick_gelu"),
+        projection_dim=16,
+    )
+    # fork_rng: seed the weights without disturbing the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = CLIPModel(config)
+    processor = CLIPProcessor(image_processor=_image_processor("clip"),
+                              tokenizer=CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR))
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def tiny_dino(folder: Path) -> Path:
+    """Saves a seeded tiny ViTModel (no pooler, like facebook/dino-vits16) and its image processor into `folder`."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = ViTModel(config, add_pooling_layer=False)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    _image_processor("vit").save_pretrained(folder)
+    return folder
+
+
+def _image_processor(kind: str):
+    """The PIL image processor (what transformers 5 gives without torchvision anyway), named to avoid its warning."""
+    if kind == "clip":
+        try:
+            from transformers import CLIPImageProcessorPil as cls
+        except ImportError:  # transformers 4.x: the slow processor is the PIL one
+            from transformers import CLIPImageProcessor as cls
+        # Resize the short side, centre-crop: CLIP's own preprocessing at the tiny size.
+        return cls(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE,
+                                                                     "width": TINY_IMAGE_SIZE},
+                   image_mean=_CLIP_MEAN, image_std=_CLIP_STD)
+    try:
+        from transformers import ViTImageProcessorPil as cls
+    except ImportError:
+        from transformers import ViTImageProcessor as cls
+    return cls(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+               image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from persona.services.runtime.devices import describe_device
 from persona.services.runtime.errors import InvalidArgument
 
 PATHS = ("triton", "embedded", "embedded-compile", "diffusers", "diffusers-compile")
@@ -124,14 +125,14 @@ def run_sampling_benchmark(base_model_dir: Path, *, device, paths: Sequence[str]
 
     rows = [replace(r, speedup_vs_diffusers=ratio("diffusers", r),
                     speedup_vs_diffusers_compile=ratio("diffusers-compile", r)) for r in rows]
-    return SamplingBenchmark(_device_name(device), rows, hot_load, first_load, components, starts)
+    return SamplingBenchmark(describe_device(device), rows, hot_load, first_load, components, starts)
 
 
 # --- the paths ---------------------------------------------------------------------------------------------------
 
 
 def _batch(batch: int, steps: int, guidance_scale: float, resolution: int):
-    from .sampling import SamplingSettings
+    from persona.services.generate.sampling import SamplingSettings
 
     return [SamplingSettings(prompt=PROMPT, negative_prompt=NEGATIVE, seed=index, steps=steps,
                              guidance_scale=guidance_scale, scheduler="ddim", height=resolution, width=resolution)
@@ -153,8 +154,8 @@ def _time(draw: Callable[[], object], device, repeats: int, warmup: int) -> floa
 
 
 def _embedded_engine(device, compiled: bool, cache_dir: Path):
-    from .domain import EmbeddedEngine
-    from .settings import GenerateSettings
+    from persona.services.generate.domain import EmbeddedEngine
+    from persona.services.generate.settings import GenerateSettings
 
     settings = GenerateSettings(device=str(device), max_loaded=1, cuda_graphs=True, compile=compiled)
     return EmbeddedEngine(settings, cache_dir=cache_dir)
@@ -197,7 +198,7 @@ def _start_in_child(folder, device, compiled: bool, cache_dir: Path, steps: int,
     arguments = json.dumps({"folder": str(folder), "device": str(device), "compiled": compiled,
                             "cache_dir": str(cache_dir), "steps": steps, "guidance": guidance,
                             "resolution": resolution})
-    done = subprocess.run([sys.executable, "-c", "import sys; from persona.services.generate.bench import "
+    done = subprocess.run([sys.executable, "-c", "import sys; from persona.bench.generate import "
                            "start_child; start_child(sys.argv[1])", arguments],
                           capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -253,8 +254,8 @@ def _diffusers(folder, device, batch_sizes, steps, guidance, resolution, repeats
 
 
 def _triton(folder, device, batch_sizes, steps, guidance, resolution, repeats, warmup, work_dir: Path, on_stage):
-    from .settings import GenerateSettings
-    from .triton_engine import triton_engine_from_settings
+    from persona.services.generate.settings import GenerateSettings
+    from persona.services.generate.triton_engine import triton_engine_from_settings
 
     gpu = device.type == "cuda"
     settings = GenerateSettings(engine="triton", triton_gpu=gpu, onnx_fp16=gpu,
@@ -287,7 +288,7 @@ def _engine_folder(engine, folder: Path, target: Path, fp16: bool, on_stage) -> 
     """What the engine loads: the diffusers folder itself, or its ONNX export (made here, not timed)."""
     if engine.model_format == "diffusers":
         return folder
-    from .onnx_export import export_pipeline_to_onnx
+    from persona.services.models.onnx_export import export_pipeline_to_onnx
 
     on_stage(f"exporting {folder.name} to ONNX")
     export_pipeline_to_onnx(folder, target, fp16=fp16, overwrite=True)
@@ -299,7 +300,7 @@ def _nudged_unet_copy(folder: Path, target: Path) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .triton_repository import link_or_copy
+    from persona.services.generate.triton_repository import link_or_copy
 
     shutil.copytree(folder, target, ignore=shutil.ignore_patterns("unet"), copy_function=link_or_copy)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
@@ -373,7 +374,3 @@ def _free(device) -> None:
         import torch
 
         torch.cuda.empty_cache()
-def _device_name(device) -> str:
-    from persona.services.train.bench import device_name
-
-    return device_name(device)
