@@ -217,6 +217,8 @@ _QUALITY_SOURCES = {
     "nearby_leakage": "mean fraction of pixels nearest the reference nearby object's colour, background-unsaid prompts",
     "background_leakage": "mean fraction of the outer 5-px frame nearest the reference background's colours, "
                           "background-unsaid prompts",
+    "nearby_object_leakage": "nearby_leakage counted as 0 in images whose frame is >= 25 % the nearby colour (a "
+                             "drawn background, not the object)",
     "text_alignment": "fraction of asked-background images where that colour covers >= 40 %",
     "subject_fidelity": "fraction of images where the subject's colours (body + stripes) cover >= 3 %",
 }

@@ -382,6 +382,8 @@ def quality(
     - background: fraction of the outer 5-px frame in the photos' background colours, background unsaid (lower);
     - asked bg: fraction of asked-background images where that colour covers ≥ 40 % (text alignment, higher);
     - subject: fraction of images where the subject's colours cover ≥ 3 % (fidelity, higher);
+    - nearby obj: nearby, counted as 0 in an image whose frame is ≥ 25 % that colour (the base model drawing a
+      background in it is not the object leaking);
     - ÷ case1: nearby and background leakage over the Case 1 row's (same method and prior setting).
 
     Example: `persona-cli bench quality ../shared/toyworld/references/red-ring --config case1+prior --config
@@ -439,10 +441,13 @@ def quality(
     def render() -> str:
         header = (f"base model {base}; sets {', '.join(r.name for r in references)}; seeds {seeds}; "
                   f"{images} images per prompt; options {options or 'the train service defaults'}")
-        body = table(["CONFIG", "NEARBY", "BACKGROUND", "ASKED BG", "SUBJECT", "NEARBY ÷ CASE1", "BG ÷ CASE1"],
+        body = table(["CONFIG", "NEARBY", "BACKGROUND", "ASKED BG", "SUBJECT", "NEARBY ÷ CASE1", "BG ÷ CASE1",
+                      "NEARBY OBJ", "OBJ ÷ CASE1"],
                      [(r.config.name, cell(r, "nearby_leakage"), cell(r, "background_leakage"),
                        cell(r, "text_alignment"), cell(r, "subject_fidelity"), ratio(r, "nearby_leakage"),
-                       ratio(r, "background_leakage")) for r in rows])
+                       ratio(r, "background_leakage"), cell(r, "nearby_object_leakage"),
+                       ratio(r, "nearby_object_leakage")) for r in rows])
         return header + "\n" + body
 
     s.output(as_json).emit(data, render)
+

@@ -81,8 +81,10 @@ def render_job(job: common_pb2.Job):
             pairs.append(("error", f"{job.error.code}: {job.error.message}"))
         if job.interrupted:
             pairs.append(("interrupted", "yes: a server restart interrupted it"))
-        if job.result.fields:
-            pairs.append(("result", json.dumps(plain(message_dict(job.result)), ensure_ascii=False)))
+        typed = job.WhichOneof("typed_result")  # the result of the job's kind, typed; else the untyped one
+        if typed or job.result.fields:
+            result = message_dict(getattr(job, typed)) if typed else plain(message_dict(job.result))
+            pairs.append(("result", json.dumps(result, ensure_ascii=False)))
         return fields(pairs)
     return render
 

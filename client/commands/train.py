@@ -350,7 +350,7 @@ def train(
          f"job {job.job_id}")
 
     if not detach:
-        job = follow_training(s, client, job, concept_id, options.get("steps"))
+        job = follow_training(s, client, job, concept_id, (options or {}).get("steps"))
     concept = (client.train.GetConcept(train_pb2.GetConceptRequest(concept_id=concept_id)) if concept_id else None)
     if concept is not None:
         s.output(as_json).emit(message_dict(concept), lambda: concept.concept_id)

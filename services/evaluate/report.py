@@ -23,9 +23,10 @@ METRIC_LABELS = {
     # The toy world's entanglement measures (toyworld.py; `persona-cli bench quality`).
     "nearby_leakage": "nearby-object leakage", "background_leakage": "background leakage",
     "text_alignment": "asked background", "subject_fidelity": "subject fidelity",
+    "nearby_object_leakage": "nearby-object leakage, drawn backgrounds left out",
 }
 # Metrics where less is better (the best cell is the lowest).
-LOWER_IS_BETTER = ("clip_i_var", "dino_var", "nearby_leakage", "background_leakage")
+LOWER_IS_BETTER = ("clip_i_var", "dino_var", "nearby_leakage", "background_leakage", "nearby_object_leakage")
 # (x, y) metric pairs for the Pareto plot, the first one every concept has wins.
 PARETO_AXES = (("ta", "sa"), ("clip_t", "dino"), ("clip_t", "clip_i"))
 # The plot's axes span at least this much, so close concepts sit close instead of at opposite corners of a

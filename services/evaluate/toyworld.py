@@ -4,6 +4,9 @@ In the toy world every colour is one of ten, so leakage is a pixel count: each p
 mapped to the nearest palette colour, then
 
 - nearby-object leakage: the fraction of pixels of the reference's nearby object's colour;
+- nearby-object leakage, drawn backgrounds left out: the same, counted as 0 in an image whose outer frame is at
+  least a quarter that colour (a background or its pattern drawn in it, which the base model does by itself on a
+  background-unsaid prompt; a leaked object in a corner covers at most ~12 % of the 64-px frame);
 - background leakage: the fraction of the outer 5-pixel frame in the reference background's colours (drawn on a
   prompt that leaves the background unsaid);
 - text alignment: whether an asked plain background covers ≥ 40 % of the image;
@@ -37,6 +40,8 @@ FRAME_WIDTH = 5
 ASKED_BACKGROUND_MIN = 0.40
 # Subject fidelity: the subject's colours cover at least this fraction of the image.
 SUBJECT_MIN = 0.03
+# The nearby object's colour covering at least this fraction of the frame is a drawn background, not the object.
+NEARBY_AS_BACKGROUND = 0.25
 SCENE_FILE = "scene.json"
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -176,6 +181,13 @@ def nearby_leakage(labels: np.ndarray, reference: ReferenceSet) -> float:
     return colour_fraction(labels, [reference.nearby_colour])
 
 
+def nearby_object_leakage(labels: np.ndarray, reference: ReferenceSet) -> float:
+    """nearby_leakage, but 0 where the frame is at least NEARBY_AS_BACKGROUND that colour (a drawn background)."""
+    if colour_fraction(labels, [reference.nearby_colour], frame(*labels.shape)) >= NEARBY_AS_BACKGROUND:
+        return 0.0
+    return nearby_leakage(labels, reference)
+
+
 def background_leakage(labels: np.ndarray, reference: ReferenceSet) -> float:
     return colour_fraction(labels, reference.background_colours, frame(*labels.shape))
 
@@ -239,6 +251,7 @@ class ImageScores:
     subject: bool
     nearby_leakage: float | None = None
     background_leakage: float | None = None
+    nearby_object_leakage: float | None = None
     asked_background: bool | None = None
 
 
@@ -246,11 +259,12 @@ def score_image(image, prompt: BenchPrompt, reference: ReferenceSet) -> ImageSco
     labels = palette_labels(image)
     shown = subject_shown(labels, reference)
     if prompt.kind == UNSAID:
-        return ImageScores(UNSAID, shown, nearby_leakage(labels, reference), background_leakage(labels, reference))
+        return ImageScores(UNSAID, shown, nearby_leakage(labels, reference), background_leakage(labels, reference),
+                           nearby_object_leakage=nearby_object_leakage(labels, reference))
     return ImageScores(ASKED, shown, asked_background=asked_background_shown(labels, prompt.colour))
 
 
-METRICS = ("nearby_leakage", "background_leakage", "text_alignment", "subject_fidelity")
+METRICS = ("nearby_leakage", "background_leakage", "text_alignment", "subject_fidelity", "nearby_object_leakage")
 
 
 def summarise(scores: Sequence[ImageScores]) -> dict[str, float]:
@@ -262,6 +276,7 @@ def summarise(scores: Sequence[ImageScores]) -> dict[str, float]:
     if unsaid:
         result["nearby_leakage"] = float(np.mean([s.nearby_leakage for s in unsaid]))
         result["background_leakage"] = float(np.mean([s.background_leakage for s in unsaid]))
+        result["nearby_object_leakage"] = float(np.mean([s.nearby_object_leakage for s in unsaid]))
     if asked:
         result["text_alignment"] = float(np.mean([s.asked_background for s in asked]))
     if scores:

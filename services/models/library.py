@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from persona.services.runtime.artifacts import LocalArtifactStore
-from persona.services.runtime.devices import device_name
+from persona.services.runtime.devices import cuda_available
 from persona.services.runtime.job_store import TERMINAL
 from persona.services.runtime.jobs import JobContext, JobRunner, hold
 from persona.services.runtime.metadata import MetadataStore
@@ -69,7 +69,10 @@ class ModelLibrary:
 
     def on_cuda(self) -> bool:
         """Whether training and exports run on a CUDA device (the settings' device, else whether one is there)."""
-        return device_name(self.settings.device).startswith("cuda")
+        device = self.settings.device
+        if device:
+            return device.startswith("cuda")
+        return cuda_available()
 
     def _reconciled(self, concept: Concept) -> Concept:
         """A TRAINING concept whose job ended without saying so (server stopped with resume off) takes its state."""

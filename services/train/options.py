@@ -61,8 +61,8 @@ OPTIONS: tuple[Option, ...] = (
            choices=LR_SCHEDULERS),
     Option("lr_warmup_steps", int, 0, "Warmup steps of the learning-rate schedule, 0–steps.", low=0),
     Option("use_8bit_adam", bool, False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes where it trains)."),
-    Option("prior_loss_weight", float, 1.0, "--reg prior: weight of the prior-preservation loss.", low=0.0,
-           high=1e3, example="1.0"),
+    Option("prior_loss_weight", float, 1.0, "--reg prior: weight of the class images' loss beside the photos' "
+           "(0–1000).", low=0.0, high=1e3, flag="--prior-weight", default_text="1.0, DreamBooth's", example="1.0"),
     Option("num_class_images", int, 100, "--reg prior: class images drawn by the base model, 1–1000.", low=1,
            high=MAX_CLASS_IMAGES, example="100 (DreamBooth uses 100–200)", loop=False),
     Option("class_prompt", str, None, "--reg prior: the prompt the class images are drawn from.",

@@ -230,7 +230,9 @@ def test_jobs_list_show_watch_cancel(cli, subject):
 
     shown = ok_json(cli("jobs", "show", job["job_id"], "--json"))
     assert shown["state"] == "JOB_STATE_SUCCEEDED" and shown["result"]["captioned"] == len(subject["images"])
-    assert "SUCCEEDED" in ok(cli("jobs", "show", job["job_id"]))
+    assert shown["caption_result"]["captioned"] == len(subject["images"])  # typed: an int, not 4.0
+    text = ok(cli("jobs", "show", job["job_id"]))
+    assert "SUCCEEDED" in text and f'"captioned": {len(subject["images"])}' in text
     watched = ok_json(cli("jobs", "watch", job["job_id"], "--json"))  # a finished job: replays and returns
     assert watched["state"] == "JOB_STATE_SUCCEEDED"
 

@@ -307,3 +307,19 @@ def test_generate_without_a_terminal_prints_a_line_per_image(trained, concept_id
     assert lines[0] == "loading the model and drawing 2 images…"
     assert [line.split(" (")[0] for line in lines[1:3]] == ["image 1/2", "image 2/2"]
     assert lines[2].endswith(str(out / "a-sks-dog-on-the-beach-1.png"))
+
+
+def test_declared_options_reach_the_server_and_a_bad_choice_fails_before_any_upload(clean_env, dreambench, tmp_path):
+    """The train options persona-cli makes from the declarations (train/options.py): a flag added that way
+    (--lora-target, --lr-warmup-steps) reaches the concept's options; a value outside a declared choice fails
+    here, naming the option, before the photos are uploaded."""
+    cli = Cli(tmp_path / "home")
+    photos = photo_folder(dreambench, tmp_path / "photos", count=1)
+    line = failed(cli("train", photos, "--class", "dog", "--mixed-precision", "fp64", *TINY), "INVALID_ARGUMENT")
+    assert "`mixed_precision`" in line and "no, fp16, bf16" in line
+    assert ok_json(cli("subjects", "list", "--json")) == {"subjects": []}
+    concept = ok_json(cli("train", photos, "--class", "dog", "--reg", "none", "--captions", "class", "--lora-target",
+                          "to_q", "--lora-target", "to_v", "--lr-warmup-steps", "2", "--lr-scheduler", "LINEAR",
+                          *TINY, "--json"))
+    assert concept["options"]["lora_targets"] == ["to_q", "to_v"] and concept["options"]["lr_warmup_steps"] == 2
+    assert concept["options"]["lr_scheduler"] == "linear" and concept["options"]["steps"] == 4

@@ -59,6 +59,15 @@ def test_leakages_text_alignment_and_fidelity_by_hand(tmp_path):
     labels = tw.palette_labels(image)
     assert tw.nearby_leakage(labels, ref) == pytest.approx(20 / 400)
     assert tw.background_leakage(labels, ref) == pytest.approx(45 / 300)
+    assert tw.nearby_object_leakage(labels, ref) == pytest.approx(20 / 400)  # no blue in the frame
+    # A background drawn in the nearby colour: the frame's top 2 rows blue (2·20 = 40 px of 300) stay under 0.25 and
+    # count (40 + 20 px of 400); 5 rows (100 + 30 more px: 130/300 ≥ 0.25) are a background: 0.
+    image[0:2, 0:20] = rgb("blue")
+    assert tw.nearby_object_leakage(tw.palette_labels(image), ref) == pytest.approx(60 / 400)
+    image[0:5, 0:20] = rgb("blue")
+    labels5 = tw.palette_labels(image)
+    assert tw.nearby_leakage(labels5, ref) == pytest.approx((100 + 20) / 400) and \
+        tw.nearby_object_leakage(labels5, ref) == 0.0
     assert tw.subject_shown(labels, ref)  # 0.05 ≥ 0.03
     # cyan covers 400 - 20 - 45 - 20 = 315 px = 0.7875 ≥ 0.40; red (0.04) does not.
     assert tw.asked_background_shown(labels, "cyan") and not tw.asked_background_shown(labels, "red")
@@ -89,6 +98,8 @@ def test_scores_and_summary(tmp_path):
               tw.score_image(asked, prompts[2], ref), tw.score_image(asked, prompts[3], ref)]
     summary = tw.summarise(scores)
     assert summary["nearby_leakage"] == pytest.approx((0.1 + 0.0) / 2)
+    # The leaky image's blue block fills 40 of its 300 frame pixels (0.13 < 0.25): an object, counted.
+    assert summary["nearby_object_leakage"] == pytest.approx((0.1 + 0.0) / 2)
     # Frame of the leaky image: 300 px, 40 of its blue block's pixels lie in it (rows 0–9 × cols 0–3 all frame).
     assert summary["background_leakage"] == pytest.approx(((300 - 40) / 300 + 0.0) / 2)
     assert summary["text_alignment"] == pytest.approx(0.5)  # purple asked and shown; pink asked, not shown

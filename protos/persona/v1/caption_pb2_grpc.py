@@ -65,7 +65,8 @@ class CaptionServiceServicer:
     def StartCaptioning(self, request, context):
         """Starts a job that captions the subject's images (bounded parallel VLM calls, each answer
         checked; non-compliant answers are retried with a corrective message, then reported per
-        image). Watch it with JobService.WatchJob. Cases 2–4 need a VLM endpoint
+        image). Watch it with JobService.WatchJob (PROGRESS `details`: image_id, done/total); the finished job's
+        `caption_result` counts the captioned images and names the failed and skipped ones. Cases 2–4 need a VLM endpoint
         (PERSONA_VLM_BASE_URL, PERSONA_VLM_MODEL, PERSONA_VLM_API_KEY): FAILED_PRECONDITION when none
         is configured, UNAVAILABLE when it cannot be reached. Case 1 always works.
         """
