@@ -176,14 +176,16 @@ class QualityBenchmark:
         self.on_stage(f"{reference.name}: drawing {row.config.name}, seed {seed}: {len(prompts)} prompts × "
                       f"{self.images_per_prompt}")
         scores = []
-        for image in self.client.generate.Generate(generate_pb2.GenerateRequest(
-                concept_id=concept_id, prompts=[p.text for p in prompts], seed=1000 * seed,
-                steps=self.sampling_steps, guidance_scale=self.guidance, scheduler=generate_pb2.SCHEDULER_DDIM,
-                images_per_prompt=self.images_per_prompt)):
-            prompt = prompts[image.prompt_index]
-            scores.append(tw.score_image(Image.open(io.BytesIO(image.png)), prompt, reference))
-            if first:
-                row.images.setdefault(f"{reference.name}: {prompt.text}", []).append(image.png)
+        # One request per prompt (a server draws at most 16 images a request), seeded as one request for all would be:
+        # image j of prompt k starts from seed 1000·s + k·n + j.
+        for index, prompt in enumerate(prompts):
+            for image in self.client.generate.Generate(generate_pb2.GenerateRequest(
+                    concept_id=concept_id, prompts=[prompt.text], seed=1000 * seed + index * self.images_per_prompt,
+                    steps=self.sampling_steps, guidance_scale=self.guidance, scheduler=generate_pb2.SCHEDULER_DDIM,
+                    images_per_prompt=self.images_per_prompt)):
+                scores.append(tw.score_image(Image.open(io.BytesIO(image.png)), prompt, reference))
+                if first:
+                    row.images.setdefault(f"{reference.name}: {prompt.text}", []).append(image.png)
         return tw.summarise(scores)
 
 

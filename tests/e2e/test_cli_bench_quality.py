@@ -32,7 +32,8 @@ def test_bench_quality_trains_each_configuration_per_seed_and_reports(cli, tmp_p
     assert rows["lora sid+prior"]["regularizers"] == ["prior"] and rows["lora sid+prior"]["baseline"] == "lora case1"
     for row in rows.values():
         metrics = row["metrics"]
-        assert set(metrics) == {"nearby_leakage", "background_leakage", "text_alignment", "subject_fidelity"}
+        assert set(metrics) == {"nearby_leakage", "background_leakage", "text_alignment", "subject_fidelity",
+                                "nearby_object_leakage"}
         assert all(len(m["per_seed"]) == 2 and 0 <= m["mean"] <= 1 for m in metrics.values())
         assert set(row["per_reference"]) == {"red-ring"}
     assert data["options"] == {"steps": 2, "num_class_images": 1, "class_image_steps": 1, "resolution": 32}

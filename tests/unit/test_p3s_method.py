@@ -411,3 +411,18 @@ def test_p3s_composes_with_prior_preservation_the_masked_loss_and_checkpointing(
                    instance_masks=_centre_masks(dogs[:1]), on_step=lambda step, losses, _: reported.append(losses))
     assert result.steps == 2
     assert all(math.isfinite(r["prior"]) and math.isfinite(r["attention_consistency"]) for r in reported)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(clip_model=" "), "p3s_clip_model"), (dict(region="all"), "p3s_region"), (dict(fill="noise"), "p3s_fill"),
+    (dict(fill="inpaint"), "p3s_inpainting_model"), (dict(rngr_attention_dim=0), "p3s_rngr_attention_dim"),
+    (dict(injection_lambda=-0.1), "p3s_injection_lambda"), (dict(weight_schedule="cosine"), "p3s_weight_schedule"),
+    (dict(weight_k=0.0), "p3s_weight_k"), (dict(consistency_weight=-1.0), "p3s_consistency_weight"),
+    (dict(consistency_layers="first"), "p3s_consistency_layers"),
+])
+def test_a_bad_p3s_setting_is_refused_by_name(changes, field):
+    from persona.services.train.config import TrainConfig
+    from persona.services.train.methods.p3s.config import P3SConfig
+
+    with pytest.raises(InvalidArgument, match=f"`{field}`"):
+        TrainConfig(method="p3s", p3s=P3SConfig(**changes)).validate()
