@@ -6,10 +6,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from persona.services.models.base_models import (RANDOM_FAMILIES, TINY, build_random_base_model,
+                                                 missing_components, read_model_configs, tiny_base_model)
 from persona.services.runtime.devices import describe_device, torch_device
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.models.base_models import (RANDOM_FAMILIES, TINY, build_random_base_model, missing_components,
-                                                read_model_configs, tiny_base_model)
 from persona.services.train.settings import TrainSettings
 
 __all__ = ["DEFAULT_CONFIG_ROOT", "bench_base_model", "describe_device", "model_cache", "native_resolution",

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from persona.services.models.base_models import missing_components
 from persona.services.runtime.devices import describe_device, torch_device
 from persona.services.runtime.errors import InvalidArgument
-from persona.services.models.base_models import missing_components
 from persona.services.train.config import TrainConfig
 from persona.services.train.loop import train
 from persona.services.train.options import MIXED_PRECISIONS

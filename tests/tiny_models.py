@@ -11,14 +11,14 @@ Processors are saved with small input sizes matching the tiny models (32–128 p
 forward pass in milliseconds; the pre/post-processing code that runs is the real one. transformers 5 without
 torchvision builds the `*Pil` image processors instead, with a warning; they save the same processor_config.json.
 The CLIP-family stand-ins carry the real CLIP tokenizer shipped with the train service, so prompts tokenize as
-with the released models. (The built-in `tiny` base model is a product feature: services/train/base_models.py.)
+with the released models. (The built-in `tiny` base model is a product feature: services/models/base_models.py.)
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-# CLIP_TOKENIZER_DIR: the public openai/clip-vit-large-patch14 tokenizer shipped with the train service;
+# CLIP_TOKENIZER_DIR: the public openai/clip-vit-large-patch14 tokenizer shipped with persona (services/models);
 # CLIPSeg tokenizes with it too. TINY_SEED: every tiny model's seed, so each build gives the same weights.
 from persona.services.models.base_models import CLIP_TOKENIZER_DIR, TINY_SEED
 

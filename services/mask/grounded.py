@@ -14,8 +14,9 @@ the model references that made it. Pure domain code: no grpc; errors are persona
 
 Models are a hub id taken from the local Hugging Face cache (downloaded only when `download` is set and
 HF_HUB_OFFLINE is not, as for base models) or a local folder saved with `save_pretrained` (model and processor);
-The tests' `tiny_models.py` builds random-weight stand-ins of all three. Each masker loads its models once, on first use
-(or `load()`), on `device` (default cuda when available, else cpu). torch and transformers are imported there.
+the tests build random-weight stand-ins of all three (tests/tiny_models.py). Each masker loads its models once, on
+first use (or `load()`), on `device` (default cuda when available, else cpu). torch and transformers are imported
+there.
 """
 from __future__ import annotations
 

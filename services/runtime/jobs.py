@@ -8,10 +8,10 @@ resumed: on start, `JobRunner.recover` re-queues interrupted jobs of resumable k
 others with an error saying what happened.
 
 Jobs and their events are kept by JobStore (job_store.py). Ownership: a job belongs to the runner that
-submitted or claimed it (`owner`), which refreshes the job's `heartbeat_at` while it holds it. With SQLite one process owns the data dir, so at start every unfinished
-job is its own. With a metadata store several processes share (Postgres: replicas, pods per service), a
-runner takes over only jobs whose owner stopped beating, each with one conditional UPDATE, so two
-replicas never run the same job.
+submitted or claimed it (`owner`), which refreshes the job's `heartbeat_at` while it holds it. With SQLite one
+process owns the data dir, so at start every unfinished job is its own. With a metadata store several processes
+share (Postgres: replicas, pods per service), a runner takes over only jobs whose owner stopped beating, each with
+one conditional UPDATE, so two replicas never run the same job.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from persona.services.runtime.errors import InvalidArgument
 
 from .methods import METHODS
+from .methods.p3s.config import P3SConfig
 from .options import DEFAULT_LEARNING_RATES, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIONS, check_options, default
 from .regularizers import REGULARIZER_PLUGINS
 
@@ -38,6 +39,8 @@ class TrainConfig:
     # AdamW weight decay (diffusers' default) and the DDIM steps of validation images.
     adam_weight_decay: float = 1e-2
     validation_steps: int = 20
+    # The p3s method's hyper-parameters, the paper's defaults (methods/p3s/config.py); not request options yet.
+    p3s: P3SConfig = P3SConfig()
 
     # Request options (options.py). None where the service decides per request; the loop's fallback is noted.
     steps: int = default("steps")
@@ -91,6 +94,8 @@ class TrainConfig:
             raise InvalidArgument(
                 f"`train_text_encoder` is for `method` dreambooth or lora, not {self.method!r}: "
                 "turn train_text_encoder off or change the method")
+        if self.method == "p3s":
+            self.p3s.validate()
         if self.method == "ti" and not self.token.strip():
             raise InvalidArgument("`token` is empty: pass the placeholder word, e.g. sks")
         if self.method == "ti" and not self.initializer_token.strip():

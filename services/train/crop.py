@@ -7,3 +7,15 @@ def square_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     return left, top, left + side, top + side
+
+
+def to_tensor(image, resolution: int):
+    """Center-crops `image` to a square, resizes it to `resolution` and maps it to a (3, H, W) tensor in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    image = image.convert("RGB")
+    image = image.crop(square_crop_box(*image.size)).resize((resolution, resolution), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -19,7 +19,7 @@ from persona.services.runtime.model_loading import loading_models
 
 from .checkpoint import CHECKPOINT_FILE, TrainingState, run_fingerprint
 from .config import TrainConfig
-from .crop import square_crop_box
+from .crop import to_tensor as _to_tensor
 from .methods import METHODS, Components
 from .methods.textual_inversion import add_learned_token
 from .regularizers import REGULARIZER_PLUGINS, RegularizerInputs, weighted_pixel_mean
@@ -167,6 +167,10 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
         dist = components.vae.encode(pixels.to(device, components.vae.dtype)).latent_dist
         latent_mean, latent_std = dist.mean.float(), dist.std.float()
     scaling = components.vae.config.scaling_factor
+    # A method that conditions on the photos themselves (p3s) precomputes from them now.
+    if len(instance_masks) != len(examples):
+        raise InvalidArgument(f"`instance_masks` has {len(instance_masks)} entries for {len(examples)} examples")
+    warnings += method.bind_examples([image for image, _ in examples], instance_masks, resolution, device)
 
     # 4. Tokenize captions; cache their embeddings when the text encoder does not train.
     input_ids = components.tokenizer(
@@ -196,8 +200,6 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
     n_instance, n_class = len(examples), len(class_examples)
 
     # Regulariser plugins: set up once, then asked for pixel weights and extra terms every step.
-    if len(instance_masks) != n_instance:
-        raise InvalidArgument(f"`instance_masks` has {len(instance_masks)} entries for {n_instance} examples")
     regularizers = [REGULARIZER_PLUGINS[name](config) for name in config.regularizers]
     reg_inputs = RegularizerInputs(components, method, device, resolution, resolution // vae_scale, n_instance,
                                    n_class, instance_masks, autocast)
@@ -206,7 +208,8 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
 
     # 6. Resume from the checkpoint a previous (interrupted) call left, if any.
     fingerprint = run_fingerprint(config, all_examples, n_instance,
-                                  instance_masks if "mask" in config.regularizers else (), parent_embedding)
+                                  instance_masks if "mask" in config.regularizers or method.uses_masks else (),
+                                  parent_embedding)
     state = TrainingState(params, optimizer, lr_scheduler, scaler, generator)
     losses: list[float] = []
     start_step = 0
@@ -252,6 +255,7 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
             with autocast():
                 # Condition on the captions: cached, or encoded now so gradients reach the text encoder.
                 text = cached_text[batch] if cached_text is not None else components.text_encoder(input_ids[batch])[0]
+                method.before_unet(batch, noisy, timesteps, text)
                 # Predict the noise (or velocity) the scheduler's config asks for.
                 pred = components.unet(noisy, timesteps, text).sample
             target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -274,8 +278,9 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
                 terms["prior"] = per_image[config.batch_size:].mean()
                 loss = instance_loss + config.prior_loss_weight * terms["prior"]
             step_inputs = {"noisy": noisy.detach(), "timesteps": timesteps, "step": step}
-            for regularizer in regularizers:
-                for name, (value, weight) in regularizer.loss_terms(batch, step_inputs).items():
+            extra_terms = [method.loss_terms()] + [r.loss_terms(batch, step_inputs) for r in regularizers]
+            for extra in extra_terms:
+                for name, (value, weight) in extra.items():
                     terms[name] = value
                     loss = loss + weight * value
             terms["loss"] = loss
@@ -384,18 +389,6 @@ def _min_snr_weights(snr, gamma: float, prediction_type: str):
 
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     return clipped / (snr + 1 if prediction_type == "v_prediction" else snr)
-
-
-def _to_tensor(image, resolution: int):
-    """Center-crops `image` to a square, resizes it to `resolution` and maps it to a (3, H, W) tensor in [-1, 1]."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    image = image.convert("RGB")
-    image = image.crop(square_crop_box(*image.size)).resize((resolution, resolution), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def _autocast(device, mixed_precision: str, warnings: list[str]):

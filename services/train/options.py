@@ -20,9 +20,14 @@ MAX_STEPS = 100_000
 # UNet weight, so it takes the smallest step (diffusers train_dreambooth.py: 5e-6); LoRA trains few fresh weights
 # (train_dreambooth_lora.py: 1e-4); textual inversion one embedding row (textual_inversion.py: 5e-4); Custom
 # Diffusion the cross-attention K/V and a token row (train_custom_diffusion.py: 1e-5 per image, the paper's 8e-5
-# at batch 8); SVDiff one shift per singular value (svdiff-pytorch's train_svdiff.py: 1e-3).
-DEFAULT_LEARNING_RATES = {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4, "custom_diffusion": 1e-5, "svdiff": 1e-3}
+# at batch 8); SVDiff one shift per singular value (svdiff-pytorch's train_svdiff.py: 1e-3); P3S its condition
+# branch (the paper's §IV-A: 1e-5).
+DEFAULT_LEARNING_RATES = {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4, "custom_diffusion": 1e-5, "svdiff": 1e-3,
+                          "p3s": 1e-5}
 MAX_CLASS_IMAGES = 1000
+# Class-image steps on the built-in `tiny` base model when the request names none (TrainDomain._options): its random
+# weights draw noise at any step count, and 100 images at 30 steps were most of the README's laptop flow.
+TINY_CLASS_IMAGE_STEPS = 10
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # diffusers.optimization.SchedulerType values.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -76,7 +81,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("epochs", int, None, "Passes over the photos instead of --steps (steps = epochs × photos / batch size).",
            low=1, loop=False),
     Option("class_image_steps", int, 30, "--reg prior: sampling steps per class image, 1–200.", low=1, high=200,
-           loop=False),
+           default_text=f"30; {TINY_CLASS_IMAGE_STEPS} on the built-in tiny model", example="30", loop=False),
     Option("unmasked_weight", float, 0.1, "--reg mask: loss weight of pixels outside the subject, 0–1 (0: the "
            "subject only).", low=0.0, high=1.0, default_text="0.1, OneTrainer's"),
     Option("spl_weight", float, 1.0, "--reg spl: weight of the semantic preservation loss.", low=0.0, high=1e3,

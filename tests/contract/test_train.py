@@ -279,6 +279,7 @@ BAD_REQUESTS = [
     # (what, request changes, code, words the message must contain)
     ("unknown subject", dict(subject_id="subj_nope"), "NOT_FOUND", ["subj_nope"]),
     ("unknown method", dict(method="hypernetwork"), "INVALID_ARGUMENT", ["`method`", "lora"]),
+    ("p3s not started by the service yet", dict(method="p3s"), "FAILED_PRECONDITION", ["`method` p3s", "lora"]),
     ("steps 0", dict(options=dict(steps=0)), "INVALID_ARGUMENT", ["`steps`", "0"]),
     ("steps 1e9", dict(options=dict(steps=10**9)), "INVALID_ARGUMENT", ["`steps`", "1000000000"]),
     ("lr 0", dict(options=dict(learning_rate=0.0)), "INVALID_ARGUMENT", ["`learning_rate`"]),

@@ -129,3 +129,15 @@ def test_sid_captions_train_with_prior_preservation_and_say_so_when_it_is_turned
     # Class-only captions without it: nothing to warn about.
     _, warnings = _run(client, _start(client, subject.subject_id, captions="class"))
     assert not [w for w in warnings if "without prior preservation" in w]
+
+
+def test_tiny_draws_class_images_in_fewer_steps_unless_asked(client, dog_photos):
+    from persona.services.train.options import DEFAULT_OPTIONS, TINY_CLASS_IMAGE_STEPS
+
+    subject = _subject(client, dog_photos[:2])
+    concept, _ = _run(client, _start(client, subject.subject_id))
+    assert concept.options.class_image_steps == TINY_CLASS_IMAGE_STEPS < DEFAULT_OPTIONS["class_image_steps"]
+    asked = train_pb2.TrainingOptions(steps=1, resolution=32, checkpoint_every=0, class_image_steps=30)
+    concept, _ = _run(client, client.train.StartTraining(train_pb2.StartTrainingRequest(
+        subject_id=subject.subject_id, base_model="tiny", method="lora", regularizers=["none"], options=asked)))
+    assert concept.options.class_image_steps == 30  # what a user asks for is kept

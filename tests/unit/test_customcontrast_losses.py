@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+from persona.services.models.customcontrast.attention import global_attention_map
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.train.customcontrast.losses import (
-    appearance_similarity, cscl_loss, global_attention_map, location_loss, macl_loss, total_loss)
+    appearance_similarity, cscl_loss, location_loss, macl_loss, total_loss)
 
 R = 1 / math.sqrt(2)
 
@@ -83,12 +84,16 @@ def test_location_loss_is_background_mean_minus_subject_mean():
 def test_the_global_map_averages_the_placeholder_column_and_each_image_token_normalised():
     text = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.8, 0.2], [0.6, 0.4]])[None, None]  # (B=1, heads=1, HW=4, S=2)
     image = torch.tensor([[0.2, 0.8], [0.6, 0.4], [0.2, 0.8], [0.6, 0.4]])[None, None]
-    got = global_attention_map([(text, image)], placeholder_index=1, size=(2, 2))
+    got = global_attention_map([(text, image)], placeholder=torch.tensor([[False, True]]), size=(2, 2))
     # placeholder column (sums to 1) [.1 .3 .2 .4]; image columns /1.6 and /2.4.
     expected = torch.tensor([[(0.1 + 0.125 + 1 / 3), (0.3 + 0.375 + 1 / 6)],
                              [(0.2 + 0.125 + 1 / 3), (0.4 + 0.375 + 1 / 6)]]) / 3
     assert got[0].allclose(expected, atol=1e-6)
     assert got.sum().item() == pytest.approx(1.0, abs=1e-6)
+    # Two placeholder slots: their columns are averaged (here .5 each → the constant text map .25 per pixel).
+    both = global_attention_map([(text, image)], placeholder=torch.tensor([[True, True]]), size=(2, 2))
+    assert both[0].allclose(torch.tensor([[0.25 + 0.125 + 1 / 3, 0.25 + 0.375 + 1 / 6],
+                                          [0.25 + 0.125 + 1 / 3, 0.25 + 0.375 + 1 / 6]]) / 3, atol=1e-6)
 
 
 def test_the_total_weighs_contrast_by_1e_2_and_location_by_1e_3_and_drops_ablated_terms():

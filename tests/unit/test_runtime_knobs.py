@@ -1,6 +1,14 @@
-"""The runtime's one-of-each helpers: the device choice, the yes/no setting parser, the bad-setting error."""
+"""One of each: the device choice, the yes/no setting parser, the bad-setting error; benchmarks outside the services,
+reached by the CLI only through persona.bench."""
+import ast
+import re
+from pathlib import Path
+
 import pytest
 import torch
+
+import persona.client
+import persona.services
 
 from persona.services.generate.settings import GenerateSettings
 from persona.services.runtime import devices
@@ -80,3 +88,20 @@ def test_text_and_list_settings_drop_spaces_and_fall_back_when_blank(monkeypatch
     assert MaskSettings.from_env().clip_model == "/models/clip" and MaskSettings.from_env().device is None
     monkeypatch.setenv("PERSONA_ALLOWED_MODELS", " a/b, ,c ")
     assert env_list("PERSONA_ALLOWED_MODELS") == ("a/b", "c") == RuntimeSettings.from_env().allowed_models
+
+
+def test_only_runtime_devices_asks_torch_for_a_gpu_to_choose_a_device():
+    """`cuda` when available is decided in one place; elsewhere only the TensorRT check asks (it needs the GPU)."""
+    services = Path(persona.services.__file__).resolve().parent
+    askers = sorted(str(p.relative_to(services)) for p in services.rglob("*.py")
+                    if re.search(r"torch\.cuda\.is_available\(\)", p.read_text()))
+    assert askers == ["models/tensorrt_build.py", "runtime/devices.py"]
+
+
+def test_the_cli_bench_commands_import_no_service_internals():
+    source = (Path(persona.client.__file__).resolve().parent / "commands" / "bench.py").read_text()
+    modules = [node.module or "" for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)]
+    modules += [alias.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import)
+                for alias in node.names]
+    assert not [m for m in modules if m.startswith("persona.services")], modules
+    assert any(m.startswith("persona.bench") for m in modules)

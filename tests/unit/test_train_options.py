@@ -23,7 +23,9 @@ PROTO_TYPES = {FieldDescriptor.CPPTYPE_INT32: int, FieldDescriptor.CPPTYPE_INT64
                FieldDescriptor.CPPTYPE_STRING: str}
 # TrainConfig fields a request does not set: the service fills them from the subject, the method and its settings.
 NOT_REQUEST_OPTIONS = {"method", "token", "class_name", "regularizers", "device", "trained_dtype", "adam_weight_decay",
-                       "validation_steps"}
+                       "validation_steps",
+                       # P3S's hyper-parameters (methods/p3s/config.py): request options when the service starts p3s.
+                       "p3s"}
 
 
 def test_every_declared_option_is_a_proto_field_of_its_type_and_back():

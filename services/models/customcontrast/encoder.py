@@ -3,8 +3,9 @@
 The text version of the paper lost its equation images; what is built here is the reading below, each choice
 marked *reading* where the prose leaves it open.
 
-**Image features.** The CLIP image encoder's hidden states of `L` layers (default 3: the paper's "coarse-to-fine"
-layers) are *concatenated along the token axis* (reading: the prose says "concatenate"; the token axis keeps one
+**Image features.** The CLIP image encoder's hidden states of `L` layers (default 3; reading: spread evenly over its
+depth and ending at the last, layers 8, 16, 24 of ViT-L/14's 24, so they run "coarse-to-fine") are *concatenated
+along the token axis* (reading: the prose says "concatenate"; the token axis keeps one
 width, so each query sees every layer's patches), after a learned per-layer embedding, then projected to the
 Q-Formers' width: F ∈ R^{B × L·N × d}.
 
@@ -107,7 +108,10 @@ def fourier_features(timesteps: torch.Tensor, frequencies: int, num_train_timest
 
 
 class PerceiverAttention(nn.Module):
-    """Eq. 2: queries attend to the concatenation of image features and themselves."""
+    """Eq. 2: queries attend to the concatenation of image features and themselves.
+
+    `queries` may hold R sets per image (batch B·R, image-major: the textual Q-Former's one set per cross-attention
+    layer) over `features` of batch B: the features are normalised and projected once per image, then shared."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -119,8 +123,12 @@ class PerceiverAttention(nn.Module):
         self.to_out = nn.Linear(width, width, bias=False)
 
     def forward(self, features: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        features, queries = self.norm_features(features), self.norm_queries(queries)
-        keys, values = self.to_kv(torch.cat([features, queries], dim=1)).chunk(2, dim=-1)
+        repeats = queries.shape[0] // features.shape[0]
+        feature_kv = self.to_kv(self.norm_features(features))
+        if repeats > 1:
+            feature_kv = feature_kv.repeat_interleave(repeats, dim=0)
+        queries = self.norm_queries(queries)
+        keys, values = torch.cat([feature_kv, self.to_kv(queries)], dim=1).chunk(2, dim=-1)
         split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731 (B, h, n, d_h)
         out = nn.functional.scaled_dot_product_attention(split(self.to_q(queries)), split(keys), split(values))
         return self.to_out(out.transpose(1, 2).flatten(2))
@@ -180,15 +188,19 @@ class MFIEncoder(nn.Module):
             self.tv_fusion = QFormerLayer(c.cross_attention_width, _heads_for(c.cross_attention_width, c.heads))
 
     def image_features(self, clip_hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The last `num_clip_layers` CLIP hidden states (each (B, N, clip_width)) → F (B, L·N, width)."""
-        layers = list(clip_hidden_states)[-self.config.num_clip_layers:]
-        if len(layers) != self.config.num_clip_layers:
-            raise InvalidArgument(f"`clip_hidden_states` has {len(layers)} layers; the encoder concatenates "
-                                  f"{self.config.num_clip_layers}: pass output_hidden_states=True to the CLIP encoder")
+        """CLIP's hidden states (`output_hidden_states=True`: the embeddings, then each of its D layers, each
+        (B, N, clip_width)) → F (B, L·N, width) from layers round(k·D/L), k = 1 … L."""
+        count, depth = self.config.num_clip_layers, len(clip_hidden_states) - 1
+        if depth < count:
+            raise InvalidArgument(f"`clip_hidden_states` has {len(clip_hidden_states)} entries; the encoder reads "
+                                  f"{count} layers after the embeddings: pass output_hidden_states=True to the CLIP "
+                                  "encoder")
+        layers = [clip_hidden_states[round(k * depth / count)] for k in range(1, count + 1)]
         for layer in layers:
             if layer.shape[-1] != self.config.clip_width:
                 raise InvalidArgument(f"`clip_hidden_states` are {layer.shape[-1]} wide, the encoder was built for "
-                                      f"clip_width={self.config.clip_width}: use the CLIP image encoder it was trained on")
+                                      f"clip_width={self.config.clip_width}: use the CLIP image encoder it was "
+                                      "trained on")
         stacked = torch.stack(layers, dim=1) + self.clip_layer_embedding  # (B, L, N, clip_width)
         return self.proj_in(stacked.flatten(1, 2))
 
@@ -208,15 +220,13 @@ class MFIEncoder(nn.Module):
         # Spatiotemporal queries: one set per (image, cross-attention layer), all layers in one pass.
         time = self.time_mlp(fourier_features(timesteps, c.fourier_frequencies, c.num_train_timesteps))
         queries = self.text_queries[None, None] + time[:, None, None] + self.layer_embedding[None]  # (B, L_x, N+1, w)
-        per_layer_features = features[:, None].expand(-1, layers, -1, -1).flatten(0, 1)
-        textual = self.textual_qformer(per_layer_features, queries.flatten(0, 1)).unflatten(0, (batch, layers))
+        textual = self.textual_qformer(features, queries.flatten(0, 1)).unflatten(0, (batch, layers))
         text_tokens = textual[:, :, :-1]
         textual_cls = self.textual_cls_head(textual[:, :, -1].mean(dim=1))
 
         if c.use_tv_fusion:
             fusion_queries = self.tv_text_to_visual(text_tokens).flatten(0, 1)  # (B·L_x, N_t, d_cross)
-            fusion_features = visual_tokens[:, None].expand(-1, layers, -1, -1).flatten(0, 1)
-            image_tokens = self.tv_fusion(fusion_features, fusion_queries).unflatten(0, (batch, layers))
+            image_tokens = self.tv_fusion(visual_tokens, fusion_queries).unflatten(0, (batch, layers))
         else:
             image_tokens = visual_tokens[:, None].expand(-1, layers, -1, -1)
         return MFIOutput(text_tokens, image_tokens, visual_cls, textual_cls)

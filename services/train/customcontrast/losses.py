@@ -88,7 +88,8 @@ def location_loss(attention_map: torch.Tensor, mask: torch.Tensor, eps: float = 
 
         L = mean_b [ Σ A⊙(1−M) / Σ (1−M)  −  Σ A⊙M / Σ M ]
 
-    attention_map: (B, H, W) the global map A (`global_attention_map`), mask: (B, H, W) the subject mask M in [0, 1]
+    attention_map: (B, H, W) the global map A (`global_attention_map`, in the model library: inference reads it
+    too), mask: (B, H, W) the subject mask M in [0, 1]
     at the same size."""
     if attention_map.shape != mask.shape:
         raise InvalidArgument(f"`mask` has shape {tuple(mask.shape)}, the attention map {tuple(attention_map.shape)}: "
@@ -97,30 +98,6 @@ def location_loss(attention_map: torch.Tensor, mask: torch.Tensor, eps: float = 
     background = (a * (1 - m)).sum(-1) / ((1 - m).sum(-1) + eps)
     subject = (a * m).sum(-1) / (m.sum(-1) + eps)
     return (background - subject).mean()
-
-
-def global_attention_map(layer_probs: list[tuple[torch.Tensor, torch.Tensor]], placeholder_index: int,
-                         size: tuple[int, int]) -> torch.Tensor:
-    """§3.4's global map A: the average of every visual cross-attention map and of the placeholder's text
-    cross-attention map, over all recorded layers.
-
-    layer_probs: per layer (text probs (B, heads, HW, S), image probs (B, heads, HW, N)) as `TokenInjection.maps`
-    keeps them (square latents). Reading: each map is one token's column averaged over heads, resized to `size`
-    and normalised to sum 1 over pixels. The normalisation is needed: a pixel's softmax over the image tokens sums to
-    1, so summing raw visual maps over their tokens would give a constant map."""
-    maps = []
-    for text_probs, image_probs in layer_probs:
-        columns = torch.cat([text_probs[..., placeholder_index:placeholder_index + 1], image_probs], dim=-1)
-        columns = columns.mean(dim=1)  # (B, HW, 1 + N)
-        side = int(round(columns.shape[1] ** 0.5))
-        if side * side != columns.shape[1]:
-            raise InvalidArgument(f"an attention map has {columns.shape[1]} pixels, not a square latent grid")
-        grid = columns.transpose(1, 2).unflatten(-1, (side, side))  # (B, 1 + N, side, side)
-        grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-        maps.append(grid / grid.sum(dim=(-2, -1), keepdim=True).clamp(min=1e-12))
-    if not maps:
-        raise InvalidArgument("no attention maps were recorded: set TokenInjection.record_maps before the UNet call")
-    return torch.cat(maps, dim=1).mean(dim=1)
 
 
 def total_loss(diffusion: torch.Tensor, cscl: torch.Tensor | None = None, macl: torch.Tensor | None = None,

@@ -5,6 +5,7 @@ from .base import Components, TrainingMethod
 from .custom_diffusion import CustomDiffusionMethod
 from .dreambooth import DreamBoothMethod
 from .lora import LoraMethod
+from .p3s.method import P3SMethod
 from .svdiff import SvdiffMethod
 from .textual_inversion import TextualInversionMethod
 
@@ -15,7 +16,8 @@ METHODS: dict[str, type[TrainingMethod]] = {
     "ti": TextualInversionMethod,
     "custom_diffusion": CustomDiffusionMethod,
     "svdiff": SvdiffMethod,
+    "p3s": P3SMethod,
 }
 
 __all__ = ["METHODS", "Components", "TrainingMethod", "DreamBoothMethod", "LoraMethod", "TextualInversionMethod",
-           "CustomDiffusionMethod", "SvdiffMethod"]
+           "CustomDiffusionMethod", "SvdiffMethod", "P3SMethod"]

@@ -52,6 +52,25 @@ class TrainingMethod(ABC):
         """True when text-encoder weights (or its token embeddings) train, so captions are re-encoded every step."""
         return False
 
+    # True when the method needs each photo's subject mask (the loop then fingerprints masks for resuming).
+    uses_masks: bool = False
+
+    def bind_examples(self, images: list, masks: list, resolution: int, device: Any) -> list[str]:
+        """Called once the models are on `device`, before the optimiser is built, with the instance photos (PIL) and
+        their subject masks (bool (H, W) or None); a method that conditions on the photos (p3s) precomputes what it
+        needs. Returns warnings for the job's events."""
+        return []
+
+    def before_unet(self, batch: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
+                    text: torch.Tensor) -> None:
+        """Called inside each step's autocast right before the UNet forward, with the examples `batch`, their noised
+        latents, timesteps and caption embeddings (e.g. to run a condition branch the UNet reads)."""
+
+    def loss_terms(self) -> dict[str, tuple[torch.Tensor, float]]:
+        """Extra loss terms of the method after the step's UNet forward, {name: (unweighted value, weight)}; the
+        loop adds weight × value and reports each value under its name."""
+        return {}
+
     def after_optimizer_step(self) -> None:
         """Called after each optimiser step; e.g. textual inversion puts back the embedding rows it must not move."""
 

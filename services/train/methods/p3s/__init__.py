@@ -1,7 +1,5 @@
-"""P3S-Diffusion (Hu et al., "Point-supervised selective subject-driven generation", §III) as pieces of a training
-method: negative-region fill (fill.py, Eq. 3), RNGR encoder (rngr.py, Eq. 4–5), multi-layer condition injection
-(injection.py, Eq. 6–8), timestep weight scheduler (weights.py, Eq. 9–10), attention-consistency loss
-(consistency.py, Eq. 11–13, 15). Each module's docstring says the reading of the paper it chose.
-
-These modules import torch at the top: only the p3s method imports them, inside `prepare`, so importing
-`services.train.methods` stays light."""
+"""P3S-Diffusion (point-supervised selective subject-driven generation, §III) as a training method: the negative-
+region fill (fill.py, Eq. 3), the attention-consistency loss (consistency.py, Eq. 11–13, 15), the hyper-parameters
+(config.py) and the method (method.py). The condition side it trains — RNGR encoder, the UNet copy and its
+injection, the timestep weights — is in services/models/p3s/. Each module's docstring says the reading of the
+paper it chose."""

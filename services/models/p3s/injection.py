@@ -29,6 +29,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 from torch.nn import functional as F
 
@@ -80,8 +81,6 @@ class InjectedSelfAttnProcessor:
     attention (diffusers' AttnProcessor2_0) where it holds none or for rows without a reference."""
 
     def __init__(self, name: str, state: InjectionState, lam: float = LAMBDA):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
         self.name, self.state, self.lam = name, state, lam
         self.plain = AttnProcessor2_0()
 
@@ -155,8 +154,12 @@ class ConditionBranch(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
             self.zero_convs[_key(name)] = conv
-        # The copies inherit the frozen UNet's requires_grad: the copy is what trains.
+        # The copies inherit the frozen UNet's requires_grad and attention processors (an injected or recording one
+        # when the UNet already has a condition attached): the copy trains, with plain attention.
         self.requires_grad_(True)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.set_processor(AttnProcessor2_0())
 
     @staticmethod
     def _stage(block, sampler: str | None) -> nn.ModuleDict:
