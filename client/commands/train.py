@@ -245,9 +245,9 @@ def train(
              "fine-tunes the whole UNet — the most faithful, a full model (GBs). ti: Textual Inversion, learns "
              "only one new word embedding — tiny, least faithful. custom_diffusion: the cross-attention K/V "
              "projections and the new token (Kumari et al.). svdiff: shifts of the singular values of every UNet "
-             "weight and the new token (Han et al.; ~1 MB files). p3s: P3S-Diffusion — a trainable condition branch fed "
-             "each photo with what is outside its clicked subject mask removed (`persona-cli mask SUBJECT --image N "
-             "--point X,Y` on every photo first; the --p3s-* options).", show_default="lora")] = None,
+             "weight and the new token (Han et al.; ~1 MB files). p3s: P3S-Diffusion — a trainable condition "
+             "branch fed each photo with what is outside its clicked subject mask removed (`persona-cli mask "
+             "SUBJECT --image N --point X,Y` on every photo first; the --p3s-* options).", show_default="lora")] = None,
     regularizers: Annotated[Optional[list[str]], typer.Option(
         "--reg", show_default="prior for dreambooth, lora, custom_diffusion and svdiff; none for ti",
         help="Regulariser to add; repeat for several. Prior preservation is on by default and stays on when you "

@@ -26,6 +26,7 @@ def test_train_p3s_on_clicked_photos_from_the_cli(dreambench, tmp_path, monkeypa
     concept_id = ok(cli(*train, "--p3s-weight-schedule", "constant", "--p3s-consistency-weight", "0.5")).strip()
     concept = ok_json(cli("concepts", "show", concept_id, "--json"))
     assert concept["method"] == "p3s" and concept["state"] == "CONCEPT_STATE_READY"
-    assert concept["options"]["p3s_weight_schedule"] == "constant" and concept["options"]["p3s_consistency_weight"] == 0.5
-    assert concept["options"]["p3s_injection_lambda"] == 0.2
+    options = concept["options"]
+    assert options["p3s_weight_schedule"] == "constant" and options["p3s_consistency_weight"] == 0.5
+    assert options["p3s_injection_lambda"] == 0.2
     assert any(f["path"] == "p3s_condition.safetensors" for f in concept["files"])
