@@ -24,7 +24,7 @@ from .jobs import follow_job, raise_unless_succeeded
 from .session import JsonOption, Session, session
 from .subjects import name_the_file, photo_paths, read_uploads
 
-METHODS = ("dreambooth", "lora", "ti", "custom_diffusion", "svdiff")
+METHODS = ("dreambooth", "lora", "ti", "custom_diffusion", "svdiff", "p3s")
 REGULARIZERS = ("prior", "mask", "spl", "core", "none")
 CAPTIONS = ("sid", "class", "case1", "case2", "case3", "case4")
 MODES = ("object", "style", "expression")
@@ -245,7 +245,9 @@ def train(
              "fine-tunes the whole UNet — the most faithful, a full model (GBs). ti: Textual Inversion, learns "
              "only one new word embedding — tiny, least faithful. custom_diffusion: the cross-attention K/V "
              "projections and the new token (Kumari et al.). svdiff: shifts of the singular values of every UNet "
-             "weight and the new token (Han et al.; ~1 MB files).", show_default="lora")] = None,
+             "weight and the new token (Han et al.; ~1 MB files). p3s: P3S-Diffusion — a trainable condition "
+             "branch fed each photo with what is outside its clicked subject mask removed (`persona-cli mask "
+             "SUBJECT --image N --point X,Y` on every photo first; the --p3s-* options).", show_default="lora")] = None,
     regularizers: Annotated[Optional[list[str]], typer.Option(
         "--reg", show_default="prior for dreambooth, lora, custom_diffusion and svdiff; none for ti",
         help="Regulariser to add; repeat for several. Prior preservation is on by default and stays on when you "
@@ -362,7 +364,10 @@ def train(
         note(f"detached: follow it with `persona-cli jobs watch {job.job_id}`, stop it with "
              f"`persona-cli jobs cancel {job.job_id}`")
         return
-    if job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None:
+    if job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None and concept.method == "p3s":
+        note(f"trained {concept.concept_id}: p3s, {concept.steps_done} steps; its condition branch is stored with "
+             "the concept (drawing and exporting p3s concepts are not offered yet)")
+    elif job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None:
         loss = f", final loss {concept.final_loss:.4g}" if concept.steps_done else ""
         fmt = {"lora": "lora", "ti": "ti"}.get(concept.method, "diffusers")
         out = f"{concept.token}-{concept.class_name}".replace(" ", "-") + (".safetensors" if fmt != "diffusers" else "")

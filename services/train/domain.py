@@ -11,6 +11,7 @@ exports live there too (`TrainDomain.exports` is the library's).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -55,8 +56,8 @@ DEFAULT_METHOD = "lora"
 # Continuing from a parent concept (CoRe's stage 2): the parent kinds whose token embedding is loaded and frozen,
 # and the methods that then train the UNet around it.
 PARENT_METHODS = ("ti",)
-# Registered methods the service does not start yet (p3s: issue 20's service, CLI and generate parts).
-LIBRARY_ONLY_METHODS = ("p3s",)
+# Methods that condition on each photo's stored subject mask (from clicks: `persona-cli mask --point`).
+MASKED_METHODS = ("p3s",)
 CHILD_METHODS = ("dreambooth", "lora")
 # The job result keeps the loss of every step up to this many, else of every k-th step.
 MAX_CURVE_POINTS = 1000
@@ -89,12 +90,7 @@ class TrainDomain:
                                      "`persona-cli subjects add PHOTOS… --class …` and train that subject")
         method = (request.method or DEFAULT_METHOD).strip().lower()
         if method not in METHODS:
-            offered = [m for m in METHODS if m not in LIBRARY_ONLY_METHODS]
-            raise InvalidArgument(f"`method` is {request.method!r}: use one of {', '.join(offered)}")
-        if method in LIBRARY_ONLY_METHODS:
-            raise FailedPrecondition(f"`method` {method} trains through the library (train.loop.train) only so far: the "
-                                     "service does not yet pass it the subject's click masks, and generate cannot "
-                                     "draw its concepts; use lora or dreambooth")
+            raise InvalidArgument(f"`method` is {request.method!r}: use one of {', '.join(METHODS)}")
         regularizers = regularizers_in_effect(request.regularizers, method)
         captions = (request.captions or "sid").strip().lower()
         if captions not in CAPTION_SOURCES:
@@ -115,6 +111,10 @@ class TrainDomain:
             raise FailedPrecondition(
                 f"`regularizers` mask needs subject masks, and no photo of {subject.subject_id} has one: make them "
                 f"with `persona-cli mask {subject.subject_id} --text {subject.class_name}` (or clicks: --point X,Y)")
+        if method == "p3s" and options.get("p3s_inpainting_model"):
+            self.models.model_access.locate(options["p3s_inpainting_model"], "p3s_inpainting_model")
+        if method in MASKED_METHODS:
+            self._check_photo_masks(tenant_id, subject, method)
         text_side = [r for r in regularizers if r in ("spl", "core")]
         if text_side and method not in TEXT_SIDE_METHODS and not options["train_text_encoder"]:
             raise InvalidArgument(
@@ -196,7 +196,8 @@ class TrainDomain:
         if options["batch_size"] > limits.max_batch_size:
             raise InvalidArgument(f"`batch_size` is {options['batch_size']}: this server takes at most "
                                   f"{limits.max_batch_size} (PERSONA_TRAIN_MAX_BATCH); e.g. 1, as DreamBooth")
-        config = train_config(options, method, subject.token, regularizers, subject.class_name, self.settings.device)
+        config = train_config(options, method, subject.token, regularizers, subject.class_name, self.settings.device,
+                              self._p3s_clip_model())
         config.validate()
         return options, config
 
@@ -272,6 +273,22 @@ class TrainDomain:
             raise FailedPrecondition(f"the parent concept {parent.concept_id} has no {TI_WEIGHT_NAME}: train it again")
         return read_learned_embeds(self.artifacts.path_of(file.artifact_id))
 
+    def _check_photo_masks(self, tenant_id: str, subject: Subject, method: str) -> None:
+        """FAILED_PRECONDITION naming the photos without a stored subject mask and how to make one."""
+        masks = self._masks(tenant_id, subject.subject_id, [i.image_id for i in subject.images])
+        missing = [image for image, mask in zip(subject.images, masks) if mask is None]
+        if missing:
+            first = missing[0].index
+            raise FailedPrecondition(
+                f"`method` {method} needs a subject mask on every photo, and {len(missing)} of {len(masks)} photo(s) "
+                f"of {subject.subject_id} have none (image {', '.join(str(i.index) for i in missing)}): click the "
+                f"subject on each with `persona-cli mask {subject.subject_id} --image {first} --point X,Y` (add "
+                "--negative X,Y on a similar object to leave out)")
+
+    def _p3s_clip_model(self) -> str | None:
+        """The CLIP vision model of the mask service (the paper's RNGR encoder reads the one the masks came from)."""
+        return self.masks.settings.clip_model if self.masks is not None else None
+
     def _masks(self, tenant_id: str, subject_id: str, image_ids: list[str]) -> list:
         """Each image's subject mask (bool H×W) or None, from the mask service."""
         if self.masks is None:
@@ -304,7 +321,11 @@ class TrainDomain:
             raise FailedPrecondition(f"base model {concept.base_model!r} changed on disk since the job started: "
                                      "start the training again")
         config = train_config(concept.options, concept.method, concept.token, concept.regularizers,
-                              concept.class_name, self.settings.device)
+                              concept.class_name, self.settings.device, self._p3s_clip_model())
+        if config.p3s.inpainting_model and concept.method == "p3s":
+            config = dataclasses.replace(config, p3s=dataclasses.replace(
+                config.p3s, inpainting_model=self.models.model_access.locate(config.p3s.inpainting_model,
+                                                                             "p3s_inpainting_model")))
         examples = [(self._image(concept, c.image_id), c.text) for c in concept.training_captions]
         for warning in (caption_fallback_warning(concept), sid_without_prior_warning(concept)):
             if warning:
@@ -324,7 +345,7 @@ class TrainDomain:
             progress = TrainingProgress(ctx, config.steps)
             masks = (self._masks(concept.tenant_id, concept.subject_id,
                                  [c.image_id for c in concept.training_captions])
-                     if "mask" in concept.regularizers else None)
+                     if "mask" in concept.regularizers or concept.method in MASKED_METHODS else None)
             result = train(
                 base.path, examples, config, output_dir, class_examples=class_examples, instance_masks=masks,
                 on_step=progress.step, should_stop=ctx.cancel_poll(),

@@ -35,6 +35,11 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 # CoRe's embedding term (regularizers/core.py): per context token (the paper's), pairwise similarities, or a hinge
 # between the identifier and the class word.
 CORE_VARIANTS = ("cosine", "pairwise", "hinge")
+# P3S's choices, spelled here so that the CLI imports nothing heavy; tests/unit/test_train_options.py checks they
+# are the method's own (models/p3s/weights.SCHEDULES, methods/p3s/consistency.LAYERS and fill.FILLS).
+P3S_WEIGHT_SCHEDULES = ("decreasing", "increasing", "constant")
+P3S_CONSISTENCY_LAYERS = ("last", "all")
+P3S_FILLS = ("colour", "blur", "inpaint")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -96,13 +101,36 @@ OPTIONS: tuple[Option, ...] = (
            "its previous norm.", low=1, example="120"),
     Option("core_rescale_end", int, 180, "--reg core: last step of the rescaling (inclusive); 0: no rescaling.",
            low=0),
+    # P3S-Diffusion (--method p3s; methods/p3s/config.py's P3SConfig, the paper's defaults). Not TrainConfig
+    # fields themselves: request.train_config gathers them into TrainConfig.p3s.
+    Option("p3s_injection_lambda", float, 0.2, "p3s: λ of Eq. 7, the share of the copy's features added to each "
+           "self-attention's values, 0–10.", low=0.0, high=10.0, default_text="0.2, the paper's", example="0.2",
+           loop=False),
+    Option("p3s_weight_schedule", str, "decreasing", "p3s: the timestep weight ε_t of the injected features (Eq. "
+           "10): decreasing (1 − α (t/T)^k + β, the paper's), increasing (its mirror) or constant (1).",
+           choices=P3S_WEIGHT_SCHEDULES, loop=False),
+    Option("p3s_weight_alpha", float, 0.5, "p3s: α of Eq. 10.", low=-1e3, high=1e3, default_text="0.5, the paper's",
+           example="0.5", loop=False),
+    Option("p3s_weight_beta", float, 0.2, "p3s: β of Eq. 10.", low=-1e3, high=1e3, default_text="0.2, the paper's",
+           example="0.2", loop=False),
+    Option("p3s_weight_k", float, 2.0, "p3s: the exponent k of Eq. 10, > 0.", low=0.0, high=1e3, low_open=True,
+           default_text="2, the paper's", example="2", loop=False),
+    Option("p3s_consistency_weight", float, 0.1, "p3s: γ of the attention-consistency loss (Eq. 15), 0–1000; 0 "
+           "turns it off.", low=0.0, high=1e3, default_text="0.1, the paper's", example="0.1", loop=False),
+    Option("p3s_consistency_layers", str, "last", "p3s: cross-attention layers the consistency loss compares: "
+           "last (the paper's) or all.", choices=P3S_CONSISTENCY_LAYERS, loop=False),
+    Option("p3s_fill", str, "colour", "p3s: how each photo's region outside its subject mask is removed (Eq. 3): "
+           "colour (the complement of the subject's mean colour), blur, or inpaint with --p3s-inpainting-model.",
+           choices=P3S_FILLS, loop=False),
+    Option("p3s_inpainting_model", str, None, "p3s: the Stable Diffusion inpainting pipeline (hub id in the "
+           "server's cache, or folder) of --p3s-fill inpaint.", high=500, default_text="none", loop=False),
 )
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 # What a concept records for an option left unset, where that does not depend on the request (the rest are
 # filled per request: learning rate per method, resolution per base model, ...).
 DEFAULT_OPTIONS: dict[str, Any] = {o.name: list(o.default) if o.type is list else o.default
                                    for o in OPTIONS if o.default is not None}
-# Options that shape the data, not the loop: not TrainConfig fields.
+# Options that are not TrainConfig fields: those that shape the data, not the loop, and p3s's (TrainConfig.p3s).
 DATA_OPTIONS = tuple(o.name for o in OPTIONS if not o.loop)
 
 

@@ -12,6 +12,7 @@ from ..caption import instructions
 from ..subjects.domain import Subject, indefinite_article
 from .config import TrainConfig
 from .methods import METHODS
+from .methods.p3s.config import P3SConfig
 from .options import BY_NAME, DATA_OPTIONS
 
 # Regularisers each method can use. Textual inversion learns one embedding from the photos alone, so
@@ -144,12 +145,31 @@ def sid_without_prior_warning(concept: Concept) -> str:
 
 
 def train_config(options: dict, method: str, token: str, regularizers, class_name: str,
-                 device: str | None) -> TrainConfig:
-    """The loop's TrainConfig from a concept's options (every default filled in); not validated."""
+                 device: str | None, p3s_clip_model: str | None = None) -> TrainConfig:
+    """The loop's TrainConfig from a concept's options (every default filled in); not validated. `p3s_clip_model`:
+    the CLIP vision model p3s's RNGR encoder attends to (the server's mask model; None: P3SConfig's)."""
     values = {k: v for k, v in options.items() if k in BY_NAME and k not in DATA_OPTIONS}
     values["lora_targets"] = tuple(values["lora_targets"])
     values["validation_prompts"] = tuple(values["validation_prompts"])
     # Prior preservation is the loop's own (class images in the batch); the rest are loop plugins.
     plugins = tuple(r for r in regularizers if r != "prior")
     return TrainConfig(method=method, token=token, device=device, regularizers=plugins,
-                       class_name=class_name, **values)
+                       class_name=class_name, p3s=p3s_config(options, p3s_clip_model), **values)
+
+
+# Request option -> P3SConfig field.
+P3S_OPTION_FIELDS = {"p3s_injection_lambda": "injection_lambda", "p3s_weight_schedule": "weight_schedule",
+                     "p3s_weight_alpha": "weight_alpha", "p3s_weight_beta": "weight_beta", "p3s_weight_k": "weight_k",
+                     "p3s_consistency_weight": "consistency_weight",
+                     "p3s_consistency_layers": "consistency_layers", "p3s_fill": "fill",
+                     "p3s_inpainting_model": "inpainting_model"}
+
+
+def p3s_config(options: dict, clip_model: str | None = None) -> P3SConfig:
+    """P3SConfig from a concept's p3s_* options (those it lacks, e.g. a concept stored before they existed, keep
+    the paper's defaults); the removal region is always "outside" the stored subject mask, as the service keeps no
+    negative-click mask."""
+    values = {field: options[name] for name, field in P3S_OPTION_FIELDS.items() if options.get(name) is not None}
+    if clip_model:
+        values["clip_model"] = clip_model
+    return P3SConfig(region="outside", **values)

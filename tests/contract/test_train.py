@@ -279,7 +279,10 @@ BAD_REQUESTS = [
     # (what, request changes, code, words the message must contain)
     ("unknown subject", dict(subject_id="subj_nope"), "NOT_FOUND", ["subj_nope"]),
     ("unknown method", dict(method="hypernetwork"), "INVALID_ARGUMENT", ["`method`", "lora"]),
-    ("p3s not started by the service yet", dict(method="p3s"), "FAILED_PRECONDITION", ["`method` p3s", "lora"]),
+    ("p3s without click masks", dict(method="p3s"), "FAILED_PRECONDITION",
+     ["`method` p3s", "persona-cli mask subj_", "--point X,Y"]),
+    ("p3s unknown fill", dict(method="p3s", options=dict(p3s_fill="noise")), "INVALID_ARGUMENT",
+     ["`p3s_fill`", "colour, blur, inpaint"]),
     ("steps 0", dict(options=dict(steps=0)), "INVALID_ARGUMENT", ["`steps`", "0"]),
     ("steps 1e9", dict(options=dict(steps=10**9)), "INVALID_ARGUMENT", ["`steps`", "1000000000"]),
     ("lr 0", dict(options=dict(learning_rate=0.0)), "INVALID_ARGUMENT", ["`learning_rate`"]),

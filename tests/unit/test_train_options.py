@@ -24,7 +24,7 @@ PROTO_TYPES = {FieldDescriptor.CPPTYPE_INT32: int, FieldDescriptor.CPPTYPE_INT64
 # TrainConfig fields a request does not set: the service fills them from the subject, the method and its settings.
 NOT_REQUEST_OPTIONS = {"method", "token", "class_name", "regularizers", "device", "trained_dtype", "adam_weight_decay",
                        "validation_steps",
-                       # P3S's hyper-parameters (methods/p3s/config.py): request options when the service starts p3s.
+                       # P3S's hyper-parameters as one P3SConfig, built from the p3s_* options (request.p3s_config).
                        "p3s"}
 
 
@@ -121,3 +121,30 @@ def test_a_value_out_of_its_declared_bounds_is_refused_naming_the_option(name, v
         BY_NAME[name].check(value)
     assert str(raised.value) == message
     BY_NAME[name].check(None)  # unset passes: the default applies
+
+
+def test_p3s_options_are_p3sconfig_fields_with_the_papers_defaults_and_the_methods_choices():
+    from persona.services.models.p3s.weights import SCHEDULES
+    from persona.services.train.methods.p3s.config import P3SConfig
+    from persona.services.train.methods.p3s.consistency import LAYERS
+    from persona.services.train.methods.p3s.fill import FILLS
+    from persona.services.train.request import P3S_OPTION_FIELDS, p3s_config, train_config
+
+    p3s_options = {o.name for o in OPTIONS if o.name.startswith("p3s_")}
+    assert set(P3S_OPTION_FIELDS) == p3s_options and not any(BY_NAME[n].loop for n in p3s_options)
+    paper = P3SConfig()
+    assert (paper.injection_lambda, paper.weight_alpha, paper.weight_beta, paper.weight_k,
+            paper.consistency_weight) == (0.2, 0.5, 0.2, 2.0, 0.1)
+    for name, field in P3S_OPTION_FIELDS.items():
+        assert BY_NAME[name].default == getattr(paper, field), name
+    assert (BY_NAME["p3s_weight_schedule"].choices, BY_NAME["p3s_consistency_layers"].choices,
+            BY_NAME["p3s_fill"].choices) == (SCHEDULES, LAYERS, FILLS)
+    # A concept's options become the run's P3SConfig; the server's CLIP model is the mask service's.
+    given = {**DEFAULT_OPTIONS, "resolution": 32, "learning_rate": 1e-5, "lora_alpha": 4.0, "initializer_token": "dog",
+             "mixed_precision": "no", "validation_prompts": ["a sks dog"], "p3s_weight_schedule": "constant",
+             "p3s_injection_lambda": 0.5, "p3s_fill": "blur"}
+    config = train_config(given, "p3s", "sks", ["mask"], "dog", "cpu", "/models/clip").validate()
+    assert config.p3s == P3SConfig(clip_model="/models/clip", region="outside", weight_schedule="constant",
+                                   injection_lambda=0.5, fill="blur")
+    # A concept stored before the p3s options existed keeps the paper's defaults.
+    assert p3s_config({}) == P3SConfig(region="outside")

@@ -46,7 +46,7 @@ EXPORT_FORMAT_CUSTOM_DIFFUSION: ExportFormat
 EXPORT_FORMAT_SVDIFF: ExportFormat
 
 class TrainingOptions(_message.Message):
-    __slots__ = ("steps", "learning_rate", "batch_size", "resolution", "seed", "train_text_encoder", "lora_rank", "lora_alpha", "lora_targets", "initializer_token", "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "lr_scheduler", "lr_warmup_steps", "use_8bit_adam", "prior_loss_weight", "num_class_images", "class_prompt", "checkpoint_every", "validation_every", "validation_prompts", "max_grad_norm", "epochs", "class_image_steps", "unmasked_weight", "spl_weight", "core_emb_weight", "core_attn_weight", "core_variant", "core_rescale_start", "core_rescale_end")
+    __slots__ = ("steps", "learning_rate", "batch_size", "resolution", "seed", "train_text_encoder", "lora_rank", "lora_alpha", "lora_targets", "initializer_token", "mixed_precision", "gradient_checkpointing", "min_snr_gamma", "lr_scheduler", "lr_warmup_steps", "use_8bit_adam", "prior_loss_weight", "num_class_images", "class_prompt", "checkpoint_every", "validation_every", "validation_prompts", "max_grad_norm", "epochs", "class_image_steps", "unmasked_weight", "spl_weight", "core_emb_weight", "core_attn_weight", "core_variant", "core_rescale_start", "core_rescale_end", "p3s_injection_lambda", "p3s_weight_schedule", "p3s_weight_alpha", "p3s_weight_beta", "p3s_weight_k", "p3s_consistency_weight", "p3s_consistency_layers", "p3s_fill", "p3s_inpainting_model")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,15 @@ class TrainingOptions(_message.Message):
     CORE_VARIANT_FIELD_NUMBER: _ClassVar[int]
     CORE_RESCALE_START_FIELD_NUMBER: _ClassVar[int]
     CORE_RESCALE_END_FIELD_NUMBER: _ClassVar[int]
+    P3S_INJECTION_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    P3S_WEIGHT_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    P3S_WEIGHT_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    P3S_WEIGHT_BETA_FIELD_NUMBER: _ClassVar[int]
+    P3S_WEIGHT_K_FIELD_NUMBER: _ClassVar[int]
+    P3S_CONSISTENCY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    P3S_CONSISTENCY_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    P3S_FILL_FIELD_NUMBER: _ClassVar[int]
+    P3S_INPAINTING_MODEL_FIELD_NUMBER: _ClassVar[int]
     steps: int
     learning_rate: float
     batch_size: int
@@ -111,7 +120,16 @@ class TrainingOptions(_message.Message):
     core_variant: str
     core_rescale_start: int
     core_rescale_end: int
-    def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., resolution: _Optional[int] = ..., seed: _Optional[int] = ..., train_text_encoder: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., initializer_token: _Optional[str] = ..., mixed_precision: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ..., min_snr_gamma: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., lr_warmup_steps: _Optional[int] = ..., use_8bit_adam: _Optional[bool] = ..., prior_loss_weight: _Optional[float] = ..., num_class_images: _Optional[int] = ..., class_prompt: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., validation_every: _Optional[int] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., max_grad_norm: _Optional[float] = ..., epochs: _Optional[int] = ..., class_image_steps: _Optional[int] = ..., unmasked_weight: _Optional[float] = ..., spl_weight: _Optional[float] = ..., core_emb_weight: _Optional[float] = ..., core_attn_weight: _Optional[float] = ..., core_variant: _Optional[str] = ..., core_rescale_start: _Optional[int] = ..., core_rescale_end: _Optional[int] = ...) -> None: ...
+    p3s_injection_lambda: float
+    p3s_weight_schedule: str
+    p3s_weight_alpha: float
+    p3s_weight_beta: float
+    p3s_weight_k: float
+    p3s_consistency_weight: float
+    p3s_consistency_layers: str
+    p3s_fill: str
+    p3s_inpainting_model: str
+    def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., resolution: _Optional[int] = ..., seed: _Optional[int] = ..., train_text_encoder: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., initializer_token: _Optional[str] = ..., mixed_precision: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ..., min_snr_gamma: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., lr_warmup_steps: _Optional[int] = ..., use_8bit_adam: _Optional[bool] = ..., prior_loss_weight: _Optional[float] = ..., num_class_images: _Optional[int] = ..., class_prompt: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., validation_every: _Optional[int] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., max_grad_norm: _Optional[float] = ..., epochs: _Optional[int] = ..., class_image_steps: _Optional[int] = ..., unmasked_weight: _Optional[float] = ..., spl_weight: _Optional[float] = ..., core_emb_weight: _Optional[float] = ..., core_attn_weight: _Optional[float] = ..., core_variant: _Optional[str] = ..., core_rescale_start: _Optional[int] = ..., core_rescale_end: _Optional[int] = ..., p3s_injection_lambda: _Optional[float] = ..., p3s_weight_schedule: _Optional[str] = ..., p3s_weight_alpha: _Optional[float] = ..., p3s_weight_beta: _Optional[float] = ..., p3s_weight_k: _Optional[float] = ..., p3s_consistency_weight: _Optional[float] = ..., p3s_consistency_layers: _Optional[str] = ..., p3s_fill: _Optional[str] = ..., p3s_inpainting_model: _Optional[str] = ...) -> None: ...
 
 class StartTrainingRequest(_message.Message):
     __slots__ = ("subject_id", "base_model", "method", "regularizers", "captions", "options", "display_name", "parent_concept_id", "mode")
