@@ -1,7 +1,7 @@
 """CustomContrast encoder training through the real server (issue 21): StartEncoderTraining on the tiny base model
 and toy-world views queues an "encoder_train" job that reports typed progress and ends with the encoder stored under
 the data dir; a dataset or base model it cannot train on is refused naming the field; a server that takes no paths
-finds datasets by name under its datasets root only."""
+finds datasets by name under its datasets root only; a cancelled run keeps its checkpoint and resumes from it."""
 from __future__ import annotations
 
 import shutil
@@ -12,6 +12,8 @@ import pytest
 from persona.bench.toyworld_views import write_multiview_dataset
 from persona.client.sdk import PersonaClient
 from persona.services.models.customcontrast.files import META_FILE, WEIGHTS_FILE, read_encoder_meta
+from persona.services.runtime.jobs import JobContext
+from persona.services.train.checkpoint import CHECKPOINT_FILE
 from persona.v1 import common_pb2, train_pb2, train_pb2_grpc
 
 
@@ -74,6 +76,10 @@ def test_bad_datasets_and_base_models_are_refused_naming_the_field(server, views
         train.StartEncoderTraining(train_pb2.StartEncoderTrainingRequest(dataset=str(views), base_model="tiny",
                                                                          batch_size=3))
     assert "`batch_size` 3 must be between 2 and the dataset's 2 subjects" in refused.value.details()
+    with pytest.raises(grpc.RpcError) as refused:
+        train.StartEncoderTraining(train_pb2.StartEncoderTrainingRequest(dataset=str(views), base_model="tiny",
+                                                                         steps=2_000_000))
+    assert refused.value.details().startswith("`steps` is 2000000: at most 1000000")
     assert not client.jobs.ListJobs(common_pb2.ListJobsRequest(kind="encoder_train")).jobs
     client.close()
 
@@ -90,4 +96,30 @@ def test_a_server_without_paths_takes_dataset_names_under_its_datasets_root(serv
     job = train.StartEncoderTraining(train_pb2.StartEncoderTrainingRequest(dataset="toy", base_model="tiny", steps=1))
     final = client.wait_for_job(job.job_id, timeout_s=300)
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    client.close()
+
+
+class _NeverCancelled(JobContext):
+    def cancel_poll(self, every_s: float = 0.5):
+        return lambda: False
+
+
+def test_a_cancelled_run_keeps_its_checkpoint_and_the_job_resumes_from_it(server, views):
+    app, client, train = server()
+    job = train.StartEncoderTraining(train_pb2.StartEncoderTrainingRequest(
+        dataset=str(views), base_model="tiny", steps=12, learning_rate=1e-3, checkpoint_every=100))
+
+    def cancel_after_the_first_step(event):
+        if event.type == common_pb2.JOB_EVENT_TYPE_PROGRESS and event.details.step >= 1:
+            client.jobs.CancelJob(common_pb2.CancelJobRequest(job_id=job.job_id))
+
+    final = client.wait_for_job(job.job_id, on_event=cancel_after_the_first_step, timeout_s=300)
+    assert final.state == common_pb2.JOB_STATE_CANCELLED, final.error
+    work = app.settings.data_dir / "encoders" / job.params["encoder_id"] / "work"
+    assert (work / CHECKPOINT_FILE).is_file()  # written when the run stopped, though checkpoint_every is 100
+
+    # What a restarted server does with an interrupted job: run its handler again on the same params.
+    result = app.encoders._run(_NeverCancelled(app.runner.store, app.runner.store.get(job.job_id)))
+    assert 1 <= result["resumed_from_step"] < 12 and result["steps"] == 12
+    assert (app.settings.data_dir / "encoders" / job.params["encoder_id"] / WEIGHTS_FILE).is_file()
     client.close()

@@ -30,7 +30,8 @@ def test_encoder_train_then_list_and_a_one_view_subject_refused(tmp_path, model_
     assert (tmp_path / "home" / "encoders" / encoder_id / "mfi_encoder.safetensors").is_file()
 
     listed = ok_json(cli("--json", "encoder", "list"))["encoders"]
-    assert [(j["encoder_train_result"]["encoder_id"], j["state"]) for j in listed] == [(encoder_id, "JOB_STATE_SUCCEEDED")]
+    assert [(j["encoder_train_result"]["encoder_id"], j["state"]) for j in listed] == [
+        (encoder_id, "JOB_STATE_SUCCEEDED")]
 
     one_view = tmp_path / "one-view"
     shutil.copytree(views, one_view)

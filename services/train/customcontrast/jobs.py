@@ -31,6 +31,8 @@ JOB_KIND = "encoder_train"
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 TINY_IMAGE_ENCODER = "tiny"  # build.TINY_IMAGE_ENCODER
 DEFAULT_BATCH_SIZE = 4
+# The paper trains 200k iterations; a request for more is a typo.
+MAX_STEPS = 1_000_000
 # The encoder's shape on the tiny base model: small enough for a CPU test run (the paper's shape otherwise).
 TINY_ENCODER_SHAPE = {"width": 16, "heads": 4, "num_layers": 1, "num_visual_tokens": 3, "num_text_tokens": 2,
                       "fourier_frequencies": 4, "contrast_width": 8}
@@ -101,6 +103,8 @@ class EncoderTraining:
         given = {name: getattr(request, name) for name in ("steps", "learning_rate", "batch_size", "seed",
                                                             "checkpoint_every") if getattr(request, name) is not None}
         given.setdefault("batch_size", min(DEFAULT_BATCH_SIZE, subjects))
+        if given.get("steps", 0) > MAX_STEPS:
+            raise InvalidArgument(f"`steps` is {given['steps']}: at most {MAX_STEPS} (the paper trains 200000)")
         # Without the textual Q-Former there are no text tokens to contrast: CSCL and MACL go with it.
         textual = not request.no_textual_qformer
         switches = LossSwitches(cscl=textual and not request.no_cscl, macl=textual and not request.no_macl)
