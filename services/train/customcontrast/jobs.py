@@ -116,6 +116,11 @@ class EncoderTraining:
         return self.encoders_dir / encoder_id
 
     def _run(self, ctx: JobContext) -> dict:
+        # One training run (or GPU export) on the device at a time, as concept training.
+        with self.models.hold_device(ctx):
+            return self._train(ctx)
+
+    def _train(self, ctx: JobContext) -> dict:
         import torch
 
         from persona.services.models.customcontrast.build import load_customcontrast_models
