@@ -94,6 +94,7 @@ def test_a_server_without_paths_takes_dataset_names_under_its_datasets_root(serv
 
     shutil.copytree(views, tmp_path / "data" / "datasets" / "toy")
     job = train.StartEncoderTraining(train_pb2.StartEncoderTrainingRequest(dataset="toy", base_model="tiny", steps=1))
+    assert job.params["dataset"] == "toy"  # the name, not the server's folder
     final = client.wait_for_job(job.job_id, timeout_s=300)
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
     client.close()

@@ -68,10 +68,15 @@ class EncoderTraining:
     def start(self, tenant_id: str, request: EncoderTrainRequest) -> JobRecord:
         dataset = read_multiview_dataset(self._locate_dataset(request.dataset))
         base = self.models.resolve_base(request.base_model)
-        image_encoder = self._image_encoder(request.image_encoder, base)
+        image_encoder = (request.image_encoder or "").strip() or (
+            TINY_IMAGE_ENCODER if base.family == TINY else DEFAULT_IMAGE_ENCODER)
+        self.models.model_access.locate(image_encoder, "image_encoder")  # refused now, not in the job
         options = self._options(request, base, image_encoder, len(dataset.subjects))
         options.check(dataset)
-        params = {"encoder_id": f"enc_{uuid.uuid4().hex[:16]}", "dataset": str(dataset.root), "base_model": base.ref,
+        # The references as the request named them (a server that takes no paths shows no paths of its own in the
+        # job's params); the job locates them again.
+        params = {"encoder_id": f"enc_{uuid.uuid4().hex[:16]}", "dataset": request.dataset.strip(),
+                  "base_model": base.ref,
                   "base_model_sha256": base_model_identity(base.path), "image_encoder": image_encoder,
                   "no_textual_qformer": request.no_textual_qformer,
                   "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "switches"},
@@ -90,10 +95,6 @@ class EncoderTraining:
             return self.datasets_root / ref
         raise InvalidArgument("`dataset` is not a dataset this server offers: name a folder under its datasets root "
                               "(<data dir>/datasets); a server does not open paths a request names")
-
-    def _image_encoder(self, ref: str, base: ResolvedBaseModel) -> str:
-        ref = (ref or "").strip() or (TINY_IMAGE_ENCODER if base.family == TINY else DEFAULT_IMAGE_ENCODER)
-        return self.models.model_access.locate(ref, "image_encoder")
 
     @staticmethod
     def _options(request: EncoderTrainRequest, base: ResolvedBaseModel, image_encoder: str, subjects: int):
@@ -136,12 +137,13 @@ class EncoderTraining:
         if identity != params["base_model_sha256"]:
             raise InvalidArgument(f"`base_model` {params['base_model']!r} changed on disk since the job was queued: "
                                   "start the training again")
-        dataset = read_multiview_dataset(params["dataset"])
+        dataset = read_multiview_dataset(self._locate_dataset(params["dataset"]))
+        image_encoder = self.models.model_access.locate(params["image_encoder"], "image_encoder")
         textual = not params["no_textual_qformer"]
         shape = TINY_ENCODER_SHAPE if base.family == TINY else {}
         # Seeds the new encoder's initialisation; a resumed job loads its weights from the checkpoint anyway.
         torch.manual_seed(options.seed)
-        models = load_customcontrast_models(base.path, params["image_encoder"], use_textual=textual,
+        models = load_customcontrast_models(base.path, image_encoder, use_textual=textual,
                                             use_tv_fusion=textual, **shape)
         if self.device:
             for part in (models.vae, models.text_encoder, models.unet, models.image_encoder, models.encoder,
