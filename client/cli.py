@@ -9,8 +9,8 @@ from typer.core import TyperGroup
 
 from persona.services.runtime.cpus import limit_threads_to_available_cpus
 
-from .commands import (bench, captions, concepts, evaluate, export, generate, jobs, keys, lifecycle, mask, serve,
-                       subjects, train, worker)
+from .commands import (bench, captions, concepts, encoder, evaluate, export, generate, jobs, keys, lifecycle, mask,
+                       serve, subjects, train, worker)
 from .commands.session import DataDirOption, Session
 from .output import error_boundary
 
@@ -68,6 +68,7 @@ app.add_typer(captions.app, name="captions")
 app.command("mask")(mask.mask)
 app.command("train")(train.train)
 app.add_typer(concepts.app, name="concepts")
+app.add_typer(encoder.app, name="encoder")
 app.command("export")(export.export)
 app.command("generate")(generate.generate)
 app.command("evaluate")(evaluate.evaluate)

@@ -38,6 +38,8 @@ from persona.services.runtime.interceptors import standard_interceptors
 from persona.services.runtime.job_service import job_service
 from persona.services.runtime.metadata import MetadataStore, SQLiteMetadataStore
 from persona.services.runtime.model_access import ModelAccess
+from persona.services.train.customcontrast.jobs import JOB_KIND as ENCODER_JOB_KIND
+from persona.services.train.customcontrast.jobs import EncoderTraining
 from persona.services.runtime.server import Pools, RunningServer, create_server
 from persona.services.runtime.settings import RuntimeSettings
 from persona.services.subjects import domain as subjects_domain
@@ -58,7 +60,7 @@ MIGRATIONS = [*auth.MIGRATIONS, *job_store.MIGRATIONS, *subjects_domain.MIGRATIO
 SERVICE_JOB_KINDS: dict[str, frozenset[str]] = {
     "caption": frozenset({caption_domain.JOB_KIND}),
     "mask": frozenset(),
-    "train": frozenset({train_domain.JOB_KIND, model_exports.EXPORT_JOB_KIND}),
+    "train": frozenset({train_domain.JOB_KIND, model_exports.EXPORT_JOB_KIND, ENCODER_JOB_KIND}),
     "generate": frozenset(),
     "evaluate": frozenset({EVALUATE_JOB_KIND}),
 }
@@ -102,6 +104,7 @@ class Domains:
     train: train_domain.TrainDomain
     generate: GenerateDomain
     evaluate: EvaluateDomain
+    encoders: EncoderTraining
 
 
 @dataclass
@@ -217,7 +220,8 @@ def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: Sub
     generate = GenerateDomain(models, _generate_engine(generate_settings, settings.data_dir), generate_settings,
                               settings.data_dir / "generate")
     evaluate = EvaluateDomain(artifacts, runner, subjects, models, generate, masks, evaluate_settings)
-    return Domains(artifacts, runner, subjects, captions, masks, models, train, generate, evaluate)
+    encoders = EncoderTraining(runner, models, settings.data_dir, train_settings.device)
+    return Domains(artifacts, runner, subjects, captions, masks, models, train, generate, evaluate, encoders)
 
 
 def run_job(settings: RuntimeSettings, job_id: str, *,
@@ -259,7 +263,7 @@ def _build(settings: RuntimeSettings, address: str, lock: IO[str] | None, subjec
         if served is not None:  # None: every kind, as before `--services` existed
             runner.serve_only(set().union(*(SERVICE_JOB_KINDS[name] for name in served)))
         registrations = {"caption": caption_service(d.captions), "mask": mask_service(d.masks),
-                         "train": train_service(d.train), "generate": generate_service(generate),
+                         "train": train_service(d.train, d.encoders), "generate": generate_service(generate),
                          "evaluate": evaluate_service(d.evaluate)}
         server = create_server(
             [job_service(runner, settings.max_watch_streams), subject_service(subjects), *(registrations[name] for name in SERVICES

@@ -22,7 +22,7 @@ log = logging.getLogger("persona.jobs")
 # The Job field holding the typed result of each job kind (common.proto); a handler's result dict uses the
 # message's field names, so one parse fills it.
 TYPED_RESULTS = {"caption": "caption_result", "train": "train_result", "export": "export_result",
-                 "evaluate": "evaluate_result"}
+                 "evaluate": "evaluate_result", "encoder_train": "encoder_train_result"}
 
 
 def job_to_proto(job: JobRecord) -> common_pb2.Job:

@@ -30,8 +30,8 @@ class TrainingProgress:
     """Turns loop callbacks into job PROGRESS events (common.proto's JobProgress): step, each loss term, it/s, ETA,
     validation images."""
 
-    def __init__(self, ctx: JobContext, steps: int):
-        self.ctx, self.steps = ctx, steps
+    def __init__(self, ctx: JobContext, steps: int, stage: str = "train"):
+        self.ctx, self.steps, self.stage = ctx, steps, stage
         self.started = time.perf_counter()
         self.first_step: int | None = None
         self.last_event = 0.0
@@ -48,7 +48,7 @@ class TrainingProgress:
         terms = {k: round(v, 6) for k, v in losses.items()}
         # `losses` fills JobProgress.losses; the same terms at the top level are for clients that read the Struct.
         self.ctx.progress(step / self.steps, f"step {step}/{self.steps} loss {losses['loss']:.4f}",
-                          stage="train", step=step, steps=self.steps, it_per_s=round(rate, 3), eta_s=round(eta, 1),
+                          stage=self.stage, step=step, steps=self.steps, it_per_s=round(rate, 3), eta_s=round(eta, 1),
                           losses=terms, **terms)
 
     def validation(self, step: int, artifact_ids: list[str]) -> None:

@@ -10,6 +10,7 @@ from persona.services.runtime.paging import parse_page
 from persona.services.runtime.protoconv import timestamp
 from persona.services.runtime.server import ServiceRegistration
 
+from .customcontrast.jobs import EncoderTraining, EncoderTrainRequest
 from .domain import TrainDomain
 from .options import BY_NAME, OPTIONS
 from .request import TrainRequest
@@ -90,9 +91,20 @@ def _concept_id(concept_id: str) -> str:
     return concept_id
 
 
+def encoder_request(request: train_pb2.StartEncoderTrainingRequest) -> EncoderTrainRequest:
+    def optional(name):
+        return getattr(request, name) if request.HasField(name) else None
+
+    return EncoderTrainRequest(
+        dataset=request.dataset, base_model=request.base_model, image_encoder=request.image_encoder,
+        steps=optional("steps"), learning_rate=optional("learning_rate"), batch_size=optional("batch_size"),
+        seed=optional("seed"), checkpoint_every=optional("checkpoint_every"),
+        no_textual_qformer=request.no_textual_qformer, no_cscl=request.no_cscl, no_macl=request.no_macl)
+
+
 class TrainServicer(train_pb2_grpc.TrainServiceServicer):
-    def __init__(self, domain: TrainDomain):
-        self.domain = domain
+    def __init__(self, domain: TrainDomain, encoders: EncoderTraining):
+        self.domain, self.encoders = domain, encoders
 
     def StartTraining(self, request, context):
         if not request.subject_id:
@@ -132,8 +144,11 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
         for offset, data, total in chunks:
             yield train_pb2.FileChunk(offset=offset, data=data, total_size=total)
 
+    def StartEncoderTraining(self, request, context):
+        return job_to_proto(self.encoders.start(current_tenant(), encoder_request(request)))
 
-def train_service(domain: TrainDomain) -> ServiceRegistration:
-    servicer = TrainServicer(domain)
+
+def train_service(domain: TrainDomain, encoders: EncoderTraining) -> ServiceRegistration:
+    servicer = TrainServicer(domain, encoders)
     return ServiceRegistration("persona.v1.TrainService",
                                lambda server: train_pb2_grpc.add_TrainServiceServicer_to_server(servicer, server))

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17persona/v1/common.proto\x12\npersona.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\'\n\x0cPageResponse\x12\x17\n\x0fnext_page_token\x18\x01 \x01(\t\"0\n\x08ImageRef\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd8\x04\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.persona.v1.JobState\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06result\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x14.persona.v1.JobError\x12\x13\n\x0binterrupted\x18\x08 \x01(\x08\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsubject_id\x18\x0c \x01(\t\x12\x36\n\x0e\x63\x61ption_result\x18\r \x01(\x0b\x32\x1c.persona.v1.CaptionJobResultH\x00\x12\x32\n\x0ctrain_result\x18\x0e \x01(\x0b\x32\x1a.persona.v1.TrainJobResultH\x00\x12\x34\n\rexport_result\x18\x0f \x01(\x0b\x32\x1b.persona.v1.ExportJobResultH\x00\x12\x38\n\x0f\x65valuate_result\x18\x10 \x01(\x0b\x32\x1d.persona.v1.EvaluateJobResultH\x00\x42\x0e\n\x0ctyped_result\"F\n\x10\x43\x61ptionJobResult\x12\x11\n\tcaptioned\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x02 \x03(\t\x12\x0f\n\x07skipped\x18\x03 \x03(\t\"\xc7\x02\n\x0eTrainJobResult\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x12\n\nfinal_loss\x18\x03 \x01(\x01\x12\x19\n\x11resumed_from_step\x18\x04 \x01(\x05\x12\x12\n\nloss_curve\x18\x05 \x03(\x01\x12\x18\n\x10loss_curve_every\x18\x06 \x01(\x05\x12\x1e\n\x16\x63lass_images_generated\x18\x07 \x01(\x05\x12\x1b\n\x13\x63lass_images_reused\x18\x08 \x01(\x05\x12\x43\n\rstage_seconds\x18\t \x03(\x0b\x32,.persona.v1.TrainJobResult.StageSecondsEntry\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"@\n\x07JobFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"g\n\x0f\x45xportJobResult\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0c\n\x04\x66p16\x18\x03 \x01(\x08\x12\"\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x13.persona.v1.JobFile\"N\n\tJobMetric\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x0e\n\x06source\x18\x04 \x01(\t\"\xbe\x01\n\x11\x45valuateJobResult\x12\x13\n\x0b\x63oncept_ids\x18\x01 \x03(\t\x12\x18\n\x10html_artifact_id\x18\x02 \x01(\t\x12\x18\n\x10json_artifact_id\x18\x03 \x01(\t\x12\x17\n\x0f\x63sv_artifact_id\x18\x04 \x01(\t\x12\x0e\n\x06images\x18\x05 \x01(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12&\n\x07metrics\x18\x07 \x03(\x0b\x32\x15.persona.v1.JobMetric\"\xb2\x02\n\x0bJobProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x33\n\x06losses\x18\x06 \x03(\x0b\x32#.persona.v1.JobProgress.LossesEntry\x12\x10\n\x08it_per_s\x18\x07 \x01(\x01\x12\r\n\x05\x65ta_s\x18\x08 \x01(\x01\x12\x1c\n\x14validation_image_ids\x18\t \x03(\t\x12\x10\n\x08image_id\x18\n \x01(\t\x12\x11\n\tcomponent\x18\x0b \x01(\t\x12\x12\n\nconcept_id\x18\x0c \x01(\t\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9d\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12&\n\x04type\x18\x03 \x01(\x0e\x32\x18.persona.v1.JobEventType\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.persona.v1.JobState\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12%\n\x04\x64\x61ta\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x07\x64\x65tails\x18\t \x01(\x0b\x32\x17.persona.v1.JobProgress\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"Z\n\x0fListJobsRequest\x12%\n\x04page\x18\x01 \x01(\x0b\x32\x17.persona.v1.PageRequest\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nsubject_id\x18\x03 \x01(\t\"Y\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.persona.v1.Job\x12&\n\x04page\x18\x02 \x01(\x0b\x32\x18.persona.v1.PageResponse\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\x99\x01\n\x0cJobEventType\x12\x1e\n\x1aJOB_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14JOB_EVENT_TYPE_STATE\x10\x01\x12\x1b\n\x17JOB_EVENT_TYPE_PROGRESS\x10\x02\x12\x1a\n\x16JOB_EVENT_TYPE_WARNING\x10\x03\x12\x16\n\x12JOB_EVENT_TYPE_LOG\x10\x04\x32\x86\x02\n\nJobService\x12\x34\n\x06GetJob\x12\x19.persona.v1.GetJobRequest\x1a\x0f.persona.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.persona.v1.ListJobsRequest\x1a\x1c.persona.v1.ListJobsResponse\x12?\n\x08WatchJob\x12\x1b.persona.v1.WatchJobRequest\x1a\x14.persona.v1.JobEvent0\x01\x12:\n\tCancelJob\x12\x1c.persona.v1.CancelJobRequest\x1a\x0f.persona.v1.Jobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17persona/v1/common.proto\x12\npersona.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\'\n\x0cPageResponse\x12\x17\n\x0fnext_page_token\x18\x01 \x01(\t\"0\n\x08ImageRef\x12\x12\n\nsubject_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9b\x05\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.persona.v1.JobState\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x06result\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x14.persona.v1.JobError\x12\x13\n\x0binterrupted\x18\x08 \x01(\x08\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsubject_id\x18\x0c \x01(\t\x12\x36\n\x0e\x63\x61ption_result\x18\r \x01(\x0b\x32\x1c.persona.v1.CaptionJobResultH\x00\x12\x32\n\x0ctrain_result\x18\x0e \x01(\x0b\x32\x1a.persona.v1.TrainJobResultH\x00\x12\x34\n\rexport_result\x18\x0f \x01(\x0b\x32\x1b.persona.v1.ExportJobResultH\x00\x12\x38\n\x0f\x65valuate_result\x18\x10 \x01(\x0b\x32\x1d.persona.v1.EvaluateJobResultH\x00\x12\x41\n\x14\x65ncoder_train_result\x18\x11 \x01(\x0b\x32!.persona.v1.EncoderTrainJobResultH\x00\x42\x0e\n\x0ctyped_result\"F\n\x10\x43\x61ptionJobResult\x12\x11\n\tcaptioned\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x02 \x03(\t\x12\x0f\n\x07skipped\x18\x03 \x03(\t\"\xc7\x02\n\x0eTrainJobResult\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x12\n\nfinal_loss\x18\x03 \x01(\x01\x12\x19\n\x11resumed_from_step\x18\x04 \x01(\x05\x12\x12\n\nloss_curve\x18\x05 \x03(\x01\x12\x18\n\x10loss_curve_every\x18\x06 \x01(\x05\x12\x1e\n\x16\x63lass_images_generated\x18\x07 \x01(\x05\x12\x1b\n\x13\x63lass_images_reused\x18\x08 \x01(\x05\x12\x43\n\rstage_seconds\x18\t \x03(\x0b\x32,.persona.v1.TrainJobResult.StageSecondsEntry\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa6\x01\n\x15\x45ncoderTrainJobResult\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x12\n\nfinal_loss\x18\x04 \x01(\x01\x12\x19\n\x11resumed_from_step\x18\x05 \x01(\x05\x12\x12\n\nbase_model\x18\x06 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x07 \x01(\t\"@\n\x07JobFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"g\n\x0f\x45xportJobResult\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0c\n\x04\x66p16\x18\x03 \x01(\x08\x12\"\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x13.persona.v1.JobFile\"N\n\tJobMetric\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x0e\n\x06source\x18\x04 \x01(\t\"\xbe\x01\n\x11\x45valuateJobResult\x12\x13\n\x0b\x63oncept_ids\x18\x01 \x03(\t\x12\x18\n\x10html_artifact_id\x18\x02 \x01(\t\x12\x18\n\x10json_artifact_id\x18\x03 \x01(\t\x12\x17\n\x0f\x63sv_artifact_id\x18\x04 \x01(\t\x12\x0e\n\x06images\x18\x05 \x01(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12&\n\x07metrics\x18\x07 \x03(\x0b\x32\x15.persona.v1.JobMetric\"\xb2\x02\n\x0bJobProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x33\n\x06losses\x18\x06 \x03(\x0b\x32#.persona.v1.JobProgress.LossesEntry\x12\x10\n\x08it_per_s\x18\x07 \x01(\x01\x12\r\n\x05\x65ta_s\x18\x08 \x01(\x01\x12\x1c\n\x14validation_image_ids\x18\t \x03(\t\x12\x10\n\x08image_id\x18\n \x01(\t\x12\x11\n\tcomponent\x18\x0b \x01(\t\x12\x12\n\nconcept_id\x18\x0c \x01(\t\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9d\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12&\n\x04type\x18\x03 \x01(\x0e\x32\x18.persona.v1.JobEventType\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.persona.v1.JobState\x12\x10\n\x08progress\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12%\n\x04\x64\x61ta\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x07\x64\x65tails\x18\t \x01(\x0b\x32\x17.persona.v1.JobProgress\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"Z\n\x0fListJobsRequest\x12%\n\x04page\x18\x01 \x01(\x0b\x32\x17.persona.v1.PageRequest\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nsubject_id\x18\x03 \x01(\t\"Y\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.persona.v1.Job\x12&\n\x04page\x18\x02 \x01(\x0b\x32\x18.persona.v1.PageResponse\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\x99\x01\n\x0cJobEventType\x12\x1e\n\x1aJOB_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14JOB_EVENT_TYPE_STATE\x10\x01\x12\x1b\n\x17JOB_EVENT_TYPE_PROGRESS\x10\x02\x12\x1a\n\x16JOB_EVENT_TYPE_WARNING\x10\x03\x12\x16\n\x12JOB_EVENT_TYPE_LOG\x10\x04\x32\x86\x02\n\nJobService\x12\x34\n\x06GetJob\x12\x19.persona.v1.GetJobRequest\x1a\x0f.persona.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.persona.v1.ListJobsRequest\x1a\x1c.persona.v1.ListJobsResponse\x12?\n\x08WatchJob\x12\x1b.persona.v1.WatchJobRequest\x1a\x14.persona.v1.JobEvent0\x01\x12:\n\tCancelJob\x12\x1c.persona.v1.CancelJobRequest\x1a\x0f.persona.v1.Jobb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINJOBRESULT_STAGESECONDSENTRY']._serialized_options = b'8\001'
   _globals['_JOBPROGRESS_LOSSESENTRY']._loaded_options = None
   _globals['_JOBPROGRESS_LOSSESENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2648
-  _globals['_JOBSTATE']._serialized_end=2802
-  _globals['_JOBEVENTTYPE']._serialized_start=2805
-  _globals['_JOBEVENTTYPE']._serialized_end=2958
+  _globals['_JOBSTATE']._serialized_start=2884
+  _globals['_JOBSTATE']._serialized_end=3038
+  _globals['_JOBEVENTTYPE']._serialized_start=3041
+  _globals['_JOBEVENTTYPE']._serialized_end=3194
   _globals['_PAGEREQUEST']._serialized_start=102
   _globals['_PAGEREQUEST']._serialized_end=154
   _globals['_PAGERESPONSE']._serialized_start=156
@@ -50,37 +50,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBERROR']._serialized_start=247
   _globals['_JOBERROR']._serialized_end=288
   _globals['_JOB']._serialized_start=291
-  _globals['_JOB']._serialized_end=891
-  _globals['_CAPTIONJOBRESULT']._serialized_start=893
-  _globals['_CAPTIONJOBRESULT']._serialized_end=963
-  _globals['_TRAINJOBRESULT']._serialized_start=966
-  _globals['_TRAINJOBRESULT']._serialized_end=1293
-  _globals['_TRAINJOBRESULT_STAGESECONDSENTRY']._serialized_start=1242
-  _globals['_TRAINJOBRESULT_STAGESECONDSENTRY']._serialized_end=1293
-  _globals['_JOBFILE']._serialized_start=1295
-  _globals['_JOBFILE']._serialized_end=1359
-  _globals['_EXPORTJOBRESULT']._serialized_start=1361
-  _globals['_EXPORTJOBRESULT']._serialized_end=1464
-  _globals['_JOBMETRIC']._serialized_start=1466
-  _globals['_JOBMETRIC']._serialized_end=1544
-  _globals['_EVALUATEJOBRESULT']._serialized_start=1547
-  _globals['_EVALUATEJOBRESULT']._serialized_end=1737
-  _globals['_JOBPROGRESS']._serialized_start=1740
-  _globals['_JOBPROGRESS']._serialized_end=2046
-  _globals['_JOBPROGRESS_LOSSESENTRY']._serialized_start=2001
-  _globals['_JOBPROGRESS_LOSSESENTRY']._serialized_end=2046
-  _globals['_JOBEVENT']._serialized_start=2049
-  _globals['_JOBEVENT']._serialized_end=2334
-  _globals['_GETJOBREQUEST']._serialized_start=2336
-  _globals['_GETJOBREQUEST']._serialized_end=2367
-  _globals['_LISTJOBSREQUEST']._serialized_start=2369
-  _globals['_LISTJOBSREQUEST']._serialized_end=2459
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2461
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2550
-  _globals['_WATCHJOBREQUEST']._serialized_start=2552
-  _globals['_WATCHJOBREQUEST']._serialized_end=2609
-  _globals['_CANCELJOBREQUEST']._serialized_start=2611
-  _globals['_CANCELJOBREQUEST']._serialized_end=2645
-  _globals['_JOBSERVICE']._serialized_start=2961
-  _globals['_JOBSERVICE']._serialized_end=3223
+  _globals['_JOB']._serialized_end=958
+  _globals['_CAPTIONJOBRESULT']._serialized_start=960
+  _globals['_CAPTIONJOBRESULT']._serialized_end=1030
+  _globals['_TRAINJOBRESULT']._serialized_start=1033
+  _globals['_TRAINJOBRESULT']._serialized_end=1360
+  _globals['_TRAINJOBRESULT_STAGESECONDSENTRY']._serialized_start=1309
+  _globals['_TRAINJOBRESULT_STAGESECONDSENTRY']._serialized_end=1360
+  _globals['_ENCODERTRAINJOBRESULT']._serialized_start=1363
+  _globals['_ENCODERTRAINJOBRESULT']._serialized_end=1529
+  _globals['_JOBFILE']._serialized_start=1531
+  _globals['_JOBFILE']._serialized_end=1595
+  _globals['_EXPORTJOBRESULT']._serialized_start=1597
+  _globals['_EXPORTJOBRESULT']._serialized_end=1700
+  _globals['_JOBMETRIC']._serialized_start=1702
+  _globals['_JOBMETRIC']._serialized_end=1780
+  _globals['_EVALUATEJOBRESULT']._serialized_start=1783
+  _globals['_EVALUATEJOBRESULT']._serialized_end=1973
+  _globals['_JOBPROGRESS']._serialized_start=1976
+  _globals['_JOBPROGRESS']._serialized_end=2282
+  _globals['_JOBPROGRESS_LOSSESENTRY']._serialized_start=2237
+  _globals['_JOBPROGRESS_LOSSESENTRY']._serialized_end=2282
+  _globals['_JOBEVENT']._serialized_start=2285
+  _globals['_JOBEVENT']._serialized_end=2570
+  _globals['_GETJOBREQUEST']._serialized_start=2572
+  _globals['_GETJOBREQUEST']._serialized_end=2603
+  _globals['_LISTJOBSREQUEST']._serialized_start=2605
+  _globals['_LISTJOBSREQUEST']._serialized_end=2695
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2697
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2786
+  _globals['_WATCHJOBREQUEST']._serialized_start=2788
+  _globals['_WATCHJOBREQUEST']._serialized_end=2845
+  _globals['_CANCELJOBREQUEST']._serialized_start=2847
+  _globals['_CANCELJOBREQUEST']._serialized_end=2881
+  _globals['_JOBSERVICE']._serialized_start=3197
+  _globals['_JOBSERVICE']._serialized_end=3459
 # @@protoc_insertion_point(module_scope)

@@ -70,7 +70,7 @@ class JobError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "kind", "state", "progress", "params", "result", "error", "interrupted", "attempts", "created_at", "updated_at", "subject_id", "caption_result", "train_result", "export_result", "evaluate_result")
+    __slots__ = ("job_id", "kind", "state", "progress", "params", "result", "error", "interrupted", "attempts", "created_at", "updated_at", "subject_id", "caption_result", "train_result", "export_result", "evaluate_result", "encoder_train_result")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class Job(_message.Message):
     TRAIN_RESULT_FIELD_NUMBER: _ClassVar[int]
     EXPORT_RESULT_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_RESULT_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_TRAIN_RESULT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     kind: str
     state: JobState
@@ -103,7 +104,8 @@ class Job(_message.Message):
     train_result: TrainJobResult
     export_result: ExportJobResult
     evaluate_result: EvaluateJobResult
-    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., interrupted: _Optional[bool] = ..., attempts: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., subject_id: _Optional[str] = ..., caption_result: _Optional[_Union[CaptionJobResult, _Mapping]] = ..., train_result: _Optional[_Union[TrainJobResult, _Mapping]] = ..., export_result: _Optional[_Union[ExportJobResult, _Mapping]] = ..., evaluate_result: _Optional[_Union[EvaluateJobResult, _Mapping]] = ...) -> None: ...
+    encoder_train_result: EncoderTrainJobResult
+    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., interrupted: _Optional[bool] = ..., attempts: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., subject_id: _Optional[str] = ..., caption_result: _Optional[_Union[CaptionJobResult, _Mapping]] = ..., train_result: _Optional[_Union[TrainJobResult, _Mapping]] = ..., export_result: _Optional[_Union[ExportJobResult, _Mapping]] = ..., evaluate_result: _Optional[_Union[EvaluateJobResult, _Mapping]] = ..., encoder_train_result: _Optional[_Union[EncoderTrainJobResult, _Mapping]] = ...) -> None: ...
 
 class CaptionJobResult(_message.Message):
     __slots__ = ("captioned", "failed", "skipped")
@@ -143,6 +145,24 @@ class TrainJobResult(_message.Message):
     class_images_reused: int
     stage_seconds: _containers.ScalarMap[str, float]
     def __init__(self, concept_id: _Optional[str] = ..., steps: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ..., loss_curve: _Optional[_Iterable[float]] = ..., loss_curve_every: _Optional[int] = ..., class_images_generated: _Optional[int] = ..., class_images_reused: _Optional[int] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class EncoderTrainJobResult(_message.Message):
+    __slots__ = ("encoder_id", "path", "steps", "final_loss", "resumed_from_step", "base_model", "base_model_sha256")
+    ENCODER_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    encoder_id: str
+    path: str
+    steps: int
+    final_loss: float
+    resumed_from_step: int
+    base_model: str
+    base_model_sha256: str
+    def __init__(self, encoder_id: _Optional[str] = ..., path: _Optional[str] = ..., steps: _Optional[int] = ..., final_loss: _Optional[float] = ..., resumed_from_step: _Optional[int] = ..., base_model: _Optional[str] = ..., base_model_sha256: _Optional[str] = ...) -> None: ...
 
 class JobFile(_message.Message):
     __slots__ = ("path", "artifact_id", "size_bytes")

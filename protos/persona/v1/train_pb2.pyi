@@ -306,3 +306,29 @@ class FileChunk(_message.Message):
     data: bytes
     total_size: int
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class StartEncoderTrainingRequest(_message.Message):
+    __slots__ = ("dataset", "base_model", "image_encoder", "steps", "learning_rate", "batch_size", "seed", "no_textual_qformer", "no_cscl", "no_macl", "checkpoint_every")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ENCODER_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NO_TEXTUAL_QFORMER_FIELD_NUMBER: _ClassVar[int]
+    NO_CSCL_FIELD_NUMBER: _ClassVar[int]
+    NO_MACL_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    base_model: str
+    image_encoder: str
+    steps: int
+    learning_rate: float
+    batch_size: int
+    seed: int
+    no_textual_qformer: bool
+    no_cscl: bool
+    no_macl: bool
+    checkpoint_every: int
+    def __init__(self, dataset: _Optional[str] = ..., base_model: _Optional[str] = ..., image_encoder: _Optional[str] = ..., steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., no_textual_qformer: _Optional[bool] = ..., no_cscl: _Optional[bool] = ..., no_macl: _Optional[bool] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...

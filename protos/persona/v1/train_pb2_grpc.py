@@ -71,6 +71,11 @@ class TrainServiceStub:
                 request_serializer=persona_dot_v1_dot_train__pb2.ReadConceptFileRequest.SerializeToString,
                 response_deserializer=persona_dot_v1_dot_train__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.StartEncoderTraining = channel.unary_unary(
+                '/persona.v1.TrainService/StartEncoderTraining',
+                request_serializer=persona_dot_v1_dot_train__pb2.StartEncoderTrainingRequest.SerializeToString,
+                response_deserializer=persona_dot_v1_dot_common__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class TrainServiceServicer:
@@ -136,6 +141,16 @@ class TrainServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartEncoderTraining(self, request, context):
+        """Checks the request (dataset layout, base model, image encoder, options) and queues a resumable
+        "encoder_train" job. PROGRESS events' `details`: stage "encoder_train", step, steps and the loss terms
+        ("loss" the total, "diffusion", "cscl", "macl", "location"); the finished job's `encoder_train_result` names
+        the encoder and where it is stored. List trained encoders with JobService.ListJobs (kind "encoder_train").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +188,11 @@ def add_TrainServiceServicer_to_server(servicer, server):
                     servicer.ReadConceptFile,
                     request_deserializer=persona_dot_v1_dot_train__pb2.ReadConceptFileRequest.FromString,
                     response_serializer=persona_dot_v1_dot_train__pb2.FileChunk.SerializeToString,
+            ),
+            'StartEncoderTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartEncoderTraining,
+                    request_deserializer=persona_dot_v1_dot_train__pb2.StartEncoderTrainingRequest.FromString,
+                    response_serializer=persona_dot_v1_dot_common__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -365,6 +385,33 @@ class TrainService:
             '/persona.v1.TrainService/ReadConceptFile',
             persona_dot_v1_dot_train__pb2.ReadConceptFileRequest.SerializeToString,
             persona_dot_v1_dot_train__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartEncoderTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/persona.v1.TrainService/StartEncoderTraining',
+            persona_dot_v1_dot_train__pb2.StartEncoderTrainingRequest.SerializeToString,
+            persona_dot_v1_dot_common__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
