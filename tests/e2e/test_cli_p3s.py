@@ -22,7 +22,8 @@ def test_train_p3s_on_clicked_photos_from_the_cli(dreambench, tmp_path, monkeypa
     assert f"persona-cli mask {subject_id} --image 0 --point X,Y" in refused
 
     for index in ("0", "1"):
-        ok(cli("mask", subject_id, "--image", index, "--point", "300,300", "--negative", "20,20", "--json"))
+        ok(cli("mask", subject_id, "--image", index, "--point", "300,300", "--negative", "20,20", "--out",
+               str(tmp_path / "masks"), "--json"))
     concept_id = ok(cli(*train, "--p3s-weight-schedule", "constant", "--p3s-consistency-weight", "0.5")).strip()
     concept = ok_json(cli("concepts", "show", concept_id, "--json"))
     assert concept["method"] == "p3s" and concept["state"] == "CONCEPT_STATE_READY"
