@@ -6,8 +6,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from persona.services.models.base_models import (RANDOM_FAMILIES, TINY, build_random_base_model,
-                                                 missing_components, read_model_configs, tiny_base_model)
+from persona.services.models.base_models import TINY, missing_components, read_model_configs
+from persona.services.models.builders import RANDOM_FAMILIES, build_random_base_model, tiny_base_model
 from persona.services.runtime.devices import describe_device, torch_device
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.train.settings import TrainSettings

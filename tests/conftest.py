@@ -100,7 +100,7 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(model_cache) -> Path:
     """The built-in `tiny` base model, built once per session; tests only read it."""
-    from persona.services.models.base_models import tiny_base_model
+    from persona.services.models.builders import tiny_base_model
 
     return tiny_base_model(model_cache)
 

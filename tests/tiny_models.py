@@ -20,7 +20,7 @@ from pathlib import Path
 
 # CLIP_TOKENIZER_DIR: the public openai/clip-vit-large-patch14 tokenizer shipped with persona (services/models);
 # CLIPSeg tokenizes with it too. TINY_SEED: every tiny model's seed, so each build gives the same weights.
-from persona.services.models.base_models import CLIP_TOKENIZER_DIR, TINY_SEED
+from persona.services.models.builders import CLIP_TOKENIZER_DIR, TINY_SEED
 
 # --- mask: P3S's CLIP vision tower, CLIPSeg, GroundingDINO, SAM ---------------------------------------------------
 

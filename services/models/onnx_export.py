@@ -55,11 +55,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from persona.services.runtime.artifacts import file_sha256
 from persona.services.runtime import devices
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
+
+from .onnx_graphs import VERIFY_SEED, GraphSpec, graph_specs, load_modules
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 MANIFEST = "manifest.json"
@@ -69,7 +71,6 @@ EXTERNAL_DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 MIN_OPSET, MAX_OPSET = 14, 20  # 14: scaled_dot_product_attention; 20: the legacy exporter's newest
 DEFAULT_TOLERANCE = {False: 1e-3, True: 5e-2}  # fp16 flag → max abs diff allowed by check_parity
-VERIFY_SEED = 0
 INSTALL_HINT = "pip install 'onnx>=1.16,<2' 'onnxruntime>=1.18,<2'"
 
 
@@ -129,9 +130,9 @@ def export_pipeline_to_onnx(model_dir: Path, out_dir: Path, *, fp16: bool = Fals
     torch_device = devices.torch_device(device)
     # out_dir is replaced only when empty or overwrite=True (checked above).
     with staged_folder(out_dir) as staging:
-        modules = _load_modules(model_dir, torch_device)
+        modules = load_modules(model_dir, torch_device)
         providers = _providers(ort, torch_device)
-        specs = _specs(modules, torch_device)
+        specs = graph_specs(modules, torch_device)
         components: dict[str, OnnxComponent] = {}
         io: dict[str, dict] = {}
         for index, spec in enumerate(specs):
@@ -235,159 +236,10 @@ def _providers(ort, torch_device) -> list[str]:
     return providers
 
 
-# --- the modules and what each graph is --------------------------------------------------------------------
-
-
-def _load_modules(model_dir: Path, torch_device) -> dict:
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from persona.services.runtime.model_loading import loading_models
-
-    # fp32 always: the reference for parity, and the converter makes fp16 from an fp32 graph.
-    with loading_models():  # one load at a time in the process (runtime.model_loading says why)
-        modules = dict(
-            text_encoder=CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=torch.float32),
-            unet=UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=torch.float32),
-            vae=AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32),
-        )
-    for module in modules.values():
-        module.to(torch_device).eval().requires_grad_(False)
-    return modules
-
-
-def _wrap_text_encoder(text_encoder):
-    import torch
-
-    class TextEncoder(torch.nn.Module):
-        """input_ids → (last_hidden_state, pooler_output)."""
-
-        def __init__(self):
-            super().__init__()
-            self.text_encoder = text_encoder
-
-        def forward(self, input_ids):
-            out = self.text_encoder(input_ids=input_ids, return_dict=True)
-            return out.last_hidden_state, out.pooler_output
-
-    return TextEncoder()
-
-
-def _wrap_unet(unet):
-    import torch
-
-    class UNet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-    return UNet()
-
-
-def _wrap_vae_decoder(vae):
-    import torch
-
-    class VaeDecoder(torch.nn.Module):
-        """vae.decode on latents already divided by scaling_factor (the caller divides)."""
-
-        def __init__(self):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latent_sample):
-            return self.vae.decode(latent_sample, return_dict=False)[0]
-
-    return VaeDecoder()
-
-
-@dataclass
-class _Spec:
-    name: str
-    module: Any
-    input_names: list[str]
-    output_names: list[str]
-    dynamic_axes: dict[str, dict[int, str]]
-    export_inputs: tuple  # traced with these
-    verify_inputs: tuple  # compared on these (another batch and size than traced, so dynamic axes are exercised)
-    always_external: bool = False
-
-
-def _specs(modules: dict, torch_device) -> list[_Spec]:
-    import torch
-
-    text_encoder, unet, vae = modules["text_encoder"], modules["unet"], modules["vae"]
-    generator = torch.Generator("cpu").manual_seed(VERIFY_SEED)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(torch_device)
-
-    config = text_encoder.config
-    seq = config.max_position_embeddings
-    vocab = config.vocab_size
-
-    def ids(batch, length):
-        tokens = torch.randint(0, vocab, (batch, length), generator=generator, dtype=torch.int64)
-        tokens[:, 0] = config.bos_token_id if 0 <= config.bos_token_id < vocab else 0
-        tokens[:, -1] = config.eos_token_id if 0 <= config.eos_token_id < vocab else vocab - 1
-        return tokens.to(torch_device)
-
-    channels = unet.config.in_channels
-    # Traced at a side that is not a multiple of the UNet's total upsampling (see module docstring).
-    up_factor = 2 ** unet.num_upsamplers
-    traced_side = up_factor + 1
-    verify_h, verify_w = 2 * up_factor, up_factor  # a multiple, non-square: the common case
-    cross_dim = unet.config.cross_attention_dim
-
-    text_spec = _Spec(
-        name="text_encoder",
-        module=_wrap_text_encoder(text_encoder),
-        input_names=["input_ids"],
-        output_names=["last_hidden_state", "pooler_output"],
-        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
-                      "last_hidden_state": {0: "batch", 1: "sequence"},
-                      "pooler_output": {0: "batch"}},
-        export_inputs=(ids(1, seq),),
-        verify_inputs=(ids(2, seq),),
-    )
-    unet_spec = _Spec(
-        name="unet",
-        module=_wrap_unet(unet),
-        input_names=["sample", "timestep", "encoder_hidden_states"],
-        output_names=["out_sample"],
-        dynamic_axes={"sample": {0: "batch", 2: "height", 3: "width"},
-                      "timestep": {0: "batch"},
-                      "encoder_hidden_states": {0: "batch", 1: "sequence"},
-                      "out_sample": {0: "batch", 2: "height", 3: "width"}},
-        export_inputs=(randn(1, channels, traced_side, traced_side),
-                       torch.tensor([500.0], dtype=torch.float32, device=torch_device),
-                       randn(1, seq, cross_dim)),
-        verify_inputs=(randn(2, channels, verify_h, verify_w),
-                       torch.tensor([981.0, 1.0], dtype=torch.float32, device=torch_device),
-                       randn(2, seq, cross_dim)),
-        always_external=True,
-    )
-    latent = vae.config.latent_channels
-    vae_spec = _Spec(
-        name="vae_decoder",
-        module=_wrap_vae_decoder(vae),
-        input_names=["latent_sample"],
-        output_names=["sample"],
-        dynamic_axes={"latent_sample": {0: "batch", 2: "height", 3: "width"},
-                      "sample": {0: "batch", 2: "height", 3: "width"}},
-        export_inputs=(randn(1, latent, traced_side, traced_side),),
-        verify_inputs=(randn(2, latent, verify_h, verify_w),),
-    )
-    return [text_spec, unet_spec, vae_spec]
-
-
 # --- export, conversion, save, check, parity ---------------------------------------------------------------
 
 
-def _export_component(onnx, ort, spec: _Spec, staging: Path, *, opset: int, fp16: bool, providers: list[str],
+def _export_component(onnx, ort, spec: GraphSpec, staging: Path, *, opset: int, fp16: bool, providers: list[str],
                       final_dir: Path) -> tuple[OnnxComponent, dict]:
     import torch
 
@@ -471,7 +323,7 @@ def session(path: Path, providers: list[str] | None = None):
                                 providers=providers or ["CPUExecutionProvider"])
 
 
-def _parity(ort, spec: _Spec, path: Path, providers: list[str]) -> float:
+def _parity(ort, spec: GraphSpec, path: Path, providers: list[str]) -> float:
     import numpy as np
     import torch
 

@@ -81,7 +81,7 @@ def _error(call) -> grpc.RpcError:
 
 
 def test_lora_trains_on_sid_captions_and_every_export_loads_in_plain_diffusers(app, client, subject, tmp_path):
-    from persona.services.models.base_models import tiny_base_model
+    from persona.services.models.builders import tiny_base_model
 
     first = subject.images[0].image_id
     sid = "a photo of a sks dog lying on a green fluffy blanket next to a black leather purse"
@@ -158,7 +158,7 @@ def test_lora_trains_on_sid_captions_and_every_export_loads_in_plain_diffusers(a
 
 
 def test_dreambooth_and_textual_inversion_export_what_diffusers_loads(app, client, subject, tmp_path):
-    from persona.services.models.base_models import tiny_base_model
+    from persona.services.models.builders import tiny_base_model
 
     base = _pipe(tiny_base_model(app.train.settings.base_model_cache_dir))
     plain = _sample(base)

@@ -54,7 +54,7 @@ def _sample(pipe) -> np.ndarray:
 
 
 def test_custom_diffusion_trains_exports_and_generates(app, client, subject, tmp_path):
-    from persona.services.models.base_models import tiny_base_model
+    from persona.services.models.builders import tiny_base_model
 
     concept = _train(client, subject.subject_id, "custom_diffusion", steps=30, learning_rate=1e-2)
     assert concept.state == train_pb2.CONCEPT_STATE_READY and concept.steps_done == 30
@@ -112,7 +112,7 @@ def test_custom_diffusion_refuses_train_text_encoder_and_its_format_other_method
 
 
 def test_svdiff_trains_exports_and_generates(app, client, subject, tmp_path):
-    from persona.services.models.base_models import tiny_base_model
+    from persona.services.models.builders import tiny_base_model
     from persona.services.models.fusing import fuse_into_pipeline
 
     # 1e-2 (not the default 1e-3) so that the steps visibly move the output.

@@ -276,7 +276,7 @@ def test_generate_draws_the_trained_concept_into_png_files(trained, concept_id, 
 
 def corrupt_base_model(folder: Path) -> Path:
     """The tiny base with its UNet weights overwritten: it resolves, and the training job fails loading it."""
-    from persona.services.models.base_models import tiny_base_model
+    from persona.services.models.builders import tiny_base_model
 
     shutil.copytree(tiny_base_model(folder.parent / "model-cache"), folder)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")

@@ -7,13 +7,8 @@ from pathlib import Path
 import pytest
 
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
-from persona.services.models.base_models import (
-    CLIP_TOKENIZER_DIR,
-    TINY_ATTENTION_HEADS,
-    read_model_configs,
-    resolve_base_model,
-    tiny_base_model,
-)
+from persona.services.models.base_models import read_model_configs, resolve_base_model
+from persona.services.models.builders import CLIP_TOKENIZER_DIR, TINY_ATTENTION_HEADS, tiny_base_model
 from persona.services.train.settings import TrainSettings
 
 SHARED_MODELS = Path(__file__).resolve().parents[2].parent / "shared" / "models"

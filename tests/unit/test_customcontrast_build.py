@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from persona.services.models.base_models import build_tiny_base_model
+from persona.services.models.builders import build_tiny_base_model
 from persona.services.models.customcontrast.build import (
     CLIP_MEAN, clip_pixels, load_customcontrast_models, load_image_encoder, subject_tokens)
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from persona.services.models.base_models import build_tiny_base_model
+from persona.services.models.builders import build_tiny_base_model
 from persona.services.models.customcontrast.build import clip_pixels, load_customcontrast_models, subject_tokens
 from persona.services.models.customcontrast.conditioning import carry_location_mask, set_step_conditioning
 from persona.services.models.customcontrast.text import placeholder_caption, placeholder_mask

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from persona.bench.toyworld_views import write_multiview_dataset
-from persona.services.models.base_models import base_model_identity, build_tiny_base_model
+from persona.services.models.base_models import base_model_identity
+from persona.services.models.builders import build_tiny_base_model
 from persona.services.models.customcontrast.build import clip_pixels, load_customcontrast_models, subject_tokens
 from persona.services.models.customcontrast.files import EncoderMeta, load_encoder, save_encoder
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument

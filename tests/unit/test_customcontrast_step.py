@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from persona.bench.toyworld_views import write_multiview_dataset
-from persona.services.models.base_models import build_tiny_base_model
+from persona.services.models.builders import build_tiny_base_model
 from persona.services.models.customcontrast.build import CustomContrastModels, load_customcontrast_models
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.train.customcontrast.multiview import read_multiview_dataset, sample_batch

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from persona.services.models.base_models import CLIP_TOKENIZER_DIR
+from persona.services.models.builders import CLIP_TOKENIZER_DIR
 from persona.services.models.customcontrast.text import (
     placeholder_caption, placeholder_mask, text_states_per_layer)
 from persona.services.runtime.errors import InvalidArgument

@@ -20,7 +20,8 @@ import onnx  # noqa: E402
 
 from persona.services.models.onnx_export import export_pipeline_to_onnx  # noqa: E402
 from persona.services.models.tensorrt_build import (  # noqa: E402
-    PLAN_FILE, build_engines, can_refit, engine_profiles, refit_engine, tensorrt_available)
+    PLAN_FILE, build_engines, can_refit, refit_engine, tensorrt_available)
+from persona.services.models.tensorrt_profiles import engine_profiles  # noqa: E402
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument  # noqa: E402
 
 TENSORRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None

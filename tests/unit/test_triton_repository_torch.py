@@ -20,7 +20,7 @@ from persona.services.generate.triton_engine import triton_engine_from_settings
 from persona.services.generate.triton_models import PIPELINE_FILE, PIPELINE_MODEL, CudaGraphs, TorchComponent
 from persona.services.generate.triton_repository import TritonRepository
 from persona.services.runtime.errors import FailedPrecondition
-from persona.services.models.base_models import tiny_base_model
+from persona.services.models.builders import tiny_base_model
 
 
 @pytest.fixture(scope="module")
