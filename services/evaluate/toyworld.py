@@ -223,9 +223,24 @@ def free_colours(reference: ReferenceSet) -> list[str]:
     return sorted((c for c in COLOURS if c not in reference.colours), key=lambda c: (-distance(c), COLOURS.index(c)))
 
 
+def _unsaid_object_colours(reference: ReferenceSet, free: list[str]) -> list[str]:
+    """The free colours ordered for the new objects of background-unsaid prompts: as `free_colours`, but a colour
+    must be twice as far from the reference's *nearby* colour as from its other colours. The toy base often draws
+    the named object's colour as the whole background, darker: red-ring's "next to a small cyan circle" drew a
+    background that the palette maps to blue, its nearby object's colour (0.61 of the pixels in one seed, every
+    configuration alike), which read as nearby-object leakage. Cyan is 0.31 from blue in RGB², black 0.71."""
+    def distance(colour: str, others) -> float:
+        return min(float(np.sum((np.array(PALETTE[colour]) - np.array(PALETTE[c])) ** 2)) for c in others)
+
+    def key(colour: str) -> float:
+        return min(distance(colour, reference.colours), distance(colour, [reference.nearby_colour]) / 2)
+
+    return sorted(free, key=lambda c: (-key(c), COLOURS.index(c)))
+
+
 def bench_prompts(reference: ReferenceSet, count: int = 2) -> list[BenchPrompt]:
-    """`count` prompts of each kind in the world's grammar: 'a photo of a sks ring next to a small purple circle'
-    (background unsaid) and 'a photo of a sks ring on a plain orange background' (a new one asked)."""
+    """`count` prompts of each kind in the world's grammar: 'a photo of a sks ring next to a small black circle'
+    (background unsaid) and 'a photo of a sks ring on a plain cyan background' (a new one asked)."""
     free = free_colours(reference)
     if len(free) < 2 * count:
         raise InvalidArgument(f"`reference set` {reference.name} uses {len(reference.colours)} colours: fewer than "
@@ -233,9 +248,11 @@ def bench_prompts(reference: ReferenceSet, count: int = 2) -> list[BenchPrompt]:
     subject = f"a photo of {_article(reference.token)} {reference.token} {reference.class_name}"
     shape = next(s for s in ("circle", "triangle", "square") if s not in (reference.subject_shape,
                                                                           reference.nearby_shape))
-    unsaid = [BenchPrompt(f"{subject} next to a small {c} {shape}", UNSAID, c) for c in free[:count]]
-    # The next free colours for the backgrounds, so each asked colour differs from the new objects'.
-    asked = [BenchPrompt(f"{subject} on a plain {c} background", ASKED, c) for c in free[count:2 * count]]
+    objects = _unsaid_object_colours(reference, free)[:count]
+    unsaid = [BenchPrompt(f"{subject} next to a small {c} {shape}", UNSAID, c) for c in objects]
+    # The remaining free colours, farthest first, for the backgrounds: each asked colour differs from the objects'.
+    backgrounds = [c for c in free if c not in objects][:count]
+    asked = [BenchPrompt(f"{subject} on a plain {c} background", ASKED, c) for c in backgrounds]
     return unsaid + asked
 
 

@@ -87,6 +87,8 @@ OPTIONS: tuple[Option, ...] = (
            low=1, loop=False),
     Option("class_image_steps", int, 30, "--reg prior: sampling steps per class image, 1–200.", low=1, high=200,
            default_text=f"30; {TINY_CLASS_IMAGE_STEPS} on the built-in tiny model", example="30", loop=False),
+    Option("class_image_guidance", float, 7.5, "--reg prior: classifier-free guidance of the class images, 1–30.",
+           low=1.0, high=30.0, default_text="7.5, diffusers' DreamBooth", example="6", loop=False),
     Option("unmasked_weight", float, 0.1, "--reg mask: loss weight of pixels outside the subject, 0–1 (0: the "
            "subject only).", low=0.0, high=1.0, default_text="0.1, OneTrainer's"),
     Option("spl_weight", float, 1.0, "--reg spl: weight of the semantic preservation loss.", low=0.0, high=1e3,

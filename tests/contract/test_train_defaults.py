@@ -141,3 +141,16 @@ def test_tiny_draws_class_images_in_fewer_steps_unless_asked(client, dog_photos)
     concept, _ = _run(client, client.train.StartTraining(train_pb2.StartTrainingRequest(
         subject_id=subject.subject_id, base_model="tiny", method="lora", regularizers=["none"], options=asked)))
     assert concept.options.class_image_steps == 30  # what a user asks for is kept
+
+
+def test_class_images_are_drawn_with_the_guidance_asked_for(app, client, dog_photos):
+    subject = _subject(client, dog_photos[:2])
+    for guidance in (None, 6.0):
+        options = train_pb2.TrainingOptions(steps=1, resolution=32, checkpoint_every=0, num_class_images=1,
+                                            class_image_steps=1)
+        if guidance is not None:
+            options.class_image_guidance = guidance
+        concept, _ = _run(client, _start(client, subject.subject_id, regularizers=[], options=options))
+        assert concept.options.class_image_guidance == (guidance or 7.5)
+    drawn = sorted(row["guidance_scale"] for row in app.db.query("SELECT guidance_scale FROM prior_images"))
+    assert drawn == [6.0, 7.5]  # one class-image set per guidance: the key keeps them apart

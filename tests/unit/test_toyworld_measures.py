@@ -88,13 +88,15 @@ def test_scores_and_summary(tmp_path):
     ref = tw.read_reference_set(write_set(tmp_path / "ring"))
     prompts = tw.bench_prompts(ref, count=2)
     assert [p.text for p in prompts] == [
-        "a photo of a sks ring next to a small black circle", "a photo of a sks ring next to a small cyan circle",
-        "a photo of a sks ring on a plain purple background", "a photo of a sks ring on a plain pink background"]
+        "a photo of a sks ring next to a small black circle", "a photo of a sks ring next to a small pink circle",
+        "a photo of a sks ring on a plain cyan background", "a photo of a sks ring on a plain purple background"]
+    # cyan is the second colour farthest from the photos', but only 0.31 from their nearby blue: an object drawn
+    # in it is not asked for (a cyan background would read as the nearby object leaking).
     leaky = canvas(20, "green")  # the reference's background all over, no subject
     leaky[0:10, 0:4] = rgb("blue")  # 40 px nearby colour: 0.1
     asked = canvas(20, "purple")
     asked[5:10, 5:10] = rgb("red")  # 25 px subject: 0.0625
-    scores = [tw.score_image(leaky, prompts[0], ref), tw.score_image(canvas(20, "cyan"), prompts[1], ref),
+    scores = [tw.score_image(leaky, prompts[0], ref), tw.score_image(canvas(20, "pink"), prompts[1], ref),
               tw.score_image(asked, prompts[2], ref), tw.score_image(asked, prompts[3], ref)]
     summary = tw.summarise(scores)
     assert summary["nearby_leakage"] == pytest.approx((0.1 + 0.0) / 2)
@@ -102,7 +104,7 @@ def test_scores_and_summary(tmp_path):
     assert summary["nearby_object_leakage"] == pytest.approx((0.1 + 0.0) / 2)
     # Frame of the leaky image: 300 px, 40 of its blue block's pixels lie in it (rows 0–9 × cols 0–3 all frame).
     assert summary["background_leakage"] == pytest.approx(((300 - 40) / 300 + 0.0) / 2)
-    assert summary["text_alignment"] == pytest.approx(0.5)  # purple asked and shown; pink asked, not shown
+    assert summary["text_alignment"] == pytest.approx(0.5)  # cyan asked, not shown; purple asked and shown
     assert summary["subject_fidelity"] == pytest.approx(0.5)
     assert tw.spread([0.1, 0.3]) == pytest.approx((0.2, 0.1414213562))
     assert tw.spread([0.4]) == (0.4, 0.0)
