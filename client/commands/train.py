@@ -366,7 +366,8 @@ def train(
         return
     if job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None and concept.method == "p3s":
         note(f"trained {concept.concept_id}: p3s, {concept.steps_done} steps; its condition branch is stored with "
-             "the concept (drawing and exporting p3s concepts are not offered yet)")
+             f"the concept; draw it with `persona-cli generate {concept.concept_id} \"a {concept.token} "
+             f"{concept.class_name}\"` (in-process engine only; it has no export other tools load)")
     elif job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None:
         loss = f", final loss {concept.final_loss:.4g}" if concept.steps_done else ""
         fmt = {"lora": "lora", "ti": "ti"}.get(concept.method, "diffusers")

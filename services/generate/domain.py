@@ -5,6 +5,9 @@ Concepts, base models and their exports (ONNX, TensorRT) come from the model lib
 The engine is what holds models and runs the sampling loop: `EmbeddedEngine` in this process (torch, the
 laptop default) on a model's diffusers folder; `TritonEngine` (triton_engine.py) on its ONNX export, served from a
 Triton model repository. Both run the same loop (sampling.py).
+
+A p3s concept has no export (its condition branch runs beside the UNet, models/p3s/): the embedded engine loads
+its base model and attaches the condition for each draw (`attaches_conditions`); other engines refuse it.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import contextlib
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
@@ -22,10 +25,12 @@ from persona.services.runtime.errors import FailedPrecondition, InvalidArgument,
 
 from ..models.base_models import read_model_configs
 from ..models.exports import base_model_key
+from ..models.fusing import IN_PROCESS_METHODS
+from ..models.p3s.condition import WEIGHT_NAME as P3S_WEIGHTS
 from ..models.library import ModelLibrary
 from ..subjects.images import png_bytes
 from . import sampling
-from .options import BY_NAME as SETTINGS_BY_NAME, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS, SETTINGS
+from .options import BY_NAME as SETTINGS_BY_NAME, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS, P3S_SETTINGS, SETTINGS
 from .sampling import SamplingSettings
 from .settings import GenerateSettings
 
@@ -49,6 +54,34 @@ class GenerateRequest:
     width: int | None = None
     height: int | None = None
     images_per_prompt: int | None = None
+    p3s_weight_schedule: str = ""
+    p3s_weight_alpha: float | None = None
+    p3s_weight_beta: float | None = None
+    p3s_weight_k: float | None = None
+    p3s_reference: int | None = None
+
+
+@dataclass(frozen=True)
+class P3SDrawing:
+    """How one request draws a p3s concept: the photo that conditions it and the ε_t options it sets
+    ({"p3s_weight_alpha": 0.0, ...}; the rest are the concept's trained ones)."""
+
+    reference: int = 0
+    weights: dict = field(default_factory=dict)
+
+
+def p3s_drawing(request: GenerateRequest, method: str) -> P3SDrawing | None:
+    """The request's p3s settings for a model trained with `method` ("" for a base model): None for a model that
+    is not p3s, and then setting any of them is refused by name."""
+    given = {name: getattr(request, name) for name in P3S_SETTINGS if getattr(request, name) not in (None, "")}
+    if method not in IN_PROCESS_METHODS:
+        if given:
+            what = f"concept {request.concept_id}, a {method} concept" if method else "a base model"
+            raise InvalidArgument(f"`{next(iter(given))}` is set but the request draws {what}: the p3s_* settings "
+                                  "are for p3s concepts only; leave them unset")
+        return None
+    reference = given.pop("p3s_reference", 0)
+    return P3SDrawing(reference, given)
 
 
 @dataclass(frozen=True)
@@ -75,6 +108,9 @@ class Engine(Protocol):
     # What `load` takes: "diffusers" (a diffusers folder), "onnx" (an onnx_export folder) or "tensorrt" (a
     # tensorrt_build folder).
     model_format: str
+    # True: `load(key, base_folder, condition=...)` takes a p3s condition file and `draw_batch(..., p3s=P3SDrawing)`
+    # draws with it (the embedded engine); False: p3s concepts are refused before reaching it.
+    attaches_conditions: bool
 
     def load(self, key: str, folder: Path) -> LoadedModel: ...
 
@@ -99,14 +135,18 @@ class EmbeddedEngine:
 
     name = "embedded"
     model_format = "diffusers"
+    attaches_conditions = True
 
     def __init__(self, settings: GenerateSettings, cache_dir: Path | None = None):
         self.settings = settings
         self.cache_dir = cache_dir  # torch.compile's kernels (settings.compile), kept across restarts
-        self._models: OrderedDict[str, tuple] = OrderedDict()  # key → (models, tokenizer, scheduler, info, folder)
+        # key → (models, tokenizer, scheduler, info, folder, p3s condition or None)
+        self._models: OrderedDict[str, tuple] = OrderedDict()
         self._lock = threading.RLock()
 
-    def load(self, key: str, folder: Path) -> LoadedModel:
+    def load(self, key: str, folder: Path, condition: Path | None = None) -> LoadedModel:
+        """`folder`: a diffusers folder; `condition`: a p3s_condition.safetensors trained on it (a p3s concept,
+        drawn as its base model with the condition attached per draw)."""
         from transformers import CLIPTokenizer
 
         with self._lock:
@@ -116,8 +156,13 @@ class EmbeddedEngine:
             started = time.perf_counter()
             models = self._recycled(folder) or self._fresh(folder)
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+            attached = None
+            if condition is not None:
+                from persona.services.models.p3s.condition import load_condition
+
+                attached = load_condition(condition, models.unet)
             info = LoadedModel(key, read_model_configs(folder).native_resolution, time.perf_counter() - started)
-            self._models[key] = (models, tokenizer, sampling.scheduler_config(folder), info, Path(folder))
+            self._models[key] = (models, tokenizer, sampling.scheduler_config(folder), info, Path(folder), attached)
             while len(self._models) > self.settings.max_loaded:
                 self._models.popitem(last=False)
             return info
@@ -167,10 +212,33 @@ class EmbeddedEngine:
         with self._lock:
             self._models.clear()
 
-    def draw_batch(self, key: str, batch: Sequence[SamplingSettings]) -> list:
+    def draw_batch(self, key: str, batch: Sequence[SamplingSettings], p3s: P3SDrawing | None = None) -> list:
         with self._lock:
-            models, tokenizer, scheduler_config, _, _ = self._models[key]
-            return sampling.sample_batch(models, tokenizer, scheduler_config, batch)
+            models, tokenizer, scheduler_config, _, _, condition = self._models[key]
+            if condition is None:
+                return sampling.sample_batch(models, tokenizer, scheduler_config, batch)
+            return self._draw_p3s(models, tokenizer, scheduler_config, batch, condition, p3s or P3SDrawing())
+
+    @staticmethod
+    def _draw_p3s(models, tokenizer, scheduler_config, batch, condition, p3s: P3SDrawing) -> list:
+        """The shared loop with the p3s condition attached to the UNet for this batch only (so the modules stay
+        the plain base model between draws, and another concept can take them over): every UNet call first runs
+        the copy on (x_t, c, t) with the chosen photo's I'' and hands f_i × ε_t to the injected self-attentions
+        (Eq. 6–10, models/p3s/). Both classifier-free-guidance halves get the features, each from the copy run on
+        its own text (the negative prompt for the unconditional half): the reference conditions the image in both,
+        so guidance contrasts the prompts, as ControlNet (whose trainable copy P3S follows) conditions both."""
+        from persona.services.models.p3s.condition import AttachedCondition
+        from persona.services.models.p3s.weights import drawing_weights
+
+        weights = drawing_weights(condition.settings, p3s.weights)
+        attached = AttachedCondition(models.unet, condition, p3s.reference, weights)
+        try:
+            # The plain loop on the eager UNet: a CUDA graph (denoise.py) or a compiled UNet would replay what
+            # they captured without the copy's per-step features.
+            with models.eager_unet():
+                return sampling.sample_batch(models, tokenizer, scheduler_config, batch, static=False)
+        finally:
+            attached.remove()
 
 
 class GenerateDomain:
@@ -192,6 +260,8 @@ class GenerateDomain:
         """Raises InvalidArgument for what `generate` would refuse, without loading anything (other services
         check sampling settings up front before queueing work that generates)."""
         self._validated(request)
+        if request.base_model:
+            p3s_drawing(request, "")
         for name, side in (("width", request.width), ("height", request.height)):
             if side is not None:
                 _side(name, side, 0)
@@ -234,6 +304,8 @@ class GenerateDomain:
         checked = self._validated(request)
         prompts, per_prompt, steps, guidance, scheduler, seed = (
             checked[k] for k in ("prompts", "per_prompt", "steps", "guidance", "scheduler", "seed"))
+        method = self.models.get(tenant_id, request.concept_id).method if request.concept_id else ""
+        p3s = p3s_drawing(request, method)  # refused before anything loads
         loaded = self._load(tenant_id, request.concept_id, request.base_model)
         width = _side("width", request.width, loaded.resolution)
         height = _side("height", request.height, loaded.resolution)
@@ -254,15 +326,19 @@ class GenerateDomain:
                     started = time.perf_counter()
                     batch = [settings for _, _, settings in chunk]
                     try:
-                        drawn = self.engine.draw_batch(loaded.key, batch)
+                        drawn = self._draw(loaded.key, batch, p3s)
                     except KeyError:  # unloaded before this stream began, or evicted: load it again
                         self._load(tenant_id, request.concept_id, request.base_model)
-                        drawn = self.engine.draw_batch(loaded.key, batch)
+                        drawn = self._draw(loaded.key, batch, p3s)
                     seconds = (time.perf_counter() - started) / len(chunk)
                     for (prompt_index, image_index, settings), image in zip(chunk, drawn):
                         yield GeneratedImage(prompt_index, image_index, settings, request.concept_id,
                                              request.base_model, png_bytes(image), seconds, self.engine.name)
         return images()
+
+    def _draw(self, key: str, batch: list[SamplingSettings], p3s: P3SDrawing | None) -> list:
+        # Only an engine that attaches conditions takes `p3s` (_load refused p3s concepts for the others).
+        return self.engine.draw_batch(key, batch, p3s=p3s) if p3s else self.engine.draw_batch(key, batch)
 
     @contextlib.contextmanager
     def _using(self, concept_id: str) -> Iterator[None]:
@@ -304,13 +380,15 @@ class GenerateDomain:
             if not concept.files_of("weights"):
                 raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights yet: wait for "
                                          f"job {concept.job_id} (`persona-cli jobs watch {concept.job_id}`)")
-            if self.engine.model_format in ("onnx", "tensorrt"):
+            if concept.method in IN_PROCESS_METHODS:
+                loaded = self._load_with_condition(tenant_id, concept)
+            elif self.engine.model_format in ("onnx", "tensorrt"):
                 fmt = self.engine.model_format
-                folder = self.models.exports.export_folder(tenant_id, concept_id, fmt,
-                                                          self.cache_dir / fmt / concept_id, fp16=self._onnx_fp16())
+                loaded = self.engine.load(concept_id, self.models.exports.export_folder(
+                    tenant_id, concept_id, fmt, self.cache_dir / fmt / concept_id, fp16=self._onnx_fp16()))
             else:
-                folder = self.models.exports.diffusers_folder(tenant_id, concept_id, self.cache_dir / concept_id)
-            loaded = self.engine.load(concept_id, folder)
+                loaded = self.engine.load(concept_id, self.models.exports.diffusers_folder(
+                    tenant_id, concept_id, self.cache_dir / concept_id))
             with self._owners_lock:
                 self._owners[concept_id] = tenant_id
             return replace(loaded, resolution=concept.resolution or loaded.resolution)
@@ -322,6 +400,17 @@ class GenerateDomain:
             target = self.cache_dir / f"base-{fmt}-{'fp16' if fp16 else 'fp32'}" / base_model_key(base)
             folder = self.models.exports.base_model_folder(base, fmt, target, fp16)
         return self.engine.load(f"base:{base.path}", folder)
+
+    def _load_with_condition(self, tenant_id: str, concept) -> LoadedModel:
+        """A p3s concept: its base model with the condition file attached (it has no export to load)."""
+        if not self.engine.attaches_conditions:
+            raise FailedPrecondition(
+                f"concept {concept.concept_id} was trained with {concept.method}, which draws in-process only for "
+                f"now: this server's generate engine is {self.engine.name}; draw it on a server with "
+                "PERSONA_GENERATE_ENGINE=embedded (Triton, ONNX and TensorRT cannot load its condition branch)")
+        base, weights = self.models.exports.weights_folder(tenant_id, concept.concept_id,
+                                                           self.cache_dir / "p3s" / concept.concept_id)
+        return self.engine.load(concept.concept_id, base, condition=weights / P3S_WEIGHTS)
 
     def _onnx_fp16(self) -> bool:
         """fp16 graphs where the engine's GPU can run them; fp32 on CPU (fp16 there is slow, not smaller)."""

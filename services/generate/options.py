@@ -5,6 +5,7 @@ checks the table, the proto and the CLI agree. Adding a setting is one `Option(.
 field (and the sampling code that uses it)."""
 from __future__ import annotations
 
+from persona.services.models.p3s.weights import drawing_options
 from persona.services.runtime.options import Option
 
 from . import sampling
@@ -30,5 +31,11 @@ SETTINGS: tuple[Option, ...] = (
     # Multiples of 8 up to sampling.MAX_SIDE, checked with the model's native size as the default (domain._side).
     Option("width", int, None, "Pixels, a multiple of 8.", default_text="the concept's native size"),
     Option("height", int, None, "Pixels, a multiple of 8.", default_text="the concept's native size"),
+    # A p3s concept's drawing (models/p3s/condition.py); set for any other model they are refused by name.
+    *drawing_options(),
+    Option("p3s_reference", int, None, "p3s concepts only: which of the subject's photos (0 = the first uploaded) "
+           "conditions the image.", low=0, high=1000, default_text="0, the first photo"),
 )
+# The settings that only a p3s concept takes.
+P3S_SETTINGS = tuple(option.name for option in SETTINGS if option.name.startswith("p3s_"))
 BY_NAME: dict[str, Option] = {option.name: option for option in SETTINGS}

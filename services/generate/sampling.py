@@ -8,8 +8,9 @@ the same weights, seed, scheduler, steps and guidance the images equal the pipel
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import astuple, dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 # Scheduler names of the API → diffusers classes (configured from the model's scheduler_config.json).
 SCHEDULERS = {
@@ -97,11 +98,12 @@ def sample(models: SamplerModels, tokenizer, scheduler_config: dict, settings: S
 
 
 def sample_batch(models: SamplerModels, tokenizer, scheduler_config: dict, batch: Sequence[SamplingSettings],
-                 on_step: Callable[[int, int], None] | None = None) -> list:
+                 on_step: Callable[[int, int], None] | None = None, static: bool = True) -> list:
     """Draws one image per entry of `batch` in one pass of the loop (one UNet call per step for all of them);
     returns PIL images in order. Entries may differ in prompt, negative prompt and seed; steps, guidance,
     scheduler and size must be equal (`batch_key` says which settings can share a batch). Image k equals what
-    `sample` draws for `batch[k]` alone, as diffusers' pipeline with one generator per image does."""
+    `sample` draws for `batch[k]` alone, as diffusers' pipeline with one generator per image does. `static`: as
+    `sample_ids` takes it."""
     batch = list(batch)
     if not batch:
         return []
@@ -109,7 +111,8 @@ def sample_batch(models: SamplerModels, tokenizer, scheduler_config: dict, batch
     if any(LoopSettings.of(s) != loop for s in batch):
         raise ValueError("settings in one batch must share steps, guidance_scale, scheduler, height and width")
     pixels = sample_ids(models, scheduler_config, loop, tokenize(tokenizer, [s.prompt for s in batch]),
-                        tokenize(tokenizer, [s.negative_prompt for s in batch]), [s.seed for s in batch], on_step)
+                        tokenize(tokenizer, [s.negative_prompt for s in batch]), [s.seed for s in batch], on_step,
+                        static)
     return to_pil(pixels)
 
 
@@ -285,6 +288,16 @@ class TorchModels:
             for file in files:
                 state.update(load_file(file, device=str(self.device)))
             copy_weights_in_place(module, state)
+
+    @contextlib.contextmanager
+    def eager_unet(self) -> Iterator[None]:
+        """Inside, `predict_noise` calls the UNet module itself, not its compiled form (compile_unet), so hooks and
+        attention processors set on it for the while (a p3s condition) run as set."""
+        compiled, self._unet_forward = self._unet_forward, self.unet
+        try:
+            yield
+        finally:
+            self._unet_forward = compiled
 
     def encode_text(self, input_ids):
         return self.text_encoder(input_ids)[0]

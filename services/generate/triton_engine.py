@@ -85,6 +85,9 @@ class TritonEngine:
     """Draws on Triton; holds which engine keys (concept ids, base:<path>) are loaded as which repository entry."""
 
     name = "triton"
+    # P3S's condition branch runs beside the UNet each step, which Triton's models do not: the domain refuses p3s
+    # concepts on this engine (domain.EmbeddedEngine draws them).
+    attaches_conditions = False
 
     def __init__(self, repository: TritonRepository, endpoint: TritonEndpoint, *, rpc_timeout_s: float = 10.0,
                  load_timeout_s: float = 600.0, infer_timeout_s: float = 3600.0):

@@ -127,6 +127,16 @@ class ConceptExports:
         """The concept as a full diffusers folder at `target` (the cached diffusers export, copied out once)."""
         return self._folder(self.export(tenant_id, concept_id, "diffusers").files, target)
 
+    def weights_folder(self, tenant_id: str, concept_id: str, target: Path) -> tuple[Path, Path]:
+        """(the base model's folder, the concept's own weights at `target`, copied out once as its method saved
+        them): what the generate engine needs to draw a concept that has no export (fusing.IN_PROCESS_METHODS)."""
+        concept = self.get_concept(tenant_id, concept_id)
+        weights = concept.files_of(concept_store.WEIGHTS)
+        if not weights:
+            raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights yet: wait for its "
+                                     "training job to finish")
+        return Path(resolve_base_model(concept.base_model, self.settings).path), self._folder(weights, target)
+
     def onnx_folder(self, tenant_id: str, concept_id: str, target: Path, fp16: bool) -> Path:
         """The concept's onnx export (layout of onnx_export.py) at `target`, copied out once."""
         return self.export_folder(tenant_id, concept_id, "onnx", target, fp16)
@@ -161,6 +171,8 @@ class ConceptExports:
             raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights yet: "
                                      + ("wait for its training job to finish" if concept.state == "TRAINING"
                                         else "train it again"))
+        if concept.method in fusing.IN_PROCESS_METHODS:
+            raise FailedPrecondition(fusing.in_process_only(concept.method, concept_id))
         methods = EXPORT_FORMATS[format_name]
         if methods is not None and concept.method not in methods:
             own = [f for f, m in EXPORT_FORMATS.items() if m is not None and concept.method in m]

@@ -32,11 +32,26 @@ UNET_PREFIX = "unet."
 TOKEN_KEY = "token_embedding"
 # Methods whose weights are a whole diffusers pipeline.
 WHOLE_PIPELINE_METHODS = ("dreambooth",)
+# Methods whose weights change how the UNet computes, not what its weights are (p3s: a trainable condition branch
+# run beside the UNet each step, models/p3s/): nothing to fuse, so no plain pipeline, ONNX graph or kohya file
+# draws them; the generate service's embedded engine attaches them in-process.
+IN_PROCESS_METHODS = ("p3s",)
+
+
+def in_process_only(method: str, concept_id: str = "") -> str:
+    """Why a concept of an IN_PROCESS_METHODS method cannot be exported, and what draws it."""
+    which = f"concept {concept_id}" if concept_id else "the concept"
+    return (f"{which} was trained with {method}: its condition branch (p3s_condition.safetensors) is drawn "
+            "in-process only for now, by the generate service's embedded engine (`persona-cli generate "
+            f"{concept_id or 'CONCEPT'} ...`); stock diffusers, kohya/A1111/ComfyUI, ONNX, TensorRT and Triton cannot load it, "
+            "so it has no diffusers, lora, kohya, onnx or tensorrt export")
 
 
 def fuse_into_pipeline(method: str, pipe: Any, weights_dir: Path, token: str) -> None:
     """Puts what `method` saved (in `weights_dir`) into `pipe`, a StableDiffusionPipeline of its base model."""
     fuse = FUSERS.get(method)
+    if method in IN_PROCESS_METHODS:
+        raise FailedPrecondition(in_process_only(method))
     if fuse is None:
         raise InvalidArgument(f"`method` {method} has no weights to fuse into a pipeline: use one of "
                               f"{', '.join(FUSERS)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from persona.services.models.p3s.weights import WEIGHT_OPTIONS
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.options import Option
 
@@ -36,8 +37,8 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 # between the identifier and the class word.
 CORE_VARIANTS = ("cosine", "pairwise", "hinge")
 # P3S's choices, spelled here so that the CLI imports nothing heavy; tests/unit/test_train_options.py checks they
-# are the method's own (models/p3s/weights.SCHEDULES, methods/p3s/consistency.LAYERS and fill.FILLS).
-P3S_WEIGHT_SCHEDULES = ("decreasing", "increasing", "constant")
+# are the method's own (methods/p3s/consistency.LAYERS and fill.FILLS; the weight schedules' options come from
+# models/p3s/weights.py, which imports nothing heavy either).
 P3S_CONSISTENCY_LAYERS = ("last", "all")
 P3S_FILLS = ("colour", "blur", "inpaint")
 
@@ -108,15 +109,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("p3s_injection_lambda", float, 0.2, "p3s: λ of Eq. 7, the share of the copy's features added to each "
            "self-attention's values, 0–10.", low=0.0, high=10.0, default_text="0.2, the paper's", example="0.2",
            loop=False),
-    Option("p3s_weight_schedule", str, "decreasing", "p3s: the timestep weight ε_t of the injected features (Eq. "
-           "10): decreasing (1 − α (t/T)^k + β, the paper's), increasing (its mirror) or constant (1).",
-           choices=P3S_WEIGHT_SCHEDULES, loop=False),
-    Option("p3s_weight_alpha", float, 0.5, "p3s: α of Eq. 10.", low=-1e3, high=1e3, default_text="0.5, the paper's",
-           example="0.5", loop=False),
-    Option("p3s_weight_beta", float, 0.2, "p3s: β of Eq. 10.", low=-1e3, high=1e3, default_text="0.2, the paper's",
-           example="0.2", loop=False),
-    Option("p3s_weight_k", float, 2.0, "p3s: the exponent k of Eq. 10, > 0.", low=0.0, high=1e3, low_open=True,
-           default_text="2, the paper's", example="2", loop=False),
+    *WEIGHT_OPTIONS,  # the weight schedule's four (models/p3s/weights.py: generate takes them too)
     Option("p3s_consistency_weight", float, 0.1, "p3s: γ of the attention-consistency loss (Eq. 15), 0–1000; 0 "
            "turns it off.", low=0.0, high=1e3, default_text="0.1, the paper's", example="0.1", loop=False),
     Option("p3s_consistency_layers", str, "last", "p3s: cross-attention layers the consistency loss compares: "

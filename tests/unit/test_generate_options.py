@@ -42,7 +42,9 @@ def test_every_setting_is_on_the_cli():
 def test_unset_settings_map_to_none_and_given_ones_to_their_values():
     unset = settings_from_proto(generate_pb2.GenerateRequest(prompts=["a dog"]))
     assert unset == {"images_per_prompt": None, "seed": None, "steps": None, "guidance_scale": None,
-                     "scheduler": "", "negative_prompt": "", "width": None, "height": None}
+                     "scheduler": "", "negative_prompt": "", "width": None, "height": None,
+                     "p3s_weight_schedule": "", "p3s_weight_alpha": None, "p3s_weight_beta": None,
+                     "p3s_weight_k": None, "p3s_reference": None}
     given = settings_from_proto(generate_pb2.GenerateRequest(
         prompts=["a dog"], steps=0, seed=3, scheduler=generate_pb2.SCHEDULER_EULER, negative_prompt="blurry"))
     assert (given["steps"], given["seed"], given["scheduler"], given["negative_prompt"]) == (0, 3, "euler", "blurry")
@@ -59,3 +61,18 @@ def test_a_setting_out_of_its_bounds_is_refused_naming_it(name, value, message):
     with pytest.raises(InvalidArgument) as raised:
         BY_NAME[name].check(value)
     assert str(raised.value) == message
+
+
+def test_p3s_settings_are_refused_by_name_for_models_that_are_not_p3s():
+    from persona.services.generate.domain import P3SDrawing, p3s_drawing
+
+    request = GenerateRequest(prompts=("a dog",), concept_id="cpt_1", p3s_weight_alpha=0.0)
+    for method, what in (("lora", "concept cpt_1, a lora concept"), ("", "a base model")):
+        with pytest.raises(InvalidArgument) as raised:
+            p3s_drawing(request, method)
+        assert str(raised.value).startswith(f"`p3s_weight_alpha` is set but the request draws {what}")
+    assert p3s_drawing(GenerateRequest(prompts=("a dog",), concept_id="cpt_1"), "lora") is None
+    # A p3s concept: the photo (default the first) and only the schedule options the request set.
+    assert p3s_drawing(request, "p3s") == P3SDrawing(0, {"p3s_weight_alpha": 0.0})
+    assert p3s_drawing(GenerateRequest(prompts=("a dog",), p3s_reference=1, p3s_weight_schedule="constant"),
+                       "p3s") == P3SDrawing(1, {"p3s_weight_schedule": "constant"})

@@ -44,6 +44,36 @@ def test_unknown_schedule_is_refused_by_name():
         weights.TimestepWeights(schedule="linear")
 
 
+def test_drawing_weights_are_the_trained_schedule_with_the_requests_overrides():
+    trained = {"weight_schedule": "increasing", "weight_alpha": 0.4, "weight_beta": 0.1, "weight_k": 1.0,
+               "weight_constant": 0.8, "num_train_timesteps": 100}
+    # As trained: ε_t = 1 − 0.4 (1 − t/100) + 0.1, so t=50 → 1 − 0.2 + 0.1 = 0.9.
+    assert float(weights.drawing_weights(trained)(50)) == pytest.approx(0.9)
+    # Unset (None, "") overrides keep the trained values.
+    assert weights.drawing_weights(trained, {"p3s_weight_alpha": None, "p3s_weight_schedule": ""}) == \
+        weights.trained_weights(trained)
+    # decreasing, α = 1, k = 2 (β, T as trained): t=50 → 1 − 0.25 + 0.1 = 0.85.
+    eps = weights.drawing_weights(trained, {"p3s_weight_schedule": "decreasing", "p3s_weight_alpha": 1.0,
+                                            "p3s_weight_k": 2.0})
+    assert float(eps(50)) == pytest.approx(0.85)
+    # α = 0, β = −1: ε_t = 1 − 0 − 1 = 0 at every step (the copy's features vanish).
+    assert weights.drawing_weights(trained, {"p3s_weight_alpha": 0.0, "p3s_weight_beta": -1.0})(
+        torch.tensor([0, 37, 100])).tolist() == [0.0, 0.0, 0.0]
+    # "constant" is the concept's constant; a concept saved without weight settings takes the paper's.
+    assert float(weights.drawing_weights(trained, {"p3s_weight_schedule": "constant"})(7)) == pytest.approx(0.8)
+    assert weights.trained_weights({}) == weights.TimestepWeights()
+
+
+def test_generate_takes_the_training_options_of_the_schedule_with_the_concepts_values_as_default():
+    drawing = {o.name: o for o in weights.drawing_options()}
+    for option in weights.WEIGHT_OPTIONS:
+        same = dataclasses.replace(drawing[option.name], default=option.default, default_text=option.default_text,
+                                   help=option.help)
+        assert same == option and drawing[option.name].default is None
+    with pytest.raises(InvalidArgument, match="`p3s_weight_k` is 0.0"):
+        drawing["p3s_weight_k"].check(0.0)
+
+
 # --- attention-consistency loss (Eq. 11–12) -------------------------------------------------------------------------
 
 def test_consistency_loss_one_row_by_hand():

@@ -6,6 +6,11 @@ File: p3s_condition.safetensors, tensors `branch.*` (ConditionBranch state), `rn
 (n, T, D: its CLIP last hidden state c_s); metadata `format`, `format_version`, `token` and `p3s` (the training
 hyper-parameters as JSON: `injection_lambda`, `rngr`, the weight schedule, ...). Only persona reads it: no other
 tool knows P3S's condition branch.
+
+Every photo's reference is kept, so the concept carries what drawing needs (no photo store at draw time). Reading
+chosen for drawing: one photo conditions an image (the paper draws from "a reference image" per generation), the
+first photo in the subject's upload order unless the request picks another (`p3s_reference`); its I' latent and
+c_s go through the trained RNGR encoder at every step, as in training.
 """
 from __future__ import annotations
 
@@ -96,15 +101,13 @@ class AttachedCondition:
 
     def __init__(self, unet, condition: P3SCondition, reference: int = 0, weights=None):
         from .injection import InjectedSelfAttnProcessor, InjectionState
-        from .weights import TimestepWeights
+        from .weights import trained_weights
 
         n = condition.reference_latents.shape[0]
         if not 0 <= reference < n:
             raise InvalidArgument(f"`p3s_reference` is {reference}: use a photo index 0–{n - 1}")
         s = condition.settings
-        self.weights = weights or TimestepWeights(s.get("weight_schedule", "decreasing"), s.get("weight_alpha", 0.5),
-                                                  s.get("weight_beta", 0.2), s.get("weight_k", 2.0),
-                                                  s.get("weight_constant", 1.0), s.get("num_train_timesteps", 1000))
+        self.weights = weights or trained_weights(s)
         self.unet, self.condition, self.use_rngr = unet, condition, s.get("rngr", True)
         device, dtype = unet.device, unet.dtype
         condition.branch.to(device, dtype)

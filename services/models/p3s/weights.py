@@ -1,13 +1,32 @@
 """P3S's timestep-based weight scheduler (Eq. 9–10): the factor ε_t that scales the injected features f at step t."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from persona.services.runtime.options import Option
 
 # "decreasing": Eq. 10 as printed, ε_t = 1 − α (t/T)^k + β, which falls as t grows: a small weight in the early
 # (noisy, large-t) steps where the layout forms, a large one in the late steps where detail forms (the paper's
 # choice). "increasing": its mirror, ε_t = 1 − α (1 − t/T)^k + β, the opposite trend of §IV-C's Table III.
 # "constant": ε_t = constant, a fixed control weight (Fig. 5).
 SCHEDULES = ("decreasing", "increasing", "constant")
+
+# The schedule's knobs as request options, declared once: train/options.py takes them as they are (the paper's
+# defaults); generate/options.py as `drawing_options()` (default: what the concept trained with).
+WEIGHT_OPTIONS: tuple[Option, ...] = (
+    Option("p3s_weight_schedule", str, "decreasing", "p3s: the timestep weight ε_t of the injected features (Eq. "
+           "10): decreasing (1 − α (t/T)^k + β, the paper's), increasing (its mirror) or constant (1).",
+           choices=SCHEDULES, loop=False),
+    Option("p3s_weight_alpha", float, 0.5, "p3s: α of Eq. 10.", low=-1e3, high=1e3, default_text="0.5, the paper's",
+           example="0.5", loop=False),
+    Option("p3s_weight_beta", float, 0.2, "p3s: β of Eq. 10.", low=-1e3, high=1e3, default_text="0.2, the paper's",
+           example="0.2", loop=False),
+    Option("p3s_weight_k", float, 2.0, "p3s: the exponent k of Eq. 10, > 0.", low=0.0, high=1e3, low_open=True,
+           default_text="2, the paper's", example="2", loop=False),
+)
+# Option name → TimestepWeights field.
+WEIGHT_FIELDS = {"p3s_weight_schedule": "schedule", "p3s_weight_alpha": "alpha", "p3s_weight_beta": "beta",
+                 "p3s_weight_k": "k"}
 
 
 @dataclass(frozen=True)
@@ -41,3 +60,26 @@ class TimestepWeights:
             return torch.full_like(t, self.constant)
         progress = t if self.schedule == "decreasing" else 1.0 - t
         return 1.0 - self.alpha * progress ** self.k + self.beta
+
+
+def drawing_options() -> tuple[Option, ...]:
+    """WEIGHT_OPTIONS for a Generate request: unset (None) means the schedule the concept trained with."""
+    return tuple(replace(o, default=None, default_text="the concept's, as trained",
+                         help=o.help.replace("p3s:", "p3s concepts only:", 1)) for o in WEIGHT_OPTIONS)
+
+
+def trained_weights(settings: dict) -> TimestepWeights:
+    """The ε_t schedule a concept trained with, from its saved settings (P3SConfig's fields; those missing take
+    TimestepWeights' defaults, the paper's)."""
+    fields = ("weight_schedule", "weight_alpha", "weight_beta", "weight_k", "weight_constant", "num_train_timesteps")
+    values = {name.removeprefix("weight_"): settings[name] for name in fields if settings.get(name) is not None}
+    return TimestepWeights(**values)
+
+
+def drawing_weights(settings: dict, overrides: dict | None = None) -> TimestepWeights:
+    """The schedule to draw with: the trained one (`trained_weights`) with each option of `overrides`
+    ({"p3s_weight_alpha": 0.0, ...}; None values: unset) replacing its field. Only the schedule's shape changes:
+    T and the constant stay the concept's."""
+    changed = {WEIGHT_FIELDS[name]: value for name, value in (overrides or {}).items()
+               if value is not None and value != ""}
+    return replace(trained_weights(settings), **changed)
