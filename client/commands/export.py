@@ -93,7 +93,9 @@ def export(
              "0.42 installs the processors only when given `_pipeline=pipe`; without it nothing changes, "
              "silently); custom_diffusion concepts only. "
              "svdiff: spectral_shifts.safetensors, SVDiff's singular-value shifts of every UNet weight and the "
-             "token's embedding (about 1 MB for SD-1.5); svdiff concepts only.")],
+             "token's embedding (about 1 MB for SD-1.5); svdiff concepts only. p3s concepts have no export: "
+             "their condition branch runs beside the UNet at every step, which stock diffusers, kohya tools, "
+             "ONNX and TensorRT cannot load; `persona-cli generate` draws them in-process.")],
     out: Annotated[Path, typer.Option(
         "--out", show_default=False,
         help="Where to write. diffusers, onnx, tensorrt, custom_diffusion: a folder (created). lora, kohya, ti, "
