@@ -5,8 +5,12 @@ photos and writes the report (HTML, JSON, CSV) as artifacts named in the job's r
 Per concept: the subject photos are the references; their masks come from the mask service (a stored mask, e.g.
 from clicks, else Grounded-SAM on the class name, stored for next time), as SID's metrics segment them. Per
 prompt: `images_per_prompt` images from seeds seed, seed+1, … (the same for every concept, so columns compare);
-the identifier's cross-attention map of the first image (drawn again in this process with torch, since an
-engine like Triton does not hand out attention). Generated images are segmented (Grounded-SAM on the class
+the identifier's cross-attention map of the first image (drawn again in this process with torch from the concept's
+diffusers export, since an engine like Triton does not hand out attention). A concept without a diffusers export
+(models/fusing.py IN_PROCESS_METHODS: p3s, whose condition branch runs beside the UNet) gets no overlays: its
+images and metrics are measured like any other's and the report says "attention maps: not available for p3s
+concepts" beside it; an export refused for another reason (FAILED_PRECONDITION) is noted the same way, so one
+concept's missing overlays never fail the report. Generated images are segmented (Grounded-SAM on the class
 name) for CustomContrast's subject-only scores. Each metric's model and reading is stated in the report.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..generate import sampling
 from ..generate.domain import GenerateDomain, GenerateRequest
 from ..generate.options import MAX_IMAGES_PER_PROMPT
 from ..mask.domain import GROUNDED_SAM, MaskDomain
+from ..models.fusing import IN_PROCESS_METHODS
 from ..models.library import ModelLibrary
 from ..subjects.domain import SubjectRepository
 from . import attention, metrics, prompts, report
@@ -187,7 +192,12 @@ class EvaluateDomain:
         references = [self.subjects.image_rgb(tenant_id, subject.subject_id, i.image_id) for i in subject.images]
         reference_masks = [self._reference_mask(tenant_id, subject, i.image_id) for i in subject.images]
         refs = _References(clip, dino, references, reference_masks, wanted)
-        attention = _AttentionDrawer(self.models, tenant_id, concept, self.settings) if "attention" in wanted else None
+        notes: list[str] = []
+        attention = None
+        if "attention" in wanted and concept.method in IN_PROCESS_METHODS:
+            notes.append(attention_unavailable(concept.method))
+        elif "attention" in wanted:
+            attention = _AttentionDrawer(self.models, tenant_id, concept, self.settings)
 
         per_prompt: list[report.PromptResult] = []
         all_scores: list[dict] = []
@@ -205,7 +215,13 @@ class EvaluateDomain:
             all_clip.append(embedded["clip"])
             if embedded.get("dino") is not None:
                 all_dino.append(embedded["dino"])
-            overlay = attention.overlay_png(drawn[0].settings) if attention else None
+            overlay = None
+            if attention is not None:
+                try:
+                    overlay = attention.overlay_png(drawn[0].settings)
+                except FailedPrecondition as exc:  # e.g. no diffusers export: the rest of the report goes on
+                    notes.append(f"attention maps: not available ({exc.message})")
+                    attention = None
             per_prompt.append(report.PromptResult(prompt.text, prompt.kind, [d.png for d in drawn], overlay,
                                                   {k: v for k, v in scores.items() if k in wanted}))
         overall = refs.overall(all_scores, all_clip, all_dino, [p.kind for p in prompt_list])
@@ -215,7 +231,7 @@ class EvaluateDomain:
         no_subject = overall.get("no_subject_images")
         return report.ConceptResult(concept_id, label, {k: v for k, v in overall.items() if k in wanted}, per_prompt,
                                     None if no_subject is None else int(no_subject),
-                                    sum(len(p.images) for p in per_prompt))
+                                    sum(len(p.images) for p in per_prompt), notes)
 
     def _reference_mask(self, tenant_id: str, subject, image_id: str) -> np.ndarray:
         """The photo's stored mask, else Grounded-SAM on the class name (stored, so the next report reuses it)."""
@@ -312,6 +328,12 @@ class _AttentionDrawer:
                             CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
                             sampling.scheduler_config(folder))
         return self._loaded
+
+
+def attention_unavailable(method: str) -> str:
+    """The report's note for a concept of an IN_PROCESS_METHODS method (no diffusers export to redraw from)."""
+    return (f"attention maps: not available for {method} concepts (their condition branch is drawn in-process by "
+            "the generate service and has no diffusers export to redraw with attention capture)")
 
 
 def _count(name: str, value: int | None, default: int, low: int, high: int) -> int:

@@ -56,6 +56,9 @@ class ConceptResult:
     # Generated images the segmenter found no subject in (None: no segmentation ran), of `images` drawn.
     no_subject_images: int | None = None
     images: int = 0
+    # What the report could not show for this concept and why, e.g. "attention maps: not available for p3s concepts
+    # (...)": under the metric table, beside its images and in the JSON.
+    notes: list[str] = field(default_factory=list)
 
 
 def make_labels_unique(results: list[ConceptResult]) -> None:
@@ -81,7 +84,7 @@ def render_json(results: list[ConceptResult], meta: ReportMeta) -> str:
     return json.dumps({
         "title": meta.title, "settings": meta.settings, "sources": meta.sources,
         "concepts": [{"concept_id": r.concept_id, "label": r.label, "metrics": r.metrics,
-                      NO_SUBJECT: r.no_subject_images, "images": r.images,
+                      NO_SUBJECT: r.no_subject_images, "images": r.images, "notes": r.notes,
                       "prompts": [{k: v for k, v in asdict(p).items() if k not in ("images", "attention")}
                                   for p in r.prompts]} for r in results],
     }, indent=2)
@@ -119,6 +122,7 @@ def render_html(results: list[ConceptResult], meta: ReportMeta) -> str:
         table += "<p>Grounded-SAM found no subject in " + "; ".join(
             f"{r.no_subject_images} of {r.images} images of <b>{e(r.label)}</b>" for r in missing) + \
             " (scored as images without the subject in R-CI, E-CI, R-DI, E-DI).</p>"
+    table += "".join(f'<p class="note"><b>{e(r.label)}</b>: {e(note)}</p>' for r in results for note in r.notes)
     sources = "".join(f"<li><b>{e(METRIC_LABELS.get(m, m))}</b>: {e(s)}</li>" for m, s in meta.sources.items())
     settings = ", ".join(f"{e(str(k))} {e(str(v))}" for k, v in meta.settings.items())
     sections = []
@@ -130,6 +134,8 @@ def render_html(results: list[ConceptResult], meta: ReportMeta) -> str:
             attention = (f'<figure><img src="{_data_uri(p.attention)}" alt="attention"><figcaption>identifier '
                          "attention</figcaption></figure>" if p.attention else "")
             scores = " · ".join(f"{e(METRIC_LABELS.get(k, k))} {v:.3f}" for k, v in p.scores.items())
+            if not p.attention and index == 0:
+                attention = "".join(f'<p class="note">{e(note.split(" (")[0])}</p>' for note in r.notes)
             columns.append(f'<div class="concept"><h4>{e(r.label)}</h4><div class="grid">{images}{attention}</div>'
                            f'<p class="scores">{scores}</p></div>')
         sections.append(f'<section><h3>{e(prompt.text)} <span class="kind">{e(prompt.kind)}</span></h3>'
@@ -149,6 +155,7 @@ figure {{ margin: 0; }} figcaption {{ font-size: .75rem; color: #666; }}
 .kind {{ font-size: .75rem; color: #666; font-weight: normal; border: 1px solid #ccc; border-radius: 3px;
          padding: 0 .3rem; }}
 .scores {{ font-size: .8rem; color: #444; }}
+.note {{ font-size: .85rem; color: #8a4b00; }}
 </style></head><body>
 <h1>{e(meta.title)}</h1>
 <p>{settings}</p>
