@@ -172,6 +172,26 @@ class MaskDomain:
             return None
         return np.asarray(Image.open(io.BytesIO(self.png(mask)))) > 127
 
+    def negative_region(self, tenant_id: str, subject_id: str, image_id: str) -> np.ndarray | None:
+        """The bool (H, W) region of the photo's stored negative clicks, or None when its mask came from no
+        negative click (no mask, a text mask, or only positive points). Reading of P3S Eq. 3's "rough mask of
+        negative subject": the point algorithm (p3s.point_mask: similarity to the clicked patches, Gaussian, Otsu,
+        components at the clicks) run on the negative clicks alone, on the CLIP model that made the stored mask.
+        The positive clicks do not suppress it (1 − M_P): a second dog resembles the first, so that factor would
+        erase the very region to remove; the subject is protected by its own mask instead (the fill region is this
+        region minus the subject mask). Nothing is stored."""
+        try:
+            stored = self.get(tenant_id, subject_id, image_id)
+        except NotFound:
+            return None
+        if stored.method != POINTS or not stored.negative:
+            return None
+        subject = self.subjects.get(tenant_id, subject_id)
+        image = self._image(tenant_id, subject, image_id)
+        model = stored.models[0] if stored.models else self.settings.clip_model
+        region, _ = self.models.point_mask(image, list(stored.negative), [], model)
+        return np.asarray(region, dtype=bool)
+
     # -- helpers
 
     def _image(self, tenant_id: str, subject: Subject, image_id: str) -> Image.Image:

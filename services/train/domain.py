@@ -115,6 +115,8 @@ class TrainDomain:
             self.models.model_access.locate(options["p3s_inpainting_model"], "p3s_inpainting_model")
         if method in MASKED_METHODS:
             self._check_photo_masks(tenant_id, subject, method)
+        if method == "p3s" and options.get("p3s_region") == "negative_clicks":
+            self._check_negative_clicks(tenant_id, subject)
         text_side = [r for r in regularizers if r in ("spl", "core")]
         if text_side and method not in TEXT_SIDE_METHODS and not options["train_text_encoder"]:
             raise InvalidArgument(
@@ -285,6 +287,21 @@ class TrainDomain:
                 f"subject on each with `persona-cli mask {subject.subject_id} --image {first} --point X,Y` (add "
                 "--negative X,Y on a similar object to leave out)")
 
+    def _check_negative_clicks(self, tenant_id: str, subject: Subject) -> None:
+        """FAILED_PRECONDITION when `p3s_region` negative_clicks would fill nothing: no photo has a negative click."""
+        stored = [self.masks.get(tenant_id, subject.subject_id, i.image_id) for i in subject.images] \
+            if self.masks is not None else []
+        if not any(mask.negative for mask in stored):
+            raise FailedPrecondition(
+                f"`p3s_region` is negative_clicks, and no photo of {subject.subject_id} has a negative click: click "
+                f"the object to leave out with `persona-cli mask {subject.subject_id} --image N --point X,Y "
+                "--negative X,Y`, or use `p3s_region` outside_mask")
+
+    def _negative_regions(self, tenant_id: str, subject_id: str, image_ids: list[str]) -> list:
+        """Each image's negative-click region (bool H×W) or None, from the mask service (`p3s_region`
+        negative_clicks)."""
+        return [self.masks.negative_region(tenant_id, subject_id, image_id) for image_id in image_ids]
+
     def _p3s_clip_model(self) -> str | None:
         """The CLIP vision model of the mask service (the paper's RNGR encoder reads the one the masks came from)."""
         return self.masks.settings.clip_model if self.masks is not None else None
@@ -346,8 +363,12 @@ class TrainDomain:
             masks = (self._masks(concept.tenant_id, concept.subject_id,
                                  [c.image_id for c in concept.training_captions])
                      if "mask" in concept.regularizers or concept.method in MASKED_METHODS else None)
+            negative = (self._negative_regions(concept.tenant_id, concept.subject_id,
+                                               [c.image_id for c in concept.training_captions])
+                        if concept.method == "p3s" and concept.options.get("p3s_region") == "negative_clicks" else None)
             result = train(
                 base.path, examples, config, output_dir, class_examples=class_examples, instance_masks=masks,
+                negative_masks=negative,
                 on_step=progress.step, should_stop=ctx.cancel_poll(),
                 checkpoint_dir=work / "checkpoint", parent_embedding=self._parent_embedding(concept),
                 on_validation=lambda step, images: self._store_validation(ctx, concept, step, images, progress))

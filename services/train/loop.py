@@ -64,6 +64,7 @@ def train(
     on_validation: OnValidation | None = None,
     instance_masks: Sequence[Any] | None = None,
     parent_embedding: tuple[str, Any] | None = None,
+    negative_masks: Sequence[Any] | None = None,
 ) -> TrainResult:
     """Trains `config.method` on `examples` ((PIL image, caption) pairs) and saves it into `output_dir`.
 
@@ -71,7 +72,9 @@ def train(
     through the UNet in one batch, loss = instance + prior_loss_weight * prior. `on_step(step, losses,
     it_per_s)` is called after every step with {"loss", "instance", "prior"?}; `should_stop()` ends the run
     early (the weights so far are still saved). `instance_masks`: one bool (H, W) subject mask or None per
-    example, for the masked loss. Regulariser plugins (`config.regularizers`) add their terms to the loss and to
+    example, for the masked loss. `negative_masks`: one bool (H, W) negative-click region or None per example,
+    for a method that removes it from the photos (p3s with `p3s_region` negative_clicks). Regulariser plugins
+    (`config.regularizers`) add their terms to the loss and to
     what `on_step` reports.
 
     `parent_embedding` (token, (1, hidden) tensor): a textual-inversion embedding learned before (CoRe's stage 1),
@@ -97,11 +100,11 @@ def train(
                       list(class_examples or []), on_step, should_stop, device,
                       Path(checkpoint_dir) if checkpoint_dir is not None else None, on_validation,
                       list(instance_masks) if instance_masks is not None else [None] * len(examples),
-                      parent_embedding)
+                      parent_embedding, list(negative_masks) if negative_masks is not None else None)
 
 
 def _train(base_model_dir, examples, config, output_dir, class_examples, on_step, should_stop, device,
-           checkpoint_dir, on_validation, instance_masks, parent_embedding=None) -> TrainResult:
+           checkpoint_dir, on_validation, instance_masks, parent_embedding=None, negative_masks=None) -> TrainResult:
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -170,6 +173,10 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
     # A method that conditions on the photos themselves (p3s) precomputes from them now.
     if len(instance_masks) != len(examples):
         raise InvalidArgument(f"`instance_masks` has {len(instance_masks)} entries for {len(examples)} examples")
+    if negative_masks is not None:
+        if len(negative_masks) != len(examples):
+            raise InvalidArgument(f"`negative_masks` has {len(negative_masks)} entries for {len(examples)} examples")
+        method.bind_negative_masks(negative_masks)
     warnings += method.bind_examples([image for image, _ in examples], instance_masks, resolution, device)
 
     # 4. Tokenize captions; cache their embeddings when the text encoder does not train.
@@ -208,7 +215,8 @@ def _train(base_model_dir, examples, config, output_dir, class_examples, on_step
 
     # 6. Resume from the checkpoint a previous (interrupted) call left, if any.
     fingerprint = run_fingerprint(config, all_examples, n_instance,
-                                  instance_masks if "mask" in config.regularizers or method.uses_masks else (),
+                                  (instance_masks if "mask" in config.regularizers or method.uses_masks else [])
+                                  + (negative_masks or []),
                                   parent_embedding)
     state = TrainingState(params, optimizer, lr_scheduler, scaler, generator)
     losses: list[float] = []

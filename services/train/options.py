@@ -37,10 +37,11 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 # between the identifier and the class word.
 CORE_VARIANTS = ("cosine", "pairwise", "hinge")
 # P3S's choices, spelled here so that the CLI imports nothing heavy; tests/unit/test_train_options.py checks they
-# are the method's own (methods/p3s/consistency.LAYERS and fill.FILLS; the weight schedules' options come from
+# are the method's own (methods/p3s/consistency.LAYERS, fill.FILLS and fill.REGIONS; the weight schedules' options come from
 # models/p3s/weights.py, which imports nothing heavy either).
 P3S_CONSISTENCY_LAYERS = ("last", "all")
 P3S_FILLS = ("colour", "blur", "inpaint")
+P3S_REGIONS = ("outside_mask", "negative_clicks")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -114,9 +115,12 @@ OPTIONS: tuple[Option, ...] = (
            "turns it off.", low=0.0, high=1e3, default_text="0.1, the paper's", example="0.1", loop=False),
     Option("p3s_consistency_layers", str, "last", "p3s: cross-attention layers the consistency loss compares: "
            "last (the paper's) or all.", choices=P3S_CONSISTENCY_LAYERS, loop=False),
-    Option("p3s_fill", str, "colour", "p3s: how each photo's region outside its subject mask is removed (Eq. 3): "
+    Option("p3s_fill", str, "colour", "p3s: how each photo's removal region (--p3s-region) is filled (Eq. 3): "
            "colour (the complement of the subject's mean colour), blur, or inpaint with --p3s-inpainting-model.",
            choices=P3S_FILLS, loop=False),
+    Option("p3s_region", str, "outside_mask", "p3s: which pixels of each photo --p3s-fill removes (Eq. 3): "
+           "outside_mask (everything outside its subject mask) or negative_clicks (only the mask service's segment "
+           "of its negative clicks, minus the subject: the paper's).", choices=P3S_REGIONS, loop=False),
     Option("p3s_inpainting_model", str, None, "p3s: the Stable Diffusion inpainting pipeline (hub id in the "
            "server's cache, or folder) of --p3s-fill inpaint.", high=500, default_text="none", loop=False),
 )

@@ -162,14 +162,13 @@ P3S_OPTION_FIELDS = {"p3s_injection_lambda": "injection_lambda", "p3s_weight_sch
                      "p3s_weight_alpha": "weight_alpha", "p3s_weight_beta": "weight_beta", "p3s_weight_k": "weight_k",
                      "p3s_consistency_weight": "consistency_weight",
                      "p3s_consistency_layers": "consistency_layers", "p3s_fill": "fill",
-                     "p3s_inpainting_model": "inpainting_model"}
+                     "p3s_region": "region", "p3s_inpainting_model": "inpainting_model"}
 
 
 def p3s_config(options: dict, clip_model: str | None = None) -> P3SConfig:
     """P3SConfig from a concept's p3s_* options (those it lacks, e.g. a concept stored before they existed, keep
-    the paper's defaults); the removal region is always "outside" the stored subject mask, as the service keeps no
-    negative-click mask."""
+    the paper's defaults)."""
     values = {field: options[name] for name, field in P3S_OPTION_FIELDS.items() if options.get(name) is not None}
     if clip_model:
         values["clip_model"] = clip_model
-    return P3SConfig(region="outside", **values)
+    return P3SConfig(**values)

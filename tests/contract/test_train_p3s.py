@@ -24,10 +24,10 @@ def _click(client, subject, image) -> None:
         positive=[mask_pb2.Point(x=image.width // 2, y=image.height // 2)], negative=[mask_pb2.Point(x=2, y=2)]))
 
 
-def _start(client, subject_id: str, **options):
+def _start(client, subject_id: str, steps: int = 30, **options):
     return client.train.StartTraining(train_pb2.StartTrainingRequest(
         subject_id=subject_id, base_model="tiny", method="p3s", captions="class",
-        options=train_pb2.TrainingOptions(steps=30, resolution=32, checkpoint_every=0, **options)))
+        options=train_pb2.TrainingOptions(steps=steps, resolution=32, checkpoint_every=0, **options)))
 
 
 def test_p3s_trains_on_the_subjects_click_masks_and_stores_its_condition(client, subject):
@@ -61,4 +61,27 @@ def test_a_photo_without_a_click_mask_is_refused_naming_persona_cli_mask(app, cl
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
     assert f"persona-cli mask {subject.subject_id} --image 1 --point X,Y" in error.details()
     assert "1 of 2" in error.details() and "Traceback" not in error.details()
+    assert app.db.query_one("SELECT COUNT(*) AS n FROM concepts")["n"] == 0
+
+
+def test_p3s_region_negative_clicks_fills_the_negative_clicks_segment(client, subject):
+    for image in subject.images:
+        _click(client, subject, image)  # a negative click at (2, 2) on each
+    job = _start(client, subject.subject_id, steps=2, p3s_region="negative_clicks")
+    final = client.wait_for_job(job.job_id, timeout_s=600)
+    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    concept = client.train.GetConcept(train_pb2.GetConceptRequest(concept_id=final.params["concept_id"]))
+    assert concept.options.p3s_region == "negative_clicks"
+
+
+def test_p3s_region_negative_clicks_without_any_negative_click_is_refused(app, client, subject):
+    for image in subject.images:
+        client.masks.MaskFromPoints(mask_pb2.MaskFromPointsRequest(
+            subject_id=subject.subject_id, image_id=image.image_id,
+            positive=[mask_pb2.Point(x=image.width // 2, y=image.height // 2)]))
+    with pytest.raises(grpc.RpcError) as caught:
+        _start(client, subject.subject_id, p3s_region="negative_clicks")
+    error = caught.value
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+    assert "`p3s_region` is negative_clicks" in error.details() and "--negative X,Y" in error.details()
     assert app.db.query_one("SELECT COUNT(*) AS n FROM concepts")["n"] == 0

@@ -121,18 +121,34 @@ NEGATIVE = np.array([[False, True], [True, False]])
 
 
 def test_removal_regions():
-    assert fill.removal_region(SUBJECT, NEGATIVE, "negative").tolist() == [[False, False], [True, False]]
-    assert fill.removal_region(SUBJECT, None, "outside").tolist() == [[False, False], [True, True]]
-    with pytest.raises(InvalidArgument, match="persona-cli mask --negative"):
-        fill.removal_region(SUBJECT, None, "negative")
+    assert fill.removal_region(SUBJECT, NEGATIVE, "negative_clicks").tolist() == [[False, False], [True, False]]
+    assert fill.removal_region(SUBJECT, None, "outside_mask").tolist() == [[False, False], [True, True]]
+    # A photo without negative clicks keeps every pixel.
+    assert fill.removal_region(SUBJECT, None, "negative_clicks").tolist() == [[False, False], [False, False]]
     with pytest.raises(InvalidArgument, match="p3s_region"):
         fill.removal_region(SUBJECT, NEGATIVE, "inside")
+
+
+def test_negative_clicks_fill_only_the_negative_region_outside_the_subject():
+    # 3×4 photo: the subject in columns 0–1, a second object under the negative click in columns 2–3 of rows 0–1
+    # (its segment spills onto the subject at (1, 1)); row 2 is background. Filled: the segment minus the subject,
+    # i.e. (0, 2), (0, 3), (1, 2), (1, 3); the subject and the background stay as they were.
+    subject = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=bool)
+    negative = np.array([[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=bool)
+    expected = [[False, False, True, True], [False, False, True, True], [False, False, False, False]]
+    assert fill.removal_region(subject, negative, "negative_clicks").tolist() == expected
+    # Colour fill: subject mean (10, 20, 30) → (245, 235, 225) on exactly those pixels.
+    pixels = np.full((3, 4, 3), 99, dtype=np.uint8)
+    pixels[subject] = (10, 20, 30)
+    out = np.asarray(fill.remove_negative(Image.fromarray(pixels), subject, negative, region="negative_clicks"))
+    assert (out[np.array(expected)] == (245, 235, 225)).all()
+    assert (out[~np.array(expected)] == pixels[~np.array(expected)]).all()
 
 
 def test_colour_fill_is_the_complement_of_the_subjects_mean_colour():
     # Subject pixels (200, 50, 50) and (100, 150, 50): mean (150, 100, 50) → fill (105, 155, 205).
     image = _image([[[200, 50, 50], [100, 150, 50]], [[1, 2, 3], [4, 5, 6]]])
-    out = np.asarray(fill.remove_negative(image, SUBJECT, region="outside", fill="colour"))
+    out = np.asarray(fill.remove_negative(image, SUBJECT, region="outside_mask", fill="colour"))
     assert out.tolist() == [[[200, 50, 50], [100, 150, 50]], [[105, 155, 205], [105, 155, 205]]]
 
 
@@ -177,7 +193,7 @@ def test_inpaint_fill_paints_only_the_region(tiny_inpainting):
     subject = np.zeros((64, 64), dtype=bool)
     subject[:32] = True
     pipeline = fill.load_inpainting_pipeline(str(tiny_inpainting))
-    out = np.asarray(fill.remove_negative(Image.fromarray(pixels), subject, region="outside", fill="inpaint",
+    out = np.asarray(fill.remove_negative(Image.fromarray(pixels), subject, region="outside_mask", fill="inpaint",
                                           inpainter=pipeline, prompt="a plain wall"))
     assert (out[subject] == pixels[subject]).all()
     assert (out[~subject] != pixels[~subject]).mean() > 0.9
@@ -421,9 +437,9 @@ def test_p3s_refuses_a_photo_without_a_mask(tiny_model, dogs, clip_vision, tmp_p
     masks[1] = None
     with pytest.raises(InvalidArgument, match="persona-cli mask"):
         train(tiny_model, dogs[:2], config, tmp_path / "out", instance_masks=masks)
-    # Negative-click regions do not reach training yet: said at once, not after a run.
-    negative = dataclasses.replace(config, p3s=P3SConfig(clip_model=str(clip_vision), region="negative"))
-    with pytest.raises(InvalidArgument, match="use region outside"):
+    # negative_clicks without the regions: said at once, not after a run.
+    negative = dataclasses.replace(config, p3s=P3SConfig(clip_model=str(clip_vision), region="negative_clicks"))
+    with pytest.raises(InvalidArgument, match="outside_mask"):
         train(tiny_model, dogs[:2], negative, tmp_path / "out", instance_masks=_centre_masks(dogs[:2]))
 
 

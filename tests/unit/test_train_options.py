@@ -127,7 +127,7 @@ def test_p3s_options_are_p3sconfig_fields_with_the_papers_defaults_and_the_metho
     from persona.services.models.p3s.weights import SCHEDULES
     from persona.services.train.methods.p3s.config import P3SConfig
     from persona.services.train.methods.p3s.consistency import LAYERS
-    from persona.services.train.methods.p3s.fill import FILLS
+    from persona.services.train.methods.p3s.fill import FILLS, REGIONS
     from persona.services.train.request import P3S_OPTION_FIELDS, p3s_config, train_config
 
     p3s_options = {o.name for o in OPTIONS if o.name.startswith("p3s_")}
@@ -138,13 +138,13 @@ def test_p3s_options_are_p3sconfig_fields_with_the_papers_defaults_and_the_metho
     for name, field in P3S_OPTION_FIELDS.items():
         assert BY_NAME[name].default == getattr(paper, field), name
     assert (BY_NAME["p3s_weight_schedule"].choices, BY_NAME["p3s_consistency_layers"].choices,
-            BY_NAME["p3s_fill"].choices) == (SCHEDULES, LAYERS, FILLS)
+            BY_NAME["p3s_fill"].choices, BY_NAME["p3s_region"].choices) == (SCHEDULES, LAYERS, FILLS, REGIONS)
     # A concept's options become the run's P3SConfig; the server's CLIP model is the mask service's.
     given = {**DEFAULT_OPTIONS, "resolution": 32, "learning_rate": 1e-5, "lora_alpha": 4.0, "initializer_token": "dog",
              "mixed_precision": "no", "validation_prompts": ["a sks dog"], "p3s_weight_schedule": "constant",
-             "p3s_injection_lambda": 0.5, "p3s_fill": "blur"}
+             "p3s_injection_lambda": 0.5, "p3s_fill": "blur", "p3s_region": "negative_clicks"}
     config = train_config(given, "p3s", "sks", ["mask"], "dog", "cpu", "/models/clip").validate()
-    assert config.p3s == P3SConfig(clip_model="/models/clip", region="outside", weight_schedule="constant",
+    assert config.p3s == P3SConfig(clip_model="/models/clip", region="negative_clicks", weight_schedule="constant",
                                    injection_lambda=0.5, fill="blur")
     # A concept stored before the p3s options existed keeps the paper's defaults.
-    assert p3s_config({}) == P3SConfig(region="outside")
+    assert p3s_config({}) == P3SConfig(region="outside_mask")

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from persona.services.runtime.errors import InvalidArgument
+
 if TYPE_CHECKING:
     import torch
 
@@ -60,6 +62,12 @@ class TrainingMethod(ABC):
         their subject masks (bool (H, W) or None); a method that conditions on the photos (p3s) precomputes what it
         needs. Returns warnings for the job's events."""
         return []
+
+    def bind_negative_masks(self, masks: list) -> None:
+        """Called before `bind_examples` when the run has each photo's negative-click region (bool (H, W) or None);
+        only a method that removes it from the photos (p3s, `p3s_region` negative_clicks) takes them."""
+        raise InvalidArgument(f"`method` {type(self).__name__} takes no negative-click regions: they are for p3s's "
+                              "`p3s_region` negative_clicks")
 
     def before_unet(self, batch: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
                     text: torch.Tensor) -> None:

@@ -19,9 +19,10 @@ class P3SConfig:
 
     # CLIP vision model (hub id or folder) whose last hidden state the RNGR encoder attends to.
     clip_model: str = CLIP_MODEL
-    # Eq. 3: which pixels are removed ("outside" the subject mask, or the "negative" clicks' region) and how
+    # Eq. 3: which pixels are removed ("outside_mask": outside the subject mask, or "negative_clicks": the negative
+    # clicks' region, fill.removal_region) and how
     # ("colour", "blur", or "inpaint" with `inpainting_model`, an SD inpainting pipeline id or folder).
-    region: str = "outside"
+    region: str = "outside_mask"
     fill: str = "colour"
     inpainting_model: str | None = None
     # Eq. 4–5: False is the "w/o RNGR-Encoder" ablation (the copy gets I' itself); d of its attention.

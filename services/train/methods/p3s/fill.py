@@ -11,8 +11,15 @@ long as it is not similar to the target subject". So three fills, all keeping ev
 - "inpaint": a diffusers Stable Diffusion inpainting pipeline (hub id or local folder) paints the region from
   `prompt`, as in the paper.
 
-Which region (`removal_region`): "negative" — the negative clicks' region minus the subject (the paper: remove
-the similar, unselected subject), or "outside" — everything outside the subject mask.
+Which region (`removal_region`, the request's `p3s_region`):
+
+- "outside_mask" (the default): everything outside the photo's stored subject mask;
+- "negative_clicks": the negative clicks' region minus the subject — the paper's reading of Eq. 3 ("a rough mask
+  of negative subject": the similar, unselected subject). The negative region is the mask service's segment for
+  the photo's stored negative click(s): the same point algorithm (Eq. 1–2) run on the negative clicks alone
+  (MaskDomain.negative_region; the subject mask, not 1 − M_P, keeps the subject out of it). A photo clicked without any
+  negative point has an empty negative region: nothing of it is filled (training refuses the option only when no
+  photo of the subject has a negative click).
 """
 from __future__ import annotations
 
@@ -21,24 +28,23 @@ from typing import Any
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 FILLS = ("colour", "blur", "inpaint")
-REGIONS = ("negative", "outside")
+REGIONS = ("outside_mask", "negative_clicks")
 # Blur radius of the "blur" fill as a fraction of the image's short side (a 512 px photo: 51 px).
 BLUR_RADIUS = 0.1
 
 
-def removal_region(subject_mask, negative_mask=None, region: str = "negative"):
-    """The bool (H, W) mask of the pixels to fill: `negative_mask` & ~`subject_mask` ("negative"), or
-    ~`subject_mask` ("outside"). A "negative" region needs the negative clicks' mask."""
+def removal_region(subject_mask, negative_mask=None, region: str = "outside_mask"):
+    """The bool (H, W) mask of the pixels to fill: ~`subject_mask` ("outside_mask"), or `negative_mask` &
+    ~`subject_mask` ("negative_clicks"; `negative_mask` None — a photo without negative clicks — fills nothing)."""
     import numpy as np
 
     subject = np.asarray(subject_mask, dtype=bool)
     if region not in REGIONS:
         raise InvalidArgument(f"`p3s_region` is {region!r}: use one of {', '.join(REGIONS)}")
-    if region == "outside":
+    if region == "outside_mask":
         return ~subject
     if negative_mask is None:
-        raise InvalidArgument("`p3s_region` is negative but the photo has no negative-click mask: add negative "
-                              "clicks with `persona-cli mask --negative X,Y`, or use region outside")
+        return np.zeros_like(subject)
     negative = np.asarray(negative_mask, dtype=bool)
     if negative.shape != subject.shape:
         raise InvalidArgument(f"negative mask {negative.shape} and subject mask {subject.shape} differ in size")
@@ -106,7 +112,7 @@ def inpaint_fill(image, region, pipeline, prompt: str = "", steps: int = 30, see
     return Image.fromarray(pixels)
 
 
-def remove_negative(image, subject_mask, negative_mask=None, region: str = "negative", fill: str = "colour",
+def remove_negative(image, subject_mask, negative_mask=None, region: str = "outside_mask", fill: str = "colour",
                     inpainter: Any = None, prompt: str = ""):
     """I' of Eq. 3: `image` with its removal region (see `removal_region`) filled by `fill`. "inpaint" needs an
     `inpainter` pipeline (`load_inpainting_pipeline`)."""

@@ -26,6 +26,11 @@ class P3SMethod(TrainingMethod):
 
     name = "p3s"
     uses_masks = True
+    # Each photo's negative-click region (bool (H, W) or None), for `p3s_region` negative_clicks.
+    negative_masks: list | None = None
+
+    def bind_negative_masks(self, masks: list) -> None:
+        self.negative_masks = list(masks)
 
     def prepare(self, components: Components, config) -> None:
         import torch
@@ -88,13 +93,17 @@ class P3SMethod(TrainingMethod):
             raise InvalidArgument(f"p3s needs each photo's subject mask; photo(s) {', '.join(map(str, missing))} "
                                   "have none: select the subject with `persona-cli mask SUBJECT --image N --point "
                                   "X,Y` first")
-        if self.p3s.region == "negative":
-            raise InvalidArgument("`p3s_region` negative needs each photo's negative-click mask, which training does "
-                                  "not receive yet: use region outside (everything outside the subject mask)")
+        negative = self.negative_masks if self.p3s.region == "negative_clicks" else None
+        if self.p3s.region == "negative_clicks" and negative is None:
+            raise InvalidArgument("`p3s_region` negative_clicks needs each photo's negative-click region (the train "
+                                  "service gets them from the mask service): pass `negative_masks`, or use "
+                                  "`p3s_region` outside_mask")
+        negative = negative or [None] * len(images)
         inpainter = load_inpainting_pipeline(self.p3s.inpainting_model, str(device)) \
             if self.p3s.fill == "inpaint" else None
-        completed = [remove_negative(image, _mask_for(image, mask), region=self.p3s.region, fill=self.p3s.fill,
-                                     inpainter=inpainter) for image, mask in zip(images, masks)]
+        completed = [remove_negative(image, _mask_for(image, mask),
+                                     None if region is None else _mask_for(image, region), region=self.p3s.region, fill=self.p3s.fill, inpainter=inpainter)
+                     for image, mask, region in zip(images, masks, negative)]
         del inpainter
         for module in (self.branch, self.rngr, self.vision):
             module.to(device)
