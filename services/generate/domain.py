@@ -58,16 +58,18 @@ class GenerateRequest:
     p3s_weight_alpha: float | None = None
     p3s_weight_beta: float | None = None
     p3s_weight_k: float | None = None
+    p3s_injection_lambda: float | None = None
     p3s_reference: int | None = None
 
 
 @dataclass(frozen=True)
 class P3SDrawing:
-    """How one request draws a p3s concept: the photo that conditions it and the ε_t options it sets
-    ({"p3s_weight_alpha": 0.0, ...}; the rest are the concept's trained ones)."""
+    """How one request draws a p3s concept: the photo that conditions it, the ε_t options it sets
+    ({"p3s_weight_alpha": 0.0, ...}; the rest are the concept's trained ones) and λ (None: the concept's)."""
 
     reference: int = 0
     weights: dict = field(default_factory=dict)
+    injection_lambda: float | None = None
 
 
 def p3s_drawing(request: GenerateRequest, method: str) -> P3SDrawing | None:
@@ -81,7 +83,8 @@ def p3s_drawing(request: GenerateRequest, method: str) -> P3SDrawing | None:
                                   "are for p3s concepts only; leave them unset")
         return None
     reference = given.pop("p3s_reference", 0)
-    return P3SDrawing(reference, given)
+    injection_lambda = given.pop("p3s_injection_lambda", None)
+    return P3SDrawing(reference, given, injection_lambda)
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,7 @@ class EmbeddedEngine:
         from persona.services.models.p3s.weights import drawing_weights
 
         weights = drawing_weights(condition.settings, p3s.weights)
-        attached = AttachedCondition(models.unet, condition, p3s.reference, weights)
+        attached = AttachedCondition(models.unet, condition, p3s.reference, weights, p3s.injection_lambda)
         try:
             # The plain loop on the eager UNet: a CUDA graph (denoise.py) or a compiled UNet would replay what
             # they captured without the copy's per-step features.

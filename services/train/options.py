@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from persona.services.models.p3s.weights import WEIGHT_OPTIONS
+from persona.services.models.p3s.weights import INJECTION_LAMBDA, WEIGHT_OPTIONS
 from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.options import Option
 
@@ -107,9 +107,7 @@ OPTIONS: tuple[Option, ...] = (
            low=0),
     # P3S-Diffusion (--method p3s; methods/p3s/config.py's P3SConfig, the paper's defaults). Not TrainConfig
     # fields themselves: request.train_config gathers them into TrainConfig.p3s.
-    Option("p3s_injection_lambda", float, 0.2, "p3s: λ of Eq. 7, the share of the copy's features added to each "
-           "self-attention's values, 0–10.", low=0.0, high=10.0, default_text="0.2, the paper's", example="0.2",
-           loop=False),
+    INJECTION_LAMBDA,  # λ of Eq. 7 (models/p3s/weights.py: generate takes it too)
     *WEIGHT_OPTIONS,  # the weight schedule's four (models/p3s/weights.py: generate takes them too)
     Option("p3s_consistency_weight", float, 0.1, "p3s: γ of the attention-consistency loss (Eq. 15), 0–1000; 0 "
            "turns it off.", low=0.0, high=1e3, default_text="0.1, the paper's", example="0.1", loop=False),

@@ -1,5 +1,5 @@
 """A p3s concept drawn through the real Generate RPC on the tiny model: trained for a few steps (the subject's photos
-clicked with the real mask service), drawn in-process with its condition attached, the weight schedule and the
+clicked with the real mask service), drawn in-process with its condition attached, the weight schedule, λ and the
 reference photo set per request; p3s settings for another model and exports of a p3s concept refused by name."""
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def test_a_p3s_concept_draws_in_process_with_the_schedule_and_photo_each_request
     assert draw(p3s_weight_schedule="decreasing", p3s_weight_alpha=0.5, p3s_weight_k=2.0) == drawn
     assert draw(p3s_weight_schedule="constant") != drawn
     assert draw(p3s_weight_alpha=-3.0) != drawn
+    # λ of Eq. 7: unset, the concept's (0.2, the paper's); another λ, another image with the same seed.
+    assert draw(p3s_injection_lambda=0.2) == drawn
+    assert draw(p3s_injection_lambda=5.0) != drawn
     # Another photo conditions another image; with ε_t = 1 − 0·(t/T)^k − 1 = 0 the copy's features vanish, so which
     # photo conditions it no longer matters (the images are equal to the bit).
     assert draw(p3s_reference=1) != drawn
@@ -53,6 +56,11 @@ def test_a_p3s_concept_draws_in_process_with_the_schedule_and_photo_each_request
 
     error = _refused(lambda: draw(p3s_reference=2))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "`p3s_reference` is 2" in error.details()
+    error = _refused(lambda: draw(p3s_injection_lambda=11.0))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "`p3s_injection_lambda`" in error.details()
+    error = _refused(lambda: list(client.generate.Generate(generate_pb2.GenerateRequest(
+        base_model="tiny", prompts=["a dog"], steps=1, p3s_injection_lambda=0.5))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "`p3s_injection_lambda` is set" in error.details()
     error = _refused(lambda: list(client.generate.Generate(generate_pb2.GenerateRequest(
         base_model="tiny", prompts=["a dog"], steps=1, p3s_weight_k=3.0))))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "`p3s_weight_k` is set" in error.details()

@@ -44,7 +44,7 @@ def test_unset_settings_map_to_none_and_given_ones_to_their_values():
     assert unset == {"images_per_prompt": None, "seed": None, "steps": None, "guidance_scale": None,
                      "scheduler": "", "negative_prompt": "", "width": None, "height": None,
                      "p3s_weight_schedule": "", "p3s_weight_alpha": None, "p3s_weight_beta": None,
-                     "p3s_weight_k": None, "p3s_reference": None}
+                     "p3s_weight_k": None, "p3s_injection_lambda": None, "p3s_reference": None}
     given = settings_from_proto(generate_pb2.GenerateRequest(
         prompts=["a dog"], steps=0, seed=3, scheduler=generate_pb2.SCHEDULER_EULER, negative_prompt="blurry"))
     assert (given["steps"], given["seed"], given["scheduler"], given["negative_prompt"]) == (0, 3, "euler", "blurry")

@@ -66,12 +66,15 @@ def test_drawing_weights_are_the_trained_schedule_with_the_requests_overrides():
 
 def test_generate_takes_the_training_options_of_the_schedule_with_the_concepts_values_as_default():
     drawing = {o.name: o for o in weights.drawing_options()}
-    for option in weights.WEIGHT_OPTIONS:
+    for option in (*weights.WEIGHT_OPTIONS, weights.INJECTION_LAMBDA):
         same = dataclasses.replace(drawing[option.name], default=option.default, default_text=option.default_text,
                                    help=option.help)
         assert same == option and drawing[option.name].default is None
     with pytest.raises(InvalidArgument, match="`p3s_weight_k` is 0.0"):
         drawing["p3s_weight_k"].check(0.0)
+    # λ: the request's when set, else the concept's trained one, else the paper's.
+    assert weights.drawing_lambda({"injection_lambda": 0.7}, 1.5) == 1.5
+    assert weights.drawing_lambda({"injection_lambda": 0.7}) == 0.7 and weights.drawing_lambda({}) == 0.2
 
 
 # --- attention-consistency loss (Eq. 11–12) -------------------------------------------------------------------------

@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19persona/v1/generate.proto\x12\npersona.v1\"\xc8\x04\n\x0fGenerateRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0f\n\x07prompts\x18\x03 \x03(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05steps\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12(\n\tscheduler\x18\x08 \x01(\x0e\x32\x15.persona.v1.Scheduler\x12\x12\n\x05width\x18\t \x01(\x05H\x03\x88\x01\x01\x12\x13\n\x06height\x18\n \x01(\x05H\x04\x88\x01\x01\x12\x1e\n\x11images_per_prompt\x18\x0b \x01(\x05H\x05\x88\x01\x01\x12\x1b\n\x13p3s_weight_schedule\x18\x0c \x01(\t\x12\x1d\n\x10p3s_weight_alpha\x18\r \x01(\x01H\x06\x88\x01\x01\x12\x1c\n\x0fp3s_weight_beta\x18\x0e \x01(\x01H\x07\x88\x01\x01\x12\x19\n\x0cp3s_weight_k\x18\x0f \x01(\x01H\x08\x88\x01\x01\x12\x1a\n\rp3s_reference\x18\x10 \x01(\x05H\t\x88\x01\x01\x42\x07\n\x05_seedB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x08\n\x06_widthB\t\n\x07_heightB\x14\n\x12_images_per_promptB\x13\n\x11_p3s_weight_alphaB\x12\n\x10_p3s_weight_betaB\x0f\n\r_p3s_weight_kB\x10\n\x0e_p3s_reference\"\xb8\x02\n\x0eGeneratedImage\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x13\n\x0bimage_index\x18\x02 \x01(\x05\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x01\x12(\n\tscheduler\x18\x08 \x01(\x0e\x32\x15.persona.v1.Scheduler\x12\r\n\x05width\x18\t \x01(\x05\x12\x0e\n\x06height\x18\n \x01(\x05\x12\x12\n\nconcept_id\x18\x0b \x01(\t\x12\x12\n\nbase_model\x18\x0c \x01(\t\x12\x0b\n\x03png\x18\r \x01(\x0c\x12\x0f\n\x07seconds\x18\x0e \x01(\x01\x12\x0e\n\x06\x65ngine\x18\x0f \x01(\t\"(\n\x12LoadConceptRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\"]\n\rLoadedConcept\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x12\n\nresolution\x18\x03 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\"*\n\x14UnloadConceptRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\"\x17\n\x15UnloadConceptResponse\"\x1b\n\x19ListLoadedConceptsRequest\"I\n\x1aListLoadedConceptsResponse\x12+\n\x08\x63oncepts\x18\x01 \x03(\x0b\x32\x19.persona.v1.LoadedConcept*d\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x12\n\x0eSCHEDULER_DDIM\x10\x01\x12\x13\n\x0fSCHEDULER_DPMPP\x10\x02\x12\x13\n\x0fSCHEDULER_EULER\x10\x03\x32\xdd\x02\n\x0fGenerateService\x12\x45\n\x08Generate\x12\x1b.persona.v1.GenerateRequest\x1a\x1a.persona.v1.GeneratedImage0\x01\x12H\n\x0bLoadConcept\x12\x1e.persona.v1.LoadConceptRequest\x1a\x19.persona.v1.LoadedConcept\x12T\n\rUnloadConcept\x12 .persona.v1.UnloadConceptRequest\x1a!.persona.v1.UnloadConceptResponse\x12\x63\n\x12ListLoadedConcepts\x12%.persona.v1.ListLoadedConceptsRequest\x1a&.persona.v1.ListLoadedConceptsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19persona/v1/generate.proto\x12\npersona.v1\"\x84\x05\n\x0fGenerateRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x0f\n\x07prompts\x18\x03 \x03(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05steps\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12(\n\tscheduler\x18\x08 \x01(\x0e\x32\x15.persona.v1.Scheduler\x12\x12\n\x05width\x18\t \x01(\x05H\x03\x88\x01\x01\x12\x13\n\x06height\x18\n \x01(\x05H\x04\x88\x01\x01\x12\x1e\n\x11images_per_prompt\x18\x0b \x01(\x05H\x05\x88\x01\x01\x12\x1b\n\x13p3s_weight_schedule\x18\x0c \x01(\t\x12\x1d\n\x10p3s_weight_alpha\x18\r \x01(\x01H\x06\x88\x01\x01\x12\x1c\n\x0fp3s_weight_beta\x18\x0e \x01(\x01H\x07\x88\x01\x01\x12\x19\n\x0cp3s_weight_k\x18\x0f \x01(\x01H\x08\x88\x01\x01\x12\x1a\n\rp3s_reference\x18\x10 \x01(\x05H\t\x88\x01\x01\x12!\n\x14p3s_injection_lambda\x18\x11 \x01(\x01H\n\x88\x01\x01\x42\x07\n\x05_seedB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x08\n\x06_widthB\t\n\x07_heightB\x14\n\x12_images_per_promptB\x13\n\x11_p3s_weight_alphaB\x12\n\x10_p3s_weight_betaB\x0f\n\r_p3s_weight_kB\x10\n\x0e_p3s_referenceB\x17\n\x15_p3s_injection_lambda\"\xb8\x02\n\x0eGeneratedImage\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x13\n\x0bimage_index\x18\x02 \x01(\x05\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x01\x12(\n\tscheduler\x18\x08 \x01(\x0e\x32\x15.persona.v1.Scheduler\x12\r\n\x05width\x18\t \x01(\x05\x12\x0e\n\x06height\x18\n \x01(\x05\x12\x12\n\nconcept_id\x18\x0b \x01(\t\x12\x12\n\nbase_model\x18\x0c \x01(\t\x12\x0b\n\x03png\x18\r \x01(\x0c\x12\x0f\n\x07seconds\x18\x0e \x01(\x01\x12\x0e\n\x06\x65ngine\x18\x0f \x01(\t\"(\n\x12LoadConceptRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\"]\n\rLoadedConcept\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x12\n\nresolution\x18\x03 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\"*\n\x14UnloadConceptRequest\x12\x12\n\nconcept_id\x18\x01 \x01(\t\"\x17\n\x15UnloadConceptResponse\"\x1b\n\x19ListLoadedConceptsRequest\"I\n\x1aListLoadedConceptsResponse\x12+\n\x08\x63oncepts\x18\x01 \x03(\x0b\x32\x19.persona.v1.LoadedConcept*d\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x12\n\x0eSCHEDULER_DDIM\x10\x01\x12\x13\n\x0fSCHEDULER_DPMPP\x10\x02\x12\x13\n\x0fSCHEDULER_EULER\x10\x03\x32\xdd\x02\n\x0fGenerateService\x12\x45\n\x08Generate\x12\x1b.persona.v1.GenerateRequest\x1a\x1a.persona.v1.GeneratedImage0\x01\x12H\n\x0bLoadConcept\x12\x1e.persona.v1.LoadConceptRequest\x1a\x19.persona.v1.LoadedConcept\x12T\n\rUnloadConcept\x12 .persona.v1.UnloadConceptRequest\x1a!.persona.v1.UnloadConceptResponse\x12\x63\n\x12ListLoadedConcepts\x12%.persona.v1.ListLoadedConceptsRequest\x1a&.persona.v1.ListLoadedConceptsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'persona.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCHEDULER']._serialized_start=1253
-  _globals['_SCHEDULER']._serialized_end=1353
+  _globals['_SCHEDULER']._serialized_start=1313
+  _globals['_SCHEDULER']._serialized_end=1413
   _globals['_GENERATEREQUEST']._serialized_start=42
-  _globals['_GENERATEREQUEST']._serialized_end=626
-  _globals['_GENERATEDIMAGE']._serialized_start=629
-  _globals['_GENERATEDIMAGE']._serialized_end=941
-  _globals['_LOADCONCEPTREQUEST']._serialized_start=943
-  _globals['_LOADCONCEPTREQUEST']._serialized_end=983
-  _globals['_LOADEDCONCEPT']._serialized_start=985
-  _globals['_LOADEDCONCEPT']._serialized_end=1078
-  _globals['_UNLOADCONCEPTREQUEST']._serialized_start=1080
-  _globals['_UNLOADCONCEPTREQUEST']._serialized_end=1122
-  _globals['_UNLOADCONCEPTRESPONSE']._serialized_start=1124
-  _globals['_UNLOADCONCEPTRESPONSE']._serialized_end=1147
-  _globals['_LISTLOADEDCONCEPTSREQUEST']._serialized_start=1149
-  _globals['_LISTLOADEDCONCEPTSREQUEST']._serialized_end=1176
-  _globals['_LISTLOADEDCONCEPTSRESPONSE']._serialized_start=1178
-  _globals['_LISTLOADEDCONCEPTSRESPONSE']._serialized_end=1251
-  _globals['_GENERATESERVICE']._serialized_start=1356
-  _globals['_GENERATESERVICE']._serialized_end=1705
+  _globals['_GENERATEREQUEST']._serialized_end=686
+  _globals['_GENERATEDIMAGE']._serialized_start=689
+  _globals['_GENERATEDIMAGE']._serialized_end=1001
+  _globals['_LOADCONCEPTREQUEST']._serialized_start=1003
+  _globals['_LOADCONCEPTREQUEST']._serialized_end=1043
+  _globals['_LOADEDCONCEPT']._serialized_start=1045
+  _globals['_LOADEDCONCEPT']._serialized_end=1138
+  _globals['_UNLOADCONCEPTREQUEST']._serialized_start=1140
+  _globals['_UNLOADCONCEPTREQUEST']._serialized_end=1182
+  _globals['_UNLOADCONCEPTRESPONSE']._serialized_start=1184
+  _globals['_UNLOADCONCEPTRESPONSE']._serialized_end=1207
+  _globals['_LISTLOADEDCONCEPTSREQUEST']._serialized_start=1209
+  _globals['_LISTLOADEDCONCEPTSREQUEST']._serialized_end=1236
+  _globals['_LISTLOADEDCONCEPTSRESPONSE']._serialized_start=1238
+  _globals['_LISTLOADEDCONCEPTSRESPONSE']._serialized_end=1311
+  _globals['_GENERATESERVICE']._serialized_start=1416
+  _globals['_GENERATESERVICE']._serialized_end=1765
 # @@protoc_insertion_point(module_scope)

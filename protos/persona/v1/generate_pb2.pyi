@@ -19,7 +19,7 @@ SCHEDULER_DPMPP: Scheduler
 SCHEDULER_EULER: Scheduler
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("concept_id", "base_model", "prompts", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "width", "height", "images_per_prompt", "p3s_weight_schedule", "p3s_weight_alpha", "p3s_weight_beta", "p3s_weight_k", "p3s_reference")
+    __slots__ = ("concept_id", "base_model", "prompts", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "width", "height", "images_per_prompt", "p3s_weight_schedule", "p3s_weight_alpha", "p3s_weight_beta", "p3s_weight_k", "p3s_reference", "p3s_injection_lambda")
     CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class GenerateRequest(_message.Message):
     P3S_WEIGHT_BETA_FIELD_NUMBER: _ClassVar[int]
     P3S_WEIGHT_K_FIELD_NUMBER: _ClassVar[int]
     P3S_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    P3S_INJECTION_LAMBDA_FIELD_NUMBER: _ClassVar[int]
     concept_id: str
     base_model: str
     prompts: _containers.RepeatedScalarFieldContainer[str]
@@ -52,7 +53,8 @@ class GenerateRequest(_message.Message):
     p3s_weight_beta: float
     p3s_weight_k: float
     p3s_reference: int
-    def __init__(self, concept_id: _Optional[str] = ..., base_model: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., images_per_prompt: _Optional[int] = ..., p3s_weight_schedule: _Optional[str] = ..., p3s_weight_alpha: _Optional[float] = ..., p3s_weight_beta: _Optional[float] = ..., p3s_weight_k: _Optional[float] = ..., p3s_reference: _Optional[int] = ...) -> None: ...
+    p3s_injection_lambda: float
+    def __init__(self, concept_id: _Optional[str] = ..., base_model: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., negative_prompt: _Optional[str] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., images_per_prompt: _Optional[int] = ..., p3s_weight_schedule: _Optional[str] = ..., p3s_weight_alpha: _Optional[float] = ..., p3s_weight_beta: _Optional[float] = ..., p3s_weight_k: _Optional[float] = ..., p3s_reference: _Optional[int] = ..., p3s_injection_lambda: _Optional[float] = ...) -> None: ...
 
 class GeneratedImage(_message.Message):
     __slots__ = ("prompt_index", "image_index", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler", "width", "height", "concept_id", "base_model", "png", "seconds", "engine")

@@ -97,11 +97,12 @@ class AttachedCondition:
     the copy on its own (sample, timestep, encoder_hidden_states) with reference photo `reference`, and the UNet's
     self-attentions take f_i × ε_t — in both halves of a classifier-free-guidance batch (reading: the reference
     conditions the image, the prompt is what guidance contrasts). `weights`: the ε_t schedule (default: the one the concept was trained with).
-    `remove()` puts the UNet back as it was."""
+    `injection_lambda`: λ of Eq. 7 (default: the concept's trained value). `remove()` puts the UNet back as it was."""
 
-    def __init__(self, unet, condition: P3SCondition, reference: int = 0, weights=None):
+    def __init__(self, unet, condition: P3SCondition, reference: int = 0, weights=None,
+                 injection_lambda: float | None = None):
         from .injection import InjectedSelfAttnProcessor, InjectionState
-        from .weights import trained_weights
+        from .weights import drawing_lambda, trained_weights
 
         n = condition.reference_latents.shape[0]
         if not 0 <= reference < n:
@@ -116,7 +117,8 @@ class AttachedCondition:
         self.clip = condition.reference_clip[reference:reference + 1].to(device, dtype)
         self.state = InjectionState()
         self.original = unet.attn_processors
-        unet.set_attn_processor({name: InjectedSelfAttnProcessor(name, self.state, s.get("injection_lambda", 0.2))
+        injection_lambda = drawing_lambda(s, injection_lambda)
+        unet.set_attn_processor({name: InjectedSelfAttnProcessor(name, self.state, injection_lambda)
                                  if name.endswith("attn1.processor") else processor
                                  for name, processor in self.original.items()})
         self.handle = unet.register_forward_pre_hook(self._before, with_kwargs=True)

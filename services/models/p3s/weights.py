@@ -1,4 +1,6 @@
-"""P3S's timestep-based weight scheduler (Eq. 9–10): the factor ε_t that scales the injected features f at step t."""
+"""P3S's timestep-based weight scheduler (Eq. 9–10): the factor ε_t that scales the injected features f at step t;
+and λ of Eq. 7, the share of f added to the values, declared here beside it as the other strength knob a request
+may set."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -24,6 +26,11 @@ WEIGHT_OPTIONS: tuple[Option, ...] = (
     Option("p3s_weight_k", float, 2.0, "p3s: the exponent k of Eq. 10, > 0.", low=0.0, high=1e3, low_open=True,
            default_text="2, the paper's", example="2", loop=False),
 )
+# λ of Eq. 7 (V' = W^V[z + λf, f]): not part of ε_t, but like it a strength of the injected features that a draw may
+# change, so declared once here for train (the paper's default) and generate (default: the concept's).
+INJECTION_LAMBDA = Option("p3s_injection_lambda", float, 0.2, "p3s: λ of Eq. 7, the share of the copy's features "
+                          "added to each self-attention's values, 0–10.", low=0.0, high=10.0,
+                          default_text="0.2, the paper's", example="0.2", loop=False)
 # Option name → TimestepWeights field.
 WEIGHT_FIELDS = {"p3s_weight_schedule": "schedule", "p3s_weight_alpha": "alpha", "p3s_weight_beta": "beta",
                  "p3s_weight_k": "k"}
@@ -63,9 +70,18 @@ class TimestepWeights:
 
 
 def drawing_options() -> tuple[Option, ...]:
-    """WEIGHT_OPTIONS for a Generate request: unset (None) means the schedule the concept trained with."""
+    """WEIGHT_OPTIONS and INJECTION_LAMBDA for a Generate request: unset (None) means the concept's trained value."""
     return tuple(replace(o, default=None, default_text="the concept's, as trained",
-                         help=o.help.replace("p3s:", "p3s concepts only:", 1)) for o in WEIGHT_OPTIONS)
+                         help=o.help.replace("p3s:", "p3s concepts only:", 1))
+                 for o in (*WEIGHT_OPTIONS, INJECTION_LAMBDA))
+
+
+def drawing_lambda(settings: dict, override: float | None = None) -> float:
+    """λ to draw with: `override` when set, else the concept's trained `injection_lambda` (else the paper's 0.2)."""
+    if override is not None:
+        return float(override)
+    trained = settings.get("injection_lambda")
+    return float(INJECTION_LAMBDA.default if trained is None else trained)
 
 
 def trained_weights(settings: dict) -> TimestepWeights:
