@@ -351,6 +351,8 @@ def quality(
     = None,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds 0…N-1: each trains its own concept and draws its own "
                                                    "images; the spread is over them.")] = 3,
+    first_seed: Annotated[int, typer.Option(min=0, help="Start the seeds here (S…S+N-1): more seeds in a second "
+                                                        "run, or two runs side by side.")] = 0,
     images: Annotated[int, typer.Option("-n", "--images", min=1, max=16, help="Images per prompt and seed.")] = 8,
     prompts: Annotated[int, typer.Option(min=1, max=2, help="Prompts of each kind (background unsaid with a new "
                                                             "nearby object; a new plain background asked).")] = 2,
@@ -416,9 +418,9 @@ def quality(
     options.update(training_option_pairs(option or []))
     bench = QualityBenchmark(s.client(), base, images_per_prompt=images, prompts_per_kind=prompts, options=options,
                              on_stage=note)
-    rows = bench.run(references, configs, list(range(seeds)))
+    rows = bench.run(references, configs, list(range(first_seed, first_seed + seeds)))
     data = {"base_model": base, "reference_sets": [str(r.folder) for r in references], "seeds": seeds,
-            "images_per_prompt": images, "options": options,
+            "first_seed": first_seed, "images_per_prompt": images, "options": options,
             "rows": [{"config": r.config.name, "method": r.config.method, "captions": r.config.captions,
                       "regularizers": list(r.config.regularizers),
                       "metrics": {m: {"mean": r.mean(m), "std": r.std(m), "per_seed": r.per_seed[m]}

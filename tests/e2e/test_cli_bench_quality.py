@@ -43,6 +43,12 @@ def test_bench_quality_trains_each_configuration_per_seed_and_reports(cli, tmp_p
     assert json.loads(report.with_suffix(".json").read_text())["rows"][0]["config"] == "lora case1"
     # The bench leaves no subject or concept behind.
     assert ok_json(cli("--json", "subjects", "list")) in ([], {"subjects": []})
+    # --first-seed 1 runs seed 1 alone: the same concept and images as the second seed above, figure for figure.
+    again = ok_json(cli("--json", "bench", "quality", RED_RING, *QUICK, "--seeds", "1", "--first-seed", "1",
+                        "--config", "case1"))
+    assert again["first_seed"] == 1
+    assert again["rows"][0]["metrics"]["nearby_leakage"]["per_seed"] == pytest.approx(
+        rows["lora case1"]["metrics"]["nearby_leakage"]["per_seed"][1:])
     table = ok(cli("bench", "quality", RED_RING, *QUICK, "--seeds", "1", "--config", "case1"))
     assert "NEARBY ÷ CASE1" in table and "lora case1" in table
 
