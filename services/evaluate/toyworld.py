@@ -217,10 +217,13 @@ def free_colours(reference: ReferenceSet) -> list[str]:
     """Palette colours in none of the reference's photos, farthest from them first: a new object or background in
     one of them cannot be mistaken for leakage or for the subject, and its blurred edges (a purple beside a blue
     nearby object) do not land on the reference's colours."""
-    def distance(colour: str) -> float:
-        return min(float(np.sum((np.array(PALETTE[colour]) - np.array(PALETTE[c])) ** 2)) for c in reference.colours)
+    return sorted((c for c in COLOURS if c not in reference.colours),
+                  key=lambda c: (-_distance(c, reference.colours), COLOURS.index(c)))
 
-    return sorted((c for c in COLOURS if c not in reference.colours), key=lambda c: (-distance(c), COLOURS.index(c)))
+
+def _distance(colour: str, others) -> float:
+    """Squared RGB distance from `colour` to the nearest of `others` (palette names)."""
+    return min(float(np.sum((np.array(PALETTE[colour]) - np.array(PALETTE[c])) ** 2)) for c in others)
 
 
 def _unsaid_object_colours(reference: ReferenceSet, free: list[str]) -> list[str]:
@@ -229,11 +232,8 @@ def _unsaid_object_colours(reference: ReferenceSet, free: list[str]) -> list[str
     the named object's colour as the whole background, darker: red-ring's "next to a small cyan circle" drew a
     background that the palette maps to blue, its nearby object's colour (0.61 of the pixels in one seed, every
     configuration alike), which read as nearby-object leakage. Cyan is 0.31 from blue in RGB², black 0.71."""
-    def distance(colour: str, others) -> float:
-        return min(float(np.sum((np.array(PALETTE[colour]) - np.array(PALETTE[c])) ** 2)) for c in others)
-
     def key(colour: str) -> float:
-        return min(distance(colour, reference.colours), distance(colour, [reference.nearby_colour]) / 2)
+        return min(_distance(colour, reference.colours), _distance(colour, [reference.nearby_colour]) / 2)
 
     return sorted(free, key=lambda c: (-key(c), COLOURS.index(c)))
 

@@ -409,7 +409,8 @@ class TrainDomain:
             ctx.progress(0.0, f"class images {done}/{total}", stage="class_images", done=done, total=total)
         images = self.class_images.get_or_generate(base.path, prompt, count, config.seed, config.resolution,
                                                    steps=concept.options.get("class_image_steps", 30),
-                                                   guidance_scale=concept.options.get("class_image_guidance", 7.5),
+                                                   guidance_scale=concept.options.get("class_image_guidance",
+                                                                                  DEFAULT_OPTIONS["class_image_guidance"]),
                                                    on_progress=on_progress)
         reused = seen[0] if seen else count
         return [(image, prompt) for image in images], {"class_images_generated": count - reused,
