@@ -26,7 +26,8 @@ from persona.services.runtime.errors import FailedPrecondition, InvalidArgument,
 from ..models.base_models import read_model_configs
 from ..models.exports import base_model_key
 from ..models.fusing import IN_PROCESS_METHODS
-from ..models.p3s.condition import WEIGHT_NAME as P3S_WEIGHTS
+from ..models.p3s.condition import WEIGHT_NAME as P3S_WEIGHTS, AttachedCondition, load_condition
+from ..models.p3s.weights import drawing_weights
 from ..models.library import ModelLibrary
 from ..subjects.images import png_bytes
 from . import sampling
@@ -161,8 +162,6 @@ class EmbeddedEngine:
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
             attached = None
             if condition is not None:
-                from persona.services.models.p3s.condition import load_condition
-
                 attached = load_condition(condition, models.unet)
             info = LoadedModel(key, read_model_configs(folder).native_resolution, time.perf_counter() - started)
             self._models[key] = (models, tokenizer, sampling.scheduler_config(folder), info, Path(folder), attached)
@@ -230,9 +229,6 @@ class EmbeddedEngine:
         (Eq. 6–10, models/p3s/). Both classifier-free-guidance halves get the features, each from the copy run on
         its own text (the negative prompt for the unconditional half): the reference conditions the image in both,
         so guidance contrasts the prompts, as ControlNet (whose trainable copy P3S follows) conditions both."""
-        from persona.services.models.p3s.condition import AttachedCondition
-        from persona.services.models.p3s.weights import drawing_weights
-
         weights = drawing_weights(condition.settings, p3s.weights)
         attached = AttachedCondition(models.unet, condition, p3s.reference, weights, p3s.injection_lambda)
         try:
