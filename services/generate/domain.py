@@ -6,8 +6,9 @@ The engine is what holds models and runs the sampling loop: `EmbeddedEngine` in 
 laptop default) on a model's diffusers folder; `TritonEngine` (triton_engine.py) on its ONNX export, served from a
 Triton model repository. Both run the same loop (sampling.py).
 
-A p3s concept has no export (its condition branch runs beside the UNet, models/p3s/): the embedded engine loads
-its base model and attaches the condition for each draw (`attaches_conditions`); other engines refuse it.
+A p3s concept has no export (its condition branch runs beside the UNet, models/p3s/): an engine that
+`attaches_conditions` loads its base model with the condition file — the embedded engine attaches it for each
+draw, the Triton engine with torch components serves it as a conditioned UNet component — and others refuse it.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ class Engine(Protocol):
     # tensorrt_build folder).
     model_format: str
     # True: `load(key, base_folder, condition=...)` takes a p3s condition file and `draw_batch(..., p3s=P3SDrawing)`
-    # draws with it (the embedded engine); False: p3s concepts are refused before reaching it.
+    # draws with it (the embedded engine, Triton with torch components); False: p3s concepts are refused first.
     attaches_conditions: bool
 
     def load(self, key: str, folder: Path) -> LoadedModel: ...
@@ -404,9 +405,10 @@ class GenerateDomain:
         """A p3s concept: its base model with the condition file attached (it has no export to load)."""
         if not self.engine.attaches_conditions:
             raise FailedPrecondition(
-                f"concept {concept.concept_id} was trained with {concept.method}, which draws in-process only for "
-                f"now: this server's generate engine is {self.engine.name}; draw it on a server with "
-                "PERSONA_GENERATE_ENGINE=embedded (Triton, ONNX and TensorRT cannot load its condition branch)")
+                f"concept {concept.concept_id} was trained with {concept.method}, whose condition branch runs beside "
+                f"the UNet at every step, which this server's {self.engine.name} engine cannot run (ONNX and "
+                "TensorRT components cannot hold it): draw it with PERSONA_GENERATE_ENGINE=embedded, or on Triton "
+                "with torch components (PERSONA_TRITON_COMPONENT_BACKEND=torch)")
         base, weights = self.models.exports.weights_folder(tenant_id, concept.concept_id,
                                                            self.cache_dir / "p3s" / concept.concept_id)
         return self.engine.load(concept.concept_id, base, condition=weights / P3S_WEIGHTS)

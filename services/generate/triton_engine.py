@@ -6,6 +6,10 @@ asking Triton to load what is not READY yet; drawing is one inference request to
 images: prompts tokenised here with the concept's tokenizer and sent as INT64 token ids, the concept, scheduler and
 shared settings as request parameters (no BYTES tensor: triton_models says why). Nothing restarts: new concepts arrive by Triton's explicit model control while others keep serving.
 
+A p3s concept (torch components only) is its base model's folder plus its condition file, whose UNet component
+attaches the condition per request; each draw's weight schedule, λ and reference photo, resolved here against
+what the concept trained with, travel as request parameters (triton_p3s.py).
+
 Where Triton lives (`TritonEndpoint`): a server persona starts itself on the repository (`ManagedTriton`: the
 `tritonserver` bundled in nvidia-pytriton, or NVIDIA's), or one someone else runs (`ExternalTriton`: a URL, e.g.
 a Kubernetes Service, with the repository on a shared volume). A Triton that is down is UNAVAILABLE within
@@ -24,11 +28,13 @@ from typing import Protocol, Sequence
 from persona.services.runtime.devices import cuda_available
 from persona.services.runtime.errors import FailedPrecondition, NotFound, PersonaError, Unavailable
 
-from .domain import LoadedModel
+from ..models.p3s.condition import read_summary
+from .domain import LoadedModel, P3SDrawing
 from .sampling import LoopSettings, SamplingSettings, tokenize
 from .triton_models import PIPELINE_MODEL
 from .triton_repository import RepositoryEntry, TritonRepository, model_name
 from .triton_client import load_model, to_persona_error, unload_model
+from .triton_p3s import drawing_parameters
 from .triton_server import TritonServer
 
 log = logging.getLogger("persona.generate.triton")
@@ -85,9 +91,6 @@ class TritonEngine:
     """Draws on Triton; holds which engine keys (concept ids, base:<path>) are loaded as which repository entry."""
 
     name = "triton"
-    # P3S's condition branch runs beside the UNet each step, which Triton's models do not: the domain refuses p3s
-    # concepts on this engine (domain.EmbeddedEngine draws them).
-    attaches_conditions = False
 
     def __init__(self, repository: TritonRepository, endpoint: TritonEndpoint, *, rpc_timeout_s: float = 10.0,
                  load_timeout_s: float = 600.0, infer_timeout_s: float = 3600.0):
@@ -97,6 +100,7 @@ class TritonEngine:
         self.load_timeout_s = load_timeout_s
         self.infer_timeout_s = infer_timeout_s
         self._loaded: dict[str, tuple[RepositoryEntry, LoadedModel, object]] = {}  # key → (entry, info, tokenizer)
+        self._conditions: dict[str, tuple[int, dict]] = {}  # a p3s concept's key → (photos, training settings)
         self._lock = threading.RLock()
 
     @property
@@ -105,9 +109,17 @@ class TritonEngine:
         ONNX export."""
         return {"torch": "diffusers", "tensorrt": "tensorrt"}.get(self.repository.component_backend, "onnx")
 
+    @property
+    def attaches_conditions(self) -> bool:
+        """Whether `load` takes a p3s condition: with torch components (a p3s UNet is per-step python logic that
+        no ONNX graph or TensorRT engine holds; the domain refuses p3s concepts otherwise)."""
+        return self.repository.component_backend == "torch"
+
     # -- Engine
 
-    def load(self, key: str, folder: Path) -> LoadedModel:
+    def load(self, key: str, folder: Path, condition: Path | None = None) -> LoadedModel:
+        """`folder`: what `model_format` says; `condition`: a p3s concept's condition file (`folder` is then its
+        base model's diffusers folder)."""
         from transformers import CLIPTokenizer
 
         with self._lock:
@@ -116,7 +128,9 @@ class TritonEngine:
                 self._ensure_ready(entry)
                 return LoadedModel(key, info.resolution, 0.0)
             started = time.perf_counter()
-            entry = self.repository.add(model_name(key), folder)
+            entry = self.repository.add(model_name(key), folder, condition=condition)
+            if condition is not None:
+                self._conditions[key] = read_summary(condition)
             tokenizer = CLIPTokenizer.from_pretrained(Path(folder) / "tokenizer")  # every export format keeps it
             self._ensure_ready(entry)
             info = LoadedModel(key, entry.native_resolution, time.perf_counter() - started)
@@ -126,6 +140,7 @@ class TritonEngine:
     def unload(self, key: str) -> bool:
         with self._lock:
             found = self._loaded.pop(key, None)
+            self._conditions.pop(key, None)
             if found is None:
                 return False
             in_use = {m for entry, _, _ in self._loaded.values() for m in entry.components.values()}
@@ -149,20 +164,26 @@ class TritonEngine:
         if stop is not None:
             stop()
 
-    def draw_batch(self, key: str, batch: Sequence[SamplingSettings]) -> list:
-        """One `sd_pipeline` request for the whole batch; a Triton that lost its models (restarted) gets them
-        loaded again and the request is sent once more."""
+    def draw_batch(self, key: str, batch: Sequence[SamplingSettings], p3s: P3SDrawing | None = None) -> list:
+        """One `sd_pipeline` request for the whole batch (a p3s concept's with `p3s`' settings, unset = as
+        trained); a Triton that lost its models (restarted) gets them loaded again and the request is sent once
+        more."""
         from PIL import Image
 
         with self._lock:
             entry, _, tokenizer = self._loaded[key]
+            condition = self._conditions.get(key)
+        extra = {}
+        if condition is not None:
+            p3s = p3s or P3SDrawing()
+            extra = drawing_parameters(*condition, p3s.reference, p3s.weights, p3s.injection_lambda)
         try:
-            pixels = self._infer(entry, tokenizer, batch)
+            pixels = self._infer(entry, tokenizer, batch, extra)
         except (FailedPrecondition, NotFound, Unavailable) as error:
             self.endpoint.ensure_running()  # a managed server that died is started again here
             if not self._reload_if_lost(entry):
                 raise error
-            pixels = self._infer(entry, tokenizer, batch)
+            pixels = self._infer(entry, tokenizer, batch, extra)
         return [Image.fromarray(image) for image in pixels]
 
     # -- Triton calls
@@ -209,7 +230,7 @@ class TritonEngine:
         self._ensure_ready(entry)
         return True
 
-    def _infer(self, entry: RepositoryEntry, tokenizer, batch: Sequence[SamplingSettings]):
+    def _infer(self, entry: RepositoryEntry, tokenizer, batch: Sequence[SamplingSettings], extra: dict):
         from dataclasses import asdict
 
         import numpy as np
@@ -228,6 +249,7 @@ class TritonEngine:
             inputs.append(tensor)
         parameters = {"concept": entry.name, **asdict(LoopSettings.of(batch[0]))}
         parameters["guidance_scale"] = float(parameters["guidance_scale"])  # a double, even when whole
+        parameters.update(extra)  # a p3s draw's settings (triton_p3s.P3S_PARAMETERS)
         try:
             with self._client() as client:
                 result = client.infer(PIPELINE_MODEL, inputs, parameters=parameters,

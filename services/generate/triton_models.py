@@ -28,12 +28,17 @@ heavy packages are imported in `initialize` (Triton imports model.py twice, once
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.settings import parse_flag
+
+from ..models.p3s.condition import WEIGHT_NAME as CONDITION_FILE  # in a p3s UNet's version folder
+from .triton_p3s import P3S_COMPONENT, ConditionedUnet, bls_parameters, p3s_parameters, parsed, refuse_p3s_parameters
 
 PIPELINE_MODEL = "sd_pipeline"
 CONCEPTS_FOLDER = "concepts"  # sd_pipeline/concepts/<name>/<version>/: what each concept is made of
@@ -60,6 +65,8 @@ TORCH_COMPONENTS = {
     "unet": ("unet", ("sample", "timestep", "encoder_hidden_states"), ("out_sample",)),
     "vae_decoder": ("vae", ("latent_sample",), ("sample",)),
 }
+# A p3s concept's UNet: the same graph's names, the condition file beside the weights (triton_p3s).
+TORCH_COMPONENTS[P3S_COMPONENT] = TORCH_COMPONENTS["unet"]
 MAX_CUDA_GRAPHS = 8  # input shapes captured per model; more run eager (each graph keeps its own activations)
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
@@ -74,6 +81,12 @@ def _instance_device(args: dict) -> str:
 
 
 def _error_response(pb_utils, error: Exception):
+    """A request's error: INVALID_ARG with the message alone for a bad request (it names the field), else the
+    exception's type and message (INTERNAL)."""
+    if isinstance(error, InvalidArgument):
+        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error), code)
+                                          if code is not None else pb_utils.TritonError(str(error)))
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"{type(error).__name__}: {error}"))
 
 
@@ -142,6 +155,9 @@ class TorchComponent:
         self.module = _load_torch_component(component, folder / subfolder, dtype)
         self.module.to(self.device).eval().requires_grad_(False)
         self.forward: Callable = _torch_forward(component, self.module, dtype)
+        # A p3s UNet: the condition attached per request (its per-step features are no graph's: no capture).
+        self.conditioned = ConditionedUnet(self.module, folder / CONDITION_FILE) if component == P3S_COMPONENT \
+            else None
         graphs = parse_flag(parameters.get("cuda_graphs"), "cuda_graphs")  # config.pbtxt; unset: the UNet only
         graphs = component == "unet" if graphs is None else graphs
         if graphs and self.device.type == "cuda":
@@ -155,6 +171,8 @@ class TorchComponent:
         for request in requests:  # exactly one response per request, errors included
             try:
                 inputs = [self._input(pb_utils, request, name) for name in self.inputs]
+                if self.conditioned is not None:
+                    self.conditioned.attach(request.parameters())
                 wanted = list(request.requested_output_names()) or list(self.outputs)
                 unknown = [name for name in wanted if name not in self.outputs]
                 if unknown:
@@ -171,7 +189,9 @@ class TorchComponent:
         return from_triton(_input_tensor(pb_utils, request, name), self.device)
 
     def finalize(self) -> None:
-        self.module = self.forward = None
+        if self.conditioned is not None:
+            self.conditioned.detach()
+        self.module = self.forward = self.conditioned = None
 
 
 def _parameters(args: dict) -> dict[str, str]:
@@ -185,7 +205,7 @@ def _load_torch_component(component: str, folder: Path, dtype):
         from transformers import CLIPTextModel
 
         return CLIPTextModel.from_pretrained(folder, dtype=dtype)
-    if component == "unet":
+    if component in ("unet", P3S_COMPONENT):
         from diffusers import UNet2DConditionModel
 
         return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype)
@@ -200,7 +220,7 @@ def _torch_forward(component: str, module, dtype) -> Callable:
         def forward(input_ids):
             out = module(input_ids=input_ids.long(), return_dict=True)
             return out.last_hidden_state.float(), out.pooler_output.float()
-    elif component == "unet":
+    elif component in ("unet", P3S_COMPONENT):
         def forward(sample, timestep, encoder_hidden_states):
             # float32 timesteps (Euler's are fractional); diffusers embeds them in float32, then casts.
             out = module(sample.to(dtype), timestep.float(), encoder_hidden_states.to(dtype), return_dict=False)[0]
@@ -310,15 +330,30 @@ class BlsModels:
         self.vae_scale_factor = int(pipeline["vae_scale_factor"])
         self.scaling_factor = float(pipeline["scaling_factor"])
         self.models = pipeline["models"]  # component → Triton model name
+        self.p3s_photos = int((pipeline.get("p3s") or {}).get("photos", 0))  # a p3s concept's photos, else 0
+        self.unet_parameters: dict = {}  # sent with each UNet call (a p3s draw's settings)
+
+    def drawing(self, given: dict, concept: str) -> "BlsModels":
+        """These models for one request with parameters `given`: a p3s concept's checked settings forwarded to its
+        UNet on every call (triton_p3s); p3s settings for any other concept refused by name."""
+        if not self.p3s_photos:
+            refuse_p3s_parameters(given, concept)
+            return self
+        drawing = copy.copy(self)
+        drawing.unet_parameters = bls_parameters(p3s_parameters(given, self.p3s_photos))
+        return drawing
 
     def _call(self, component: str, inputs: dict, output: str):
         import triton_python_backend_utils as pb_utils
 
         tensors = [to_triton(pb_utils, name, value) for name, value in inputs.items()]  # GPU tensors stay there
+        extra = {"parameters": self.unet_parameters} if component == "unet" and self.unet_parameters else {}
         request = pb_utils.InferenceRequest(model_name=self.models[component], requested_output_names=[output],
-                                            inputs=tensors)
+                                            inputs=tensors, **extra)
         response = request.exec()
         if response.has_error():
+            if response.error().code() == getattr(pb_utils.TritonError, "INVALID_ARG", None):
+                raise InvalidArgument(response.error().message())
             raise RuntimeError(f"{component} model {self.models[component]}: {response.error().message()}")
         return from_triton(pb_utils.get_output_tensor_by_name(response, output), self.device)
 
@@ -374,8 +409,11 @@ class StableDiffusionPipelineModel:
         responses = []
         for request in requests:
             try:
-                parameters = request_parameters(request.parameters())
-                models, scheduler_config = self.concept(parameters.pop("concept"))
+                given = parsed(request.parameters())
+                parameters = request_parameters(given)
+                concept = parameters.pop("concept")
+                models, scheduler_config = self.concept(concept)
+                models = models.drawing(given, concept)
                 loop = sampling.LoopSettings(**parameters)
                 tensor = lambda name: from_triton(_input_tensor(pb_utils, request, name), "cpu")  # noqa: E731
                 prompt_ids, negative_ids, seeds = tensor("PROMPT_IDS"), tensor("NEGATIVE_IDS"), tensor("SEEDS")

@@ -26,6 +26,10 @@ component takes the concept's diffusers folder instead of its ONNX export:
 and speaks exactly the ONNX graphs' inputs and outputs, so the pipeline model is the same for every backend. The
 pipeline is a python model running the shared sampling loop; it calls the components through BLS.
 
+A p3s concept (torch components only) has its base model's components but for the UNet, which is
+`p3s_unet_<digest>`: the base UNet's files plus the concept's `p3s_condition.safetensors`, served by the same torch
+adapter with the condition attached per request (triton_p3s.py); its pipeline.json says how many photos it has.
+
 Graphs and weights are hard-linked from the export where the filesystem allows (GBs are not copied), and every
 model or version folder is written beside the repository and renamed into place, so Triton never reads half a
 model.
@@ -46,8 +50,10 @@ from persona.services.runtime.artifacts import file_sha256
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .triton_config import TensorSpec, model_config
+from ..models.p3s.condition import WEIGHT_NAME as CONDITION_FILE, read_summary
 from .triton_models import (CONCEPTS_FOLDER, PIPELINE_FILE, PIPELINE_INPUTS, PIPELINE_MODEL, PIPELINE_OUTPUTS,
                             TORCH_COMPONENTS)
+from .triton_p3s import P3S_COMPONENT
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 # How components are served: python = ONNX Runtime inside a python-backend model; onnxruntime = Triton's
@@ -69,6 +75,7 @@ class RepositoryEntry:
     version: int
     components: dict[str, str]
     native_resolution: int
+    p3s_photos: int = 0  # a p3s concept's photos (its UNet takes the p3s request parameters), else 0
 
 
 @dataclass(frozen=True)
@@ -122,14 +129,24 @@ class TritonRepository:
 
     # -- writing
 
-    def add(self, name: str, export_dir: Path) -> RepositoryEntry:
+    def add(self, name: str, export_dir: Path, condition: Path | None = None) -> RepositoryEntry:
         """Puts concept `name` in the repository — from its ONNX export `export_dir` (onnx_export's layout), or
         with the torch backend from its diffusers folder — writing only the component models that are not there
-        yet and a new concept version only when something changed. Returns the entry whose component models (and
-        `sd_pipeline`) must be loaded."""
+        yet and a new concept version only when something changed. `condition`: a p3s concept's condition file,
+        `export_dir` then being its base model's diffusers folder (torch components only). Returns the entry whose
+        component models (and `sd_pipeline`) must be loaded."""
         export_dir = Path(export_dir)
+        if condition is not None and self.component_backend != "torch":
+            raise FailedPrecondition(
+                f"concept {name} is a p3s concept, whose condition branch runs beside the UNet at every step: only "
+                f"torch components hold it, and this repository's are {self.component_backend}; set "
+                "PERSONA_TRITON_COMPONENT_BACKEND=torch (or draw it with PERSONA_GENERATE_ENGINE=embedded)")
+        photos = 0
         if self.component_backend == "torch":
             source = _diffusers_source(export_dir)
+            if condition is not None:
+                photos = read_summary(condition)[0]
+                source.components["unet"] = _p3s_unet(source.components["unet"], Path(condition))
         elif self.component_backend == "tensorrt":
             source = _tensorrt_source(export_dir)
         else:
@@ -140,12 +157,14 @@ class TritonRepository:
             **source.geometry,
             "tokenizer_and_scheduler": _digest_tree(export_dir, ("tokenizer", "scheduler")),
         }
+        if photos:
+            pipeline["p3s"] = {"photos": photos}
         current = self.entry(name)
         if current is not None and _read_json(self._concepts / name / str(current.version) / PIPELINE_FILE) == pipeline:
             return current
         version = 1 if current is None else current.version + 1
         self._write_pipeline(name, version, export_dir, pipeline)
-        return RepositoryEntry(name, version, components, int(pipeline["native_resolution"]))
+        return RepositoryEntry(name, version, components, int(pipeline["native_resolution"]), photos)
 
     def _add_component(self, spec: _Component) -> str:
         name = f"{spec.component}_{spec.digest}"
@@ -173,8 +192,9 @@ class TritonRepository:
         if self.component_backend != "torch":
             return None
         parameters = {"component": component}
-        if component == "unet":
-            parameters["cuda_graphs"] = "1"  # ignored on CPU instances; "0" turns capture off
+        if component in ("unet", P3S_COMPONENT):
+            # Ignored on CPU instances; "0" turns capture off, as a p3s UNet needs (its features change per step).
+            parameters["cuda_graphs"] = "1" if component == "unet" else "0"
         if self.instance_kind == "KIND_GPU":
             # The python backend copies inputs to the host unless told otherwise; torch wants them where they are.
             parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
@@ -232,7 +252,8 @@ class TritonRepository:
         pipeline = _read_json(self._concepts / name / str(versions[-1]) / PIPELINE_FILE)
         if pipeline is None:
             return None
-        return RepositoryEntry(name, versions[-1], dict(pipeline["models"]), int(pipeline["native_resolution"]))
+        return RepositoryEntry(name, versions[-1], dict(pipeline["models"]), int(pipeline["native_resolution"]),
+                               int((pipeline.get("p3s") or {}).get("photos", 0)))
 
     def entries(self) -> list[RepositoryEntry]:
         if not self._concepts.is_dir():
@@ -343,6 +364,12 @@ def _diffusers_source(folder: Path) -> _Source:
         "native_resolution": int(sample_size) * vae_scale_factor,
     }
     return _Source(components, geometry)
+
+
+def _p3s_unet(unet: _Component, condition: Path) -> _Component:
+    """A p3s concept's UNet component: the base UNet's files and the condition file, named by both."""
+    digest = _digest({"unet": unet.digest, CONDITION_FILE: file_sha256(condition)})
+    return _Component(P3S_COMPONENT, digest, (*unet.files, (condition, CONDITION_FILE)), unet.inputs, unet.outputs)
 
 
 def _read_diffusers_configs(folder: Path) -> dict[str, dict]:

@@ -92,6 +92,25 @@ def load_condition(path: Path, unet) -> P3SCondition:
                         json.loads(metadata.get("p3s", "{}")))
 
 
+def read_summary(path: Path) -> tuple[int, dict]:
+    """(photos, training settings) of a condition file, without loading its tensors: what a draw's
+    `p3s_reference` and unset schedule options are checked and resolved against away from the branch (Triton)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise FailedPrecondition(f"{Path(path).name} is not a P3S condition (format {metadata.get('format')!r})")
+        photos = f.get_slice("reference.latents").get_shape()[0]
+    return int(photos), json.loads(metadata.get("p3s", "{}"))
+
+
+def check_reference(reference: int, photos: int) -> None:
+    """InvalidArgument naming `p3s_reference` unless it is one of the concept's `photos` photos."""
+    if not 0 <= reference < photos:
+        raise InvalidArgument(f"`p3s_reference` is {reference}: use a photo index 0–{photos - 1}")
+
+
 class AttachedCondition:
     """`condition` attached to a frozen `unet`: every UNet call (a pipeline's denoising steps included) first runs
     the copy on its own (sample, timestep, encoder_hidden_states) with reference photo `reference`, and the UNet's
@@ -104,9 +123,7 @@ class AttachedCondition:
         from .injection import InjectedSelfAttnProcessor, InjectionState
         from .weights import drawing_lambda, trained_weights
 
-        n = condition.reference_latents.shape[0]
-        if not 0 <= reference < n:
-            raise InvalidArgument(f"`p3s_reference` is {reference}: use a photo index 0–{n - 1}")
+        check_reference(reference, condition.reference_latents.shape[0])
         s = condition.settings
         self.weights = weights or trained_weights(s)
         self.unet, self.condition, self.use_rngr = unet, condition, s.get("rngr", True)
