@@ -34,7 +34,7 @@ TOKEN_KEY = "token_embedding"
 WHOLE_PIPELINE_METHODS = ("dreambooth",)
 # Methods whose weights change how the UNet computes, not what its weights are (p3s: a trainable condition branch
 # run beside the UNet each step, models/p3s/): nothing to fuse, so no plain pipeline, ONNX graph or kohya file
-# draws them; the generate service's embedded engine attaches them in-process.
+# draws them; the generate service attaches them (its embedded engine, or Triton's torch UNet component).
 IN_PROCESS_METHODS = ("p3s",)
 
 
@@ -42,9 +42,10 @@ def in_process_only(method: str, concept_id: str = "") -> str:
     """Why a concept of an IN_PROCESS_METHODS method cannot be exported, and what draws it."""
     which = f"concept {concept_id}" if concept_id else "the concept"
     return (f"{which} was trained with {method}: its condition branch (p3s_condition.safetensors) is drawn "
-            "in-process only for now, by the generate service's embedded engine (`persona-cli generate "
-            f"{concept_id or 'CONCEPT'} ...`); stock diffusers, kohya/A1111/ComfyUI, ONNX, TensorRT and Triton cannot load it, "
-            "so it has no diffusers, lora, kohya, onnx or tensorrt export")
+            "only by persona's generate service (`persona-cli generate "
+            f"{concept_id or 'CONCEPT'} ...`: the embedded engine, or Triton with torch components); stock "
+            "diffusers, kohya/A1111/ComfyUI, ONNX and TensorRT cannot load it, so it has no diffusers, lora, kohya, "
+            "onnx or tensorrt export")
 
 
 def fuse_into_pipeline(method: str, pipe: Any, weights_dir: Path, token: str) -> None:

@@ -70,4 +70,4 @@ def test_a_p3s_concept_draws_in_process_with_the_schedule_and_photo_each_request
         error = _refused(lambda: client.train.ExportConcept(train_pb2.ExportConceptRequest(
             concept_id=concept_id, format=fmt)))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
-        assert "drawn in-process only" in error.details() and "stock diffusers" in error.details()
+        assert "drawn only by persona's generate service" in error.details() and "stock diffusers" in error.details()

@@ -54,4 +54,4 @@ def test_train_p3s_on_clicked_photos_from_the_cli(dreambench, tmp_path, monkeypa
     # No export: what other tools can and cannot load.
     refused = failed(cli("export", concept_id, "--format", "diffusers", "--out", tmp_path / "export"),
                      "FAILED_PRECONDITION")
-    assert "drawn in-process only" in refused
+    assert "drawn only by persona's generate service" in refused
