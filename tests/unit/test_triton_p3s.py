@@ -103,3 +103,28 @@ def test_onnx_components_refuse_a_p3s_concept_naming_the_torch_backend(tiny, con
     for backend in ("python", "onnxruntime", "tensorrt"):
         with pytest.raises(FailedPrecondition, match="PERSONA_TRITON_COMPONENT_BACKEND=torch"):
             TritonRepository(tmp_path / backend, component_backend=backend).add("cpt_p3s", tiny, condition=condition)
+
+
+def test_the_triton_engine_takes_a_p3s_concept_with_torch_components_only(tmp_path):
+    """With ONNX or TensorRT components the domain refuses a p3s concept before loading anything, naming both ways
+    that draw it."""
+    from types import SimpleNamespace
+
+    from persona.services.generate.domain import GenerateDomain
+    from persona.services.generate.settings import GenerateSettings
+    from persona.services.generate.triton_engine import ExternalTriton, TritonEngine
+
+    concept = SimpleNamespace(concept_id="cpt_p3s", method="p3s", state="READY", job_id="job_1",
+                              files_of=lambda role: ["p3s_condition.safetensors"])
+    models = SimpleNamespace(get=lambda tenant, concept_id: concept)
+    for backend in ("python", "onnxruntime", "tensorrt", "torch"):
+        engine = TritonEngine(TritonRepository(tmp_path / backend, component_backend=backend),
+                              ExternalTriton("127.0.0.1:1"))
+        assert engine.attaches_conditions == (backend == "torch")
+        if backend == "torch":
+            continue
+        domain = GenerateDomain(models, engine, GenerateSettings(device="cpu"), tmp_path / "cache")
+        with pytest.raises(FailedPrecondition) as refused:
+            domain.load("acme", "cpt_p3s")
+        assert "PERSONA_TRITON_COMPONENT_BACKEND=torch" in str(refused.value)
+        assert "PERSONA_GENERATE_ENGINE=embedded" in str(refused.value)
