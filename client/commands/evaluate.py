@@ -6,8 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from persona.services.generate.options import BY_NAME, P3S_SETTINGS
 from persona.v1 import evaluate_pb2
 
+from ..declared_options import with_declared_options
 from ..jobwatch import JobProgress, follow_or_cancel
 from ..output import fail, message_dict, note, table
 from .jobs import raise_unless_succeeded
@@ -16,6 +18,8 @@ from .session import JsonOption, session
 BUILTIN_PROMPT_SETS = ("dreambench", "dreambench-object", "dreambench-live")
 
 
+# How the report's p3s concepts are drawn: `persona-cli generate`'s p3s options, declared once (generate/options.py).
+@with_declared_options([BY_NAME[name] for name in P3S_SETTINGS], before="metric")
 def evaluate(
     ctx: typer.Context,
     concept_ids: Annotated[list[str], typer.Argument(
@@ -40,6 +44,7 @@ def evaluate(
         "--report", dir_okay=False, help="Where the HTML report goes; report.json and report.csv are written "
                                          "beside it.")] = Path("report.html"),
     as_json: JsonOption = False,
+    options: Optional[dict] = None,
 ) -> None:
     """Draw each concept on a prompt set and measure it: DreamBench's CLIP-I, CLIP-T and DINO; SID's subject
     alignment, non-subject disentanglement and text alignment; P3S's variances; CustomContrast's reconstruction
@@ -59,7 +64,7 @@ def evaluate(
             fail("INVALID_ARGUMENT", f"--prompts {prompts!r} is neither {', '.join(BUILTIN_PROMPT_SETS)} nor a file")
         request.prompts.extend(path.read_text(encoding="utf-8").splitlines())
     for name, value in (("images_per_prompt", number), ("seed", seed), ("steps", steps),
-                        ("guidance_scale", guidance)):
+                        ("guidance_scale", guidance), *(options or {}).items()):
         if value is not None:
             setattr(request, name, value)
     s = session(ctx)

@@ -57,6 +57,8 @@ class EvaluationRequest:
     guidance_scale: float | None = None
     metrics: tuple[str, ...] = ()
     resolution: int | None = None
+    # How p3s concepts are drawn: GenerateRequest's p3s_* settings the request sets ({"p3s_injection_lambda": 0.5}).
+    p3s: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,16 @@ class EvaluateDomain:
             raise InvalidArgument("`concept_ids` is empty: pass the concepts to evaluate (`persona-cli concepts list`)")
         if len(concept_ids) > MAX_CONCEPTS:
             raise InvalidArgument(f"`concept_ids` has {len(concept_ids)} concepts; at most {MAX_CONCEPTS} per report")
+        methods = set()
         for concept_id in concept_ids:
             concept = self.models.get(tenant_id, concept_id)  # NOT_FOUND, also for another tenant's
             if not concept.files_of("weights"):
                 raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights: evaluate it "
                                          f"when job {concept.job_id} has finished")
+            methods.add(concept.method)
+        if request.p3s and not methods & set(IN_PROCESS_METHODS):
+            raise InvalidArgument(f"`{next(iter(request.p3s))}` is set but no concept of `concept_ids` is a p3s "
+                                  "concept: the p3s_* settings say how p3s concepts are drawn; leave them unset")
         wanted = list(dict.fromkeys(request.metrics)) or list(METRICS)
         unknown = [m for m in wanted if m not in METRICS]
         if unknown:
@@ -113,7 +120,7 @@ class EvaluateDomain:
             "seed": DEFAULTS["seed"] if request.seed is None else request.seed,
             "steps": DEFAULTS["steps"] if request.steps is None else request.steps,
             "guidance_scale": DEFAULTS["guidance_scale"] if request.guidance_scale is None else request.guidance_scale,
-            "metrics": wanted, "resolution": request.resolution,
+            "metrics": wanted, "resolution": request.resolution, "p3s": dict(request.p3s),
         }
         if request.resolution is not None and (request.resolution % 8 or not 8 <= request.resolution <= 2048):
             raise InvalidArgument(f"`resolution` is {request.resolution}: use a multiple of 8 from 8 to 2048, or "
@@ -121,7 +128,8 @@ class EvaluateDomain:
         # Sampling values are checked by the generate service's own rules now, not after minutes of work.
         probe = GenerateRequest(prompts=("probe",), concept_id=concept_ids[0], seed=params["seed"],
                                 steps=params["steps"], guidance_scale=params["guidance_scale"],
-                                width=request.resolution, height=request.resolution, images_per_prompt=n)
+                                width=request.resolution, height=request.resolution, images_per_prompt=n,
+                                **request.p3s)  # bounds and choices of the p3s settings too
         self.generate.check(probe)
         return self.runner.submit(tenant_id, KIND, params)
 
@@ -168,7 +176,8 @@ class EvaluateDomain:
             title=f"persona evaluation of {', '.join(r.label for r in results)}",
             settings={"prompt set": params["prompt_set"] or "own prompts", "images per prompt":
                       params["images_per_prompt"], "seed": params["seed"], "DDIM steps": params["steps"],
-                      "guidance": params["guidance_scale"], "engine": self.generate.engine.name},
+                      "guidance": params["guidance_scale"], "engine": self.generate.engine.name,
+                      **({"p3s concepts drawn with": _p3s_text(params["p3s"])} if params.get("p3s") else {})},
             sources=_sources(self.settings, wanted))
         html_id = self.artifacts.put(report.render_html(results, meta).encode())
         json_id = self.artifacts.put(report.render_json(results, meta).encode())
@@ -192,6 +201,8 @@ class EvaluateDomain:
         references = [self.subjects.image_rgb(tenant_id, subject.subject_id, i.image_id) for i in subject.images]
         reference_masks = [self._reference_mask(tenant_id, subject, i.image_id) for i in subject.images]
         refs = _References(clip, dino, references, reference_masks, wanted)
+        # The request's p3s drawing settings, for p3s concepts only (another concept would refuse them).
+        p3s = params.get("p3s", {}) if concept.method in IN_PROCESS_METHODS else {}
         notes: list[str] = []
         attention = None
         if "attention" in wanted and concept.method in IN_PROCESS_METHODS:
@@ -208,7 +219,7 @@ class EvaluateDomain:
             drawn = list(self.generate.generate(tenant_id, GenerateRequest(
                 prompts=(prompt.text,), concept_id=concept_id, seed=params["seed"], steps=params["steps"],
                 guidance_scale=params["guidance_scale"], scheduler="ddim", width=params["resolution"],
-                height=params["resolution"], images_per_prompt=params["images_per_prompt"])))
+                height=params["resolution"], images_per_prompt=params["images_per_prompt"], **p3s)))
             images = [Image.open(io.BytesIO(d.png)).convert("RGB") for d in drawn]
             scores, embedded = refs.score(prompt, images, concept.token, self.masks, concept.class_name)
             all_scores.append(scores)
@@ -334,6 +345,11 @@ def attention_unavailable(method: str) -> str:
     """The report's note for a concept of an IN_PROCESS_METHODS method (no diffusers export to redraw from)."""
     return (f"attention maps: not available for {method} concepts (their condition branch is drawn in-process by "
             "the generate service and has no diffusers export to redraw with attention capture)")
+
+
+def _p3s_text(settings: dict) -> str:
+    """The report's line for the p3s settings a request set: "p3s_injection_lambda 0.5, p3s_reference 1"."""
+    return ", ".join(f"{name} {value}" for name, value in settings.items()) + " (the rest as each concept trained)"
 
 
 def _count(name: str, value: int | None, default: int, low: int, high: int) -> int:

@@ -7,11 +7,20 @@ from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.job_service import job_to_proto
 from persona.services.runtime.server import ServiceRegistration
 
+from ..generate.options import P3S_SETTINGS
 from .domain import EvaluateDomain, EvaluationRequest
 
 
 def _optional(message, name: str):
     return getattr(message, name) if message.HasField(name) else None
+
+
+def _p3s(request) -> dict:
+    """The p3s drawing settings the request sets (GenerateRequest's names), the unset ones left out."""
+    fields = request.DESCRIPTOR.fields_by_name
+    given = {name: _optional(request, name) if fields[name].has_presence else getattr(request, name)
+             for name in P3S_SETTINGS}
+    return {name: value for name, value in given.items() if value not in (None, "")}
 
 
 class EvaluateServicer(evaluate_pb2_grpc.EvaluateServiceServicer):
@@ -23,7 +32,7 @@ class EvaluateServicer(evaluate_pb2_grpc.EvaluateServiceServicer):
             concept_ids=tuple(request.concept_ids), prompt_set=request.prompt_set, prompts=tuple(request.prompts),
             images_per_prompt=_optional(request, "images_per_prompt"), seed=_optional(request, "seed"),
             steps=_optional(request, "steps"), guidance_scale=_optional(request, "guidance_scale"),
-            metrics=tuple(request.metrics), resolution=_optional(request, "resolution")))
+            metrics=tuple(request.metrics), resolution=_optional(request, "resolution"), p3s=_p3s(request)))
         return job_to_proto(job)
 
     def GetReport(self, request, context):

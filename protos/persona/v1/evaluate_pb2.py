@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from persona.v1 import common_pb2 as persona_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19persona/v1/evaluate.proto\x12\npersona.v1\x1a\x17persona/v1/common.proto\"\xab\x02\n\x16StartEvaluationRequest\x12\x13\n\x0b\x63oncept_ids\x18\x01 \x03(\t\x12\x12\n\nprompt_set\x18\x02 \x01(\t\x12\x0f\n\x07prompts\x18\x03 \x03(\t\x12\x1e\n\x11images_per_prompt\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x0f\n\x07metrics\x18\x08 \x03(\t\x12\x17\n\nresolution\x18\t \x01(\x05H\x04\x88\x01\x01\x42\x14\n\x12_images_per_promptB\x07\n\x05_seedB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\r\n\x0b_resolution\"\"\n\x10GetReportRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"P\n\x0bMetricValue\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x0e\n\x06source\x18\x04 \x01(\t\"\xc5\x01\n\x06Report\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63oncept_ids\x18\x02 \x03(\t\x12(\n\x07metrics\x18\x03 \x03(\x0b\x32\x17.persona.v1.MetricValue\x12\x18\n\x10html_artifact_id\x18\x04 \x01(\t\x12\x18\n\x10json_artifact_id\x18\x05 \x01(\t\x12\x17\n\x0f\x63sv_artifact_id\x18\x06 \x01(\t\x12\x0e\n\x06images\x18\x07 \x01(\x05\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\"<\n\x15ReadReportFileRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\"C\n\x0fReportFileChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x32\xec\x01\n\x0f\x45valuateService\x12\x46\n\x0fStartEvaluation\x12\".persona.v1.StartEvaluationRequest\x1a\x0f.persona.v1.Job\x12=\n\tGetReport\x12\x1c.persona.v1.GetReportRequest\x1a\x12.persona.v1.Report\x12R\n\x0eReadReportFile\x12!.persona.v1.ReadReportFileRequest\x1a\x1b.persona.v1.ReportFileChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19persona/v1/evaluate.proto\x12\npersona.v1\x1a\x17persona/v1/common.proto\"\xc4\x04\n\x16StartEvaluationRequest\x12\x13\n\x0b\x63oncept_ids\x18\x01 \x03(\t\x12\x12\n\nprompt_set\x18\x02 \x01(\t\x12\x0f\n\x07prompts\x18\x03 \x03(\t\x12\x1e\n\x11images_per_prompt\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x0f\n\x07metrics\x18\x08 \x03(\t\x12\x17\n\nresolution\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x1b\n\x13p3s_weight_schedule\x18\n \x01(\t\x12\x1d\n\x10p3s_weight_alpha\x18\x0b \x01(\x01H\x05\x88\x01\x01\x12\x1c\n\x0fp3s_weight_beta\x18\x0c \x01(\x01H\x06\x88\x01\x01\x12\x19\n\x0cp3s_weight_k\x18\r \x01(\x01H\x07\x88\x01\x01\x12!\n\x14p3s_injection_lambda\x18\x0e \x01(\x01H\x08\x88\x01\x01\x12\x1a\n\rp3s_reference\x18\x0f \x01(\x05H\t\x88\x01\x01\x42\x14\n\x12_images_per_promptB\x07\n\x05_seedB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\r\n\x0b_resolutionB\x13\n\x11_p3s_weight_alphaB\x12\n\x10_p3s_weight_betaB\x0f\n\r_p3s_weight_kB\x17\n\x15_p3s_injection_lambdaB\x10\n\x0e_p3s_reference\"\"\n\x10GetReportRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"P\n\x0bMetricValue\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x0e\n\x06source\x18\x04 \x01(\t\"\xc5\x01\n\x06Report\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63oncept_ids\x18\x02 \x03(\t\x12(\n\x07metrics\x18\x03 \x03(\x0b\x32\x17.persona.v1.MetricValue\x12\x18\n\x10html_artifact_id\x18\x04 \x01(\t\x12\x18\n\x10json_artifact_id\x18\x05 \x01(\t\x12\x17\n\x0f\x63sv_artifact_id\x18\x06 \x01(\t\x12\x0e\n\x06images\x18\x07 \x01(\x05\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\"<\n\x15ReadReportFileRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\"C\n\x0fReportFileChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x32\xec\x01\n\x0f\x45valuateService\x12\x46\n\x0fStartEvaluation\x12\".persona.v1.StartEvaluationRequest\x1a\x0f.persona.v1.Job\x12=\n\tGetReport\x12\x1c.persona.v1.GetReportRequest\x1a\x12.persona.v1.Report\x12R\n\x0eReadReportFile\x12!.persona.v1.ReadReportFileRequest\x1a\x1b.persona.v1.ReportFileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'persona.v1.evaluate_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTEVALUATIONREQUEST']._serialized_start=67
-  _globals['_STARTEVALUATIONREQUEST']._serialized_end=366
-  _globals['_GETREPORTREQUEST']._serialized_start=368
-  _globals['_GETREPORTREQUEST']._serialized_end=402
-  _globals['_METRICVALUE']._serialized_start=404
-  _globals['_METRICVALUE']._serialized_end=484
-  _globals['_REPORT']._serialized_start=487
-  _globals['_REPORT']._serialized_end=684
-  _globals['_READREPORTFILEREQUEST']._serialized_start=686
-  _globals['_READREPORTFILEREQUEST']._serialized_end=746
-  _globals['_REPORTFILECHUNK']._serialized_start=748
-  _globals['_REPORTFILECHUNK']._serialized_end=815
-  _globals['_EVALUATESERVICE']._serialized_start=818
-  _globals['_EVALUATESERVICE']._serialized_end=1054
+  _globals['_STARTEVALUATIONREQUEST']._serialized_end=647
+  _globals['_GETREPORTREQUEST']._serialized_start=649
+  _globals['_GETREPORTREQUEST']._serialized_end=683
+  _globals['_METRICVALUE']._serialized_start=685
+  _globals['_METRICVALUE']._serialized_end=765
+  _globals['_REPORT']._serialized_start=768
+  _globals['_REPORT']._serialized_end=965
+  _globals['_READREPORTFILEREQUEST']._serialized_start=967
+  _globals['_READREPORTFILEREQUEST']._serialized_end=1027
+  _globals['_REPORTFILECHUNK']._serialized_start=1029
+  _globals['_REPORTFILECHUNK']._serialized_end=1096
+  _globals['_EVALUATESERVICE']._serialized_start=1099
+  _globals['_EVALUATESERVICE']._serialized_end=1335
 # @@protoc_insertion_point(module_scope)

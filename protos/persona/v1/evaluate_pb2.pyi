@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartEvaluationRequest(_message.Message):
-    __slots__ = ("concept_ids", "prompt_set", "prompts", "images_per_prompt", "seed", "steps", "guidance_scale", "metrics", "resolution")
+    __slots__ = ("concept_ids", "prompt_set", "prompts", "images_per_prompt", "seed", "steps", "guidance_scale", "metrics", "resolution", "p3s_weight_schedule", "p3s_weight_alpha", "p3s_weight_beta", "p3s_weight_k", "p3s_injection_lambda", "p3s_reference")
     CONCEPT_IDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_SET_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,12 @@ class StartEvaluationRequest(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    P3S_WEIGHT_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    P3S_WEIGHT_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    P3S_WEIGHT_BETA_FIELD_NUMBER: _ClassVar[int]
+    P3S_WEIGHT_K_FIELD_NUMBER: _ClassVar[int]
+    P3S_INJECTION_LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    P3S_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     concept_ids: _containers.RepeatedScalarFieldContainer[str]
     prompt_set: str
     prompts: _containers.RepeatedScalarFieldContainer[str]
@@ -27,7 +33,13 @@ class StartEvaluationRequest(_message.Message):
     guidance_scale: float
     metrics: _containers.RepeatedScalarFieldContainer[str]
     resolution: int
-    def __init__(self, concept_ids: _Optional[_Iterable[str]] = ..., prompt_set: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., images_per_prompt: _Optional[int] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., metrics: _Optional[_Iterable[str]] = ..., resolution: _Optional[int] = ...) -> None: ...
+    p3s_weight_schedule: str
+    p3s_weight_alpha: float
+    p3s_weight_beta: float
+    p3s_weight_k: float
+    p3s_injection_lambda: float
+    p3s_reference: int
+    def __init__(self, concept_ids: _Optional[_Iterable[str]] = ..., prompt_set: _Optional[str] = ..., prompts: _Optional[_Iterable[str]] = ..., images_per_prompt: _Optional[int] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., metrics: _Optional[_Iterable[str]] = ..., resolution: _Optional[int] = ..., p3s_weight_schedule: _Optional[str] = ..., p3s_weight_alpha: _Optional[float] = ..., p3s_weight_beta: _Optional[float] = ..., p3s_weight_k: _Optional[float] = ..., p3s_injection_lambda: _Optional[float] = ..., p3s_reference: _Optional[int] = ...) -> None: ...
 
 class GetReportRequest(_message.Message):
     __slots__ = ("job_id",)
