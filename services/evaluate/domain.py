@@ -8,9 +8,9 @@ prompt: `images_per_prompt` images from seeds seed, seed+1, … (the same for ev
 the identifier's cross-attention map of the first image (drawn again in this process with torch from the concept's
 diffusers export, since an engine like Triton does not hand out attention). A concept without a diffusers export
 (models/fusing.py IN_PROCESS_METHODS: p3s, whose condition branch runs beside the UNet) gets no overlays: its
-images and metrics are measured like any other's and the report says "attention maps: not available for p3s
-concepts" beside it; an export refused for another reason (FAILED_PRECONDITION) is noted the same way, so one
-concept's missing overlays never fail the report. Generated images are segmented (Grounded-SAM on the class
+images and metrics are measured like any other's (drawn with the request's p3s_* settings, when it sets them) and
+the report says "attention maps: not available for p3s concepts" beside it; an export refused for another reason
+(FAILED_PRECONDITION) is noted the same way, so one concept's missing overlays never fail the report. Generated images are segmented (Grounded-SAM on the class
 name) for CustomContrast's subject-only scores. Each metric's model and reading is stated in the report.
 """
 from __future__ import annotations
@@ -343,8 +343,8 @@ class _AttentionDrawer:
 
 def attention_unavailable(method: str) -> str:
     """The report's note for a concept of an IN_PROCESS_METHODS method (no diffusers export to redraw from)."""
-    return (f"attention maps: not available for {method} concepts (their condition branch is drawn in-process by "
-            "the generate service and has no diffusers export to redraw with attention capture)")
+    return (f"attention maps: not available for {method} concepts (their condition branch runs beside the UNet, "
+            "drawn only by the generate service, and has no diffusers export to redraw with attention capture)")
 
 
 def _p3s_text(settings: dict) -> str:
