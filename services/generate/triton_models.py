@@ -10,6 +10,8 @@ these classes, so what runs inside Triton is ordinary, importable, reviewable co
 - `TorchComponent` serves the same component from the diffusers weights with torch (fp16 on CUDA, optionally
   replayed from CUDA graphs), speaking exactly the ONNX graph's inputs and outputs: the GPU path where the server
   has only the python backend and the machine only a CPU onnxruntime (the nvidia-pytriton bundle).
+  As `p3s_unet` it is a p3s concept's UNet with the concept's condition attached per request from the request's
+  p3s parameters (triton_p3s.py), which the pipeline forwards on each BLS call.
 - `StableDiffusionPipelineModel` runs `sampling.sample_ids` — the same loop as the in-process engine — over
   the three component models, calling them through BLS (business logic scripting) requests.
 
