@@ -1,7 +1,8 @@
 """Training benchmark: persona's training loop beside a plain diffusers-style reference loop, same process and device.
 
 The reference loop is the inner loop of diffusers `examples/dreambooth/train_dreambooth_lora.py` (LoRA) and
-`train_dreambooth.py` (DreamBooth, whole UNet) with prior preservation, batch 1 instance + 1 class image. Every
+`train_dreambooth.py` (DreamBooth, whole UNet) with prior preservation, batch B instance + B class images (the
+examples' --train_batch_size, 1 by default; persona's TrainConfig.batch_size the same B). Every
 step it preprocesses and tokenizes the batch as the example's dataset does, VAE-encodes the pixels, text-encodes
 the prompts, noises the latents, runs the UNet once on both images, takes MSE + prior loss (chunked), backward,
 clips, steps AdamW and the LR schedule. With fp16/bf16 on CUDA it does what the examples do under accelerate:
@@ -85,6 +86,7 @@ def run_train_benchmark(
     seed: int = 0,
     on_run: Callable[[str, str], None] | None = None,
     regularizers: Sequence[str] = (),
+    batch_size: int = 1,
 ) -> list[BenchRow]:
     """Trains each method with our loop and with the reference loop; returns rows (ours, reference) per method.
 
@@ -100,6 +102,9 @@ def run_train_benchmark(
 
     `methods` may also name OURS_ONLY_METHODS (ti, custom_diffusion, svdiff): one row each, our loop only, with the
     method's default learning rate; `vs_reference` is its it/s over our LoRA's when lora runs too, else None.
+
+    `batch_size` B: instance photos per step in both loops, each with a class image (B + B images in one UNet
+    call), at most `num_images`; a step then does B times the work, so compare it/s only at equal B.
     """
     import torch
 
@@ -120,6 +125,9 @@ def run_train_benchmark(
         raise InvalidArgument(f"`warmup_steps` is {warmup_steps}: use 0 or more")
     if num_images < 1:
         raise InvalidArgument(f"`num_images` is {num_images}: use 1 or more")
+    if not 1 <= batch_size <= num_images:
+        raise InvalidArgument(f"`batch_size` is {batch_size}: use 1 to `num_images` ({num_images}), the photos a "
+                              "step can hold")
     if resolution is not None and (resolution < 8 or resolution % 8):
         raise InvalidArgument(f"`resolution` is {resolution}: use a multiple of 8, e.g. 512")
     if mixed_precision not in MIXED_PRECISIONS:
@@ -143,11 +151,13 @@ def run_train_benchmark(
         if on_run is not None:
             on_run(method, OURS)
         ours = _measure(dev, lambda timer: _run_ours(base_model_dir, method, instance, klass, total, resolution,
-                                                       dev, precision, seed, timer), warmup_steps)
+                                                       dev, precision, seed, timer, batch_size=batch_size),
+                      warmup_steps)
         if on_run is not None:
             on_run(method, REFERENCE)
         reference = _measure(dev, lambda timer: reference_train(base_model_dir, method, instance, klass, total,
-                                                                  resolution, dev, precision, seed, timer),
+                                                                  resolution, dev, precision, seed, timer,
+                                                                  batch_size),
                              warmup_steps)
         rows.append(_row(method, OURS, ours, reference))
         rows.append(_row(method, REFERENCE, reference, reference))
@@ -158,14 +168,16 @@ def run_train_benchmark(
         if on_run is not None:
             on_run(name, OURS)
         timed = _measure(dev, lambda timer: _run_ours(base_model_dir, "lora", instance, klass, total, resolution,
-                                                        dev, precision, seed, timer, regularizer), warmup_steps)
+                                                        dev, precision, seed, timer, regularizer, batch_size),
+                       warmup_steps)
         rows.append(_row(name, OURS, timed, plain_lora))
     for method in (m for m in methods if m in OURS_ONLY_METHODS):
         if on_run is not None:
             on_run(method, OURS)
         classes = [] if method in NO_PRIOR_METHODS else klass
         timed = _measure(dev, lambda timer: _run_ours(base_model_dir, method, instance, classes, total, resolution,
-                                                        dev, precision, seed, timer), warmup_steps)
+                                                        dev, precision, seed, timer, batch_size=batch_size),
+                       warmup_steps)
         rows.append(_row(method, OURS, timed, plain_lora))
     return rows
 
@@ -242,13 +254,13 @@ def _row(method: str, loop: str, timer: _StepTimer, reference: _StepTimer | None
 
 
 def _run_ours(base_model_dir, method, instance, klass, total_steps, resolution, device, precision, seed,
-              timer: _StepTimer, regularizer: str | None = None) -> None:
+              timer: _StepTimer, regularizer: str | None = None, batch_size: int = 1) -> None:
     """persona's loop with the reference's settings (+ one regulariser plugin); should_stop marks each step's
     start, on_step its end."""
     import numpy as np
 
-    config = TrainConfig(method=method, steps=total_steps, learning_rate=LEARNING_RATES.get(method), batch_size=1,
-                         resolution=resolution, seed=seed, lora_rank=LORA_RANK, lora_alpha=LORA_RANK,
+    config = TrainConfig(method=method, steps=total_steps, learning_rate=LEARNING_RATES.get(method),
+                         batch_size=batch_size, resolution=resolution, seed=seed, lora_rank=LORA_RANK, lora_alpha=LORA_RANK,
                          lora_targets=LORA_TARGETS, mixed_precision=precision, device=str(device),
                          regularizers=(regularizer,) if regularizer else (),
                          train_text_encoder=regularizer in ("spl", "core"))
@@ -287,8 +299,10 @@ def reference_train(
     mixed_precision: str = "no",
     seed: int = 0,
     timer: _StepTimer | None = None,
+    batch_size: int = 1,
 ) -> list[float]:
-    """diffusers' DreamBooth example loop (LoRA or full UNet, prior preservation, batch 1 + 1); returns the losses.
+    """diffusers' DreamBooth example loop (LoRA or full UNet, prior preservation, `batch_size` instance + as many
+    class images a step, as --train_batch_size); returns the losses.
 
     Nothing is cached: every step preprocesses and tokenizes its two images, VAE-encodes them and text-encodes
     their prompts, as train_dreambooth_lora.py / train_dreambooth.py do with their default options.
@@ -300,11 +314,11 @@ def reference_train(
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)  # accelerate.utils.set_seed
         return _reference_train(Path(base_model_dir), method, list(instance_examples), list(class_examples), steps,
-                                resolution, device, mixed_precision, timer)
+                                resolution, device, mixed_precision, timer, batch_size)
 
 
 def _reference_train(base_model_dir, method, instance_examples, class_examples, steps, resolution, device,
-                     mixed_precision, timer) -> list[float]:
+                     mixed_precision, timer, batch_size=1) -> list[float]:
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -364,15 +378,18 @@ def _reference_train(base_model_dir, method, instance_examples, class_examples, 
     for _ in range(steps):
         if timer is not None:
             timer.step_begins()
-        if not order:
-            order = torch.randperm(length).tolist()
-        index = order.pop()
-        instance_image, instance_prompt = instance_examples[index % len(instance_examples)]
-        class_image, class_prompt = class_examples[index % len(class_examples)]
-        # The dataset's transforms and tokenization, then collate_fn: instance and class in one batch.
-        pixel_values = torch.stack([_example_transform(instance_image, resolution),
-                                    _example_transform(class_image, resolution)])
-        input_ids = tokenizer([instance_prompt, class_prompt], truncation=True, padding="max_length",
+        indices = []
+        # The DataLoader's next batch; a new shuffle when the epoch runs out (reading: a batch spans the epoch's end
+        # rather than coming up short, so every step has the same shape).
+        while len(indices) < batch_size:
+            if not order:
+                order = torch.randperm(length).tolist()
+            indices.append(order.pop())
+        instances = [instance_examples[i % len(instance_examples)] for i in indices]
+        classes = [class_examples[i % len(class_examples)] for i in indices]
+        # The dataset's transforms and tokenization, then collate_fn: the instances, then their class images.
+        pixel_values = torch.stack([_example_transform(image, resolution) for image, _ in instances + classes])
+        input_ids = tokenizer([prompt for _, prompt in instances + classes], truncation=True, padding="max_length",
                               max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         pixel_values = pixel_values.to(device, dtype=weight_dtype)
         input_ids = input_ids.to(device)

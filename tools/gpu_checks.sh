@@ -11,7 +11,9 @@
 #   train     persona-cli bench train --base-model sd15 --device cuda --mixed-precision fp16          ≤ 120 s
 # Opt-in, for a second call (each its own minutes): GPU_CHECKS=compile (persona's embedded engine with
 # torch.compile under its CUDA graphs, first and cached start), GPU_CHECKS=flow (photos → concept, 1000 LoRA
-# steps, issue 17's 3-minute target); several: GPU_CHECKS="generate train".
+# steps, issue 17's 3-minute target), GPU_CHECKS=batch4 (issue 18's candidate default: bench train and bench flow
+# with 4 photos + 4 class images a step, 400 steps — SID's effect on the toy world needed the batch); several:
+# GPU_CHECKS="generate train".
 # Try it on a CPU with the tiny model and a few steps: GPU_CHECKS_TINY=1 bash tools/gpu_checks.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -23,13 +25,17 @@ if [ "${GPU_CHECKS_TINY:-0}" = 1 ]; then
   generate_args=(--steps 2 --repeats 1 --warmup 0 --resolution 32 --batch 1 --batch 2)
   train_args=(--steps 2 --warmup 1 --resolution 32 --num-images 2)
   flow_args=(--steps 2 --resolution 32 --num-class-images 2)
-  limits=(generate=600 train=300 compile=900 flow=600)
+  batch4_args=(--steps 2 --warmup 1 --resolution 32 --num-images 4 --batch-size 4)
+  batch4_flow_args=(--steps 2 --resolution 32 --num-class-images 2 --batch-size 4)
+  limits=(generate=600 train=300 compile=900 flow=600 batch4=600 batch4flow=600)
 else
   model=sd15 device=cuda
   generate_args=(--batch 1 --batch 8)
   train_args=(--mixed-precision fp16)
   flow_args=(--steps 1000)
-  limits=(generate=330 train=120 compile=400 flow=300)
+  batch4_args=(--mixed-precision fp16 --num-images 4 --batch-size 4)
+  batch4_flow_args=(--steps 400 --batch-size 4)
+  limits=(generate=330 train=120 compile=400 flow=300 batch4=150 batch4flow=250)
 fi
 limit() { local pair; for pair in "${limits[@]}"; do [ "${pair%%=*}" = "$1" ] && echo "${pair#*=}"; done; }
 
@@ -55,6 +61,8 @@ for name in $checks; do
     train) check train persona-cli --json bench train --base-model "$model" --device "$device" "${train_args[@]}" ;;
     compile) check compile persona-cli --json bench generate --base-model "$model" --device "$device" \
                --path embedded-compile "${generate_args[@]}" ;;
+    batch4) check batch4 persona-cli --json bench train --base-model "$model" --device "$device" "${batch4_args[@]}"
+            flow_args=("${batch4_flow_args[@]}") name=batch4flow ;&
     flow)
       # Four noise photos (no photos travel to the GPU machine) and the base model as a folder (flow takes a path).
       python3 - "$OUT/photos" <<'PY'
@@ -74,8 +82,8 @@ PY
 from persona.bench.models import bench_base_model, model_cache
 print(bench_base_model(sys.argv[1], model_cache()))' "$model") || {
         echo "flow: no base model folder" | tee -a "$OUT/summary.txt"; continue; }
-      check flow persona-cli --json bench flow "$OUT/photos" --base-model "$folder" "${flow_args[@]}" ;;
-    *) echo "unknown check $name (generate, train, compile, flow)" | tee -a "$OUT/summary.txt" ;;
+      check "$name" persona-cli --json bench flow "$OUT/photos" --base-model "$folder" "${flow_args[@]}" ;;
+    *) echo "unknown check $name (generate, train, compile, flow, batch4)" | tee -a "$OUT/summary.txt" ;;
   esac
 done
 date -u +"end %FT%TZ" >>"$OUT/summary.txt"

@@ -65,6 +65,10 @@ def train(
         file_okay=False, exists=True, show_default="random-noise images",
         help="Folder of photos (jpg/png/webp) to train on; the first --num-images, sorted by name.")] = None,
     num_images: Annotated[int, typer.Option(min=1, help="Instance images (and as many noise class images).")] = 4,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Photos per step in both loops, each with a class image (the examples' --train_batch_size; "
+                    "`persona-cli train --batch-size`); at most --num-images. A step does that many times the work: "
+                    "compare it/s at equal batch sizes.")] = 1,
     config_root: Annotated[Optional[Path], typer.Option(
         file_okay=False, envvar="PERSONA_MODEL_CONFIGS", show_default="../shared/models/configs",
         help="Folder holding sd15/ and sd21-base/ diffusers configs, for --base-model sd15|sd21-base.")] = None,
@@ -104,16 +108,17 @@ def train(
     size = resolution or native_resolution(folder)
     rows = run_train_benchmark(folder, methods=methods, steps=steps, warmup_steps=warmup, resolution=size,
                                device=str(dev), mixed_precision=precision, num_images=num_images,
-                               images_dir=images, regularizers=regularizer or (),
+                               images_dir=images, regularizers=regularizer or (), batch_size=batch_size,
                                on_run=lambda m, loop: note(f"{m}: {loop} loop, {warmup} + {steps} steps"))
     name = describe_device(dev)
     data = {"device": name, "base_model": base_model, "base_model_dir": str(folder), "resolution": size,
-            "steps": steps, "warmup_steps": warmup, "mixed_precision": precision,
+            "steps": steps, "warmup_steps": warmup, "mixed_precision": precision, "batch_size": batch_size,
             "images": str(images) if images else "noise", "rows": [asdict(r) for r in rows]}
 
     def render() -> str:
         header = (f"device {name}; base model {base_model}; {size} px; {steps} steps timed after {warmup}; "
-                  f"mixed precision {precision}; reference: diffusers DreamBooth example loop"
+                  f"batch {batch_size} + {batch_size} class; mixed precision {precision}; "
+                  "reference: diffusers DreamBooth example loop"
                   + ("; lora+REG rows: vs plain lora (ours)" if regularizer else "")
                   + ("; ti/custom_diffusion/svdiff rows: ours only, vs plain lora (ours)"
                      if set(methods) - set(BENCH_METHODS) else ""))
@@ -144,6 +149,8 @@ def flow(
                                                       help="Training image side in pixels.")] = None,
     num_class_images: Annotated[int, typer.Option(min=1, help="Prior-preservation class images (drawn once per "
                                                   "base model and reused by later runs).")] = 100,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Photos per training step, each with a class image (`persona-cli train --batch-size`).")] = 1,
     as_json: JsonOption = False,
 ) -> None:
     """Time the whole path from photos to a usable concept: upload → captions → LoRA training (prior
@@ -189,7 +196,7 @@ def flow(
     case = caption_case(remote=bool(s.server))
     timed("captions", lambda: finished(client.captions.StartCaptioning(caption_pb2.StartCaptioningRequest(
         subject_id=subject.subject_id, case=case))))
-    options = train_pb2.TrainingOptions(steps=steps, num_class_images=num_class_images,
+    options = train_pb2.TrainingOptions(steps=steps, num_class_images=num_class_images, batch_size=batch_size,
                                         **({"resolution": resolution} if resolution else {}))
     job = timed("train", lambda: finished(trainer.StartTraining(train_pb2.StartTrainingRequest(
         subject_id=subject.subject_id, base_model=base_model, method="lora", options=options))))
@@ -200,7 +207,8 @@ def flow(
     # Where the train job's time went, as the server measured it (class images, training, saving, …).
     reported = dict(job.train_result.stage_seconds)
     train_stages = {stage: reported[stage] for stage in (*STAGES, *reported) if stage in reported}  # in run order
-    data = {"base_model": base_model, "steps": steps, "photos": len(files), "caption_case": case,
+    data = {"base_model": base_model, "steps": steps, "batch_size": batch_size, "photos": len(files),
+            "caption_case": case,
             "concept_id": concept_id, "seconds": seconds, "total_seconds": total,
             "train_it_per_s": steps / seconds["train"], "train_stage_seconds": train_stages}
 
@@ -211,7 +219,8 @@ def flow(
             if stage == "train":
                 rows += [(f"  {name}", f"{part:.1f}") for name, part in train_stages.items()]
         rows.append(("total", f"{total:.1f}"))
-        return (f"{len(files)} photos, captions case {case}, {steps} LoRA steps on {base_model} "
+        return (f"{len(files)} photos, captions case {case}, {steps} LoRA steps of {batch_size} photo(s) "
+                f"on {base_model} "
                 f"({steps / seconds['train']:.2f} steps/s including model loading and class images)\n"
                 + table(["STAGE", "SECONDS"], rows))
 

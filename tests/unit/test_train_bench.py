@@ -67,6 +67,25 @@ def test_methods_without_a_reference_are_timed_with_ours_and_priced_against_lora
     assert [(r.method, r.loop, r.vs_reference) for r in alone] == [("ti", OURS, None)]
 
 
+def test_batch_size_puts_that_many_photos_and_class_images_in_each_unet_call_of_both_loops(tiny, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    batches = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self, sample, *args, **kwargs):
+        batches.append(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    rows = run_train_benchmark(tiny, methods=("lora",), steps=1, warmup_steps=1, resolution=RESOLUTION,
+                               device="cpu", num_images=3, batch_size=2)
+    assert [(r.method, r.loop) for r in rows] == [("lora", OURS), ("lora", REFERENCE)]
+    assert batches and set(batches) == {4}  # 2 photos + 2 class images, every step of both loops
+    with pytest.raises(InvalidArgument, match="`batch_size` is 4: use 1 to `num_images` \\(3\\)"):
+        run_train_benchmark(tiny, methods=("lora",), steps=1, device="cpu", num_images=3, batch_size=4)
+
+
 def test_benchmark_rejects_unknown_method(tiny):
     with pytest.raises(InvalidArgument, match="`method`"):
         run_train_benchmark(tiny, methods=("hypernetwork",), steps=1, device="cpu")
@@ -76,10 +95,10 @@ def test_cli_prints_json(model_cache, tiny, monkeypatch):
     monkeypatch.setenv("PERSONA_MODEL_CACHE", str(model_cache))
     result = CliRunner().invoke(bench_cli.app, [
         "train", "--base-model", "tiny", "--method", "lora", "--steps", "1", "--warmup", "0",
-        "--resolution", str(RESOLUTION), "--device", "cpu", "--num-images", "1", "--json"])
+        "--resolution", str(RESOLUTION), "--device", "cpu", "--num-images", "2", "--batch-size", "2", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["device"].startswith("cpu") and data["resolution"] == RESOLUTION
+    assert data["device"].startswith("cpu") and data["resolution"] == RESOLUTION and data["batch_size"] == 2
     assert [(r["method"], r["loop"]) for r in data["rows"]] == [("lora", OURS), ("lora", REFERENCE)]
     assert all(r["it_per_s"] > 0 and r["peak_gpu_mem_bytes"] is None for r in data["rows"])
     assert data["rows"][1]["vs_reference"] == pytest.approx(1.0)
