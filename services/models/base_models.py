@@ -104,6 +104,12 @@ class ResolvedBaseModel:
     # "builtin", "folder", "hub" or "single-file".
     source: str
 
+    @property
+    def builtin_tiny(self) -> bool:
+        """The built-in `tiny` model: random weights for trying the flow, so defaults may favour speed on it. Other
+        tiny-shaped models (the toy world's base, a test folder) are trained ones and get the real defaults."""
+        return self.source == "builtin"
+
 
 def resolve_base_model(ref: str, settings: BaseModelSettings) -> ResolvedBaseModel:
     """Finds `ref` (tiny, a local folder or a hub id) on local disk and reads what training needs from its configs."""

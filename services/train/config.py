@@ -45,7 +45,7 @@ class TrainConfig:
     # Request options (options.py). None where the service decides per request; the loop's fallback is noted.
     steps: int = default("steps")
     learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATES[method]
-    batch_size: int = default("batch_size")
+    batch_size: int = 1  # the service's default: the subject's photos, up to DEFAULT_BATCH_SIZE (options.py)
     resolution: int | None = None  # None: the base model's native resolution
     seed: int = default("seed")
     train_text_encoder: bool = default("train_text_encoder")

@@ -20,7 +20,7 @@ from typing import Iterator
 from PIL import Image
 
 from persona.services.models import concepts as concept_store
-from persona.services.models.base_models import TINY, ResolvedBaseModel, base_model_identity
+from persona.services.models.base_models import ResolvedBaseModel, base_model_identity
 from persona.services.models.concepts import Concept, ConceptFile
 from persona.services.models.exports import store_folder
 from persona.services.models.fusing import read_learned_embeds
@@ -41,7 +41,8 @@ from .config import TrainConfig
 from .loop import train
 from .methods import METHODS
 from .methods.textual_inversion import WEIGHT_NAME as TI_WEIGHT_NAME
-from .options import DEFAULT_LEARNING_RATES, DEFAULT_OPTIONS, TINY_CLASS_IMAGE_STEPS, check_known, check_options
+from .options import (DEFAULT_BATCH_SIZE, DEFAULT_LEARNING_RATES, DEFAULT_OPTIONS, TINY_BATCH_SIZE,
+                      TINY_CLASS_IMAGE_STEPS, check_known, check_options)
 from .prior import ClassImageCache, class_prompt_for
 from .progress import Stopwatch, TrainingProgress
 from .request import (CAPTION_SOURCES, TEXT_SIDE_METHODS, TrainRequest, caption_fallback_warning, mode_of,
@@ -175,12 +176,14 @@ class TrainDomain:
         check_known(given)
         check_options(given)
         options = {**DEFAULT_OPTIONS, **given}
+        options.setdefault("batch_size", TINY_BATCH_SIZE if base.builtin_tiny
+                           else min(len(subject.images), DEFAULT_BATCH_SIZE))
         if "epochs" in given:
             if "steps" in given:
                 raise InvalidArgument("`steps` and `epochs` are both set: give one of them")
             per_epoch = -(-len(subject.images) // max(1, options["batch_size"]))
             options["steps"] = given["epochs"] * per_epoch
-        if base.family == TINY and "class_image_steps" not in given:
+        if base.builtin_tiny and "class_image_steps" not in given:
             options["class_image_steps"] = TINY_CLASS_IMAGE_STEPS
         options.setdefault("learning_rate", DEFAULT_LEARNING_RATES[method])
         options.setdefault("resolution", base.native_resolution)

@@ -17,6 +17,10 @@ from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.options import Option
 
 MAX_STEPS = 100_000
+# Photos per step when the request gives none: all of a subject's photos up to this many (4 is diffusers'
+# train_dreambooth*.py --train_batch_size). One photo per step let the photos' background leak alike with class-only
+# and SID captions on the toy world; four per step let SID's described background leave the token.
+DEFAULT_BATCH_SIZE = 4
 # Learning rate used when a request (or TrainConfig.learning_rate) leaves it unset, per method. DreamBooth moves every
 # UNet weight, so it takes the smallest step (diffusers train_dreambooth.py: 5e-6); LoRA trains few fresh weights
 # (train_dreambooth_lora.py: 1e-4); textual inversion one embedding row (textual_inversion.py: 5e-4); Custom
@@ -29,6 +33,9 @@ MAX_CLASS_IMAGES = 1000
 # Class-image steps on the built-in `tiny` base model when the request names none (TrainDomain._options): its random
 # weights draw noise at any step count, and 100 images at 30 steps were most of the README's laptop flow.
 TINY_CLASS_IMAGE_STEPS = 10
+# Photos per step on `tiny` when the request gives none: random weights learn nothing from a bigger batch, and the
+# laptop flow's 50 steps stay a few seconds (4 photos + 4 class images per step cost about 4x).
+TINY_BATCH_SIZE = 1
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # diffusers.optimization.SchedulerType values.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -49,9 +56,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("learning_rate", float, None, "Learning rate, > 0.", low=0.0, high=1.0, low_open=True, flag="--lr",
            default_text=", ".join(f"{m} {lr:.0e}".replace("e-0", "e-") for m, lr in DEFAULT_LEARNING_RATES.items()),
            example="1e-4"),
-    Option("batch_size", int, 1, "Subject photos per step (as many class images are added with --reg prior). "
+    Option("batch_size", int, None, "Subject photos per step (as many class images are added with --reg prior). "
            "On the toy world SID + prior leaked 6.9x less background than Case 1 with all 4 photos per step over "
-           "400 steps, and as much at 1 (notes/quality-18.md).", low=1),
+           "400 steps (DreamBooth), and as much with 1 photo per step, even over as many photo passes "
+           "(notes/quality-18.md §7, §10); diffusers' DreamBooth scripts train 4 per step too.", low=1,
+           default_text=f"the subject's photos, up to {DEFAULT_BATCH_SIZE} ({TINY_BATCH_SIZE} on tiny)", example="4"),
     Option("resolution", int, None, "Training image side in pixels, a multiple of 8.", low=8,
            default_text="the base model's: 512 for SD 1.5, 64 for tiny", example="512"),
     Option("seed", int, 0, "Seed of initialisation, image order, noise and timesteps."),

@@ -335,3 +335,20 @@ def test_epochs_set_the_steps_from_the_number_of_photos(client, subject):
     finish(client, job)
     both = _error(lambda: start(client, subject.subject_id, epochs=2, steps=10))
     assert both.code() == grpc.StatusCode.INVALID_ARGUMENT and "`epochs`" in both.details()
+
+
+def test_default_batch_is_every_photo_up_to_4_except_on_the_builtin_tiny_model(client, subject, tiny_model):
+    """The toy-world benchmark's finding (notes/quality-18.md §7, §10): SID captions keep the photos' background off
+    the token only with several photos per step. The built-in `tiny` (random weights) keeps 1 photo and 10-step
+    class images for speed; a trained tiny-shaped folder (as the toy world's base) gets the real defaults."""
+    def recorded(base_model: str) -> train_pb2.TrainingOptions:
+        job = _stub(client).StartTraining(train_pb2.StartTrainingRequest(
+            subject_id=subject.subject_id, base_model=base_model, method="lora", regularizers=["prior"],
+            options=train_pb2.TrainingOptions(resolution=32, checkpoint_every=0, steps=1, num_class_images=1)))
+        client.jobs.CancelJob(common_pb2.CancelJobRequest(job_id=job.job_id))
+        finish(client, job)
+        return _stub(client).GetConcept(train_pb2.GetConceptRequest(concept_id=job.params["concept_id"])).options
+
+    builtin, folder = recorded("tiny"), recorded(str(tiny_model))
+    assert (builtin.batch_size, builtin.class_image_steps) == (1, 10)
+    assert (folder.batch_size, folder.class_image_steps) == (4, 30)  # the subject has 4 photos
