@@ -149,8 +149,9 @@ def flow(
                                                       help="Training image side in pixels.")] = None,
     num_class_images: Annotated[int, typer.Option(min=1, help="Prior-preservation class images (drawn once per "
                                                   "base model and reused by later runs).")] = 100,
-    batch_size: Annotated[int, typer.Option(
-        min=1, help="Photos per training step, each with a class image (`persona-cli train --batch-size`).")] = 1,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, show_default="train's: the photos, up to 4 (1 on tiny)",
+        help="Photos per training step, each with a class image (`persona-cli train --batch-size`).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Time the whole path from photos to a usable concept: upload → captions → LoRA training (prior
@@ -196,11 +197,13 @@ def flow(
     case = caption_case(remote=bool(s.server))
     timed("captions", lambda: finished(client.captions.StartCaptioning(caption_pb2.StartCaptioningRequest(
         subject_id=subject.subject_id, case=case))))
-    options = train_pb2.TrainingOptions(steps=steps, num_class_images=num_class_images, batch_size=batch_size,
-                                        **({"resolution": resolution} if resolution else {}))
+    options = train_pb2.TrainingOptions(steps=steps, num_class_images=num_class_images,
+                                        **({"resolution": resolution} if resolution else {}),
+                                        **({"batch_size": batch_size} if batch_size else {}))
     job = timed("train", lambda: finished(trainer.StartTraining(train_pb2.StartTrainingRequest(
         subject_id=subject.subject_id, base_model=base_model, method="lora", options=options))))
     concept_id = job.params["concept_id"]
+    batch_size = trainer.GetConcept(train_pb2.GetConceptRequest(concept_id=concept_id)).options.batch_size  # as run
     timed("export", lambda: trainer.ExportConcept(train_pb2.ExportConceptRequest(
         concept_id=concept_id, format=train_pb2.EXPORT_FORMAT_LORA)))
     total = sum(seconds.values())

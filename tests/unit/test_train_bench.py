@@ -117,6 +117,7 @@ def test_bench_flow_times_every_stage_from_photos_to_an_exported_lora(tmp_path, 
     data = json.loads(result.stdout[result.stdout.index("{"):])
     assert list(data["seconds"]) == ["upload", "captions", "train", "export"]
     assert data["caption_case"] == 1 and data["steps"] == 2 and data["concept_id"].startswith("cpt_")
+    assert data["batch_size"] == 1  # train's default on the built-in tiny, as the concept recorded it
     assert data["total_seconds"] == pytest.approx(sum(data["seconds"].values()))
     # the train stage split as the server measured it
     assert list(data["train_stage_seconds"]) == ["preparing", "waiting", "class_images", "training", "saving"]
