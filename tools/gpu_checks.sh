@@ -11,8 +11,9 @@
 #   train     persona-cli bench train --base-model sd15 --device cuda --mixed-precision fp16          ≤ 120 s
 # Opt-in, for a second call (each its own minutes): GPU_CHECKS=compile (persona's embedded engine with
 # torch.compile under its CUDA graphs, first and cached start), GPU_CHECKS=flow (photos → concept, 1000 LoRA
-# steps, issue 17's 3-minute target), GPU_CHECKS=batch4 (issue 18's candidate default: bench train and bench flow
-# with 4 photos + 4 class images a step, 400 steps — SID's effect on the toy world needed the batch); several:
+# steps at train's default batch — 4 photos + 4 class images a step since issue 18 — issue 17's 3-minute target),
+# GPU_CHECKS=batch4 (bench train at that batch, and bench flow with 400 steps of it — SID's effect on the toy world
+# needed the batch); several:
 # GPU_CHECKS="generate train".
 # Try it on a CPU with the tiny model and a few steps: GPU_CHECKS_TINY=1 bash tools/gpu_checks.sh
 set -uo pipefail
@@ -32,7 +33,7 @@ else
   model=sd15 device=cuda
   generate_args=(--batch 1 --batch 8)
   train_args=(--mixed-precision fp16)
-  flow_args=(--steps 1000)
+  flow_args=(--steps 1000)  # train's default batch: the dog's photos, up to 4
   batch4_args=(--mixed-precision fp16 --num-images 4 --batch-size 4)
   batch4_flow_args=(--steps 400 --batch-size 4)
   limits=(generate=330 train=120 compile=400 flow=300 batch4=150 batch4flow=250)
