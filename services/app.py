@@ -213,14 +213,14 @@ def _domains(settings: RuntimeSettings, db: MetadataStore, subject_settings: Sub
     masks = mask_domain.MaskDomain(db, artifacts, subjects, mask_settings, access=access)
     # The library's work folder: export scratch space and the records of base models' exports.
     models = ModelLibrary(db, artifacts, runner, train_settings, settings.data_dir / "exports", model_access=access)
+    encoders = EncoderTraining(runner, models, settings.data_dir, train_settings.device)
     train = train_domain.TrainDomain(db, artifacts, subjects, captions, runner, train_settings,
                                      settings.data_dir / "train", models, masks,
                                      dispatcher=train_dispatcher(train_settings, settings.data_dir,
-                                                                 settings.database_url))
+                                                                 settings.database_url), encoders=encoders)
     generate = GenerateDomain(models, _generate_engine(generate_settings, settings.data_dir), generate_settings,
                               settings.data_dir / "generate")
     evaluate = EvaluateDomain(artifacts, runner, subjects, models, generate, masks, evaluate_settings)
-    encoders = EncoderTraining(runner, models, settings.data_dir, train_settings.device)
     return Domains(artifacts, runner, subjects, captions, masks, models, train, generate, evaluate, encoders)
 
 

@@ -13,7 +13,7 @@ import typer
 
 from persona.v1 import caption_pb2, common_pb2, subjects_pb2, train_pb2
 
-from persona.services.train.options import OPTIONS
+from persona.services.train.options import ENCODER, OPTIONS
 
 from ..declared_options import with_declared_options
 from ..jobwatch import JobProgress, cancel_and_wait
@@ -24,7 +24,7 @@ from .jobs import follow_job, raise_unless_succeeded
 from .session import JsonOption, Session, session
 from .subjects import name_the_file, photo_paths, read_uploads
 
-METHODS = ("dreambooth", "lora", "ti", "custom_diffusion", "svdiff", "p3s")
+METHODS = ("dreambooth", "lora", "ti", "custom_diffusion", "svdiff", "p3s", "customcontrast")
 REGULARIZERS = ("prior", "mask", "spl", "core", "none")
 CAPTIONS = ("sid", "class", "case1", "case2", "case3", "case4")
 MODES = ("object", "style", "expression")
@@ -247,7 +247,11 @@ def train(
              "projections and the new token (Kumari et al.). svdiff: shifts of the singular values of every UNet "
              "weight and the new token (Han et al.; ~1 MB files). p3s: P3S-Diffusion — a trainable condition "
              "branch fed each photo with what is outside its clicked subject mask removed (`persona-cli mask "
-             "SUBJECT --image N --point X,Y` on every photo first; the --p3s-* options).", show_default="lora")] = None,
+             "SUBJECT --image N --point X,Y` on every photo first; the --p3s-* options). customcontrast: no "
+             "fine-tuning — a trained CustomContrast encoder (--encoder) turns the photos into tokens in seconds.",
+        show_default="lora")] = None,
+    encoder: Annotated[Optional[str], typer.Option(
+        ENCODER.cli_flag, metavar="ENCODER", help=ENCODER.help, show_default=False)] = None,
     regularizers: Annotated[Optional[list[str]], typer.Option(
         "--reg", show_default="prior for dreambooth, lora, custom_diffusion and svdiff; none for ti",
         help="Regulariser to add; repeat for several. Prior preservation is on by default and stays on when you "
@@ -346,7 +350,7 @@ def train(
     request = train_pb2.StartTrainingRequest(
         subject_id=subject.subject_id, base_model=base_model or "", method=method or "",
         regularizers=regularizers or [], captions=captions or "", options=request_options, display_name=name or "",
-        parent_concept_id=parent or "", mode=mode or "")
+        parent_concept_id=parent or "", mode=mode or "", encoder=encoder or "")
     try:
         job = client.train.StartTraining(request)
     except grpc.RpcError as e:
@@ -367,7 +371,11 @@ def train(
         note(f"detached: follow it with `persona-cli jobs watch {job.job_id}`, stop it with "
              f"`persona-cli jobs cancel {job.job_id}`")
         return
-    if job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None and concept.method == "p3s":
+    if job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None and concept.method == "customcontrast":
+        note(f"made {concept.concept_id} from encoder {concept.encoder} without fine-tuning; draw it with "
+             f"`persona-cli generate {concept.concept_id} \"a {concept.token} {concept.class_name} on the beach\"` "
+             "(the embedded engine only; it has no export other tools load)")
+    elif job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None and concept.method == "p3s":
         note(f"trained {concept.concept_id}: p3s, {concept.steps_done} steps; its condition branch is stored with "
              f"the concept; draw it with `persona-cli generate {concept.concept_id} \"a {concept.token} "
              f"{concept.class_name}\"` (in-process engine only; it has no export other tools load)")

@@ -7,9 +7,10 @@ from clicks, else Grounded-SAM on the class name, stored for next time), as SID'
 prompt: `images_per_prompt` images from seeds seed, seed+1, … (the same for every concept, so columns compare);
 the identifier's cross-attention map of the first image (drawn again in this process with torch from the concept's
 diffusers export, since an engine like Triton does not hand out attention). A concept without a diffusers export
-(models/fusing.py IN_PROCESS_METHODS: p3s, whose condition branch runs beside the UNet) gets no overlays: its
-images and metrics are measured like any other's (drawn with the request's p3s_* settings, when it sets them) and
-the report says "attention maps: not available for p3s concepts" beside it; an export refused for another reason
+(models/fusing.py IN_PROCESS_METHODS: p3s, whose condition branch runs beside the UNet, and customcontrast, made from
+an encoder without fine-tuning) gets no overlays: its images and metrics are measured like any other's (a p3s
+concept's drawn with the request's p3s_* settings, when it sets them) and the report says "attention maps: not
+available for p3s concepts" (or customcontrast) beside it; an export refused for another reason
 (FAILED_PRECONDITION) is noted the same way, so one concept's missing overlays never fail the report. Generated images are segmented (Grounded-SAM on the class
 name) for CustomContrast's subject-only scores. Each metric's model and reading is stated in the report.
 """
@@ -32,7 +33,7 @@ from ..generate import sampling
 from ..generate.domain import GenerateDomain, GenerateRequest
 from ..generate.options import MAX_IMAGES_PER_PROMPT
 from ..mask.domain import GROUNDED_SAM, MaskDomain
-from ..models.fusing import IN_PROCESS_METHODS
+from ..models.fusing import CUSTOMCONTRAST, IN_PROCESS_METHODS, P3S
 from ..models.library import ModelLibrary
 from ..subjects.domain import SubjectRepository
 from . import attention, metrics, prompts, report
@@ -94,7 +95,7 @@ class EvaluateDomain:
                 raise FailedPrecondition(f"concept {concept_id} is {concept.state} and has no weights: evaluate it "
                                          f"when job {concept.job_id} has finished")
             methods.add(concept.method)
-        if request.p3s and not methods & set(IN_PROCESS_METHODS):
+        if request.p3s and P3S not in methods:
             raise InvalidArgument(f"`{next(iter(request.p3s))}` is set but no concept of `concept_ids` is a p3s "
                                   "concept: the p3s_* settings say how p3s concepts are drawn; leave them unset")
         wanted = list(dict.fromkeys(request.metrics)) or list(METRICS)
@@ -202,7 +203,7 @@ class EvaluateDomain:
         reference_masks = [self._reference_mask(tenant_id, subject, i.image_id) for i in subject.images]
         refs = _References(clip, dino, references, reference_masks, wanted)
         # The request's p3s drawing settings, for p3s concepts only (another concept would refuse them).
-        p3s = params.get("p3s", {}) if concept.method in IN_PROCESS_METHODS else {}
+        p3s = params.get("p3s", {}) if concept.method == P3S else {}
         notes: list[str] = []
         attention = None
         if "attention" in wanted and concept.method in IN_PROCESS_METHODS:
@@ -343,6 +344,10 @@ class _AttentionDrawer:
 
 def attention_unavailable(method: str) -> str:
     """The report's note for a concept of an IN_PROCESS_METHODS method (no diffusers export to redraw from)."""
+    if method == CUSTOMCONTRAST:
+        return ("attention maps: not available for customcontrast concepts (made from an encoder without fine-tuning: "
+                "their tokens enter through the encoder's own cross-attention beside the UNet's, drawn only by the "
+                "generate service's embedded engine, and have no diffusers export to redraw with attention capture)")
     return (f"attention maps: not available for {method} concepts (their condition branch runs beside the UNet, "
             "drawn only by the generate service, and has no diffusers export to redraw with attention capture)")
 

@@ -9,6 +9,8 @@ Triton model repository. Both run the same loop (sampling.py).
 A p3s concept has no export (its condition branch runs beside the UNet, models/p3s/): an engine that
 `attaches_conditions` loads its base model with the condition file — the embedded engine attaches it for each
 draw, the Triton engine with torch components serves it as a conditioned UNet component — and others refuse it.
+A customcontrast concept (made from a CustomContrast encoder without fine-tuning) has no export either: only the
+embedded engine draws it, its tokens attached for each draw (customcontrast.py); every other engine refuses it.
 """
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ from persona.services.runtime.errors import FailedPrecondition, InvalidArgument,
 
 from ..models.base_models import read_model_configs
 from ..models.exports import base_model_key
-from ..models.fusing import IN_PROCESS_METHODS
+from ..models.customcontrast.concept import TOKENS_FILE as CUSTOMCONTRAST_TOKENS, ConceptTokens, load_concept
+from ..models.fusing import CUSTOMCONTRAST, IN_PROCESS_METHODS, P3S
 from ..models.p3s.condition import WEIGHT_NAME as P3S_WEIGHTS, AttachedCondition, load_condition
 from ..models.p3s.weights import drawing_weights
 from ..models.library import ModelLibrary
 from ..subjects.images import png_bytes
-from . import sampling
+from . import customcontrast, sampling
 from .options import BY_NAME as SETTINGS_BY_NAME, MAX_IMAGES_PER_REQUEST, MAX_PROMPT_CHARS, P3S_SETTINGS, SETTINGS
 from .sampling import SamplingSettings
 from .settings import GenerateSettings
@@ -78,7 +81,7 @@ def p3s_drawing(request: GenerateRequest, method: str) -> P3SDrawing | None:
     """The request's p3s settings for a model trained with `method` ("" for a base model): None for a model that
     is not p3s, and then setting any of them is refused by name."""
     given = {name: getattr(request, name) for name in P3S_SETTINGS if getattr(request, name) not in (None, "")}
-    if method not in IN_PROCESS_METHODS:
+    if method != P3S:
         if given:
             what = f"concept {request.concept_id}, a {method} concept" if method else "a base model"
             raise InvalidArgument(f"`{next(iter(given))}` is set but the request draws {what}: the p3s_* settings "
@@ -151,7 +154,8 @@ class EmbeddedEngine:
 
     def load(self, key: str, folder: Path, condition: Path | None = None) -> LoadedModel:
         """`folder`: a diffusers folder; `condition`: a p3s_condition.safetensors trained on it (a p3s concept,
-        drawn as its base model with the condition attached per draw)."""
+        drawn as its base model with the condition attached per draw) or a customcontrast concept's tokens file
+        made on it (attached per draw too)."""
         from transformers import CLIPTokenizer
 
         with self._lock:
@@ -162,7 +166,9 @@ class EmbeddedEngine:
             models = self._recycled(folder) or self._fresh(folder)
             tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
             attached = None
-            if condition is not None:
+            if condition is not None and Path(condition).name == CUSTOMCONTRAST_TOKENS:
+                attached = load_concept(Path(condition).parent)
+            elif condition is not None:
                 attached = load_condition(condition, models.unet)
             info = LoadedModel(key, read_model_configs(folder).native_resolution, time.perf_counter() - started)
             self._models[key] = (models, tokenizer, sampling.scheduler_config(folder), info, Path(folder), attached)
@@ -220,6 +226,8 @@ class EmbeddedEngine:
             models, tokenizer, scheduler_config, _, _, condition = self._models[key]
             if condition is None:
                 return sampling.sample_batch(models, tokenizer, scheduler_config, batch)
+            if isinstance(condition, ConceptTokens):
+                return customcontrast.draw(models, tokenizer, scheduler_config, batch, condition)
             return self._draw_p3s(models, tokenizer, scheduler_config, batch, condition, p3s or P3SDrawing())
 
     @staticmethod
@@ -402,7 +410,12 @@ class GenerateDomain:
         return self.engine.load(f"base:{base.path}", folder)
 
     def _load_with_condition(self, tenant_id: str, concept) -> LoadedModel:
-        """A p3s concept: its base model with the condition file attached (it has no export to load)."""
+        """A p3s or customcontrast concept: its base model with the concept's file attached (it has no export)."""
+        if concept.method == CUSTOMCONTRAST and self.engine.name != EmbeddedEngine.name:
+            raise FailedPrecondition(
+                f"concept {concept.concept_id} was made with customcontrast (a CustomContrast encoder's tokens fed to "
+                "the UNet's cross-attention at every step), which only persona's embedded engine draws, not this "
+                f"server's {self.engine.name} engine: start the server with PERSONA_GENERATE_ENGINE=embedded")
         if not self.engine.attaches_conditions:
             raise FailedPrecondition(
                 f"concept {concept.concept_id} was trained with {concept.method}, whose condition branch runs beside "
@@ -411,7 +424,8 @@ class GenerateDomain:
                 "with torch components (PERSONA_TRITON_COMPONENT_BACKEND=torch)")
         base, weights = self.models.exports.weights_folder(tenant_id, concept.concept_id,
                                                            self.cache_dir / "p3s" / concept.concept_id)
-        return self.engine.load(concept.concept_id, base, condition=weights / P3S_WEIGHTS)
+        own = CUSTOMCONTRAST_TOKENS if concept.method == CUSTOMCONTRAST else P3S_WEIGHTS
+        return self.engine.load(concept.concept_id, base, condition=weights / own)
 
     def _onnx_fp16(self) -> bool:
         """fp16 graphs where the engine's GPU can run them; fp32 on CPU (fp16 there is slow, not smaller)."""

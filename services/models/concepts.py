@@ -38,6 +38,8 @@ MIGRATIONS = [
             step INTEGER NOT NULL DEFAULT 0, prompt TEXT NOT NULL DEFAULT '',
             PRIMARY KEY (concept_id, role, path))""",
     )),
+    # The CustomContrast encoder a "customcontrast" concept was made with ('' for the fine-tuning methods).
+    Migration("concepts", 2, ("ALTER TABLE concepts ADD COLUMN encoder TEXT NOT NULL DEFAULT ''",)),
 ]
 
 TRAINING, READY, FAILED, CANCELLED = "TRAINING", "READY", "FAILED", "CANCELLED"
@@ -94,6 +96,8 @@ class Concept:
     persona_version: str
     created_at: float
     updated_at: float
+    # The CustomContrast encoder id of a "customcontrast" concept (made without fine-tuning); '' otherwise.
+    encoder: str = ""
     files: tuple[ConceptFile, ...] = field(default=())
 
     def files_of(self, role: str) -> list[ConceptFile]:
@@ -109,20 +113,20 @@ class ConceptStore:
     def create(self, *, tenant_id: str, subject_id: str, display_name: str, token: str, class_name: str,
                base_model: str, base_model_sha256: str, base_model_family: str, method: str,
                regularizers: list[str], captions: str, options: dict, training_captions: list[TrainingCaption],
-               resolution: int, persona_version: str, parent_concept_id: str = "") -> Concept:
+               resolution: int, persona_version: str, parent_concept_id: str = "", encoder: str = "") -> Concept:
         concept_id = f"cpt_{uuid.uuid4().hex[:16]}"
         now = time.time()
         self.db.execute(
             "INSERT INTO concepts (concept_id, tenant_id, subject_id, state, display_name, token, class_name,"
             " base_model, base_model_sha256, base_model_family, method, regularizers_json, captions, options_json,"
-            " training_captions_json, resolution, persona_version, parent_concept_id, created_at, updated_at) VALUES"
-            " (:id, :t, :s, :state, :d, :tok, :c, :bm, :bsha, :fam, :m, :regs, :caps, :opts, :tc, :res, :ver,"
-            " :parent, :now, :now)",
+            " training_captions_json, resolution, persona_version, parent_concept_id, encoder, created_at, updated_at)"
+            " VALUES (:id, :t, :s, :state, :d, :tok, :c, :bm, :bsha, :fam, :m, :regs, :caps, :opts, :tc, :res, :ver,"
+            " :parent, :enc, :now, :now)",
             {"id": concept_id, "t": tenant_id, "s": subject_id, "state": TRAINING, "d": display_name, "tok": token,
              "c": class_name, "bm": base_model, "bsha": base_model_sha256, "fam": base_model_family, "m": method,
              "regs": json.dumps(regularizers), "caps": captions, "opts": json.dumps(options, sort_keys=True),
              "tc": json.dumps([c.__dict__ for c in training_captions]), "res": resolution, "ver": persona_version,
-             "parent": parent_concept_id, "now": now})
+             "parent": parent_concept_id, "enc": encoder, "now": now})
         return self.get(concept_id)
 
     def get(self, concept_id: str, tenant_id: str | None = None) -> Concept:
@@ -190,7 +194,7 @@ def _from_row(row: dict, files: list[dict]) -> Concept:
         training_captions=tuple(TrainingCaption(**c) for c in json.loads(row["training_captions_json"])),
         steps_done=row["steps_done"], final_loss=row["final_loss"], resolution=row["resolution"],
         parent_concept_id=row["parent_concept_id"], persona_version=row["persona_version"],
-        created_at=row["created_at"], updated_at=row["updated_at"],
+        created_at=row["created_at"], updated_at=row["updated_at"], encoder=row.get("encoder") or "",
         files=tuple(ConceptFile(role=f["role"], path=f["path"], artifact_id=f["artifact_id"],
                                 size_bytes=f["size_bytes"], step=f["step"], prompt=f["prompt"]) for f in files),
     )

@@ -32,18 +32,29 @@ UNET_PREFIX = "unet."
 TOKEN_KEY = "token_embedding"
 # Methods whose weights are a whole diffusers pipeline.
 WHOLE_PIPELINE_METHODS = ("dreambooth",)
-# Methods whose weights change how the UNet computes, not what its weights are (p3s: a trainable condition branch
-# run beside the UNet each step, models/p3s/): nothing to fuse, so no plain pipeline, ONNX graph or kohya file
-# draws them; the generate service attaches them (its embedded engine, or Triton's torch UNet component).
-IN_PROCESS_METHODS = ("p3s",)
+# Methods whose weights change how the UNet computes, not what its weights are: nothing to fuse, so no plain
+# pipeline, ONNX graph or kohya file draws them; the generate service attaches them. p3s: a trainable condition branch
+# run beside the UNet each step (models/p3s/), drawn by its embedded engine or Triton's torch UNet component;
+# customcontrast: a concept made without fine-tuning from a CustomContrast encoder, its per-timestep tokens fed to
+# parallel cross-attention processors and per-step text states (models/customcontrast/), drawn by the embedded
+# engine only.
+P3S, CUSTOMCONTRAST = "p3s", "customcontrast"
+IN_PROCESS_METHODS = (P3S, CUSTOMCONTRAST)
+# Per IN_PROCESS_METHODS method: what its concept keeps, and which of persona's engines draw it.
+IN_PROCESS_DRAWING = {
+    P3S: ("its condition branch (p3s_condition.safetensors)", "the embedded engine, or Triton with torch components"),
+    CUSTOMCONTRAST: ("its token table and visual K'/V' (customcontrast_tokens.safetensors, "
+                     "customcontrast_visual_kv.safetensors), attached per draw to the base model's UNet",
+                     "the embedded engine, PERSONA_GENERATE_ENGINE=embedded"),
+}
 
 
 def in_process_only(method: str, concept_id: str = "") -> str:
     """Why a concept of an IN_PROCESS_METHODS method cannot be exported, and what draws it."""
     which = f"concept {concept_id}" if concept_id else "the concept"
-    return (f"{which} was trained with {method}: its condition branch (p3s_condition.safetensors) is drawn "
-            "only by persona's generate service (`persona-cli generate "
-            f"{concept_id or 'CONCEPT'} ...`: the embedded engine, or Triton with torch components); stock "
+    kept, engines = IN_PROCESS_DRAWING[method]
+    return (f"{which} was {'made' if method == CUSTOMCONTRAST else 'trained'} with {method}: {kept} is drawn only "
+            f"by persona's generate service (`persona-cli generate {concept_id or 'CONCEPT'} ...`: {engines}); stock "
             "diffusers, kohya/A1111/ComfyUI, ONNX and TensorRT cannot load it, so it has no diffusers, lora, kohya, "
             "onnx or tensorrt export")
 

@@ -23,7 +23,7 @@ from persona.services.models import concepts as concept_store
 from persona.services.models.base_models import ResolvedBaseModel, base_model_identity
 from persona.services.models.concepts import Concept, ConceptFile
 from persona.services.models.exports import store_folder
-from persona.services.models.fusing import read_learned_embeds
+from persona.services.models.fusing import CUSTOMCONTRAST, read_learned_embeds
 from persona.services.models.library import ModelLibrary
 from persona.services.runtime.artifacts import LocalArtifactStore
 from persona.services.runtime.errors import (Cancelled, FailedPrecondition, InvalidArgument, NotFound, PersonaError,
@@ -38,6 +38,7 @@ from ..caption.domain import CaptionDomain
 from ..subjects.domain import Subject, SubjectRepository
 from ..subjects.images import png_bytes
 from .config import TrainConfig
+from .customcontrast.concept import CustomContrastConcepts
 from .loop import train
 from .methods import METHODS
 from .methods.textual_inversion import WEIGHT_NAME as TI_WEIGHT_NAME
@@ -69,7 +70,7 @@ class TrainDomain:
 
     def __init__(self, db: MetadataStore, artifacts: LocalArtifactStore, subjects: SubjectRepository,
                  captions: CaptionDomain, runner: JobRunner, settings: TrainSettings, work_dir: Path,
-                 models: ModelLibrary, masks=None, dispatcher=None):
+                 models: ModelLibrary, masks=None, dispatcher=None, encoders=None):
         self.db, self.artifacts, self.subjects, self.captions = db, artifacts, subjects, captions
         # The mask service's domain (MaskDomain): subject masks for the masked loss.
         self.masks = masks
@@ -77,6 +78,8 @@ class TrainDomain:
         # Concepts, base models and exports; `concepts` is where this service writes the concepts it trains.
         self.models, self.concepts, self.exports = models, models.concepts, models.exports
         self.class_images = ClassImageCache(db, artifacts)
+        # Concepts made from a CustomContrast encoder without fine-tuning (`encoders`: the EncoderTraining).
+        self.customcontrast = CustomContrastConcepts(encoders, models)
         # `dispatcher` (dispatch.train_dispatcher): training in worker processes or Kubernetes Jobs instead of
         # this process's job threads; exports stay here (they are short, and Triton's repository is local).
         runner.register(JOB_KIND, self._run, resumable=True, dispatcher=dispatcher)
@@ -90,6 +93,9 @@ class TrainDomain:
             raise FailedPrecondition(f"subject {subject.subject_id} has no images: add photos with "
                                      "`persona-cli subjects add PHOTOS… --class …` and train that subject")
         method = (request.method or DEFAULT_METHOD).strip().lower()
+        if method == CUSTOMCONTRAST or request.encoder.strip():  # a concept made from an encoder, no fine-tuning
+            base, fields = self.customcontrast.plan(tenant_id, request, method, subject)
+            return self._record_and_submit(tenant_id, subject, base, request.display_name, CUSTOMCONTRAST, **fields)
         if method not in METHODS:
             raise InvalidArgument(f"`method` is {request.method!r}: use one of {', '.join(METHODS)}")
         regularizers = regularizers_in_effect(request.regularizers, method)
@@ -124,15 +130,21 @@ class TrainDomain:
                 f"`regularizers` {' and '.join(text_side)} act on the text side, which `method` {method} does not "
                 "train: set `train_text_encoder`, or use ti, custom_diffusion or svdiff")
         captions_used = training_captions(subject, captions, mode, stored_captions)
-        display_name = request.display_name.strip() or f"{method} of {subject.display_name or subject.subject_id}"
+        return self._record_and_submit(
+            tenant_id, subject, base, request.display_name, method=method, regularizers=regularizers,
+            captions=captions, options=options, training_captions=captions_used, resolution=config.resolution,
+            parent_concept_id=parent.concept_id if parent else "")
+
+    def _record_and_submit(self, tenant_id: str, subject: Subject, base: ResolvedBaseModel, display_name: str,
+                           method: str, **fields) -> JobRecord:
+        """Records the concept (TRAINING) and queues its job; a failed submit leaves nothing behind."""
+        display_name = display_name.strip() or f"{method} of {subject.display_name or subject.subject_id}"
         if len(display_name) > 200:
             raise InvalidArgument(f"`display_name` is {len(display_name)} characters; at most 200")
         concept = self.concepts.create(
             tenant_id=tenant_id, subject_id=subject.subject_id, display_name=display_name, token=subject.token,
             class_name=subject.class_name, base_model=base.ref, base_model_sha256=base_model_identity(base.path),
-            base_model_family=base.family, method=method, regularizers=regularizers, captions=captions,
-            options=options, training_captions=captions_used, resolution=config.resolution,
-            persona_version=_persona_version(), parent_concept_id=parent.concept_id if parent else "")
+            base_model_family=base.family, method=method, persona_version=_persona_version(), **fields)
         try:
             job = self.runner.submit(tenant_id, JOB_KIND, {"concept_id": concept.concept_id}, subject.subject_id)
         except BaseException:
@@ -340,6 +352,8 @@ class TrainDomain:
         if base_model_identity(base.path) != concept.base_model_sha256:
             raise FailedPrecondition(f"base model {concept.base_model!r} changed on disk since the job started: "
                                      "start the training again")
+        if concept.method == CUSTOMCONTRAST:
+            return self._make_customcontrast(ctx, concept, watch)
         config = train_config(concept.options, concept.method, concept.token, concept.regularizers,
                               concept.class_name, self.settings.device, self._p3s_clip_model())
         if config.p3s.inpainting_model and concept.method == "p3s":
@@ -394,6 +408,26 @@ class TrainDomain:
                 "resumed_from_step": result.resumed_from, "loss_curve_every": every,
                 "loss_curve": [round(v, 6) for v in result.losses[::every]], **prior_stats,
                 "stage_seconds": watch.seconds}
+
+    def _make_customcontrast(self, ctx: JobContext, concept: Concept, watch: Stopwatch) -> dict:
+        """The job of a customcontrast concept: one pass of its encoder over the photos, no steps."""
+        photos = [self._image(concept, c.image_id) for c in concept.training_captions]
+        watch.lap("preparing")
+        ctx.log(f"making a customcontrast concept from encoder {concept.encoder} and {len(photos)} photo(s)",
+                concept_id=concept.concept_id)
+        output_dir = self._work_dir(concept.concept_id) / "output"
+        shutil.rmtree(output_dir, ignore_errors=True)
+        with self._device(ctx):
+            watch.lap("waiting")
+            self.customcontrast.make(ctx, concept, photos, output_dir)
+            watch.lap("training")
+        self.concepts.replace_files(concept.concept_id, concept_store.WEIGHTS,
+                                    store_folder(self.artifacts, output_dir, concept_store.WEIGHTS))
+        self.concepts.update(concept.concept_id, steps_done=0, final_loss=0.0, state=concept_store.READY)
+        shutil.rmtree(self._work_dir(concept.concept_id), ignore_errors=True)
+        watch.lap("saving")
+        return {"concept_id": concept.concept_id, "steps": 0, "final_loss": 0.0, "resumed_from_step": 0,
+                "loss_curve_every": 1, "loss_curve": [], "stage_seconds": watch.seconds}
 
     def _device(self, ctx: JobContext | None):
         """Waits (cancellably) until no training run or GPU export holds the device."""

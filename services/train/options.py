@@ -133,6 +133,13 @@ OPTIONS: tuple[Option, ...] = (
            "server's cache, or folder) of --p3s-fill inpaint.", high=500, default_text="none", loop=False),
 )
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
+# StartTrainingRequest.encoder: not a TrainingOptions field (nothing is fine-tuned with it), declared here so that
+# the CLI's --encoder and its help come from one place.
+ENCODER = Option("encoder", str, None, "customcontrast only, and required with it: the CustomContrast encoder (an id "
+                 "from `persona-cli encoder list`, trained with `persona-cli encoder train` on the same base model) "
+                 "that makes the concept from the subject's photos in one pass, with no fine-tuning step: no "
+                 "--steps, --lr, --reg or --parent apply. The concept draws with `persona-cli generate` on the "
+                 "embedded engine only (no export).", default_text="none", example="enc_5b0e…", loop=False)
 # What a concept records for an option left unset, where that does not depend on the request (the rest are
 # filled per request: learning rate per method, resolution per base model, ...).
 DEFAULT_OPTIONS: dict[str, Any] = {o.name: list(o.default) if o.type is list else o.default

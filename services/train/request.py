@@ -48,6 +48,8 @@ class TrainRequest:
     parent_concept_id: str = ""
     # object | style | expression; "": the mode of the subject's stored captions, else object.
     mode: str = ""
+    # method customcontrast: the id of one of the tenant's trained CustomContrast encoders; "" otherwise.
+    encoder: str = ""
 
 
 def regularizers_in_effect(requested, method: str) -> list[str]:

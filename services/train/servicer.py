@@ -71,7 +71,7 @@ def concept_to_proto(concept: Concept) -> train_pb2.Concept:
         validation_images=[train_pb2.ValidationImage(step=f.step, prompt=f.prompt, artifact_id=f.artifact_id)
                            for f in concept.files_of(VALIDATION)],
         parent_concept_id=concept.parent_concept_id, persona_version=concept.persona_version,
-        resolution=concept.resolution, created_at=timestamp(concept.created_at),
+        resolution=concept.resolution, encoder=concept.encoder, created_at=timestamp(concept.created_at),
         updated_at=timestamp(concept.updated_at),
     )
 
@@ -113,7 +113,7 @@ class TrainServicer(train_pb2_grpc.TrainServiceServicer):
             subject_id=request.subject_id, base_model=request.base_model, method=request.method,
             regularizers=tuple(request.regularizers), captions=request.captions,
             options=options_from_proto(request.options), display_name=request.display_name,
-            parent_concept_id=request.parent_concept_id, mode=request.mode))
+            parent_concept_id=request.parent_concept_id, mode=request.mode, encoder=request.encoder))
         return job_to_proto(job)
 
     def GetConcept(self, request, context):

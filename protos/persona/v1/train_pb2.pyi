@@ -136,7 +136,7 @@ class TrainingOptions(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., resolution: _Optional[int] = ..., seed: _Optional[int] = ..., train_text_encoder: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_targets: _Optional[_Iterable[str]] = ..., initializer_token: _Optional[str] = ..., mixed_precision: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ..., min_snr_gamma: _Optional[float] = ..., lr_scheduler: _Optional[str] = ..., lr_warmup_steps: _Optional[int] = ..., use_8bit_adam: _Optional[bool] = ..., prior_loss_weight: _Optional[float] = ..., num_class_images: _Optional[int] = ..., class_prompt: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., validation_every: _Optional[int] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., max_grad_norm: _Optional[float] = ..., epochs: _Optional[int] = ..., class_image_steps: _Optional[int] = ..., unmasked_weight: _Optional[float] = ..., spl_weight: _Optional[float] = ..., core_emb_weight: _Optional[float] = ..., core_attn_weight: _Optional[float] = ..., core_variant: _Optional[str] = ..., core_rescale_start: _Optional[int] = ..., core_rescale_end: _Optional[int] = ..., p3s_injection_lambda: _Optional[float] = ..., p3s_weight_schedule: _Optional[str] = ..., p3s_weight_alpha: _Optional[float] = ..., p3s_weight_beta: _Optional[float] = ..., p3s_weight_k: _Optional[float] = ..., p3s_consistency_weight: _Optional[float] = ..., p3s_consistency_layers: _Optional[str] = ..., p3s_fill: _Optional[str] = ..., p3s_inpainting_model: _Optional[str] = ..., class_image_guidance: _Optional[float] = ..., p3s_region: _Optional[str] = ...) -> None: ...
 
 class StartTrainingRequest(_message.Message):
-    __slots__ = ("subject_id", "base_model", "method", "regularizers", "captions", "options", "display_name", "parent_concept_id", "mode")
+    __slots__ = ("subject_id", "base_model", "method", "regularizers", "captions", "options", "display_name", "parent_concept_id", "mode", "encoder")
     SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class StartTrainingRequest(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
     subject_id: str
     base_model: str
     method: str
@@ -155,7 +156,8 @@ class StartTrainingRequest(_message.Message):
     display_name: str
     parent_concept_id: str
     mode: str
-    def __init__(self, subject_id: _Optional[str] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., regularizers: _Optional[_Iterable[str]] = ..., captions: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., display_name: _Optional[str] = ..., parent_concept_id: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    encoder: str
+    def __init__(self, subject_id: _Optional[str] = ..., base_model: _Optional[str] = ..., method: _Optional[str] = ..., regularizers: _Optional[_Iterable[str]] = ..., captions: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., display_name: _Optional[str] = ..., parent_concept_id: _Optional[str] = ..., mode: _Optional[str] = ..., encoder: _Optional[str] = ...) -> None: ...
 
 class TrainingCaption(_message.Message):
     __slots__ = ("image", "text", "source")
@@ -188,7 +190,7 @@ class ValidationImage(_message.Message):
     def __init__(self, step: _Optional[int] = ..., prompt: _Optional[str] = ..., artifact_id: _Optional[str] = ...) -> None: ...
 
 class Concept(_message.Message):
-    __slots__ = ("concept_id", "subject_id", "token", "class_name", "display_name", "state", "job_id", "base_model", "base_model_sha256", "base_model_family", "method", "regularizers", "captions", "options", "training_captions", "steps_done", "final_loss", "files", "validation_images", "parent_concept_id", "persona_version", "resolution", "created_at", "updated_at")
+    __slots__ = ("concept_id", "subject_id", "token", "class_name", "display_name", "state", "job_id", "base_model", "base_model_sha256", "base_model_family", "method", "regularizers", "captions", "options", "training_captions", "steps_done", "final_loss", "files", "validation_images", "parent_concept_id", "persona_version", "resolution", "created_at", "updated_at", "encoder")
     CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +215,7 @@ class Concept(_message.Message):
     RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
     concept_id: str
     subject_id: str
     token: str
@@ -237,7 +240,8 @@ class Concept(_message.Message):
     resolution: int
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, concept_id: _Optional[str] = ..., subject_id: _Optional[str] = ..., token: _Optional[str] = ..., class_name: _Optional[str] = ..., display_name: _Optional[str] = ..., state: _Optional[_Union[ConceptState, str]] = ..., job_id: _Optional[str] = ..., base_model: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., base_model_family: _Optional[str] = ..., method: _Optional[str] = ..., regularizers: _Optional[_Iterable[str]] = ..., captions: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., training_captions: _Optional[_Iterable[_Union[TrainingCaption, _Mapping]]] = ..., steps_done: _Optional[int] = ..., final_loss: _Optional[float] = ..., files: _Optional[_Iterable[_Union[ConceptFile, _Mapping]]] = ..., validation_images: _Optional[_Iterable[_Union[ValidationImage, _Mapping]]] = ..., parent_concept_id: _Optional[str] = ..., persona_version: _Optional[str] = ..., resolution: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    encoder: str
+    def __init__(self, concept_id: _Optional[str] = ..., subject_id: _Optional[str] = ..., token: _Optional[str] = ..., class_name: _Optional[str] = ..., display_name: _Optional[str] = ..., state: _Optional[_Union[ConceptState, str]] = ..., job_id: _Optional[str] = ..., base_model: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., base_model_family: _Optional[str] = ..., method: _Optional[str] = ..., regularizers: _Optional[_Iterable[str]] = ..., captions: _Optional[str] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., training_captions: _Optional[_Iterable[_Union[TrainingCaption, _Mapping]]] = ..., steps_done: _Optional[int] = ..., final_loss: _Optional[float] = ..., files: _Optional[_Iterable[_Union[ConceptFile, _Mapping]]] = ..., validation_images: _Optional[_Iterable[_Union[ValidationImage, _Mapping]]] = ..., parent_concept_id: _Optional[str] = ..., persona_version: _Optional[str] = ..., resolution: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., encoder: _Optional[str] = ...) -> None: ...
 
 class GetConceptRequest(_message.Message):
     __slots__ = ("concept_id",)

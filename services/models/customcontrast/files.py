@@ -70,23 +70,31 @@ def read_encoder_meta(folder: str | Path) -> EncoderMeta:
                               "with `persona-cli encoder train`") from None
 
 
-def load_encoder(folder: str | Path, base_model_sha256: str, processors: nn.ModuleList) -> tuple[MFIEncoder,
-                                                                                                 EncoderMeta]:
-    """The encoder of `folder`, with its K'/V' loaded into `processors` (from `install_decoupled_processors` on the
-    base model's UNet); refused when it was trained on another base model."""
+def read_encoder(folder: str | Path, base_model_sha256: str) -> tuple[MFIEncoder, dict, EncoderMeta]:
+    """The encoder of `folder` and its visual K'/V' (the processors' state dict, keys `<layer>.to_{k,v}_image.weight`),
+    refused when it was trained on another base model than the one with this content hash."""
     meta = read_encoder_meta(folder)
     if meta.base_model_sha256 != base_model_sha256:
         raise InvalidArgument(f"`encoder` {folder} was trained on base model {meta.base_model_sha256[:12]}…, not on "
                               f"this one ({base_model_sha256[:12]}…): pass the encoder's base model (--base-model) "
                               "or an encoder trained on this one")
-    if meta.config.num_cross_attention_layers != len(processors):
-        raise InvalidArgument(f"`encoder` {folder} feeds {meta.config.num_cross_attention_layers} cross-attention "
-                              f"layers, the UNet has {len(processors)}")
     tensors = load_file(str(Path(folder) / WEIGHTS_FILE))
     encoder = MFIEncoder(meta.config)
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")})
-    processors.load_state_dict({k.removeprefix("visual_kv."): v for k, v in tensors.items()
-                                if k.startswith("visual_kv.")})
+    visual_kv = {k.removeprefix("visual_kv."): v for k, v in tensors.items() if k.startswith("visual_kv.")}
+    return encoder, visual_kv, meta
+
+
+def load_encoder(folder: str | Path, base_model_sha256: str, processors: nn.ModuleList) -> tuple[MFIEncoder,
+                                                                                                 EncoderMeta]:
+    """The encoder of `folder`, with its K'/V' loaded into `processors` (from `install_decoupled_processors` on the
+    base model's UNet); refused when it was trained on another base model."""
+    meta = read_encoder_meta(folder)
+    if meta.config.num_cross_attention_layers != len(processors):
+        raise InvalidArgument(f"`encoder` {folder} feeds {meta.config.num_cross_attention_layers} cross-attention "
+                              f"layers, the UNet has {len(processors)}")
+    encoder, visual_kv, meta = read_encoder(folder, base_model_sha256)
+    processors.load_state_dict(visual_kv)
     for processor in processors:
         processor.scale = meta.scale
     return encoder, meta

@@ -14,6 +14,10 @@ import torch
 
 from persona.services.runtime.errors import InvalidArgument
 
+# The word whose slots the encoder's word tokens fill, in training captions and (standing in for a concept's
+# identifier) in the prompts a customcontrast concept is drawn with; one CLIP token ("sks</w>").
+PLACEHOLDER = "sks"
+
 
 def placeholder_caption(caption: str, placeholder: str, num_tokens: int) -> str:
     """"a photo of a <v> ring" → "a photo of a <v> <v> <v> <v> ring" for N_t = 4: one slot per word token."""
@@ -57,3 +61,11 @@ def text_states_per_layer(text_encoder, input_ids: torch.Tensor, mask: torch.Ten
     finally:
         handle.remove()
     return list(states.unflatten(0, (batch, layers)).unbind(dim=1))
+
+
+def placeholder_ids(tokenizer, captions: list[str], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions that hold PLACEHOLDER `num_tokens` times each (`placeholder_caption`) → (input_ids (B, S), their
+    placeholder mask (B, S)), padded and truncated as diffusers' pipeline tokenises."""
+    input_ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+    return input_ids, placeholder_mask(input_ids, tokenizer.convert_tokens_to_ids(f"{PLACEHOLDER}</w>"), num_tokens)

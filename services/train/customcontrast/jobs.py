@@ -16,10 +16,11 @@ from pathlib import Path
 
 from persona.services.models.base_models import TINY, ResolvedBaseModel, base_model_identity
 from persona.services.models.library import ModelLibrary
-from persona.services.runtime.errors import Cancelled, InvalidArgument
-from persona.services.runtime.job_store import JobRecord
+from persona.services.runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
+from persona.services.runtime.job_store import SUCCEEDED, TERMINAL, JobRecord
 from persona.services.runtime.jobs import JobContext, JobRunner
 from persona.services.runtime.model_access import NAME
+from persona.services.runtime.paging import MAX_PAGE_SIZE, parse_page
 
 from ..progress import TrainingProgress
 from .multiview import read_multiview_dataset
@@ -115,6 +116,30 @@ class EncoderTraining:
 
     def encoder_dir(self, encoder_id: str) -> Path:
         return self.encoders_dir / encoder_id
+
+    def find(self, tenant_id: str, encoder_id: str) -> tuple[Path, JobRecord]:
+        """(folder, job) of the tenant's trained encoder `encoder_id`: INVALID_ARGUMENT when the tenant has none of
+        that id (another tenant's reads the same: its existence never shows), FAILED_PRECONDITION while its job has
+        not succeeded."""
+        encoder_id = (encoder_id or "").strip()
+        job, page = None, parse_page(MAX_PAGE_SIZE, "")
+        while job is None and page is not None:  # the tenant's encoder_train jobs, newest first
+            jobs, token = self.runner.store.list(tenant_id, page, kind=JOB_KIND)
+            job = next((j for j in jobs if j.params.get("encoder_id") == encoder_id), None)
+            page = parse_page(MAX_PAGE_SIZE, token) if token else None
+        unknown = InvalidArgument(f"`encoder` {encoder_id!r} is not one of your encoders: see them with "
+                                  "`persona-cli encoder list`, or train one with `persona-cli encoder train DATASET`")
+        if job is None or not NAME.match(encoder_id):
+            raise unknown
+        if job.state != SUCCEEDED:
+            what = "is still training" if job.state not in TERMINAL else f"ended {job.state}"
+            raise FailedPrecondition(f"`encoder` {encoder_id} {what} (job {job.job_id}): "
+                                     + ("wait for it (`persona-cli jobs watch " + job.job_id + "`)"
+                                        if job.state not in TERMINAL else "train it again") + ", then make the concept")
+        folder = self.encoder_dir(encoder_id)
+        if not folder.is_dir():
+            raise FailedPrecondition(f"`encoder` {encoder_id}'s files are gone from the server: train it again")
+        return folder, job
 
     def _run(self, ctx: JobContext) -> dict:
         # One training run (or GPU export) on the device at a time, as concept training.

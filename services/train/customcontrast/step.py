@@ -19,15 +19,13 @@ from torch.nn import functional as F
 from persona.services.models.customcontrast.attention import global_attention_map
 from persona.services.models.customcontrast.build import CustomContrastModels, clip_pixels
 from persona.services.models.customcontrast.encoder import MFIEncoder
-from persona.services.models.customcontrast.text import placeholder_caption, placeholder_mask, text_states_per_layer
+from persona.services.models.customcontrast.text import (PLACEHOLDER, placeholder_caption, placeholder_ids,
+                                                         text_states_per_layer)
 from persona.services.runtime.errors import InvalidArgument
 
 from .losses import (CONTRASTIVE_WEIGHT, LOCATION_WEIGHT, appearance_similarity, cscl_loss, location_loss, macl_loss,
                      total_loss)
 from .multiview import View
-
-PLACEHOLDER = "sks"
-
 
 @dataclass(frozen=True)
 class LossSwitches:
@@ -84,9 +82,7 @@ def load_batch(samples: list[tuple[View, View, str]], tokenizer, num_tokens: int
             masks.append(torch.from_numpy(grey(reference.mask, size)))
     captions = [placeholder_caption(f"a photo of a {PLACEHOLDER} {class_name}", PLACEHOLDER, num_tokens)
                 for _, _, class_name in samples]
-    input_ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids
-    placeholder = placeholder_mask(input_ids, tokenizer.convert_tokens_to_ids(f"{PLACEHOLDER}</w>"), num_tokens)
+    input_ids, placeholder = placeholder_ids(tokenizer, captions, num_tokens)
     return ContrastBatch(torch.stack(pixels), torch.stack(clips), torch.stack(positives), torch.stack(subjects),
                          torch.stack(masks) if with_masks else None, input_ids, placeholder)
 
