@@ -27,6 +27,8 @@ __all__ = ["DEFAULT_CONFIGS", "METRICS", "Configuration", "QualityBenchmark", "d
 
 CAPTION_KINDS = ("case1", "sid")
 METHODS = ("lora", "dreambooth")
+# Concepts made by a trained CustomContrast encoder (`--encoder`): no fine-tuning, class captions, no options.
+ENCODER_METHOD = "customcontrast"
 BENCH_REGULARIZERS = ("prior", "mask", "core", "spl")
 # core and spl act on the text side: dreambooth and lora need it trained for them.
 TEXT_SIDE = ("core", "spl")
@@ -41,6 +43,12 @@ class Configuration:
     method: str
     captions: str  # "case1" | "sid"
     regularizers: tuple[str, ...]  # () = none
+    encoder: str = ""  # method customcontrast: the encoder that makes the concept
+
+    @classmethod
+    def from_encoder(cls, encoder: str) -> "Configuration":
+        """A concept from CustomContrast encoder `encoder` (its rows' ratios are over the first encoder's)."""
+        return cls(ENCODER_METHOD, "case1", (), encoder)
 
     @classmethod
     def parse(cls, text: str, method: str) -> "Configuration":
@@ -58,6 +66,8 @@ class Configuration:
 
     @property
     def name(self) -> str:
+        if self.encoder:
+            return f"{self.method} {self.encoder}"
         return f"{self.method} {'+'.join((self.captions,) + self.regularizers)}"
 
     @property
@@ -160,10 +170,15 @@ class QualityBenchmark:
 
     def _train(self, subject_id: str, config: Configuration, seed: int, reference: tw.ReferenceSet) -> str:
         self.on_stage(f"{reference.name}: training {config.name}, seed {seed}")
-        job = self.client.train.StartTraining(train_pb2.StartTrainingRequest(
-            subject_id=subject_id, base_model=self.base_model, method=config.method,
-            regularizers=list(config.regularizers) or ["none"], captions="sid",
-            options=_options(config, seed, self.options), display_name=f"bench {config.name} seed {seed}"))
+        if config.encoder:  # no fine-tuning, so no options and no seed: the seed varies the drawing only
+            request = train_pb2.StartTrainingRequest(encoder=config.encoder, captions="class", regularizers=["none"])
+        else:
+            request = train_pb2.StartTrainingRequest(regularizers=list(config.regularizers) or ["none"],
+                                                     captions="sid", options=_options(config, seed, self.options))
+        request.MergeFrom(train_pb2.StartTrainingRequest(subject_id=subject_id, base_model=self.base_model,
+                                                         method=config.method,
+                                                         display_name=f"bench {config.name} seed {seed}"))
+        job = self.client.train.StartTraining(request)
         final = self.client.wait_for_job(job.job_id)
         if final.state != common_pb2.JOB_STATE_SUCCEEDED:
             raise PersonaClientError(final.error.code or "ABORTED",
@@ -200,7 +215,8 @@ def _subject_centre(image: Image.Image, reference: tw.ReferenceSet) -> tuple[int
 
 
 def _set_ratios(rows: list[Row]) -> None:
-    """Each row's figures over its Case 1 row's: same method and prior setting where there is one."""
+    """Each row's figures over its Case 1 row's: same method and prior setting where there is one (encoder rows:
+    over the first encoder's)."""
     for row in rows:
         candidates = [r for r in rows if r.config.captions == "case1" and r.config.method == row.config.method]
         same_prior = [r for r in candidates if r.config.prior == row.config.prior and

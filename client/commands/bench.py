@@ -361,6 +361,12 @@ def quality(
     method: Annotated[Optional[list[str]], typer.Option(
         "--method", show_default="lora", help="lora or dreambooth; repeat for both (each config runs per method).")]
     = None,
+    encoder: Annotated[Optional[list[str]], typer.Option(
+        "--encoder", metavar="ENCODER",
+        help="A CustomContrast encoder (`persona-cli encoder list`): one more row whose concepts it makes from the "
+             "photos with no fine-tuning (class captions; --config, --method and training options do not apply to "
+             "it); repeat to compare encoders, e.g. one trained with --no-cscl --no-macl, the ratios then over the "
+             "first. With --encoder alone only encoder rows run.")] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds 0…N-1: each trains its own concept and draws its own "
                                                    "images; the spread is over them.")] = 3,
     first_seed: Annotated[int, typer.Option(min=0, help="Start the seeds here (S…S+N-1): more seeds in a second "
@@ -398,7 +404,8 @@ def quality(
     - subject: fraction of images where the subject's colours cover ≥ 3 % (fidelity, higher);
     - nearby obj: nearby, counted as 0 in an image whose frame is ≥ 25 % that colour (the base model drawing a
       background in it is not the object leaking);
-    - ÷ case1: nearby and background leakage over the Case 1 row's (same method and prior setting).
+    - ÷ case1: nearby and background leakage over the Case 1 row's (same method and prior setting); an encoder
+      row's (--encoder) over the first encoder's.
 
     Example: `persona-cli bench quality ../shared/toyworld/references/red-ring --config case1+prior --config
     sid+prior --seeds 3 --report quality.html`
@@ -420,10 +427,12 @@ def quality(
     references = [read_reference_set(f) for f in folders]  # a bad folder: INVALID_ARGUMENT, naming it
     base = base_model or str(world / "base")
     try:
-        configs = [Configuration.parse(c, m) for m in dict.fromkeys(method or ["lora"])
-                   for c in dict.fromkeys(config or DEFAULT_CONFIGS)]
+        configs = [] if encoder and not (config or method) else [
+            Configuration.parse(c, m) for m in dict.fromkeys(method or ["lora"])
+            for c in dict.fromkeys(config or DEFAULT_CONFIGS)]
     except ValueError as e:
         fail("INVALID_ARGUMENT", str(e))
+    configs += [Configuration.from_encoder(e) for e in dict.fromkeys(encoder or [])]
     given = {"steps": steps, "learning_rate": lr, "num_class_images": num_class_images,
              "class_image_steps": class_image_steps, "prior_loss_weight": prior_weight}
     options = {k: v for k, v in given.items() if v is not None}
@@ -434,7 +443,8 @@ def quality(
     data = {"base_model": base, "reference_sets": [str(r.folder) for r in references], "seeds": seeds,
             "first_seed": first_seed, "images_per_prompt": images, "options": options,
             "rows": [{"config": r.config.name, "method": r.config.method, "captions": r.config.captions,
-                      "regularizers": list(r.config.regularizers),
+                      "regularizers": list(r.config.regularizers), **({"encoder": r.config.encoder}
+                                                                      if r.config.encoder else {}),
                       "metrics": {m: {"mean": r.mean(m), "std": r.std(m), "per_seed": r.per_seed[m]}
                                   for m in METRICS if m in r.per_seed},
                       "per_reference": r.per_reference, "baseline": r.baseline, "ratio_to_case1": r.ratios}

@@ -63,3 +63,25 @@ def test_bench_quality_refuses_bad_flags_naming_them(cli, tmp_path):
     assert "`--set` 'colour=red'" in failed(cli("bench", "quality", RED_RING, "--set", "colour=red"),
                                             "INVALID_ARGUMENT")
     assert "has no scene.json" in failed(cli("bench", "quality", tmp_path), "INVALID_ARGUMENT")
+
+
+def test_bench_quality_compares_customcontrast_encoders_with_no_fine_tuning(cli, tmp_path, model_cache, monkeypatch):
+    """--encoder rows: each encoder makes its concepts from the set's photos (no training options, class captions),
+    draws them on the same prompts and seeds, and the second's ratios are over the first's."""
+    from persona.bench.toyworld_views import write_multiview_dataset
+
+    monkeypatch.setenv("PERSONA_MODEL_CACHE", str(model_cache))
+    views = write_multiview_dataset(tmp_path / "views", subjects=2, views=2, seed=0, size=64)
+    full, ablated = (ok_json(cli("encoder", "train", views, "--base-model", "tiny", "--steps", "1", "--lr", "1e-3",
+                                 *flags, "--json"))["encoder_id"] for flags in ((), ("--no-cscl", "--no-macl")))
+    data = ok_json(cli("--json", "bench", "quality", RED_RING, "--base-model", "tiny", "--seeds", "2", "-n", "1",
+                       "--prompts", "1", "--encoder", full, "--encoder", ablated))
+    rows = {row["config"]: row for row in data["rows"]}
+    assert list(rows) == [f"customcontrast {full}", f"customcontrast {ablated}"]  # --encoder alone: its rows only
+    assert rows[f"customcontrast {ablated}"]["encoder"] == ablated
+    assert rows[f"customcontrast {ablated}"]["baseline"] == f"customcontrast {full}"
+    assert all(len(m["per_seed"]) == 2 for row in rows.values() for m in row["metrics"].values())
+    assert ok_json(cli("--json", "subjects", "list")) in ([], {"subjects": []})
+    assert "`encoder` 'enc_missing'" in failed(cli("bench", "quality", RED_RING, "--base-model", "tiny", "--seeds",
+                                                   "1", "-n", "1", "--prompts", "1", "--encoder", "enc_missing"),
+                                               "INVALID_ARGUMENT")
