@@ -53,3 +53,16 @@ def test_clip_pixels_normalise_and_blank_the_background():
 def test_an_image_encoder_not_on_disk_says_how_to_fetch_it():
     with pytest.raises(FailedPrecondition, match="`hf download nobody/no-such-clip`"):
         load_image_encoder("nobody/no-such-clip")
+
+
+def test_a_base_stored_in_fp16_loads_in_fp32(tmp_path):
+    """Community folders and the toy world's base store fp16; the encoder trains in fp32 against them (an fp16 UNet
+    failed the toy world's first encoder run: "expected scalar type Float but found Half")."""
+    from diffusers import StableDiffusionPipeline
+
+    base = build_tiny_base_model(tmp_path / "tiny")
+    StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float16, safety_checker=None,
+                                            requires_safety_checker=False).save_pretrained(tmp_path / "fp16")
+    loaded = load_customcontrast_models(tmp_path / "fp16", "tiny", width=16, heads=4, num_layers=1,
+                                        num_visual_tokens=3, num_text_tokens=2, contrast_width=8)
+    assert {p.dtype for m in (loaded.unet, loaded.vae, loaded.text_encoder) for p in m.parameters()} == {torch.float32}

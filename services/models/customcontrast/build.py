@@ -59,7 +59,7 @@ def load_image_encoder(ref: str):
                     patch_size=8, projection_dim=32))
         else:
             try:
-                model = CLIPVisionModelWithProjection.from_pretrained(ref, local_files_only=True)
+                model = CLIPVisionModelWithProjection.from_pretrained(ref, local_files_only=True, dtype=torch.float32)
             except OSError as error:
                 hint = "" if Path(ref).exists() else f": fetch it once with `hf download {ref}`"
                 raise FailedPrecondition(f"`image_encoder` {ref!r} is not available offline ({error}){hint}") from None
@@ -86,11 +86,13 @@ def load_customcontrast_models(base_model_dir: str | Path, image_encoder: str, e
     from transformers import CLIPTextModel, CLIPTokenizer
 
     base = Path(base_model_dir)
+    # fp32 whatever the folder stores (most community folders and the toy world's base are fp16): the encoder
+    # trains in fp32 and its tokens meet these weights in every cross-attention.
     with loading_models():
-        vae = AutoencoderKL.from_pretrained(base / "vae").requires_grad_(False)
-        text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(base / "vae", dtype=torch.float32).requires_grad_(False)
+        text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", dtype=torch.float32).requires_grad_(False)
         tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-        unet = UNet2DConditionModel.from_pretrained(base / "unet").requires_grad_(False)
+        unet = UNet2DConditionModel.from_pretrained(base / "unet", dtype=torch.float32).requires_grad_(False)
         scheduler = DDPMScheduler.from_pretrained(base / "scheduler")
         injection, processors = install_decoupled_processors(unet, scale)
     clip = load_image_encoder(image_encoder)
