@@ -11,16 +11,14 @@ import numpy as np
 import pytest
 
 from test_generate_triton import _pixels
-from test_train_customcontrast import make_concept, train_encoder
+from test_generate_triton_p3s import embedded_drawer
+from test_train_customcontrast import triton_concept
 
-from persona.services.generate.domain import EmbeddedEngine, GenerateDomain, GenerateRequest
-from persona.services.generate.settings import GenerateSettings
 from persona.services.generate.triton_customcontrast import CUSTOMCONTRAST_COMPONENT
 from persona.services.generate.triton_repository import model_name
 from persona.services.models.customcontrast.concept import TOKENS_FILE, VISUAL_KV_FILE
-from persona.v1 import common_pb2, generate_pb2, subjects_pb2
+from persona.v1 import generate_pb2
 
-TENANT = "acme"
 # fp32 torch on CPU on both sides, the same modules and loop: equal up to a rounding step of 8-bit pixels (the
 # Triton parity tests' bound, as test_generate_triton_p3s).
 TOLERANCE = 2
@@ -36,14 +34,7 @@ def _refused(call) -> grpc.RpcError:
 
 def test_triton_draws_a_customcontrast_concept_as_the_embedded_engine_does(start_app, client_for, dog_photos,
                                                                            tmp_path):
-    app = start_app(generate_settings=GenerateSettings(engine="triton", triton_gpu=False,
-                                                       triton_component_backend="torch"))
-    client = client_for(TENANT, app)
-    subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
-        class_name="dog", images=[subjects_pb2.ImageUpload(data=d) for d in dog_photos[:2]]))
-    final = make_concept(client, subject.subject_id, train_encoder(client, tmp_path))
-    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
-    concept_id = final.params["concept_id"]
+    app, client, concept_id = triton_concept(start_app, client_for, dog_photos, tmp_path, "torch", photos=2)
 
     def triton(prompt: str = "a sks dog on the beach", **request) -> np.ndarray:
         [image] = client.generate.Generate(generate_pb2.GenerateRequest(
@@ -51,15 +42,7 @@ def test_triton_draws_a_customcontrast_concept_as_the_embedded_engine_does(start
         assert (image.width, image.height, image.engine) == (32, 32, "triton")
         return _pixels(image.png)
 
-    embedded_settings = GenerateSettings(device="cpu")
-    embedded_domain = GenerateDomain(app.models, EmbeddedEngine(embedded_settings), embedded_settings,
-                                     tmp_path / "embedded")
-
-    def embedded(**settings) -> np.ndarray:
-        [image] = list(embedded_domain.generate(TENANT, GenerateRequest(
-            prompts=("a sks dog on the beach",), concept_id=concept_id, **(dict(seed=7) | SETTINGS | settings))))
-        assert image.engine == "embedded"
-        return _pixels(image.png)
+    embedded = embedded_drawer(app, tmp_path / "embedded", concept_id, "a sks dog on the beach", seed=7, **SETTINGS)
 
     def differ(a, b) -> int:
         return int(np.abs(a - b).max())

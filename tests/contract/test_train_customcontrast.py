@@ -41,6 +41,19 @@ def make_concept(client, subject_id: str, encoder: str, **request) -> common_pb2
     return client.wait_for_job(job.job_id, timeout_s=300)
 
 
+def triton_concept(start_app, client_for, dog_photos, tmp_path, backend: str, photos: int = 1):
+    """A Triton-engine server (CPU) with `backend` components, a client of it and a customcontrast concept made
+    there from a tiny encoder: (app, client, concept id)."""
+    app = start_app(generate_settings=GenerateSettings(engine="triton", triton_gpu=False,
+                                                       triton_component_backend=backend))
+    client = client_for(TENANT, app)
+    subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
+        class_name="dog", images=[subjects_pb2.ImageUpload(data=d) for d in dog_photos[:photos]]))
+    final = make_concept(client, subject.subject_id, train_encoder(client, tmp_path))
+    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    return app, client, final.params["concept_id"]
+
+
 @pytest.fixture
 def subject(client, dog_photos) -> subjects_pb2.Subject:
     return client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
@@ -137,15 +150,9 @@ def test_requests_that_do_not_apply_without_fine_tuning_are_refused_by_field(cli
 
 def test_a_triton_server_with_onnx_components_refuses_a_customcontrast_concept_naming_what_draws_it(
         start_app, client_for, dog_photos, tmp_path):
-    app = start_app(generate_settings=GenerateSettings(engine="triton", triton_gpu=False,
-                                                       triton_component_backend="python"))
-    client = client_for(TENANT, app)
-    subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
-        class_name="dog", images=[subjects_pb2.ImageUpload(data=d) for d in dog_photos[:1]]))
-    final = make_concept(client, subject.subject_id, train_encoder(client, tmp_path))
-    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    _, client, concept_id = triton_concept(start_app, client_for, dog_photos, tmp_path, "python")
     error = _refused(lambda: list(client.generate.Generate(generate_pb2.GenerateRequest(
-        concept_id=final.params["concept_id"], prompts=["a sks dog"], steps=2))))
+        concept_id=concept_id, prompts=["a sks dog"], steps=2))))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "made with customcontrast" in error.details() and "triton engine" in error.details()
     assert "PERSONA_TRITON_COMPONENT_BACKEND=torch" in error.details()
