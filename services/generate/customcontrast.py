@@ -2,7 +2,8 @@
 base model, with the concept's visual K'/V' attached to the UNet for the batch only and, around each UNet call, the
 step's text states and image tokens set and §3.4's location mask carried to the next step
 (models/customcontrast/conditioning.py). The prompt's identifier becomes the placeholder slots the word tokens fill;
-each step takes the concept table's row nearest its timestep."""
+each step takes the concept table's row nearest its timestep. On Triton a `customcontrast_unet` component makes the same
+calls around its one UNet call per step (triton_customcontrast.py)."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -9,8 +9,10 @@ Triton model repository. Both run the same loop (sampling.py).
 A p3s concept has no export (its condition branch runs beside the UNet, models/p3s/): an engine that
 `attaches_conditions` loads its base model with the condition file — the embedded engine attaches it for each
 draw, the Triton engine with torch components serves it as a conditioned UNet component — and others refuse it.
-A customcontrast concept (made from a CustomContrast encoder without fine-tuning) has no export either: only the
-embedded engine draws it, its tokens attached for each draw (customcontrast.py); every other engine refuses it.
+A customcontrast concept (made from a CustomContrast encoder without fine-tuning) has no export either and loads
+the same way, with its tokens file: the embedded engine attaches its tokens for each draw (customcontrast.py), the
+Triton engine with torch components serves its UNet, text encoder and tokens as one component that runs a step per
+call (triton_customcontrast.py); others refuse it.
 """
 from __future__ import annotations
 
@@ -116,8 +118,9 @@ class Engine(Protocol):
     # What `load` takes: "diffusers" (a diffusers folder), "onnx" (an onnx_export folder) or "tensorrt" (a
     # tensorrt_build folder).
     model_format: str
-    # True: `load(key, base_folder, condition=...)` takes a p3s condition file and `draw_batch(..., p3s=P3SDrawing)`
-    # draws with it (the embedded engine, Triton with torch components); False: p3s concepts are refused first.
+    # True: `load(key, base_folder, condition=...)` takes a p3s condition file (`draw_batch(..., p3s=P3SDrawing)`
+    # draws with it) or a customcontrast tokens file (the embedded engine, Triton with torch components); False: p3s
+    # and customcontrast concepts are refused first.
     attaches_conditions: bool
 
     def load(self, key: str, folder: Path) -> LoadedModel: ...
@@ -411,16 +414,13 @@ class GenerateDomain:
 
     def _load_with_condition(self, tenant_id: str, concept) -> LoadedModel:
         """A p3s or customcontrast concept: its base model with the concept's file attached (it has no export)."""
-        if concept.method == CUSTOMCONTRAST and self.engine.name != EmbeddedEngine.name:
-            raise FailedPrecondition(
-                f"concept {concept.concept_id} was made with customcontrast (a CustomContrast encoder's tokens fed to "
-                "the UNet's cross-attention at every step), which only persona's embedded engine draws, not this "
-                f"server's {self.engine.name} engine: start the server with PERSONA_GENERATE_ENGINE=embedded")
         if not self.engine.attaches_conditions:
+            what = ("was made with customcontrast, whose tokens feed the UNet's cross-attention at every step"
+                    if concept.method == CUSTOMCONTRAST else
+                    f"was trained with {concept.method}, whose condition branch runs beside the UNet at every step")
             raise FailedPrecondition(
-                f"concept {concept.concept_id} was trained with {concept.method}, whose condition branch runs beside "
-                f"the UNet at every step, which this server's {self.engine.name} engine cannot run (ONNX and "
-                "TensorRT components cannot hold it): draw it with PERSONA_GENERATE_ENGINE=embedded, or on Triton "
+                f"concept {concept.concept_id} {what}, which this server's {self.engine.name} engine cannot run (ONNX "
+                "and TensorRT components cannot hold it): draw it with PERSONA_GENERATE_ENGINE=embedded, or on Triton "
                 "with torch components (PERSONA_TRITON_COMPONENT_BACKEND=torch)")
         base, weights = self.models.exports.weights_folder(tenant_id, concept.concept_id,
                                                            self.cache_dir / "p3s" / concept.concept_id)

@@ -8,7 +8,10 @@ shared settings as request parameters (no BYTES tensor: triton_models says why).
 
 A p3s concept (torch components only) is its base model's folder plus its condition file, whose UNet component
 attaches the condition per request; each draw's weight schedule, λ and reference photo, resolved here against
-what the concept trained with, travel as request parameters (triton_p3s.py).
+what the concept trained with, travel as request parameters (triton_p3s.py). A customcontrast concept (torch
+components only) is its base model's folder plus its token files, whose UNet component runs one denoising step per
+call with the concept's tokens; its prompts are tokenised here with the identifier as N_t placeholder slots
+(triton_customcontrast.py).
 
 Where Triton lives (`TritonEndpoint`): a server persona starts itself on the repository (`ManagedTriton`: the
 `tritonserver` bundled in nvidia-pytriton, or NVIDIA's), or one someone else runs (`ExternalTriton`: a URL, e.g.
@@ -28,12 +31,14 @@ from typing import Protocol, Sequence
 from persona.services.runtime.devices import cuda_available
 from persona.services.runtime.errors import FailedPrecondition, NotFound, PersonaError, Unavailable
 
+from ..models.customcontrast.concept import TOKENS_FILE as CUSTOMCONTRAST_TOKENS, read_prompt_slots
 from ..models.p3s.condition import read_summary
 from .domain import LoadedModel, P3SDrawing
 from .sampling import LoopSettings, SamplingSettings, tokenize
 from .triton_models import PIPELINE_MODEL
 from .triton_repository import RepositoryEntry, TritonRepository, model_name
 from .triton_client import load_model, to_persona_error, unload_model
+from .triton_customcontrast import prompt_ids
 from .triton_p3s import drawing_parameters
 from .triton_server import TritonServer
 
@@ -101,6 +106,7 @@ class TritonEngine:
         self.infer_timeout_s = infer_timeout_s
         self._loaded: dict[str, tuple[RepositoryEntry, LoadedModel, object]] = {}  # key → (entry, info, tokenizer)
         self._conditions: dict[str, tuple[int, dict]] = {}  # a p3s concept's key → (photos, training settings)
+        self._slots: dict[str, tuple[str, int]] = {}  # a customcontrast concept's key → (identifier, N_t)
         self._lock = threading.RLock()
 
     @property
@@ -111,15 +117,15 @@ class TritonEngine:
 
     @property
     def attaches_conditions(self) -> bool:
-        """Whether `load` takes a p3s condition: with torch components (a p3s UNet is per-step python logic that
-        no ONNX graph or TensorRT engine holds; the domain refuses p3s concepts otherwise)."""
+        """Whether `load` takes a p3s condition or customcontrast tokens: with torch components (their UNet is
+        per-step python logic that no ONNX graph or TensorRT engine holds; the domain refuses them otherwise)."""
         return self.repository.component_backend == "torch"
 
     # -- Engine
 
     def load(self, key: str, folder: Path, condition: Path | None = None) -> LoadedModel:
-        """`folder`: what `model_format` says; `condition`: a p3s concept's condition file (`folder` is then its
-        base model's diffusers folder)."""
+        """`folder`: what `model_format` says; `condition`: a p3s concept's condition file or a customcontrast
+        concept's tokens file (`folder` is then its base model's diffusers folder)."""
         from transformers import CLIPTokenizer
 
         with self._lock:
@@ -129,7 +135,9 @@ class TritonEngine:
                 return LoadedModel(key, info.resolution, 0.0)
             started = time.perf_counter()
             entry = self.repository.add(model_name(key), folder, condition=condition)
-            if condition is not None:
+            if condition is not None and Path(condition).name == CUSTOMCONTRAST_TOKENS:
+                self._slots[key] = read_prompt_slots(condition)
+            elif condition is not None:
                 self._conditions[key] = read_summary(condition)
             tokenizer = CLIPTokenizer.from_pretrained(Path(folder) / "tokenizer")  # every export format keeps it
             self._ensure_ready(entry)
@@ -141,6 +149,7 @@ class TritonEngine:
         with self._lock:
             found = self._loaded.pop(key, None)
             self._conditions.pop(key, None)
+            self._slots.pop(key, None)
             if found is None:
                 return False
             in_use = {m for entry, _, _ in self._loaded.values() for m in entry.components.values()}
@@ -167,23 +176,23 @@ class TritonEngine:
     def draw_batch(self, key: str, batch: Sequence[SamplingSettings], p3s: P3SDrawing | None = None) -> list:
         """One `sd_pipeline` request for the whole batch (a p3s concept's with `p3s`' settings, unset = as
         trained); a Triton that lost its models (restarted) gets them loaded again and the request is sent once
-        more."""
+        more. A customcontrast concept's prompts name its identifier once (else INVALID_ARGUMENT naming `prompts`)."""
         from PIL import Image
 
         with self._lock:
             entry, _, tokenizer = self._loaded[key]
-            condition = self._conditions.get(key)
+            condition, slots = self._conditions.get(key), self._slots.get(key)
         extra = {}
         if condition is not None:
             p3s = p3s or P3SDrawing()
             extra = drawing_parameters(*condition, p3s.reference, p3s.weights, p3s.injection_lambda)
         try:
-            pixels = self._infer(entry, tokenizer, batch, extra)
+            pixels = self._infer(entry, tokenizer, batch, extra, slots)
         except (FailedPrecondition, NotFound, Unavailable) as error:
             self.endpoint.ensure_running()  # a managed server that died is started again here
             if not self._reload_if_lost(entry):
                 raise error
-            pixels = self._infer(entry, tokenizer, batch, extra)
+            pixels = self._infer(entry, tokenizer, batch, extra, slots)
         return [Image.fromarray(image) for image in pixels]
 
     # -- Triton calls
@@ -230,15 +239,18 @@ class TritonEngine:
         self._ensure_ready(entry)
         return True
 
-    def _infer(self, entry: RepositoryEntry, tokenizer, batch: Sequence[SamplingSettings], extra: dict):
+    def _infer(self, entry: RepositoryEntry, tokenizer, batch: Sequence[SamplingSettings], extra: dict,
+               slots: tuple[str, int] | None = None):
         from dataclasses import asdict
 
         import numpy as np
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
+        prompts = [s.prompt for s in batch]
         columns = [
-            ("PROMPT_IDS", tokenize(tokenizer, [s.prompt for s in batch]).numpy().astype(np.int64)),
+            ("PROMPT_IDS", (prompt_ids(tokenizer, prompts, *slots) if slots else tokenize(tokenizer, prompts))
+             .numpy().astype(np.int64)),
             ("NEGATIVE_IDS", tokenize(tokenizer, [s.negative_prompt for s in batch]).numpy().astype(np.int64)),
             ("SEEDS", np.array([s.seed for s in batch], dtype=np.int64)),
         ]

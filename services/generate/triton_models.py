@@ -11,7 +11,8 @@ these classes, so what runs inside Triton is ordinary, importable, reviewable co
   replayed from CUDA graphs), speaking exactly the ONNX graph's inputs and outputs: the GPU path where the server
   has only the python backend and the machine only a CPU onnxruntime (the nvidia-pytriton bundle).
   As `p3s_unet` it is a p3s concept's UNet with the concept's condition attached per request from the request's
-  p3s parameters (triton_p3s.py), which the pipeline forwards on each BLS call.
+  p3s parameters (triton_p3s.py), which the pipeline forwards on each BLS call. As `customcontrast_unet` it is a
+  customcontrast concept's UNet, text encoder and token table, one denoising step per call (triton_customcontrast.py).
 - `StableDiffusionPipelineModel` runs `sampling.sample_ids` — the same loop as the in-process engine — over
   the three component models, calling them through BLS (business logic scripting) requests.
 
@@ -40,6 +41,7 @@ from persona.services.runtime.errors import InvalidArgument
 from persona.services.runtime.settings import parse_flag
 
 from ..models.p3s.condition import WEIGHT_NAME as CONDITION_FILE  # in a p3s UNet's version folder
+from .triton_customcontrast import CUSTOMCONTRAST_COMPONENT, STEP_INPUTS, STEP_OUTPUTS, ConceptSteps, ConceptUnet
 from .triton_p3s import P3S_COMPONENT, ConditionedUnet, bls_parameters, p3s_parameters, parsed, refuse_p3s_parameters
 
 PIPELINE_MODEL = "sd_pipeline"
@@ -69,6 +71,10 @@ TORCH_COMPONENTS = {
 }
 # A p3s concept's UNet: the same graph's names, the condition file beside the weights (triton_p3s).
 TORCH_COMPONENTS[P3S_COMPONENT] = TORCH_COMPONENTS["unet"]
+# A customcontrast concept's UNet: one step per call, with the draw's token ids and location mask (its module says).
+TORCH_COMPONENTS[CUSTOMCONTRAST_COMPONENT] = ("unet", ("sample", "timestep", *(n for n, _, _ in STEP_INPUTS)),
+                                              ("out_sample", *(n for n, _, _ in STEP_OUTPUTS)))
+UNET_COMPONENTS = ("unet", P3S_COMPONENT, CUSTOMCONTRAST_COMPONENT)
 MAX_CUDA_GRAPHS = 8  # input shapes captured per model; more run eager (each graph keeps its own activations)
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
@@ -156,7 +162,8 @@ class TorchComponent:
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.module = _load_torch_component(component, folder / subfolder, dtype)
         self.module.to(self.device).eval().requires_grad_(False)
-        self.forward: Callable = _torch_forward(component, self.module, dtype)
+        self.forward: Callable = ConceptUnet(self.module, folder, dtype) if component == CUSTOMCONTRAST_COMPONENT \
+            else _torch_forward(component, self.module, dtype)
         # A p3s UNet: the condition attached per request (its per-step features are no graph's: no capture).
         self.conditioned = ConditionedUnet(self.module, folder / CONDITION_FILE) if component == P3S_COMPONENT \
             else None
@@ -193,6 +200,8 @@ class TorchComponent:
     def finalize(self) -> None:
         if self.conditioned is not None:
             self.conditioned.detach()
+        if isinstance(self.forward, ConceptUnet):
+            self.forward.remove()
         self.module = self.forward = self.conditioned = None
 
 
@@ -207,7 +216,7 @@ def _load_torch_component(component: str, folder: Path, dtype):
         from transformers import CLIPTextModel
 
         return CLIPTextModel.from_pretrained(folder, dtype=dtype)
-    if component in ("unet", P3S_COMPONENT):
+    if component in UNET_COMPONENTS:
         from diffusers import UNet2DConditionModel
 
         return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype)
@@ -333,6 +342,7 @@ class BlsModels:
         self.scaling_factor = float(pipeline["scaling_factor"])
         self.models = pipeline["models"]  # component → Triton model name
         self.p3s_photos = int((pipeline.get("p3s") or {}).get("photos", 0))  # a p3s concept's photos, else 0
+        self.customcontrast = bool(pipeline.get("customcontrast"))  # its UNet takes one step's ids and mask
         self.unet_parameters: dict = {}  # sent with each UNet call (a p3s draw's settings)
 
     def drawing(self, given: dict, concept: str) -> "BlsModels":
@@ -345,33 +355,36 @@ class BlsModels:
         drawing.unet_parameters = bls_parameters(p3s_parameters(given, self.p3s_photos))
         return drawing
 
-    def _call(self, component: str, inputs: dict, output: str):
+    def call(self, component: str, inputs: dict, output: str | tuple[str, ...]):
+        """Output `output` (or each of a tuple) of `component`'s model for `inputs`, on this model's device."""
         import triton_python_backend_utils as pb_utils
 
         tensors = [to_triton(pb_utils, name, value) for name, value in inputs.items()]  # GPU tensors stay there
         extra = {"parameters": self.unet_parameters} if component == "unet" and self.unet_parameters else {}
-        request = pb_utils.InferenceRequest(model_name=self.models[component], requested_output_names=[output],
+        names = [output] if isinstance(output, str) else list(output)
+        request = pb_utils.InferenceRequest(model_name=self.models[component], requested_output_names=names,
                                             inputs=tensors, **extra)
         response = request.exec()
         if response.has_error():
             if response.error().code() == getattr(pb_utils.TritonError, "INVALID_ARG", None):
                 raise InvalidArgument(response.error().message())
             raise RuntimeError(f"{component} model {self.models[component]}: {response.error().message()}")
-        return from_triton(pb_utils.get_output_tensor_by_name(response, output), self.device)
+        found = [from_triton(pb_utils.get_output_tensor_by_name(response, name), self.device) for name in names]
+        return found[0] if isinstance(output, str) else tuple(found)
 
     def encode_text(self, input_ids):
-        return self._call("text_encoder", {"input_ids": input_ids.long()}, "last_hidden_state")
+        return self.call("text_encoder", {"input_ids": input_ids.long()}, "last_hidden_state")
 
     def predict_noise(self, latents, timestep, text_embeddings):
         import torch
 
         # The graph takes one timestep per row (float32, so Euler's fractional timesteps fit too).
         timesteps = torch.full((latents.shape[0],), float(timestep), dtype=torch.float32, device=latents.device)
-        return self._call("unet", {"sample": latents.float(), "timestep": timesteps,
+        return self.call("unet", {"sample": latents.float(), "timestep": timesteps,
                                    "encoder_hidden_states": text_embeddings.float()}, "out_sample")
 
     def decode(self, latents):
-        return self._call("vae_decoder", {"latent_sample": latents.float()}, "sample")
+        return self.call("vae_decoder", {"latent_sample": latents.float()}, "sample")
 
 
 class StableDiffusionPipelineModel:
@@ -424,8 +437,11 @@ class StableDiffusionPipelineModel:
                     raise ValueError("PROMPT_IDS and NEGATIVE_IDS ([image, token]) and SEEDS ([image]) need one row "
                                      f"per image (got {list(prompt_ids.shape)}, {list(negative_ids.shape)}, "
                                      f"{list(seeds.shape)})")
+                if models.customcontrast:  # the plain loop: each step's mask comes from the one before
+                    models = ConceptSteps(models, prompt_ids.to(self.device), negative_ids.to(self.device))
                 pixels = torch.from_numpy(sampling.sample_ids(models, scheduler_config, loop, prompt_ids, negative_ids,
-                                                              [int(s) for s in seeds.tolist()]))
+                                                              [int(s) for s in seeds.tolist()],
+                                                              static=not isinstance(models, ConceptSteps)))
                 responses.append(pb_utils.InferenceResponse([to_triton(pb_utils, "IMAGES", pixels)]))
             except Exception as error:
                 responses.append(_error_response(pb_utils, error))

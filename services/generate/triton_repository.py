@@ -29,6 +29,9 @@ pipeline is a python model running the shared sampling loop; it calls the compon
 A p3s concept (torch components only) has its base model's components but for the UNet, which is
 `p3s_unet_<digest>`: the base UNet's files plus the concept's `p3s_condition.safetensors`, served by the same torch
 adapter with the condition attached per request (triton_p3s.py); its pipeline.json says how many photos it has.
+A customcontrast concept (torch components only) likewise has `customcontrast_unet_<digest>` for its UNet: the base
+UNet's and text encoder's files, the tokenizer and the concept's two files, one denoising step per call
+(triton_customcontrast.py); its pipeline.json names the identifier and N_t.
 
 Graphs and weights are hard-linked from the export where the filesystem allows (GBs are not copied), and every
 model or version folder is written beside the repository and renamed into place, so Triton never reads half a
@@ -50,7 +53,9 @@ from persona.services.runtime.artifacts import file_sha256
 from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 
 from .triton_config import TensorSpec, model_config
+from ..models.customcontrast.concept import TOKENS_FILE, VISUAL_KV_FILE, read_prompt_slots
 from ..models.p3s.condition import WEIGHT_NAME as CONDITION_FILE, read_summary
+from .triton_customcontrast import CUSTOMCONTRAST_COMPONENT, STEP_INPUTS, STEP_OUTPUTS, TOKENIZER_FOLDER
 from .triton_models import (CONCEPTS_FOLDER, PIPELINE_FILE, PIPELINE_INPUTS, PIPELINE_MODEL, PIPELINE_OUTPUTS,
                             TORCH_COMPONENTS)
 from .triton_p3s import P3S_COMPONENT
@@ -132,19 +137,27 @@ class TritonRepository:
     def add(self, name: str, export_dir: Path, condition: Path | None = None) -> RepositoryEntry:
         """Puts concept `name` in the repository — from its ONNX export `export_dir` (onnx_export's layout), or
         with the torch backend from its diffusers folder — writing only the component models that are not there
-        yet and a new concept version only when something changed. `condition`: a p3s concept's condition file,
-        `export_dir` then being its base model's diffusers folder (torch components only). Returns the entry whose
-        component models (and `sd_pipeline`) must be loaded."""
+        yet and a new concept version only when something changed. `condition`: a p3s concept's condition file or
+        a customcontrast concept's tokens file (its K'/V' file beside it), `export_dir` then being its base model's
+        diffusers folder (torch components only). Returns the entry whose component models (and `sd_pipeline`) must
+        be loaded."""
         export_dir = Path(export_dir)
+        customcontrast = condition is not None and Path(condition).name == TOKENS_FILE
         if condition is not None and self.component_backend != "torch":
+            what = ("a customcontrast concept, whose tokens feed the UNet's cross-attention at every step"
+                    if customcontrast else "a p3s concept, whose condition branch runs beside the UNet at every step")
             raise FailedPrecondition(
-                f"concept {name} is a p3s concept, whose condition branch runs beside the UNet at every step: only "
-                f"torch components hold it, and this repository's are {self.component_backend}; set "
-                "PERSONA_TRITON_COMPONENT_BACKEND=torch (or draw it with PERSONA_GENERATE_ENGINE=embedded)")
-        photos = 0
+                f"concept {name} is {what}: only torch components hold it, and this repository's are "
+                f"{self.component_backend}; set PERSONA_TRITON_COMPONENT_BACKEND=torch (or draw it with "
+                "PERSONA_GENERATE_ENGINE=embedded)")
+        photos, extra = 0, {}
         if self.component_backend == "torch":
             source = _diffusers_source(export_dir)
-            if condition is not None:
+            if customcontrast:
+                identifier, count = read_prompt_slots(condition)
+                extra["customcontrast"] = {"identifier": identifier, "num_text_tokens": count}
+                source.components["unet"] = _customcontrast_unet(source, export_dir, Path(condition))
+            elif condition is not None:
                 photos = read_summary(condition)[0]
                 source.components["unet"] = _p3s_unet(source.components["unet"], Path(condition))
         elif self.component_backend == "tensorrt":
@@ -156,6 +169,7 @@ class TritonRepository:
             "models": components,
             **source.geometry,
             "tokenizer_and_scheduler": _digest_tree(export_dir, ("tokenizer", "scheduler")),
+            **extra,
         }
         if photos:
             pipeline["p3s"] = {"photos": photos}
@@ -192,8 +206,8 @@ class TritonRepository:
         if self.component_backend != "torch":
             return None
         parameters = {"component": component}
-        if component in ("unet", P3S_COMPONENT):
-            # Ignored on CPU instances; "0" turns capture off, as a p3s UNet needs (its features change per step).
+        if component in ("unet", P3S_COMPONENT, CUSTOMCONTRAST_COMPONENT):
+            # Ignored on CPU instances; "0" turns capture off, as a p3s or customcontrast UNet needs (per-step state).
             parameters["cuda_graphs"] = "1" if component == "unet" else "0"
         if self.instance_kind == "KIND_GPU":
             # The python backend copies inputs to the host unless told otherwise; torch wants them where they are.
@@ -370,6 +384,19 @@ def _p3s_unet(unet: _Component, condition: Path) -> _Component:
     """A p3s concept's UNet component: the base UNet's files and the condition file, named by both."""
     digest = _digest({"unet": unet.digest, CONDITION_FILE: file_sha256(condition)})
     return _Component(P3S_COMPONENT, digest, (*unet.files, (condition, CONDITION_FILE)), unet.inputs, unet.outputs)
+
+
+def _customcontrast_unet(source: _Source, folder: Path, tokens: Path) -> _Component:
+    """A customcontrast concept's UNet component: the base UNet's and text encoder's files, the tokenizer and the
+    concept's two files, named by all of them; the plain UNet's inputs and outputs plus one step's (STEP_INPUTS)."""
+    unet, text = source.components["unet"], source.components["text_encoder"]
+    tokenizer = sorted(p for p in (folder / TOKENIZER_FOLDER).rglob("*") if p.is_file() and not p.name.startswith("."))
+    own = [(p, f"{TOKENIZER_FOLDER}/{p.relative_to(folder / TOKENIZER_FOLDER).as_posix()}") for p in tokenizer]
+    own += [(tokens, TOKENS_FILE), (tokens.parent / VISUAL_KV_FILE, VISUAL_KV_FILE)]
+    digest = _digest({"unet": unet.digest, "text_encoder": text.digest, **{n: file_sha256(p) for p, n in own}})
+    return _Component(CUSTOMCONTRAST_COMPONENT, digest, (*unet.files, *text.files, *own),
+                      (*unet.inputs[:2], *(TensorSpec(*t) for t in STEP_INPUTS)),
+                      (unet.outputs[0], *(TensorSpec(*t) for t in STEP_OUTPUTS)))
 
 
 def _read_diffusers_configs(folder: Path) -> dict[str, dict]:

@@ -37,7 +37,7 @@ WHOLE_PIPELINE_METHODS = ("dreambooth",)
 # run beside the UNet each step (models/p3s/), drawn by its embedded engine or Triton's torch UNet component;
 # customcontrast: a concept made without fine-tuning from a CustomContrast encoder, its per-timestep tokens fed to
 # parallel cross-attention processors and per-step text states (models/customcontrast/), drawn by the embedded
-# engine only.
+# engine or Triton's torch customcontrast UNet component.
 P3S, CUSTOMCONTRAST = "p3s", "customcontrast"
 IN_PROCESS_METHODS = (P3S, CUSTOMCONTRAST)
 # Per IN_PROCESS_METHODS method: what its concept keeps, and which of persona's engines draw it.
@@ -45,7 +45,7 @@ IN_PROCESS_DRAWING = {
     P3S: ("its condition branch (p3s_condition.safetensors)", "the embedded engine, or Triton with torch components"),
     CUSTOMCONTRAST: ("its token table and visual K'/V' (customcontrast_tokens.safetensors, "
                      "customcontrast_visual_kv.safetensors), attached per draw to the base model's UNet",
-                     "the embedded engine, PERSONA_GENERATE_ENGINE=embedded"),
+                     "the embedded engine, or Triton with torch components"),
 }
 
 

@@ -33,6 +33,21 @@ def triton_app(start_app):
                                                         triton_component_backend="torch"))
 
 
+def embedded_drawer(app, cache, concept_id: str, prompt: str, **fixed):
+    """draw(**settings) → the pixels the embedded engine draws for `concept_id` on `app`'s model library (the same
+    concept the Triton server draws), with `fixed` settings unless `settings` override them."""
+    settings = GenerateSettings(device="cpu")
+    domain = GenerateDomain(app.models, EmbeddedEngine(settings), settings, cache)
+
+    def draw(**settings) -> np.ndarray:
+        [image] = list(domain.generate(TENANT, GenerateRequest(prompts=(prompt,), concept_id=concept_id,
+                                                               **(fixed | settings))))
+        assert image.engine == "embedded"
+        return _pixels(image.png)
+
+    return draw
+
+
 def _refused(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         call()
@@ -58,15 +73,8 @@ def test_triton_draws_a_p3s_concept_as_the_embedded_engine_does(triton_app, clie
         assert (image.width, image.height, image.engine) == (32, 32, "triton")
         return _pixels(image.png)
 
-    embedded_settings = GenerateSettings(device="cpu")
-    embedded_domain = GenerateDomain(triton_app.models, EmbeddedEngine(embedded_settings), embedded_settings,
-                                     tmp_path / "embedded")
-
-    def embedded(**settings) -> np.ndarray:
-        [image] = list(embedded_domain.generate(TENANT, GenerateRequest(
-            prompts=("a dog",), concept_id=concept_id, negative_prompt="blurry", seed=7, steps=3, **settings)))
-        assert image.engine == "embedded"
-        return _pixels(image.png)
+    embedded = embedded_drawer(triton_app, tmp_path / "embedded", concept_id, "a dog", negative_prompt="blurry",
+                               seed=7, steps=3)
 
     def differ(a, b) -> int:
         return int(np.abs(a - b).max())

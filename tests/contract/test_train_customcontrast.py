@@ -2,8 +2,9 @@
 tiny encoder trained in the test makes a READY concept with no fine-tuning step (its token table and the encoder's
 visual K'/V' stored as its weights, the encoder named on it); what does not apply without fine-tuning, an unknown
 or another tenant's encoder and an encoder of another base model are refused by field with nothing stored; the
-embedded engine draws the concept (not the base model's image for the same seed) while exports and a Triton-engine
-server refuse it naming the embedded engine."""
+embedded engine draws the concept (not the base model's image for the same seed) while exports refuse it naming the
+engines that draw it, and a Triton-engine server with ONNX components refuses it naming the torch components and the
+embedded engine (test_generate_triton_customcontrast.py draws it on Triton with torch components)."""
 from __future__ import annotations
 
 import grpc
@@ -38,6 +39,19 @@ def make_concept(client, subject_id: str, encoder: str, **request) -> common_pb2
     job = client.train.StartTraining(train_pb2.StartTrainingRequest(
         subject_id=subject_id, method="customcontrast", encoder=encoder, **request))
     return client.wait_for_job(job.job_id, timeout_s=300)
+
+
+def triton_concept(start_app, client_for, dog_photos, tmp_path, backend: str, photos: int = 1):
+    """A Triton-engine server (CPU) with `backend` components, a client of it and a customcontrast concept made
+    there from a tiny encoder: (app, client, concept id)."""
+    app = start_app(generate_settings=GenerateSettings(engine="triton", triton_gpu=False,
+                                                       triton_component_backend=backend))
+    client = client_for(TENANT, app)
+    subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
+        class_name="dog", images=[subjects_pb2.ImageUpload(data=d) for d in dog_photos[:photos]]))
+    final = make_concept(client, subject.subject_id, train_encoder(client, tmp_path))
+    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    return app, client, final.params["concept_id"]
 
 
 @pytest.fixture
@@ -134,15 +148,12 @@ def test_requests_that_do_not_apply_without_fine_tuning_are_refused_by_field(cli
     assert not other.train.ListConcepts(train_pb2.ListConceptsRequest()).concepts
 
 
-def test_a_triton_engine_server_refuses_a_customcontrast_concept_naming_the_embedded_engine(start_app, client_for,
-                                                                                           dog_photos, tmp_path):
-    app = start_app(generate_settings=GenerateSettings(engine="triton", triton_gpu=False))
-    client = client_for(TENANT, app)
-    subject = client.subjects.CreateSubject(subjects_pb2.CreateSubjectRequest(
-        class_name="dog", images=[subjects_pb2.ImageUpload(data=d) for d in dog_photos[:1]]))
-    final = make_concept(client, subject.subject_id, train_encoder(client, tmp_path))
-    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+def test_a_triton_server_with_onnx_components_refuses_a_customcontrast_concept_naming_what_draws_it(
+        start_app, client_for, dog_photos, tmp_path):
+    _, client, concept_id = triton_concept(start_app, client_for, dog_photos, tmp_path, "python")
     error = _refused(lambda: list(client.generate.Generate(generate_pb2.GenerateRequest(
-        concept_id=final.params["concept_id"], prompts=["a sks dog"], steps=2))))
+        concept_id=concept_id, prompts=["a sks dog"], steps=2))))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "PERSONA_GENERATE_ENGINE=embedded" in error.details() and "triton" in error.details()
+    assert "made with customcontrast" in error.details() and "triton engine" in error.details()
+    assert "PERSONA_TRITON_COMPONENT_BACKEND=torch" in error.details()
+    assert "PERSONA_GENERATE_ENGINE=embedded" in error.details()

@@ -104,6 +104,18 @@ def load_concept(folder: str | Path) -> ConceptTokens:
                          meta.get("encoder", ""), meta.get("base_model_sha256", ""))
 
 
+def read_prompt_slots(tokens_file: str | Path) -> tuple[str, int]:
+    """(identifier, N_t) of a concept's tokens file, from its metadata alone (no tensor read): what a caller that
+    tokenises prompts for the concept needs (`slot_prompt`). FAILED_PRECONDITION when it is not one."""
+    from safetensors import safe_open
+
+    with safe_open(str(tokens_file), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT or "identifier" not in meta or "num_text_tokens" not in meta:
+        raise FailedPrecondition(f"{tokens_file} is not a customcontrast concept this persona reads: make it again")
+    return meta["identifier"], int(meta["num_text_tokens"])
+
+
 def nearest_rows(table: SubjectTokens, timesteps) -> SubjectTokens:
     """A table for a sampler's `timesteps`: for each, the stored row of the nearest timestep (ties: the earlier
     row). Its timesteps are `timesteps` as integers (int(t), what `SubjectTokens.at` looks up)."""
@@ -152,6 +164,7 @@ class AttachedTokens:
             self.remove()
             raise FailedPrecondition(f"the concept's visual K'/V' do not fit this UNet ({str(error)[:200]}): the "
                                      "concept was made on another base model; make it again") from None
+        processors.to(device=unet.device, dtype=unet.dtype)  # the file's K'/V' onto the UNet's device and precision
 
     def remove(self) -> None:
         self.unet.set_attn_processor(self._own)
