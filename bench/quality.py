@@ -235,8 +235,9 @@ _QUALITY_SOURCES = {
     "nearby_leakage": "mean fraction of pixels nearest the reference nearby object's colour, background-unsaid prompts",
     "background_leakage": "mean fraction of the outer 5-px frame nearest the reference background's colours, "
                           "background-unsaid prompts",
-    "nearby_object_leakage": "nearby_leakage counted as 0 in images whose frame is >= 25 % the nearby colour (a "
-                             "drawn background, not the object)",
+    "nearby_object_leakage": "fraction of pixels in object-sized regions of the nearby object's colour (4-connected, "
+                             "each <= 6 % of the image: a subject or background drawn in that colour is not the "
+                             "object), 0 in images whose frame is >= 25 % that colour",
     "text_alignment": "fraction of asked-background images where that colour covers >= 40 %",
     "subject_fidelity": "fraction of images where the subject's colours (body + stripes) cover >= 3 %",
 }

@@ -402,8 +402,8 @@ def quality(
     - background: fraction of the outer 5-px frame in the photos' background colours, background unsaid (lower);
     - asked bg: fraction of asked-background images where that colour covers ≥ 40 % (text alignment, higher);
     - subject: fraction of images where the subject's colours cover ≥ 3 % (fidelity, higher);
-    - nearby obj: nearby, counted as 0 in an image whose frame is ≥ 25 % that colour (the base model drawing a
-      background in it is not the object leaking);
+    - nearby obj: nearby, counting only object-sized regions of that colour (each ≤ 6 % of the image: a subject or
+      background drawn in it is not the object leaking), and 0 in an image whose frame is ≥ 25 % that colour;
     - ÷ case1: nearby and background leakage over the Case 1 row's (same method and prior setting); an encoder
       row's (--encoder) over the first encoder's.
 

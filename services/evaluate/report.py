@@ -23,7 +23,7 @@ METRIC_LABELS = {
     # The toy world's entanglement measures (toyworld.py; `persona-cli bench quality`).
     "nearby_leakage": "nearby-object leakage", "background_leakage": "background leakage",
     "text_alignment": "asked background", "subject_fidelity": "subject fidelity",
-    "nearby_object_leakage": "nearby-object leakage, drawn backgrounds left out",
+    "nearby_object_leakage": "nearby-object leakage, object-sized regions only",
 }
 # Metrics where less is better (the best cell is the lowest).
 LOWER_IS_BETTER = ("clip_i_var", "dino_var", "nearby_leakage", "background_leakage", "nearby_object_leakage")

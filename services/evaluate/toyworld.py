@@ -4,9 +4,11 @@ In the toy world every colour is one of ten, so leakage is a pixel count: each p
 mapped to the nearest palette colour, then
 
 - nearby-object leakage: the fraction of pixels of the reference's nearby object's colour;
-- nearby-object leakage, drawn backgrounds left out: the same, counted as 0 in an image whose outer frame is at
-  least a quarter that colour (a background or its pattern drawn in it, which the base model does by itself on a
-  background-unsaid prompt; a leaked object in a corner covers at most ~12 % of the 64-px frame);
+- nearby-object leakage, object-sized regions only: the same, counting only 4-connected regions of that colour of
+  at most 6 % of the image (the object covers ≤ 4 %; a subject drawn in its colour does not count), and 0 in an
+  image whose outer frame is at least a quarter that colour (a background or its pattern drawn in it, which the
+  base model does by itself on a background-unsaid prompt; a leaked object in a corner covers at most ~12 % of the
+  64-px frame);
 - background leakage: the fraction of the outer 5-pixel frame in the reference background's colours (drawn on a
   prompt that leaves the background unsaid);
 - text alignment: whether an asked plain background covers ≥ 40 % of the image;
@@ -42,6 +44,9 @@ ASKED_BACKGROUND_MIN = 0.40
 SUBJECT_MIN = 0.03
 # The nearby object's colour covering at least this fraction of the frame is a drawn background, not the object.
 NEARBY_AS_BACKGROUND = 0.25
+# The world's nearby object has a radius of 6–10 % of the side: at most 4 % of the image (a square). A connected
+# region of its colour over 1.5x that is something else drawn in it — the subject's body, a background patch.
+NEARBY_OBJECT_MAX = 0.06
 SCENE_FILE = "scene.json"
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -182,10 +187,36 @@ def nearby_leakage(labels: np.ndarray, reference: ReferenceSet) -> float:
 
 
 def nearby_object_leakage(labels: np.ndarray, reference: ReferenceSet) -> float:
-    """nearby_leakage, but 0 where the frame is at least NEARBY_AS_BACKGROUND that colour (a drawn background)."""
+    """The fraction of the image in object-sized regions of the nearby colour (4-connected, each at most
+    NEARBY_OBJECT_MAX of the image); 0 where the frame is at least NEARBY_AS_BACKGROUND that colour (a drawn
+    background). nearby_leakage counts every pixel of the colour: on yellow-cross (nearby pink) a subject drawn pink
+    read as the pink circle leaking (notes/quality-18.md §11)."""
     if colour_fraction(labels, [reference.nearby_colour], frame(*labels.shape)) >= NEARBY_AS_BACKGROUND:
         return 0.0
-    return nearby_leakage(labels, reference)
+    mask = labels == COLOURS.index(reference.nearby_colour)
+    sizes = region_sizes(mask)
+    return float(((sizes > 0) & (sizes <= NEARBY_OBJECT_MAX * mask.size)).sum() / mask.size)
+
+
+def region_sizes(mask: np.ndarray) -> np.ndarray:
+    """Per pixel of `mask`, the size of its 4-connected region (0 off the mask)."""
+    sizes = np.zeros(mask.shape, dtype=np.int64)
+    seen = np.zeros(mask.shape, dtype=bool)
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start], region, queue = True, [], [start]
+        while queue:
+            y, x = queue.pop()
+            region.append((y, x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        rows, cols = zip(*region)
+        sizes[list(rows), list(cols)] = len(region)
+    return sizes
 
 
 def background_leakage(labels: np.ndarray, reference: ReferenceSet) -> float:

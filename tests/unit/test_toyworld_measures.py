@@ -60,10 +60,13 @@ def test_leakages_text_alignment_and_fidelity_by_hand(tmp_path):
     assert tw.nearby_leakage(labels, ref) == pytest.approx(20 / 400)
     assert tw.background_leakage(labels, ref) == pytest.approx(45 / 300)
     assert tw.nearby_object_leakage(labels, ref) == pytest.approx(20 / 400)  # no blue in the frame
-    # A background drawn in the nearby colour: the frame's top 2 rows blue (2·20 = 40 px of 300) stay under 0.25 and
-    # count (40 + 20 px of 400); 5 rows (100 + 30 more px: 130/300 ≥ 0.25) are a background: 0.
+    # The frame's top 2 rows blue (2·20 = 40 px of 300 frame px) stay under 0.25, but as one region of 40 px (0.1 of
+    # the image, over NEARBY_OBJECT_MAX 0.06) they are no object: the 20-px block alone counts; a 2×10 strip (20 px)
+    # would count. 5 rows (100 + 30 more px: 130/300 ≥ 0.25) are a background: 0.
     image[0:2, 0:20] = rgb("blue")
-    assert tw.nearby_object_leakage(tw.palette_labels(image), ref) == pytest.approx(60 / 400)
+    assert tw.nearby_object_leakage(tw.palette_labels(image), ref) == pytest.approx(20 / 400)
+    image[0:2, 10:20] = rgb("cyan")
+    assert tw.nearby_object_leakage(tw.palette_labels(image), ref) == pytest.approx(40 / 400)
     image[0:5, 0:20] = rgb("blue")
     labels5 = tw.palette_labels(image)
     assert tw.nearby_leakage(labels5, ref) == pytest.approx((100 + 20) / 400) and \
@@ -77,6 +80,21 @@ def test_leakages_text_alignment_and_fidelity_by_hand(tmp_path):
     assert tw.subject_shown(tw.palette_labels(small), ref)
     small[0:1, 15] = rgb("cyan")  # 11 px = 0.0275
     assert not tw.subject_shown(tw.palette_labels(small), ref)
+
+
+def test_a_subject_drawn_in_the_nearby_colour_is_not_the_nearby_object(tmp_path):
+    """yellow-cross's failure mode (notes/quality-18.md §11): the concept drew the cross pink, the nearby circle's
+    colour; every pink pixel counted as the circle leaking. Only object-sized regions count."""
+    ref = tw.read_reference_set(write_set(tmp_path / "ring"))  # nearby object blue
+    image = canvas(20, "cyan")
+    image[4:14, 4:14] = rgb("blue")  # a 10×10 body: 100 px = 0.25 of the image, one region
+    image[17:19, 0:3] = rgb("blue")  # a 2×3 object in a corner: 6 px, inside the frame (6/300 < 0.25)
+    image[16:18, 16:18] = rgb("blue")  # another 4 px
+    labels = tw.palette_labels(image)
+    assert tw.nearby_leakage(labels, ref) == pytest.approx(110 / 400)
+    assert tw.nearby_object_leakage(labels, ref) == pytest.approx(10 / 400)
+    sizes = tw.region_sizes(labels == tw.COLOURS.index("blue"))
+    assert sizes[5, 5] == 100 and sizes[17, 0] == 6 and sizes[16, 16] == 4 and sizes[0, 0] == 0
 
 
 def test_frame_is_the_outer_band():
@@ -100,8 +118,9 @@ def test_scores_and_summary(tmp_path):
               tw.score_image(asked, prompts[2], ref), tw.score_image(asked, prompts[3], ref)]
     summary = tw.summarise(scores)
     assert summary["nearby_leakage"] == pytest.approx((0.1 + 0.0) / 2)
-    # The leaky image's blue block fills 40 of its 300 frame pixels (0.13 < 0.25): an object, counted.
-    assert summary["nearby_object_leakage"] == pytest.approx((0.1 + 0.0) / 2)
+    # The leaky image's blue block fills 40 of its 300 frame pixels (0.13 < 0.25), but 0.1 of the image in one
+    # region is bigger than any nearby object (≤ 0.06): not counted.
+    assert summary["nearby_object_leakage"] == 0.0
     # Frame of the leaky image: 300 px, 40 of its blue block's pixels lie in it (rows 0–9 × cols 0–3 all frame).
     assert summary["background_leakage"] == pytest.approx(((300 - 40) / 300 + 0.0) / 2)
     assert summary["text_alignment"] == pytest.approx(0.5)  # cyan asked, not shown; purple asked and shown
