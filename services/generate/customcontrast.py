@@ -41,18 +41,25 @@ class ConditionedModels:
         return self.models.decode(latents)
 
 
+def slotted_ids(tokenizer, prompts: Sequence[str], identifier: str, num_text_tokens: int):
+    """((B, S) token ids, (B, S) placeholder mask) of `prompts`, each naming the concept's `identifier` once (else
+    INVALID_ARGUMENT naming `prompts`): the identifier as `num_text_tokens` placeholder slots. Both engines' way."""
+    from ..models.customcontrast.text import placeholder_ids  # torch: with the first draw, not at import
+
+    slotted = [slot_prompt(prompt, identifier, num_text_tokens) for prompt in prompts]
+    return placeholder_ids(tokenizer, slotted, num_text_tokens)
+
+
 def draw(models, tokenizer, scheduler_config: dict, batch: Sequence[SamplingSettings],
          tokens: ConceptTokens) -> list:
     """PIL images of `batch` (entries sharing `sampling.batch_key`), each prompt naming the concept's identifier
     once (else INVALID_ARGUMENT naming `prompts`)."""
-    from ..models.customcontrast.text import placeholder_ids  # torch: with the first draw, not at import
-
     batch = list(batch)
     loop = LoopSettings.of(batch[0])
     if any(LoopSettings.of(s) != loop for s in batch):
         raise ValueError("settings in one batch must share steps, guidance_scale, scheduler, height and width")
-    prompts = [slot_prompt(s.prompt, tokens.identifier, tokens.num_text_tokens) for s in batch]
-    prompt_ids, placeholder = placeholder_ids(tokenizer, prompts, tokens.num_text_tokens)
+    prompt_ids, placeholder = slotted_ids(tokenizer, [s.prompt for s in batch], tokens.identifier,
+                                          tokens.num_text_tokens)
     negative_ids = sampling.tokenize(tokenizer, [s.negative_prompt for s in batch])
     scheduler = sampling.make_scheduler(loop.scheduler, scheduler_config)
     scheduler.set_timesteps(loop.steps)  # the loop's own schedule: the rows its steps will ask for

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from persona.services.runtime.errors import InvalidArgument
 
-from ..models.customcontrast.concept import AttachedTokens, load_concept, nearest_rows, slot_prompt
+from ..models.customcontrast.concept import AttachedTokens, load_concept, nearest_rows
+from .customcontrast import slotted_ids
 
 # The UNet component of a customcontrast concept (triton_models.TORCH_COMPONENTS, triton_repository).
 CUSTOMCONTRAST_COMPONENT = "customcontrast_unet"
@@ -42,10 +43,7 @@ TOKENIZER_FOLDER, TEXT_ENCODER_FOLDER = "tokenizer", "text_encoder"  # in the co
 def prompt_ids(tokenizer, prompts: list[str], identifier: str, num_text_tokens: int):
     """(B, S) token ids of `prompts`, each naming the concept's `identifier` once (else INVALID_ARGUMENT naming
     `prompts`), as the embedded engine tokenises them: the identifier as N_t placeholder slots."""
-    from ..models.customcontrast.text import placeholder_ids
-
-    slotted = [slot_prompt(prompt, identifier, num_text_tokens) for prompt in prompts]
-    return placeholder_ids(tokenizer, slotted, num_text_tokens)[0]
+    return slotted_ids(tokenizer, prompts, identifier, num_text_tokens)[0]
 
 
 class ConceptUnet:
