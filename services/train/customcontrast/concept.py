@@ -51,8 +51,8 @@ class CustomContrastConcepts:
         if not encoder:
             raise InvalidArgument("`encoder` is empty: method customcontrast makes a concept from a trained "
                                   "CustomContrast encoder; pass --encoder ENCODER_ID (`persona-cli encoder list`)")
-        for name in request.options or {}:
-            raise InvalidArgument(f"`{name}` does not apply to method customcontrast: the concept is made without "
+        if request.options:
+            raise InvalidArgument(f"`{next(iter(request.options))}` does not apply to method customcontrast: the concept is made without "
                                   "fine-tuning (one pass of the encoder over the photos), so no training option "
                                   "does; leave it unset")
         named = [r.strip().lower() for r in request.regularizers if r.strip() and r.strip().lower() != "none"]
