@@ -124,3 +124,23 @@ def test_a_cancelled_run_keeps_its_checkpoint_and_the_job_resumes_from_it(server
     assert 1 <= result["resumed_from_step"] < 12 and result["steps"] == 12
     assert (app.settings.data_dir / "encoders" / job.params["encoder_id"] / WEIGHTS_FILE).is_file()
     client.close()
+
+
+def test_an_image_encoder_folder_of_another_input_size_trains_at_its_own_size(server, views, tmp_path):
+    """A local CLIP image encoder (e.g. one trained on toy-world views) is fed pixels at its config's image_size, not
+    at ViT-L/14's 224 (which fails on its position embeddings)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    folder = tmp_path / "clip48"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=48,
+        patch_size=8, projection_dim=32)).save_pretrained(folder)
+    _, client, train = server()
+    job = train.StartEncoderTraining(train_pb2.StartEncoderTrainingRequest(
+        dataset=str(views), base_model="tiny", image_encoder=str(folder), steps=1, learning_rate=1e-3))
+    final = client.wait_for_job(job.job_id, timeout_s=300)
+    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    assert final.encoder_train_result.steps == 1
+    client.close()

@@ -72,7 +72,7 @@ class EncoderTraining:
         image_encoder = (request.image_encoder or "").strip() or (
             TINY_IMAGE_ENCODER if base.family == TINY else DEFAULT_IMAGE_ENCODER)
         self.models.model_access.locate(image_encoder, "image_encoder")  # refused now, not in the job
-        options = self._options(request, base, image_encoder, len(dataset.subjects))
+        options = self._options(request, base, len(dataset.subjects))
         options.check(dataset)
         # The references as the request named them (a server that takes no paths shows no paths of its own in the
         # job's params); the job locates them again.
@@ -98,7 +98,7 @@ class EncoderTraining:
                               "(<data dir>/datasets); a server does not open paths a request names")
 
     @staticmethod
-    def _options(request: EncoderTrainRequest, base: ResolvedBaseModel, image_encoder: str, subjects: int):
+    def _options(request: EncoderTrainRequest, base: ResolvedBaseModel, subjects: int):
         from .run import EncoderTrainingOptions
         from .step import LossSwitches
 
@@ -110,9 +110,7 @@ class EncoderTraining:
         # Without the textual Q-Former there are no text tokens to contrast: CSCL and MACL go with it.
         textual = not request.no_textual_qformer
         switches = LossSwitches(cscl=textual and not request.no_cscl, macl=textual and not request.no_macl)
-        clip_resolution = 32 if image_encoder == TINY_IMAGE_ENCODER else 224
-        return EncoderTrainingOptions(resolution=base.native_resolution, clip_resolution=clip_resolution,
-                                      switches=switches, **given)
+        return EncoderTrainingOptions(resolution=base.native_resolution, switches=switches, **given)
 
     def encoder_dir(self, encoder_id: str) -> Path:
         return self.encoders_dir / encoder_id
@@ -170,6 +168,9 @@ class EncoderTraining:
         torch.manual_seed(options.seed)
         models = load_customcontrast_models(base.path, image_encoder, use_textual=textual,
                                             use_tv_fusion=textual, **shape)
+        # The image encoder's own input side (32 for the built-in tiny, 224 for ViT-L/14, whatever a local folder's
+        # config says): a CLIP fed another size fails on its position embeddings.
+        options = dataclasses.replace(options, clip_resolution=models.image_encoder.config.image_size)
         if self.device:
             for part in (models.vae, models.text_encoder, models.unet, models.image_encoder, models.encoder,
                          models.processors):
