@@ -50,6 +50,7 @@ def test_an_encoder_trains_as_a_job_and_is_stored_under_the_data_dir(server, vie
     assert result.path == str(folder)
     assert (folder / WEIGHTS_FILE).stat().st_size > 0 and (folder / META_FILE).is_file()
     assert read_encoder_meta(folder).base_model_sha256 == result.base_model_sha256
+    assert (read_encoder_meta(folder).config.width, read_encoder_meta(folder).config.num_layers) == (16, 1)
     assert not (folder / "work").exists()  # the checkpoint goes once the encoder is saved
     client.close()
 
@@ -143,4 +144,20 @@ def test_an_image_encoder_folder_of_another_input_size_trains_at_its_own_size(se
     final = client.wait_for_job(job.job_id, timeout_s=300)
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
     assert final.encoder_train_result.steps == 1
+    client.close()
+
+
+def test_a_trained_tiny_shaped_base_gets_the_papers_depth_at_its_own_width(server, views, tmp_path):
+    """Only the built-in random tiny model gets the one-layer, 16-wide test encoder; another tiny-shaped base (the toy
+    world's) gets 4 Q-Former layers and 16 visual tokens, 128 wide."""
+    from persona.services.models.builders import build_tiny_base_model
+
+    base = build_tiny_base_model(tmp_path / "base")
+    app, client, train = server()
+    job = train.StartEncoderTraining(train_pb2.StartEncoderTrainingRequest(
+        dataset=str(views), base_model=str(base), steps=1, learning_rate=1e-3))
+    final = client.wait_for_job(job.job_id, timeout_s=300)
+    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    config = read_encoder_meta(app.settings.data_dir / "encoders" / final.encoder_train_result.encoder_id).config
+    assert (config.width, config.num_layers, config.num_visual_tokens) == (128, 4, 16)
     client.close()

@@ -34,9 +34,12 @@ TINY_IMAGE_ENCODER = "tiny"  # build.TINY_IMAGE_ENCODER
 DEFAULT_BATCH_SIZE = 4
 # The paper trains 200k iterations; a request for more is a typo.
 MAX_STEPS = 1_000_000
-# The encoder's shape on the tiny base model: small enough for a CPU test run (the paper's shape otherwise).
+# The encoder's shape on the built-in random tiny model: small enough for a CPU test run.
 TINY_ENCODER_SHAPE = {"width": 16, "heads": 4, "num_layers": 1, "num_visual_tokens": 3, "num_text_tokens": 2,
                       "fourier_frequencies": 4, "contrast_width": 8}
+# On another tiny-shaped base (the toy world's trained one, 128-wide cross-attention): the paper's depth and token
+# counts at that width, not 768 — a one-layer, 16-wide encoder there is too small to learn what the paper's does.
+SMALL_BASE_ENCODER_SHAPE = {"width": 128, "heads": 4, "contrast_width": 128}
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,8 @@ class EncoderTraining:
         dataset = read_multiview_dataset(self._locate_dataset(params["dataset"]))
         image_encoder = self.models.model_access.locate(params["image_encoder"], "image_encoder")
         textual = not params["no_textual_qformer"]
-        shape = TINY_ENCODER_SHAPE if base.family == TINY else {}
+        shape = (TINY_ENCODER_SHAPE if base.builtin_tiny else SMALL_BASE_ENCODER_SHAPE if base.family == TINY
+                 else {})  # else the paper's
         # Seeds the new encoder's initialisation; a resumed job loads its weights from the checkpoint anyway.
         torch.manual_seed(options.seed)
         models = load_customcontrast_models(base.path, image_encoder, use_textual=textual,
