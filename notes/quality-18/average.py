@@ -35,5 +35,6 @@ for metric in METRICS:
     if len(kinds) == 2:
         case1, sid = (k for k in kinds if k.startswith("case1")), (k for k in kinds if k.startswith("sid"))
         case1, sid = next(case1), next(sid)
-        print(f"  sid ÷ case1: {overall[sid] / overall[case1]:.2f}x  per subject: "
-              + " ".join(f"{s} {means[(s, sid)] / means[(s, case1)]:.2f}x" for s in subjects))
+        ratio = lambda a, b: f"{a / b:.2f}x" if b else "n/a (0 / 0)" if not a else "inf"  # noqa: E731
+        print(f"  sid ÷ case1: {ratio(overall[sid], overall[case1])}  per subject: "
+              + " ".join(f"{s} {ratio(means[(s, sid)], means[(s, case1)])}" for s in subjects))
