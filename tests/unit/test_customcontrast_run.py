@@ -16,8 +16,7 @@ from persona.services.runtime.errors import FailedPrecondition, InvalidArgument
 from persona.services.train.customcontrast.multiview import read_multiview_dataset
 from persona.services.train.customcontrast.run import EncoderTrainingOptions, train_encoder
 
-OPTIONS = EncoderTrainingOptions(steps=3, batch_size=2, learning_rate=1e-3, resolution=64, clip_resolution=32,
-                                 checkpoint_every=1)
+OPTIONS = EncoderTrainingOptions(steps=3, batch_size=2, learning_rate=1e-3, resolution=64, checkpoint_every=1)
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,9 @@ class EncoderTraining:
         from .step import LossSwitches
 
         params = ctx.job.params
-        options = EncoderTrainingOptions(**params["options"], switches=LossSwitches(**params["switches"]))
+        # Jobs queued before the CLIP input size came from the image encoder itself still carry `clip_resolution`.
+        given = {k: v for k, v in params["options"].items() if k != "clip_resolution"}
+        options = EncoderTrainingOptions(**given, switches=LossSwitches(**params["switches"]))
         base = self.models.resolve_base(params["base_model"])
         identity = base_model_identity(base.path)
         if identity != params["base_model_sha256"]:
@@ -172,9 +174,6 @@ class EncoderTraining:
         torch.manual_seed(options.seed)
         models = load_customcontrast_models(base.path, image_encoder, use_textual=textual,
                                             use_tv_fusion=textual, **shape)
-        # The image encoder's own input side (32 for the built-in tiny, 224 for ViT-L/14, whatever a local folder's
-        # config says): a CLIP fed another size fails on its position embeddings.
-        options = dataclasses.replace(options, clip_resolution=models.image_encoder.config.image_size)
         if self.device:
             for part in (models.vae, models.text_encoder, models.unet, models.image_encoder, models.encoder,
                          models.processors):

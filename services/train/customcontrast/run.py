@@ -34,13 +34,12 @@ class EncoderTrainingOptions:
     batch_size: int = 4  # distinct subjects per step; at most the dataset's subject count
     learning_rate: float = LEARNING_RATE
     resolution: int = 512  # the VAE's input side (the base model's native resolution)
-    clip_resolution: int = 224  # the CLIP image encoder's input side
     seed: int = 0
     checkpoint_every: int = 100
     switches: LossSwitches = field(default_factory=LossSwitches)
 
     def check(self, dataset: MultiViewDataset) -> None:
-        for name in ("steps", "batch_size", "resolution", "clip_resolution", "checkpoint_every"):
+        for name in ("steps", "batch_size", "resolution", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"`{name}` is {getattr(self, name)}: it must be at least 1")
         if not self.learning_rate > 0:
@@ -83,13 +82,16 @@ def train_encoder(models: CustomContrastModels, dataset: MultiViewDataset, optio
     start, totals = (state.load(checkpoint, fingerprint) if checkpoint.is_file() else (0, []))
     losses: list[dict[str, float]] = [{"total": value} for value in totals]
     models.encoder.train()
+    # The image encoder's own input side (32 for the built-in tiny, 224 for ViT-L/14, whatever a local folder's config
+    # says): a CLIP fed another size fails on its position embeddings. Concepts read it the same way.
+    clip_size = models.image_encoder.config.image_size
 
     for step in range(start, options.steps):
         rng = random.Random(f"{options.seed}:{step}")
         samples = [(reference, positive, dataset.subjects[i].class_name)
                    for reference, positive, i in sample_batch(dataset, options.batch_size, rng)]
         batch = load_batch(samples, models.tokenizer, models.encoder.config.num_text_tokens, options.resolution,
-                           options.clip_resolution)
+                           clip_size)
         terms = loss_terms(models, batch, options.switches, generator)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
