@@ -52,9 +52,9 @@ class CustomContrastConcepts:
             raise InvalidArgument("`encoder` is empty: method customcontrast makes a concept from a trained "
                                   "CustomContrast encoder; pass --encoder ENCODER_ID (`persona-cli encoder list`)")
         if request.options:
-            raise InvalidArgument(f"`{next(iter(request.options))}` does not apply to method customcontrast: the concept is made without "
-                                  "fine-tuning (one pass of the encoder over the photos), so no training option "
-                                  "does; leave it unset")
+            raise InvalidArgument(f"`{next(iter(request.options))}` does not apply to method customcontrast: the "
+                                  "concept is made without fine-tuning (one pass of the encoder over the photos), so "
+                                  "no training option does; leave it unset")
         named = [r.strip().lower() for r in request.regularizers if r.strip() and r.strip().lower() != "none"]
         if named:
             raise InvalidArgument(f"`regularizers` {named[0]} does not apply to method customcontrast: nothing is "
