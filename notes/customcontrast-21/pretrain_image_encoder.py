@@ -15,7 +15,6 @@ usage: python notes/customcontrast-21/pretrain_image_encoder.py OUT_FOLDER [--st
 """
 import argparse
 import random
-import sys
 import time
 from pathlib import Path
 

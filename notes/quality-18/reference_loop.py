@@ -30,10 +30,9 @@ TOYWORLD = Path(__file__).resolve().parents[3] / "shared" / "toyworld"
 
 
 def pipeline(base: Path, unet=None) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(base, unet=unet, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False) if unet is not None else \
-        StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, safety_checker=None,
-                                                requires_safety_checker=False)
+    trained = {"unet": unet} if unet is not None else {}  # else the base's own UNet
+    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False, **trained)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
