@@ -374,11 +374,12 @@ def train(
     if job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None and concept.method == "customcontrast":
         note(f"made {concept.concept_id} from encoder {concept.encoder} without fine-tuning; draw it with "
              f"`persona-cli generate {concept.concept_id} \"a {concept.token} {concept.class_name} on the beach\"` "
-             "(the embedded engine only; it has no export other tools load)")
+             "(in-process, or on Triton with torch components; it has no export other tools load)")
     elif job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None and concept.method == "p3s":
         note(f"trained {concept.concept_id}: p3s, {concept.steps_done} steps; its condition branch is stored with "
              f"the concept; draw it with `persona-cli generate {concept.concept_id} \"a {concept.token} "
-             f"{concept.class_name}\"` (in-process engine only; it has no export other tools load)")
+             f"{concept.class_name}\"` (in-process, or on Triton with torch components; it has no export other "
+             "tools load)")
     elif job.state == common_pb2.JOB_STATE_SUCCEEDED and concept is not None:
         loss = f", final loss {concept.final_loss:.4g}" if concept.steps_done else ""
         fmt = {"lora": "lora", "ti": "ti"}.get(concept.method, "diffusers")

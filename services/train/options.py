@@ -138,8 +138,9 @@ BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 ENCODER = Option("encoder", str, None, "customcontrast only, and required with it: the CustomContrast encoder (an id "
                  "from `persona-cli encoder list`, trained with `persona-cli encoder train` on the same base model) "
                  "that makes the concept from the subject's photos in one pass, with no fine-tuning step: no "
-                 "--steps, --lr, --reg or --parent apply. The concept draws with `persona-cli generate` on the "
-                 "embedded engine only (no export).", default_text="none", example="enc_5b0e…", loop=False)
+                 "--steps, --lr, --reg or --parent apply. The concept has no ONNX export: `persona-cli generate` "
+                 "draws it in-process, and Triton with torch components (PERSONA_TRITON_COMPONENT_BACKEND=torch).",
+                 default_text="none", example="enc_5b0e…", loop=False)
 # What a concept records for an option left unset, where that does not depend on the request (the rest are
 # filled per request: learning rate per method, resolution per base model, ...).
 DEFAULT_OPTIONS: dict[str, Any] = {o.name: list(o.default) if o.type is list else o.default
